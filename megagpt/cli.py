@@ -1,0 +1,119 @@
+"""`megagpt <subcommand>`: thin; parses arguments and calls into the package.
+
+User errors (config, data, checkpoint) print one clear message and exit with status 2, no
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+
+def _quiet() -> None:
+    # megatron-core warns at import that TE/apex are absent; they are optional for us.
+    warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
+    warnings.filterwarnings("ignore", message=".*[Aa]pex.*")
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from megagpt.config.sizes import get_size, names, parameter_count
+
+    print(f"{'name':<11} {'layers':>6} {'heads':>5} {'d_model':>7} {'head_dim':>8} "
+          f"{'params':>10} {'LR':>8} {'batch tokens':>13} {'seqs':>5}  source")
+    for n in names():
+        s = get_size(n)
+        m = s.model_config()
+        count = parameter_count(m)
+        shown = f"{count / 1e9:.3f}B" if count >= 1e8 else f"{count / 1e6:.2f}M"
+        print(f"{n:<11} {m.num_layers:>6} {m.num_heads:>5} {m.hidden_size:>7} {m.head_dim:>8} "
+              f"{shown:>10} {s.lr:>8.1e} {s.batch_tokens:>13,} {s.global_batch_sequences:>5}  "
+              f"{s.source}")
+    print("params: tied input/output embedding, vocab as listed by the size (25,600 for the "
+          "GPT-3 rows), 2048 learned positions.")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from megagpt.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from megagpt.training.trainer import train
+
+    train(cfg)
+    return 0
+
+
+def cmd_config_docs(args: argparse.Namespace) -> int:
+    from megagpt.config.docs import render_markdown
+
+    text = render_markdown()
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        print(text)
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from megagpt.quickstart import run
+
+    return run(args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megagpt", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the registered model sizes with parameter counts")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("train", help="pretrain (single process or under torchrun/srun)")
+    p.add_argument("--config", required=True, help="YAML recipe, e.g. configs/pretrain/tiny.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides, e.g. train.steps=100 parallel.tensor=2")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("quickstart", help="tokenizer + preprocessing + a small CPU pretraining "
+                       "run on the bundled sample corpus")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="overrides for configs/pretrain/tiny.yaml")
+    p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("config-docs", help="print the config reference (from the field docs)")
+    p.add_argument("--output", help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_config_docs)
+
+    from megagpt.data.cli import add_preprocess_parser, add_tokenizer_parser
+
+    add_tokenizer_parser(sub)
+    add_preprocess_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet()
+    args = build_parser().parse_args(argv)
+    from megagpt.config import ConfigError
+
+    user_errors: tuple = (ConfigError, FileNotFoundError)
+    try:
+        from megagpt.data.errors import DataError
+
+        user_errors += (DataError,)
+    except ImportError:
+        pass
+    try:
+        return int(args.func(args) or 0)
+    except user_errors as e:
+        print(f"megagpt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"megagpt {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""GPT building blocks on megatron-core's tensor-parallel layers.
+
+Convention: activations are sequence-first ``[s, b, h]`` between blocks (megatron-core's layout);
+token ids and labels are ``[b, s]``. With sequence parallelism the ``s`` between blocks is the
+local ``s / tp`` chunk. Each top-level block has a ``canonical_name`` that does not depend on the
+parallel layout; initialisation and checkpoints key parameters by it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import ModelParallelConfig, tensor_parallel
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megagpt.config.schema import ModelConfig
+
+
+def _tp_size(mp: ModelParallelConfig) -> int:
+    return mp.tensor_model_parallel_size
+
+
+def _mark_partitioned(weight: torch.Tensor, dim: int) -> torch.Tensor:
+    """Tag a megatron-core weight as split along ``dim``. megatron-core only sets these
+    attributes when it initialises the weight itself, which we skip (megagpt.model.init); the
+    grad-norm, init and checkpoint code all read them."""
+    tensor_parallel.set_tensor_model_parallel_attributes(weight, True, dim, 1)
+    return weight
+
+
+class WordEmbedding(nn.Module):
+    """Vocab-parallel token embedding; also the (tied) output layer via ``logits``."""
+
+    canonical_name = "embedding.word"
+
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, padded_vocab: int):
+        super().__init__()
+        self.true_vocab = cfg.vocab_size
+        self.padded_vocab = padded_vocab
+        self.sequence_parallel = mp.sequence_parallel
+        self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
+            padded_vocab, cfg.hidden_size, init_method=nn.init.zeros_, config=mp)
+        _mark_partitioned(self.word_embeddings.weight, 0)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.word_embeddings(tokens)  # [b, s] -> [b, s, h]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[s, b, h] -> vocab-parallel logits [s, b, V_padded / tp].
+
+        Logits of padding rows (ids >= the true vocab) are pushed to the dtype's minimum, so the
+        softmax, the loss and generation never see them: the model is then the same function
+        whatever padding the TP size implies.
+        """
+        if self.sequence_parallel:
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(
+                hidden, tensor_parallel_output_grad=True)
+        else:
+            hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
+        weight = self.word_embeddings.weight
+        logits = F.linear(hidden, weight)
+        start = self.word_embeddings.vocab_start_index
+        n_local = weight.shape[0]
+        valid = max(0, min(n_local, self.true_vocab - start))
+        if valid < n_local:
+            logits = torch.cat(
+                [logits[..., :valid],
+                 torch.full_like(logits[..., valid:], torch.finfo(logits.dtype).min)], dim=-1)
+        return logits
+
+
+class PositionEmbedding(nn.Module):
+    """Adds learned absolute positions; turns [b, s, h] into sequence-first [s, b, h]."""
+
+    canonical_name = "embedding.position"
+
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
+        super().__init__()
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size,
+                                                dtype=mp.params_dtype)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.sequence_parallel = mp.sequence_parallel
+
+    def forward(self, words: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
+        s = words.shape[1]
+        pos = torch.arange(position_offset, position_offset + s, device=words.device)
+        h = words + self.position_embeddings(pos).unsqueeze(0)  # [b, s, h] + [1, s, h]
+        h = h.transpose(0, 1).contiguous()  # [b, s, h] -> [s, b, h]
+        if self.sequence_parallel:
+            h = tensor_parallel.scatter_to_sequence_parallel_region(h)  # -> [s/tp, b, h]
+        return self.dropout(h)
+
+
+class KVCache:
+    """Per-layer key/value buffers for incremental decoding: [b, heads_local, max_s, hd] each."""
+
+    def __init__(self, num_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.length = 0  # tokens already cached
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v [b, nh, s_new, hd] for ``layer``; returns all keys/values so far."""
+        if self.keys[layer] is None:
+            self.keys[layer], self.values[layer] = k, v
+        else:
+            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
+            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
+        return self.keys[layer], self.values[layer]
+
+
+class SelfAttention(nn.Module):
+    """Causal multi-head attention; QKV fused with rows interleaved per head (q|k|v of head 0,
+    then head 1, ...), the layout of the 1.3B+ ModelScope/Megatron checkpoints, so a TP shard
+    holds whole heads."""
+
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, recompute_core: bool):
+        super().__init__()
+        tp = _tp_size(mp)
+        self.heads_local = cfg.num_heads // tp
+        self.head_dim = cfg.head_dim
+        self.attention_dropout = cfg.attention_dropout
+        self.recompute_core = recompute_core
+        self.query_key_value = tensor_parallel.ColumnParallelLinear(
+            cfg.hidden_size, 3 * cfg.hidden_size, config=mp, init_method=nn.init.zeros_,
+            bias=True, gather_output=False)
+        self.dense = tensor_parallel.RowParallelLinear(
+            cfg.hidden_size, cfg.hidden_size, config=mp, init_method=nn.init.zeros_,
+            bias=True, input_is_parallel=True, skip_bias_add=True)
+        _mark_partitioned(self.query_key_value.weight, 0)
+        _mark_partitioned(self.dense.weight, 1)
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+              ) -> torch.Tensor:
+        p = self.attention_dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        qkv, _ = self.query_key_value(x)  # [s, b, h] -> [s, b, 3h/tp] (s gathered under SP)
+        s, b, _ = qkv.shape
+        qkv = qkv.view(s, b, self.heads_local, 3 * self.head_dim)  # -> [s, b, nh, 3hd]
+        q, k, v = qkv.split(self.head_dim, dim=-1)  # 3 x [s, b, nh, hd]
+        # [s, b, nh, hd] -> [b, nh, s, hd], the layout of scaled_dot_product_attention
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+        causal = True
+        if kv_cache is not None:
+            past = kv_cache.length
+            k, v = kv_cache.update(layer, k, v)
+            if past > 0:
+                # New queries sit at positions past..past+s-1 and see every cached key.
+                causal = False
+                if s > 1:
+                    q_pos = torch.arange(past, past + s, device=q.device).unsqueeze(1)
+                    mask = torch.arange(k.shape[2], device=q.device).unsqueeze(0) <= q_pos
+                    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                    return self._out(ctx, s, b)
+        if self.recompute_core and self.training:
+            ctx = checkpoint(self._core, q, k, v, causal, use_reentrant=False)
+        else:
+            ctx = self._core(q, k, v, causal)
+        return self._out(ctx, s, b)
+
+    def _out(self, ctx: torch.Tensor, s: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx = ctx.permute(2, 0, 1, 3).reshape(s, b, -1)  # [b, nh, s, hd] -> [s, b, nh*hd]
+        return self.dense(ctx)  # -> ([s, b, h], bias [h])
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
+        super().__init__()
+        self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
+        self.dense_h_to_4h = tensor_parallel.ColumnParallelLinear(
+            cfg.hidden_size, cfg.ffn, config=mp, init_method=nn.init.zeros_, bias=True,
+            gather_output=False)
+        self.dense_4h_to_h = tensor_parallel.RowParallelLinear(
+            cfg.ffn, cfg.hidden_size, config=mp, init_method=nn.init.zeros_, bias=True,
+            input_is_parallel=True, skip_bias_add=True)
+        _mark_partitioned(self.dense_h_to_4h.weight, 0)
+        _mark_partitioned(self.dense_4h_to_h.weight, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h, _ = self.dense_h_to_4h(x)  # [s, b, h] -> [s, b, 4h/tp]
+        h = F.gelu(h, approximate=self.approximate)
+        return self.dense_4h_to_h(h)  # -> ([s, b, h], bias)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-LN block: x + drop(attn(LN(x))), then + drop(mlp(LN(.)))."""
+
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, layer_number: int,
+                 recompute: str = "none"):
+        super().__init__()
+        self.layer_number = layer_number
+        self.canonical_name = f"layers.{layer_number}"
+        self.recompute_full = recompute == "full"
+        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps,
+                                            dtype=mp.params_dtype)
+        self.attention = SelfAttention(cfg, mp, recompute_core=recompute == "selective")
+        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps,
+                                                     dtype=mp.params_dtype)
+        self.mlp = MLP(cfg, mp)
+        self.dropout = cfg.dropout
+        if mp.sequence_parallel:
+            # Under sequence parallelism each TP rank sees s/tp tokens, so the grads of these
+            # replicated parameters are partial sums: mark them for the engine's TP all-reduce.
+            for p in (*self.input_layernorm.parameters(),
+                      *self.post_attention_layernorm.parameters(),
+                      self.attention.dense.bias, self.mlp.dense_4h_to_h.bias):
+                p.sequence_parallel = True
+
+    def _forward(self, x: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
+        out, bias = self.attention(self.input_layernorm(x), kv_cache, self.layer_number)
+        x = x + F.dropout(out + bias, p=self.dropout, training=self.training)
+        out, bias = self.mlp(self.post_attention_layernorm(x))
+        return x + F.dropout(out + bias, p=self.dropout, training=self.training)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        if self.recompute_full and self.training and torch.is_grad_enabled():
+            # Non-reentrant checkpointing restores the RNG state, so dropout masks match.
+            return checkpoint(self._forward, x, None, use_reentrant=False)
+        return self._forward(x, kv_cache)
+
+
+class FinalNorm(nn.Module):
+    canonical_name = "final_norm"
+
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
+        super().__init__()
+        self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps,
+                                            dtype=mp.params_dtype)
+        if mp.sequence_parallel:
+            for p in self.final_layernorm.parameters():
+                p.sequence_parallel = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.final_layernorm(x)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None
+            ) -> torch.Tensor:
+    """Mean token cross entropy over ``loss_mask``: logits [s, b, V/tp]; labels, mask [b, s].
+
+    An all-zero mask gives 0 (not NaN), so a micro-batch of padding cannot poison a step.
+    """
+    labels_sb = labels.transpose(0, 1).contiguous()  # [b, s] -> [s, b]
+    ce = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels_sb)  # [s, b]
+    if loss_mask is None:
+        return ce.mean()
+    mask = loss_mask.transpose(0, 1).to(ce.dtype)  # [b, s] -> [s, b]
+    return (ce * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def output_init_std(cfg: ModelConfig) -> float:
+    """Megatron's scaled init for the two residual output projections."""
+    return cfg.init_std / math.sqrt(2.0 * cfg.num_layers)

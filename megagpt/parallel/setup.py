@@ -1,0 +1,155 @@
+"""Process-group setup, in one place, called once per process.
+
+``initialize(parallel_cfg, device)`` starts torch.distributed (env:// under torchrun/srun, or a
+single local process), then megatron-core's model-parallel groups. Everything else asks
+``megagpt.parallel`` for ranks and groups.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from megagpt.config.schema import ParallelConfig
+from megagpt.parallel.dims import ParallelDims
+
+_DIMS: ParallelDims | None = None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def world_size_from_env() -> int:
+    """World size the launcher announced (torchrun/srun set WORLD_SIZE), 1 for a plain process."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda:<LOCAL_RANK> when CUDA is available, else cpu."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def initialize(cfg: ParallelConfig, device: torch.device, *, timeout_minutes: int = 30
+               ) -> ParallelDims:
+    """Start torch.distributed and megatron-core's TP/PP/DP groups; returns the dims.
+
+    Idempotent: a second call with the same layout returns the existing dims.
+    """
+    global _DIMS
+    from megatron.core import parallel_state
+
+    if _DIMS is not None:
+        if (_DIMS.tp, _DIMS.pp) != (cfg.tensor, cfg.pipeline):
+            raise RuntimeError(f"process groups already set up for TP={_DIMS.tp} PP={_DIMS.pp}")
+        return _DIMS
+    backend = cfg.backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            # A plain `megagpt train` on one process: a private rendezvous on loopback.
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                              MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group(backend=backend, init_method="env://",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    world = dist.get_world_size()
+    dims = ParallelDims.from_world(cfg.tensor, cfg.pipeline, world)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=cfg.tensor, pipeline_model_parallel_size=cfg.pipeline,
+            distributed_timeout_minutes=timeout_minutes, order="tp-cp-ep-dp-pp")
+    _check_layout(dims)
+    _DIMS = dims
+    return dims
+
+
+def _check_layout(dims: ParallelDims) -> None:
+    """megatron-core's groups must be the ones our arithmetic (and DeepSpeed's topology) expects."""
+    from megatron.core import parallel_state as ps
+
+    rank = dist.get_rank()
+    pp, dp, tp = dims.coords(rank)
+    got = (ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank(),
+           ps.get_tensor_model_parallel_rank())
+    if got != (pp, dp, tp):
+        raise RuntimeError(f"rank {rank}: megatron-core placed it at (pp, dp, tp)={got}, "
+                           f"megagpt's layout says {(pp, dp, tp)}")
+
+
+def dims() -> ParallelDims:
+    if _DIMS is None:
+        raise RuntimeError("megagpt.parallel.initialize() has not been called")
+    return _DIMS
+
+
+def is_initialized() -> bool:
+    return _DIMS is not None
+
+
+def destroy() -> None:
+    """Tear down the groups (tests and the end of a run)."""
+    global _DIMS
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _DIMS = None
+
+
+def tp_rank() -> int:
+    from megatron.core import parallel_state as ps
+    return ps.get_tensor_model_parallel_rank()
+
+
+def tp_group():
+    from megatron.core import parallel_state as ps
+    return ps.get_tensor_model_parallel_group()
+
+
+def pp_rank() -> int:
+    from megatron.core import parallel_state as ps
+    return ps.get_pipeline_model_parallel_rank()
+
+
+def dp_rank() -> int:
+    from megatron.core import parallel_state as ps
+    return ps.get_data_parallel_rank()
+
+
+def dp_group():
+    from megatron.core import parallel_state as ps
+    return ps.get_data_parallel_group()
+
+
+class MegatronMPU:
+    """The old Megatron accessor names DeepSpeed's engine asks its ``mpu`` for, answered from
+    megatron-core's parallel_state."""
+
+    def __getattr__(self, name: str):
+        from megatron.core import parallel_state as ps
+        aliases = {
+            "get_model_parallel_rank": ps.get_tensor_model_parallel_rank,
+            "get_model_parallel_world_size": ps.get_tensor_model_parallel_world_size,
+            "get_model_parallel_group": ps.get_tensor_model_parallel_group,
+            "get_slice_parallel_rank": ps.get_tensor_model_parallel_rank,
+            "get_slice_parallel_world_size": ps.get_tensor_model_parallel_world_size,
+            "get_slice_parallel_group": ps.get_tensor_model_parallel_group,
+        }
+        if name in aliases:
+            return aliases[name]
+        return getattr(ps, name)

@@ -1,0 +1,1 @@
+"""The Trainer, LR schedules and throughput metrics."""

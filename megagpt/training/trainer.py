@@ -1,0 +1,294 @@
+"""The Trainer: pretraining loop over indexed datasets, with exact resume.
+
+Order of work, so that bad input fails before anything expensive or collective starts:
+config validation -> tokenizer and data paths -> process groups -> model -> engine -> resume.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megagpt import parallel
+from megagpt.checkpoint import checkpoint_dir, commit, latest_tag, resolve_load, tag_for
+from megagpt.config import Config, ConfigError, dump_yaml, validate
+from megagpt.config.schema import to_dict
+from megagpt.training.metrics import MetricsWriter, device_peak_tflops, flops_per_token
+from megagpt.training.schedules import batch_size_at, learning_rate
+
+
+def log0(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"[megagpt] {msg}", flush=True)
+
+
+def check_data_paths(cfg: Config) -> None:
+    """Every data.paths entry must be an existing PREFIX.bin / PREFIX.idx pair."""
+    for i, prefix in enumerate(cfg.data.paths):
+        for ext in (".bin", ".idx"):
+            if not os.path.isfile(prefix + ext):
+                raise ConfigError(f"data.paths[{i}]: {prefix + ext} does not exist (give the "
+                                  "prefix written by `megagpt preprocess --output-prefix`)")
+
+
+def prepare_tokenizer(cfg: Config):
+    """Load data.tokenizer and make model.vocab_size its true size (recorded in config.yaml)."""
+    from megagpt.data import build_tokenizer
+
+    try:
+        tok = build_tokenizer(cfg.data.tokenizer)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer!r}: {e}") from None
+    if tok.vocab_size != cfg.model.vocab_size:
+        log0(f"model.vocab_size {cfg.model.vocab_size} -> {tok.vocab_size} "
+             f"(the size of data.tokenizer)")
+        cfg.model.vocab_size = tok.vocab_size
+    return tok
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed(seed)
+
+
+class _StopFlag:
+    """SIGUSR1/SIGTERM (Slurm's pre-timeout signal, a requeue) ask for a checkpoint and exit."""
+
+    def __init__(self):
+        self.raised = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. under a test harness)
+                pass
+
+    def _handler(self, signum, frame):
+        self.raised = True
+
+    def any_rank(self, device: torch.device) -> bool:
+        flag = torch.tensor([1.0 if self.raised else 0.0], device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    consumed_samples: int = 0
+
+
+class Trainer:
+    """Pretraining on ``cfg``; ``run()`` trains to ``train.steps`` and returns the final state."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        world = parallel.world_size_from_env()
+        cuda = torch.cuda.is_available()
+        validate(cfg, world, cuda=cuda)
+        self.tokenizer = prepare_tokenizer(cfg)
+        check_data_paths(cfg)
+        validate(cfg, world, cuda=cuda)  # the vocabulary may have changed
+        self.device = parallel.resolve_device(cfg.train.device)
+        self.dims = parallel.initialize(cfg.parallel, self.device)
+        self.rank = dist.get_rank()
+        self.run_dir = cfg.run.dir
+        self.ckpt_dir = checkpoint_dir(self.run_dir)
+        if self.rank == 0:
+            Path(self.ckpt_dir).mkdir(parents=True, exist_ok=True)
+            (Path(self.run_dir) / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
+        dist.barrier()
+        _seed(cfg.train.seed + 100 * parallel.pp_rank())
+        self.state = TrainState()
+        self._build_engine()
+        self._resume()
+        self._build_data()
+        self.metrics = MetricsWriter(
+            self.run_dir, enabled=self.rank == 0, wandb_mode=cfg.logging.wandb,
+            project=cfg.logging.wandb_project, run_name=cfg.run.name, config=to_dict(cfg))
+
+    # -- setup ----------------------------------------------------------------------------
+    def _build_engine(self) -> None:
+        from megagpt.engine import Engine, build_model
+        from megagpt.model import initialize_weights, padded_vocab_size
+
+        cfg = self.cfg
+        module = build_model(cfg, self.dims)
+        initialize_weights(module, cfg.model, cfg.train.seed, parallel.tp_rank(), self.dims.tp)
+        self.engine = Engine(cfg, module, self.dims, self.device)
+        self.padded_vocab = padded_vocab_size(cfg.model.vocab_size, self.dims.tp)
+        n_local = sum(p.numel() for p in module.parameters())
+        log0(f"model {cfg.model.name or 'custom'}: {cfg.model.num_layers} layers, "
+             f"h={cfg.model.hidden_size}, heads={cfg.model.num_heads}, vocab "
+             f"{cfg.model.vocab_size} (padded {self.padded_vocab}); rank 0 holds "
+             f"{n_local / 1e6:.2f}M parameters; world {self.dims.world} = TP {self.dims.tp} x "
+             f"PP {self.dims.pp} x DP {self.dims.dp}; ZeRO {cfg.parallel.zero_stage}; "
+             f"{cfg.train.precision} on {self.device}")
+
+    def _resume(self) -> None:
+        directory, tag = self.ckpt_dir, latest_tag(self.ckpt_dir)
+        if tag is None and self.cfg.checkpoint.load:
+            directory, tag = resolve_load(self.cfg.checkpoint.load)
+        if tag is None:
+            return
+        client = self.engine.load(directory, tag)
+        self.state = TrainState(step=int(client["step"]),
+                                consumed_samples=int(client["consumed_samples"]))
+        if "rng" in client:
+            _set_rng_state(client["rng"])
+        log0(f"resumed from {directory}/{tag}: step {self.state.step}, "
+             f"{self.state.consumed_samples} samples consumed")
+
+    def _build_data(self) -> None:
+        from megagpt.data import build_gpt_datasets
+
+        cfg, dims = self.cfg, self.dims
+        seq = cfg.model.seq_length
+        # The sample index covers the planned run (the decay horizon), not just this run's
+        # train.steps, so stopping early and resuming with more steps sees the same samples.
+        planned = max(cfg.train.steps * cfg.train.global_batch_size,
+                      math.ceil(cfg.optim.decay_tokens / seq)
+                      if cfg.optim.schedule in ("cosine", "linear") else 0)
+        n_valid = (cfg.train.eval_iters * cfg.train.micro_batch_size * dims.dp
+                   if cfg.train.eval_interval > 0 else 0)
+        cache = cfg.data.cache_dir or os.path.join(self.run_dir, "data_cache")
+        self.train_ds, self.valid_ds, _ = build_gpt_datasets(
+            cfg.data.paths, cfg.data.weights or None, cfg.data.split, seq,
+            (planned, n_valid, 0), cfg.train.seed, cache)
+        if n_valid == 0:
+            self.valid_ds = None
+
+    # -- batches --------------------------------------------------------------------------
+    def _micro_batches(self, dataset, start_sample: int, count: int) -> list[dict]:
+        """This rank's ``count`` micro-batches of the global samples from ``start_sample``."""
+        from megagpt.data import DistributedBatchSampler
+
+        micro = self.cfg.train.micro_batch_size
+        sampler = DistributedBatchSampler(
+            total_samples=len(dataset), consumed_samples=start_sample, micro_batch_size=micro,
+            data_parallel_rank=parallel.dp_rank(), data_parallel_size=self.dims.dp)
+        out = []
+        for indices in sampler:
+            tokens = torch.from_numpy(
+                np.stack([dataset[i]["tokens"] for i in indices]).astype(np.int64))
+            out.append({"tokens": tokens[:, :-1].contiguous(),
+                        "labels": tokens[:, 1:].contiguous(),
+                        "loss_mask": torch.ones(tokens.shape[0], tokens.shape[1] - 1)})
+            if len(out) == count:
+                break
+        if len(out) < count:
+            raise RuntimeError(f"the dataset ran out of samples at {start_sample} "
+                               f"(holds {len(dataset)})")
+        return out
+
+    # -- the loop -------------------------------------------------------------------------
+    def run(self) -> TrainState:
+        cfg, t, st = self.cfg, self.cfg.train, self.state
+        seq = cfg.model.seq_length
+        stop = _StopFlag()
+        fpt = flops_per_token(cfg.model, self.padded_vocab, seq)
+        peak = device_peak_tflops(self.device, t.precision, cfg.logging.peak_tflops)
+        if st.step >= t.steps:
+            log0(f"nothing to do: at step {st.step}, train.steps={t.steps}")
+        window_tokens, window_losses, window_start = 0, [], time.perf_counter()
+        skipped_total = 0
+        last_saved = st.step
+        while st.step < t.steps:
+            gb = batch_size_at(st.consumed_samples, t.global_batch_size, t.rampup_batch_size)
+            self.engine.set_global_batch(gb)
+            n_micro = gb // (t.micro_batch_size * self.dims.dp)
+            batches = self._micro_batches(self.train_ds, st.consumed_samples, n_micro)
+            lr = learning_rate(cfg.optim, tokens=st.consumed_samples * seq, step=st.step)
+            self.engine.set_lr(lr)
+            out = self.engine.train_step(batches)
+            st.step += 1
+            st.consumed_samples += gb
+            window_tokens += gb * seq
+            window_losses.append(out["loss"])
+            skipped_total += int(out["skipped"])
+            if not math.isfinite(out["loss"]) and not out["skipped"]:
+                raise FloatingPointError(f"step {st.step}: loss is {out['loss']}; stopping "
+                                         f"(last checkpoint: step {last_saved})")
+            if st.step % t.log_interval == 0 or st.step == t.steps:
+                elapsed = time.perf_counter() - window_start
+                tps = window_tokens / elapsed
+                tflops = fpt * tps / self.dims.world / 1e12
+                record = {
+                    "step": st.step, "loss": sum(window_losses) / len(window_losses),
+                    "lr": lr, "grad_norm": out["grad_norm"], "loss_scale": out["loss_scale"],
+                    "skipped_steps": skipped_total, "consumed_samples": st.consumed_samples,
+                    "global_batch": gb, "tokens_per_s": tps, "tflops_per_device": tflops,
+                    "mfu": tflops / peak if peak else None,
+                }
+                self.metrics.log(record)
+                mfu = f" | MFU {record['mfu']:.1%}" if peak else ""
+                log0(f"step {st.step}/{t.steps} | loss {record['loss']:.4f} | lr {lr:.3e} | "
+                     f"grad {out['grad_norm']:.3f} | {tps:,.0f} tok/s | "
+                     f"{tflops:.3f} TFLOP/s/device{mfu}")
+                window_tokens, window_losses, window_start = 0, [], time.perf_counter()
+            if t.eval_interval and self.valid_ds is not None and (
+                    st.step % t.eval_interval == 0 or st.step == t.steps):
+                self.evaluate()
+            stopping = stop.any_rank(self.device)
+            interval = cfg.checkpoint.interval
+            if stopping or (interval and st.step % interval == 0):
+                self.save()
+                last_saved = st.step
+            if stopping:
+                log0(f"stop signal received: saved step {st.step}, exiting")
+                break
+        if last_saved != st.step:
+            self.save()
+        self.metrics.close()
+        return st
+
+    def evaluate(self) -> float:
+        micro = self.cfg.train.micro_batch_size
+        batches = self._micro_batches(self.valid_ds, 0, self.cfg.train.eval_iters)
+        loss = self.engine.eval_loss(batches)
+        ppl = math.exp(min(loss, 80.0))
+        self.metrics.log({"step": self.state.step, "valid_loss": loss, "valid_ppl": ppl,
+                          "valid_samples": len(batches) * micro * self.dims.dp})
+        log0(f"validation at step {self.state.step} | loss {loss:.4f} | ppl {ppl:.2f}")
+        return loss
+
+    def save(self) -> None:
+        tag = tag_for(self.state.step)
+        client = {"step": self.state.step, "consumed_samples": self.state.consumed_samples,
+                  "rng": _rng_state(), "config": to_dict(self.cfg)}
+        self.engine.save(self.ckpt_dir, tag, client)
+        commit(self.ckpt_dir, tag, self.cfg.checkpoint.keep_last)
+        log0(f"saved checkpoint {self.ckpt_dir}/{tag}")
+
+
+def train(cfg: Config) -> TrainState:
+    """Run ``megagpt train`` for a loaded config; returns the final step and samples."""
+    return Trainer(cfg).run()

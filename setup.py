@@ -1,0 +1,34 @@
+"""megagpt: pretrain, fine-tune and serve the Chinese GPT-3 family on megatron-core + DeepSpeed."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megagpt",
+    version="0.1.0",
+    description=__doc__,
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megagpt", "megagpt.*"]),
+    package_data={"megagpt": ["assets/*"]},
+    install_requires=[
+        # torch>=2.4 admits the CPU build already installed; a fresh GPU box gets a CUDA build.
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "megatron-core>=0.12",
+        "numpy>=1.24",
+        "wandb>=0.17",
+        "tokenizers>=0.19",
+        "jieba>=0.42",
+        "sentencepiece>=0.2",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+        "pyyaml>=6.0",
+    ],
+    extras_require={
+        # transformers is the peer for benchmarks and the HF export parity tests.
+        "test": ["pytest>=8", "transformers>=4.40", "ruff>=0.5"],
+    },
+    entry_points={"console_scripts": ["megagpt=megagpt.cli:main"]},
+)

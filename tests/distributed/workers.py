@@ -1,0 +1,42 @@
+"""Worker functions the distributed tests run on every rank (see launcher.py)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def engine_losses(overrides: list[str], steps: int = 5, seed: int = 1234) -> dict:
+    """Train a tiny GPT for ``steps`` global batches of fixed synthetic tokens; return losses.
+
+    The global batch is the same token tensor for every layout; each data-parallel rank takes
+    its contiguous share, as the real sampler does.
+    """
+    from megagpt import parallel
+    from megagpt.config import load_config, validate
+    from megagpt.engine import Engine, build_model
+    from megagpt.model import initialize_weights
+
+    cfg = load_config(None, ["model.name=gpt3-tiny", "model.dropout=0",
+                             "model.attention_dropout=0", "train.precision=fp32",
+                             "optim.schedule=constant", "optim.lr=1e-3", *overrides])
+    world = parallel.world_size_from_env()
+    validate(cfg, world, cuda=False, need_data=False)
+    dims = parallel.initialize(cfg.parallel, torch.device("cpu"))
+    torch.manual_seed(seed)
+    module = build_model(cfg, dims)
+    initialize_weights(module, cfg.model, seed, parallel.tp_rank(), dims.tp)
+    engine = Engine(cfg, module, dims, torch.device("cpu"))
+    gb, micro, seq = cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.model.seq_length
+    gen = torch.Generator().manual_seed(seed)
+    losses, norms = [], []
+    for step in range(steps):
+        data = torch.randint(0, cfg.model.vocab_size, (gb, seq + 1), generator=gen)
+        share = gb // dims.dp
+        mine = data[parallel.dp_rank() * share:(parallel.dp_rank() + 1) * share]
+        mbs = [{"tokens": mine[i:i + micro, :-1], "labels": mine[i:i + micro, 1:],
+                "loss_mask": torch.ones(micro, seq)} for i in range(0, share, micro)]
+        out = engine.train_step(mbs)
+        losses.append(out["loss"])
+        norms.append(out["grad_norm"])
+    parallel.destroy()
+    return {"losses": losses, "grad_norms": norms}
