@@ -66,8 +66,11 @@ def commit(directory: str, tag: str, keep_last: int) -> None:
         tmp.write_text(tag + "\n", encoding="utf-8")
         os.replace(tmp, Path(directory) / "latest")
         tags = sorted(d.name for d in Path(directory).iterdir() if _TAG.match(d.name))
-        for old in tags[:-keep_last]:
-            if old != tag:
-                shutil.rmtree(Path(directory) / old, ignore_errors=True)
+        # Folders newer than the committed tag are leftovers of a save that crashed (their step
+        # was never committed); older ones beyond keep_last are pruned.
+        stale = [t for t in tags if t > tag]
+        kept = [t for t in tags if t <= tag]
+        for old in stale + kept[:-keep_last]:
+            shutil.rmtree(Path(directory) / old, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()

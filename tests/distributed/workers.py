@@ -40,3 +40,14 @@ def engine_losses(overrides: list[str], steps: int = 5, seed: int = 1234) -> dic
         norms.append(out["grad_norm"])
     parallel.destroy()
     return {"losses": losses, "grad_norms": norms}
+
+
+def train_run(config: str, overrides: list[str]) -> dict:
+    """``megagpt train`` in this process; returns the final step and samples."""
+    from megagpt import parallel
+    from megagpt.config import load_config
+    from megagpt.training.trainer import train
+
+    state = train(load_config(config, overrides))
+    parallel.destroy()
+    return {"step": state.step, "consumed_samples": state.consumed_samples}
