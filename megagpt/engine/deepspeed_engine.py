@@ -197,6 +197,16 @@ class Engine:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}/{tag}")
         return client or {}
 
+    def fp32_value(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """The full fp32 master value of a (local, TP-sharded) parameter, whatever the ZeRO
+        stage and precision. Collective over data parallel under ZeRO: call it on every rank
+        for the same parameters in the same order."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        value = safe_get_full_fp32_param(p) if self.cfg.parallel.zero_stage > 0 or \
+            self.cfg.train.precision != "fp32" else None
+        return value if value is not None else p
+
     @property
     def module(self) -> torch.nn.Module:
         return self.ds.module

@@ -267,8 +267,35 @@ class Trainer:
                 break
         if last_saved != st.step:
             self.save()
+        if st.step >= t.steps:
+            self.export_model(os.path.join(self.run_dir, "model"))
         self.metrics.close()
         return st
+
+    def export_model(self, directory: str) -> None:
+        """Write the consolidated model directory (config, tokenizer, safetensors weights).
+
+        Collective. The (dp 0, tp 0) rank of each pipeline stage writes that stage's shard, so
+        no rank ever holds the whole model (a shared filesystem is assumed, as for
+        checkpoints).
+        """
+        from megagpt.checkpoint import model_dir
+
+        tensors = model_dir.full_tensors(self.engine.module, self.cfg.model, parallel.tp_group(),
+                                         self.dims.tp, getter=self.engine.fp32_value)
+        if parallel.dp_rank() == 0 and parallel.tp_rank() == 0:
+            model_dir.save_tensors(directory, tensors, parallel.pp_rank(), self.dims.pp)
+        dist.barrier()
+        if self.rank == 0:
+            if self.dims.pp > 1:
+                model_dir.write_index(directory, self.dims.pp)
+            model_dir.write_config(directory, self.cfg.model,
+                                   {"trained_steps": self.state.step,
+                                    "trained_tokens": self.state.consumed_samples
+                                    * self.cfg.model.seq_length})
+            model_dir.copy_tokenizer(directory, self.cfg.data.tokenizer)
+        dist.barrier()
+        log0(f"wrote model directory {directory}")
 
     def evaluate(self) -> float:
         micro = self.cfg.train.micro_batch_size

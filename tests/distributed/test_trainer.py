@@ -81,3 +81,24 @@ def test_keep_last_prunes_old_checkpoints(tiny_corpus, tmp_path):
                     overrides=["checkpoint.interval=1", "checkpoint.keep_last=2"])
     kept = sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir())
     assert kept == ["step_0000005", "step_0000006"]
+
+
+@pytest.mark.parametrize("world,layout", [(2, ["parallel.pipeline=2"]),
+                                          (2, ["parallel.zero_stage=3"])])
+def test_final_model_directory_is_layout_free(tiny_corpus, tmp_path, world, layout):
+    """<run.dir>/model written from a sharded run loads at TP=1 and TP=2 with equal logits."""
+    run = tmp_path / "run"
+    cfg = tiny_recipe(tmp_path / "r.yaml", tiny_corpus, run)
+    run_distributed(TRAIN, world, config=str(cfg), overrides=layout + ["train.steps=2"])
+    model = run / "model"
+    assert (model / "config.json").is_file() and (model / "tokenizer" / "tokenizer.json").is_file()
+    tokens = [[5, 17, 300, 2, 9, 41, 7, 8]]
+    one = run_distributed("tests.distributed.workers:logits_of_model_dir", 1,
+                          directory=str(model), tokens=tokens)[0]
+    two = run_distributed("tests.distributed.workers:logits_of_model_dir", 2,
+                          directory=str(model), tokens=tokens, tp=2)[0]
+    import torch
+
+    a, b = torch.tensor(one), torch.tensor(two)
+    assert a.shape == (8, 1, 1024)
+    assert torch.allclose(a, b, atol=1e-5)

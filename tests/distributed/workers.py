@@ -51,3 +51,25 @@ def train_run(config: str, overrides: list[str]) -> dict:
     state = train(load_config(config, overrides))
     parallel.destroy()
     return {"step": state.step, "consumed_samples": state.consumed_samples}
+
+
+def logits_of_model_dir(directory: str, tokens: list[list[int]], tp: int = 1) -> list:
+    """Load a model directory at TP=``tp`` and return the full logits for ``tokens``."""
+    from megagpt import parallel
+    from megagpt.checkpoint import load_into, load_tensors, read_config
+    from megagpt.config import ParallelConfig
+    from megagpt.model import GPTModel, megatron_config
+
+    cfg = read_config(directory)
+    pcfg = ParallelConfig(tensor=tp)
+    parallel.initialize(pcfg, torch.device("cpu"))
+    model = GPTModel(cfg, megatron_config(cfg, pcfg))
+    load_into(model, load_tensors(directory), cfg, parallel.tp_rank(), tp)
+    model.eval()
+    with torch.no_grad():
+        local = model(torch.tensor(tokens))  # [s, b, V/tp]
+        parts = [torch.empty_like(local) for _ in range(tp)]
+        torch.distributed.all_gather(parts, local, group=parallel.tp_group())
+        full = torch.cat(parts, dim=-1)[..., : cfg.vocab_size]
+    parallel.destroy()
+    return full.tolist()

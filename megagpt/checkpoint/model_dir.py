@@ -1,0 +1,182 @@
+"""The megagpt model directory: a consolidated, layout-free model anyone can load.
+
+Layout::
+
+    DIR/config.json                     {"format": "megagpt-model", "version": 1, "model": {...}}
+    DIR/model.safetensors               one file, or, for models saved from pipeline stages,
+    DIR/model-00001-of-00004.safetensors ... plus DIR/model.safetensors.index.json
+    DIR/tokenizer/                      the tokenizer files (tokenizer.json, vocab.txt or .model)
+
+Tensors are keyed by canonical parameter names (``layers.3.mlp.dense_h_to_4h.weight``, see
+``megagpt.model.init.canonical_parameters``), unsharded, with the word embedding cut to the true
+vocabulary. Loading pads and slices them for any TP/PP layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from megagpt.config.schema import ModelConfig
+from megagpt.model.init import canonical_parameters, full_shape
+
+FORMAT = "megagpt-model"
+VERSION = 1
+WORD_EMBEDDING = "embedding.word.word_embeddings.weight"
+
+
+class ModelDirError(ValueError):
+    """A model directory that cannot be read or does not fit the model; names file/tensor."""
+
+
+def is_model_dir(path: str) -> bool:
+    p = Path(path) / "config.json"
+    if not p.is_file():
+        return False
+    try:
+        return json.loads(p.read_text(encoding="utf-8")).get("format") == FORMAT
+    except (ValueError, OSError):
+        return False
+
+
+def read_config(directory: str) -> ModelConfig:
+    """The ModelConfig stored in ``directory/config.json``."""
+    path = Path(directory) / "config.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelDirError(f"{path} does not exist: not a megagpt model directory") from None
+    except ValueError as e:
+        raise ModelDirError(f"{path}: not valid JSON ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise ModelDirError(f"{path}: format is {meta.get('format')!r}, expected {FORMAT!r}")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = set(meta["model"]) - known
+    if unknown:
+        raise ModelDirError(f"{path}: unknown model keys {sorted(unknown)}")
+    return ModelConfig(**meta["model"])
+
+
+def tokenizer_path(directory: str) -> str | None:
+    """The tokenizer folder inside a model directory, or None when none was saved."""
+    p = Path(directory) / "tokenizer"
+    return str(p) if p.is_dir() and any(p.iterdir()) else None
+
+
+def write_config(directory: str, cfg: ModelConfig, extra: dict | None = None) -> None:
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT, "version": VERSION, "model": dataclasses.asdict(cfg)}
+    meta.update(extra or {})
+    (Path(directory) / "config.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False)
+                                                 + "\n", encoding="utf-8")
+
+
+def copy_tokenizer(directory: str, source: str) -> None:
+    """Copy a tokenizer (a file, or a folder's files) into ``directory/tokenizer/``."""
+    dest = Path(directory) / "tokenizer"
+    dest.mkdir(parents=True, exist_ok=True)
+    src = Path(source)
+    files = [src] if src.is_file() else [f for f in src.iterdir() if f.is_file()]
+    for f in files:
+        shutil.copy2(f, dest / f.name)
+
+
+@torch.no_grad()
+def full_tensors(module: torch.nn.Module, cfg: ModelConfig, tp_group=None,
+                 tp_size: int = 1, getter=None) -> dict[str, torch.Tensor]:
+    """Unsharded CPU copies of this stage's parameters, by canonical name.
+
+    ``getter(p)`` returns the value to save for parameter ``p`` (the engine passes one that
+    reads the fp32 master copy, gathered across ZeRO partitions). Collective over the
+    tensor-parallel group (all-gathers each partitioned tensor), and over data parallel when
+    the getter is.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, p in canonical_parameters(module):
+        t = (getter(p) if getter is not None else p).detach()
+        _, dim = full_shape(p, tp_size)
+        if dim is not None:
+            parts = [torch.empty_like(t) for _ in range(tp_size)]
+            dist.all_gather(parts, t.contiguous(), group=tp_group)
+            t = torch.cat(parts, dim=dim)
+        if name == WORD_EMBEDDING:
+            t = t[: cfg.vocab_size]
+        out[name] = t.float().cpu().contiguous() if t.dtype != torch.float32 else t.cpu().clone()
+    return out
+
+
+def save_tensors(directory: str, tensors: dict[str, torch.Tensor], shard: int = 0,
+                 num_shards: int = 1) -> str:
+    """Write one shard of the weights (``num_shards`` = pipeline stages); returns its file."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    name = ("model.safetensors" if num_shards == 1
+            else f"model-{shard + 1:05d}-of-{num_shards:05d}.safetensors")
+    tmp = Path(directory) / (name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, Path(directory) / name)
+    return name
+
+
+def write_index(directory: str, num_shards: int) -> None:
+    """For sharded weights: model.safetensors.index.json mapping tensor -> file."""
+    from safetensors import safe_open
+
+    weight_map = {}
+    for s in range(num_shards):
+        name = f"model-{s + 1:05d}-of-{num_shards:05d}.safetensors"
+        with safe_open(str(Path(directory) / name), framework="pt") as f:
+            for key in f.keys():
+                weight_map[key] = name
+    (Path(directory) / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": weight_map}, indent=1) + "\n", encoding="utf-8")
+
+
+def load_tensors(directory: str) -> dict[str, torch.Tensor]:
+    """All weights of a model directory (single file or sharded), by canonical name."""
+    d = Path(directory)
+    if (d / "model.safetensors").is_file():
+        return load_file(str(d / "model.safetensors"))
+    index = d / "model.safetensors.index.json"
+    if not index.is_file():
+        raise ModelDirError(f"{d}: no model.safetensors or model.safetensors.index.json")
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(load_file(str(d / f)))
+    return out
+
+
+@torch.no_grad()
+def load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], cfg: ModelConfig,
+              tp_rank: int = 0, tp_size: int = 1, *, source: str = "weights") -> None:
+    """Copy full tensors into a (possibly sharded) model or pipeline stage.
+
+    Every local parameter must be present with the right full shape; a mismatch raises
+    ModelDirError naming the tensor and both shapes. Extra tensors belonging to other pipeline
+    stages are ignored.
+    """
+    for name, p in canonical_parameters(module):
+        if name not in tensors:
+            raise ModelDirError(f"{source}: missing tensor {name!r} (expected shape "
+                                f"{full_shape(p, tp_size)[0]})")
+        t = tensors[name]
+        shape, dim = full_shape(p, tp_size)
+        if name == WORD_EMBEDDING:
+            if t.shape[0] != cfg.vocab_size or list(t.shape[1:]) != shape[1:]:
+                raise ModelDirError(f"{source}: tensor {name!r} has shape {list(t.shape)}, "
+                                    f"expected [{cfg.vocab_size}, {shape[1]}] (vocab x hidden)")
+            pad = torch.zeros(shape[0] - t.shape[0], *t.shape[1:], dtype=t.dtype)
+            t = torch.cat([t, pad], dim=0)
+        elif list(t.shape) != shape:
+            raise ModelDirError(f"{source}: tensor {name!r} has shape {list(t.shape)}, "
+                                f"the model expects {shape}")
+        if dim is not None:
+            t = t.chunk(tp_size, dim=dim)[tp_rank]
+        p.copy_(t.to(dtype=p.dtype, device=p.device))
