@@ -49,7 +49,7 @@ def _coerce(value: Any, typ: Any, key: str, where: str) -> Any:
         try:
             value = float(value)
         except ValueError:
-            raise bad("a number") from None
+            raise bad("an integer" if typ is int else "a number") from None
     if typ is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
