@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 
 
-def engine_losses(overrides: list[str], steps: int = 5, seed: int = 1234) -> dict:
+def engine_losses_on(overrides: list[str], steps: int = 5, seed: int = 1234,
+                     device: str = "cpu") -> dict:
+    """engine_losses on ``device`` ("cuda" uses NCCL and this rank's LOCAL_RANK GPU)."""
+    return engine_losses(overrides, steps, seed, device)
+
+
+def engine_losses(overrides: list[str], steps: int = 5, seed: int = 1234,
+                  device: str = "cpu") -> dict:
     """Train a tiny GPT for ``steps`` global batches of fixed synthetic tokens; return losses.
 
     The global batch is the same token tensor for every layout; each data-parallel rank takes
@@ -20,12 +27,13 @@ def engine_losses(overrides: list[str], steps: int = 5, seed: int = 1234) -> dic
                              "model.attention_dropout=0", "train.precision=fp32",
                              "optim.schedule=constant", "optim.lr=1e-3", *overrides])
     world = parallel.world_size_from_env()
-    validate(cfg, world, cuda=False, need_data=False)
-    dims = parallel.initialize(cfg.parallel, torch.device("cpu"))
+    dev = parallel.resolve_device(device)
+    validate(cfg, world, cuda=dev.type == "cuda", need_data=False)
+    dims = parallel.initialize(cfg.parallel, dev)
     torch.manual_seed(seed)
     module = build_model(cfg, dims)
     initialize_weights(module, cfg.model, seed, parallel.tp_rank(), dims.tp)
-    engine = Engine(cfg, module, dims, torch.device("cpu"))
+    engine = Engine(cfg, module, dims, dev)
     gb, micro, seq = cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.model.seq_length
     gen = torch.Generator().manual_seed(seed)
     losses, norms = [], []
@@ -73,3 +81,22 @@ def logits_of_model_dir(directory: str, tokens: list[list[int]], tp: int = 1) ->
         full = torch.cat(parts, dim=-1)[..., : cfg.vocab_size]
     parallel.destroy()
     return full.tolist()
+
+
+def module_parameter_count(size: str, tp: int = 1) -> dict:
+    """Parameters of the built GPT (summed over TP ranks by the caller) and the padded vocab."""
+    from megagpt import parallel
+    from megagpt.config import ParallelConfig, from_name
+    from megagpt.model import GPTModel, megatron_config, padded_vocab_size
+
+    cfg = from_name(size)
+    pcfg = ParallelConfig(tensor=tp)
+    parallel.initialize(pcfg, torch.device("cpu"))
+    with torch.device("meta"):
+        model = GPTModel(cfg, megatron_config(cfg, pcfg))
+    local = sum(p.numel() for p in model.parameters())
+    replicated = sum(p.numel() for p in model.parameters()
+                     if not getattr(p, "tensor_model_parallel", False))
+    parallel.destroy()
+    return {"local": local, "replicated": replicated,
+            "padded_vocab": padded_vocab_size(cfg.vocab_size, tp)}
