@@ -102,3 +102,14 @@ def test_final_model_directory_is_layout_free(tiny_corpus, tmp_path, world, layo
     a, b = torch.tensor(one), torch.tensor(two)
     assert a.shape == (8, 1, 1024)
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_batch_size_ramp(tiny_corpus, tmp_path):
+    """train.rampup_batch_size=[4, 4, 8]: 4-sequence batches until 8 samples, then 8."""
+    run = tmp_path / "run"
+    cfg = tiny_recipe(tmp_path / "r.yaml", tiny_corpus, run)
+    res = run_distributed(TRAIN, 1, config=str(cfg),
+                          overrides=["train.rampup_batch_size=[4, 4, 8]", "train.steps=5"])
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["global_batch"] for r in records if "loss" in r] == [4, 4, 8, 8, 8]
+    assert res[0]["consumed_samples"] == 32
