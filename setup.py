@@ -21,6 +21,8 @@ setup(
         "wandb>=0.17",
         "tokenizers>=0.19",
         "jieba>=0.42",
+        # rjieba: the Rust port of jieba, ~18x faster segmentation (bench/preprocess.py).
+        "rjieba>=0.1",
         "sentencepiece>=0.2",
         "safetensors>=0.4",
         "tqdm>=4.60",

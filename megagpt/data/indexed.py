@@ -1,0 +1,264 @@
+"""The ``PREFIX.bin`` / ``PREFIX.idx`` token format of megatron-core's ``IndexedDataset``.
+
+Implemented from the format, so that preprocessing does not import torch. Layout of ``.idx``
+(little-endian)::
+
+    9 bytes   magic b"MMIDIDX\\x00\\x00"
+    u64       version = 1
+    u8        dtype code of the tokens in .bin (uint16 = 8, int32 = 4, ... see DTYPE_CODES)
+    u64       S, number of sequences
+    u64       D, number of entries of document_indices (documents + 1)
+    int32[S]  sequence lengths (tokens)
+    int64[S]  sequence byte offsets into .bin
+    int64[D]  document_indices: sequence index where each document starts, then S
+    int8[S]   sequence modes (multimodal datasets only; ignored here)
+
+``.bin`` is the tokens of all sequences back to back. megagpt writes one sequence per document.
+
+Writes are crash-safe: both files are written under temporary names and renamed into place at
+the end, ``.idx`` last, so an interrupted run never leaves a ``PREFIX.idx`` that describes a
+different ``PREFIX.bin`` (and :class:`IndexedDataset` also checks the sizes agree).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from array import array
+from typing import Self
+
+import numpy as np
+
+from megagpt.data.errors import DataError
+
+INDEX_MAGIC = b"MMIDIDX\x00\x00"
+INDEX_VERSION = 1
+_HEADER = struct.Struct("<9sQBQQ")
+DTYPE_CODES: dict[int, type[np.number]] = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
+}
+_CODE_OF = {np.dtype(t): c for c, t in DTYPE_CODES.items()}
+
+
+def dtype_for_vocab(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocab <= 65536), int32 otherwise."""
+    return np.dtype(np.uint16 if vocab_size <= 65536 else np.int32)
+
+
+def idx_path(prefix: str) -> str:
+    return prefix + ".idx"
+
+
+def bin_path(prefix: str) -> str:
+    return prefix + ".bin"
+
+
+def dataset_exists(prefix: str) -> bool:
+    """Whether both files of a finished dataset are present."""
+    return os.path.isfile(idx_path(prefix)) and os.path.isfile(bin_path(prefix))
+
+
+class IndexedDataset:
+    """Read-only, memory-mapped view of a ``PREFIX.bin``/``PREFIX.idx`` dataset.
+
+    Attributes:
+        dtype: token dtype of ``.bin``.
+        sequence_lengths: int32 [num_sequences].
+        sequence_pointers: int64 [num_sequences], byte offsets into ``.bin``.
+        document_indices: int64 [num_documents + 1].
+
+    ``ds[i]`` is sequence ``i`` as a numpy array of ``dtype``; ``ds.get(i, offset, length)``
+    a slice of it without reading the rest.
+
+    Raises:
+        DataError: a file is missing, has a foreign header, or the sizes of ``.idx`` and
+            ``.bin`` disagree (e.g. an interrupted copy).
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        ipath, bpath = idx_path(prefix), bin_path(prefix)
+        for p in (ipath, bpath):
+            if not os.path.isfile(p):
+                raise DataError(f"{p}: dataset file not found (was preprocessing completed?)")
+        with open(ipath, "rb") as f:
+            head = f.read(_HEADER.size)
+        if len(head) < _HEADER.size:
+            raise DataError(f"{ipath}: truncated index header")
+        magic, version, code, n_seq, n_doc = _HEADER.unpack(head)
+        if magic != INDEX_MAGIC or version != INDEX_VERSION:
+            raise DataError(f"{ipath}: not a megatron indexed dataset (bad magic/version)")
+        if code not in DTYPE_CODES:
+            raise DataError(f"{ipath}: unknown token dtype code {code}")
+        self.dtype = np.dtype(DTYPE_CODES[code])
+        need = _HEADER.size + n_seq * (4 + 8) + n_doc * 8
+        idx_size = os.path.getsize(ipath)
+        if idx_size < need:
+            raise DataError(
+                f"{ipath}: truncated index ({idx_size} bytes, {need} expected for "
+                f"{n_seq} sequences); regenerate the dataset"
+            )
+        mm = np.memmap(ipath, mode="r", dtype=np.uint8)
+        off = _HEADER.size
+        self.sequence_lengths = np.frombuffer(mm, np.int32, n_seq, off)
+        off += 4 * n_seq
+        self.sequence_pointers = np.frombuffer(mm, np.int64, n_seq, off)
+        off += 8 * n_seq
+        self.document_indices = np.frombuffer(mm, np.int64, n_doc, off)
+        self._idx_mmap = mm
+        expected_bin = int(self.sequence_lengths.sum(dtype=np.int64)) * self.dtype.itemsize
+        bin_size = os.path.getsize(bpath)
+        if bin_size != expected_bin:
+            raise DataError(
+                f"{bpath}: size {bin_size} bytes does not match its index ({expected_bin} bytes "
+                f"expected); the dataset is incomplete or mixed up, regenerate it"
+            )
+        # np.memmap cannot map an empty file.
+        self._bin = (
+            np.memmap(bpath, mode="r", dtype=self.dtype) if bin_size else np.empty(0, self.dtype)
+        )
+
+    def __getstate__(self) -> dict:
+        # Pickled into DataLoader workers: send the prefix, not a copy of the mapped files.
+        return {"prefix": self.prefix}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["prefix"])
+
+    def __len__(self) -> int:
+        return len(self.sequence_lengths)
+
+    @property
+    def num_documents(self) -> int:
+        return max(len(self.document_indices) - 1, 0)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.sequence_lengths.sum(dtype=np.int64))
+
+    def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens ``offset : offset + length`` of sequence ``i`` (to its end when ``length`` is None)."""
+        start = int(self.sequence_pointers[i]) // self.dtype.itemsize + offset
+        if length is None:
+            length = int(self.sequence_lengths[i]) - offset
+        return self._bin[start : start + length]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sequence {i} out of range for {len(self)} sequences")
+        return self.get(i % len(self))
+
+
+class IndexedDatasetWriter:
+    """Write a ``PREFIX.bin``/``PREFIX.idx`` pair, one sequence per document.
+
+    Use as a context manager: on normal exit the files are published atomically
+    (:meth:`finalize`), on an exception (including ``KeyboardInterrupt``) the temporary files are
+    removed (:meth:`abort`) and any previous dataset at ``prefix`` is left as it was.
+    """
+
+    def __init__(self, prefix: str, dtype: np.dtype) -> None:
+        self.prefix = prefix
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in _CODE_OF:
+            raise ValueError(f"unsupported token dtype {self.dtype}")
+        directory = os.path.dirname(os.path.abspath(prefix))
+        try:
+            # Like `mkdir -p`: a fresh output folder is the common case, not an error.
+            os.makedirs(directory, exist_ok=True)
+        except OSError as e:
+            raise DataError(f"{directory}: cannot create the output directory ({e})") from None
+        tag = f".tmp.{os.getpid()}"
+        self._tmp_bin = bin_path(prefix) + tag
+        self._tmp_idx = idx_path(prefix) + tag
+        # Closed by finalize()/abort(); the writer is the context manager.
+        self._bin = open(self._tmp_bin, "wb")  # noqa: SIM115
+        self._lengths = array("i")
+        self.num_tokens = 0
+        self._closed = False
+
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append documents given as their concatenated ``tokens`` and per-document ``lengths``."""
+        tokens = np.asarray(tokens, dtype=self.dtype)
+        if int(np.sum(lengths, dtype=np.int64)) != len(tokens):
+            raise ValueError("lengths do not add up to the number of tokens")
+        self._bin.write(tokens.tobytes())
+        self._lengths.frombytes(np.asarray(lengths, dtype=np.int32).tobytes())
+        self.num_tokens += len(tokens)
+
+    def add_document(self, tokens) -> None:
+        tokens = np.asarray(tokens, dtype=self.dtype)
+        self.add_documents(tokens, [len(tokens)])
+
+    @property
+    def num_documents(self) -> int:
+        return len(self._lengths)
+
+    def finalize(self) -> None:
+        """Write the index and move both files into place (``.bin`` first, ``.idx`` last)."""
+        self._bin.flush()
+        os.fsync(self._bin.fileno())
+        self._bin.close()
+        lengths = (
+            np.frombuffer(self._lengths, dtype=np.int32) if self._lengths else np.zeros(0, np.int32)
+        )
+        n = len(lengths)
+        pointers = np.zeros(n, np.int64)
+        if n:
+            np.cumsum(lengths[:-1], dtype=np.int64, out=pointers[1:])
+            pointers *= self.dtype.itemsize
+        doc_indices = np.arange(n + 1, dtype=np.int64)
+        with open(self._tmp_idx, "wb") as f:
+            f.write(_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, _CODE_OF[self.dtype], n, n + 1))
+            f.write(lengths.tobytes())
+            f.write(pointers.tobytes())
+            f.write(doc_indices.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        # An old .idx next to the new .bin would look complete: remove it before the swap.
+        if os.path.exists(idx_path(self.prefix)):
+            os.unlink(idx_path(self.prefix))
+        os.replace(self._tmp_bin, bin_path(self.prefix))
+        os.replace(self._tmp_idx, idx_path(self.prefix))
+        _fsync_dir(os.path.dirname(os.path.abspath(self.prefix)))
+        self._closed = True
+
+    def abort(self) -> None:
+        """Close and delete the temporary files; nothing at ``prefix`` is touched."""
+        if not self._bin.closed:
+            self._bin.close()
+        for p in (self._tmp_bin, self._tmp_idx):
+            if os.path.exists(p):
+                os.unlink(p)
+        self._closed = True
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._closed:
+            return
+        if exc_type is None:
+            self.finalize()
+        else:
+            self.abort()
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

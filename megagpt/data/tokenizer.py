@@ -1,0 +1,339 @@
+"""Tokenizers of the Chinese GPT-3 families behind one interface.
+
+Three on-disk formats are supported, all loaded from local files (no hub access):
+
+* ``tokenizer.json`` -- **jieba-BPE**, the tokenizer of the 1.3B+ ModelScope models: the text is
+  segmented by jieba and the pieces are encoded with a Hugging Face ``tokenizers`` model as
+  pre-tokenized input. Specials: ``<|endoftext|>`` (document end), ``<sep>`` (end of a fine-tuning
+  sample; decoding stops at the first one), ``\\n`` a real token. ``megagpt tokenizer train``
+  writes this format (see :mod:`megagpt.data.tokenizer_train`).
+* ``vocab.txt`` -- **BERT Chinese WordPiece** (base/large models). Lossy by design: lower-cases,
+  drops whitespace, maps out-of-vocabulary characters to ``[UNK]``. Decoding removes the spaces
+  WordPiece puts between Chinese characters.
+* ``*.model`` -- **SentencePiece with jieba**, the CPM style: jieba pieces, with ``' '`` mapped to
+  ``▂`` and ``'\\n'`` to ``▃``, are joined by spaces and encoded by SentencePiece.
+
+:func:`build_tokenizer` detects the family from the path.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+
+from megagpt.data.errors import DataError
+from megagpt.data.segment import get_segmenter
+
+# Sidecar written next to tokenizer.json by `megagpt tokenizer train`; records the segmenter the
+# vocabulary was trained with so that encoding at training/inference time segments the same way.
+SIDECAR_NAME = "megagpt_tokenizer.json"
+
+EOD_TOKEN = "<|endoftext|>"
+SEP_TOKEN = "<sep>"
+PAD_TOKEN = "<pad>"
+_PIECE_CACHE_SIZE = 1_000_000  # distinct jieba pieces kept per process (~100-200 MB at most)
+
+
+class Tokenizer(ABC):
+    """Common interface: ``encode``/``decode``, special ids, true and padded vocab size.
+
+    ``eod``, ``sep`` and ``pad`` are token ids, or ``None`` where the family has no such token.
+    Pretraining needs ``eod`` (the document separator of ``--append-eod``).
+    """
+
+    family: str
+    path: str
+    vocab_size: int
+    eod: int | None
+    sep: int | None
+    pad: int | None
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; no special tokens are added."""
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """``[encode(t) for t in texts]``, faster where the backend batches."""
+        return [self.encode(t) for t in texts]
+
+    @abstractmethod
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``; special tokens are dropped."""
+
+    def padded_vocab_size(self, tp: int = 1) -> int:
+        """Vocab size rounded up to a multiple of ``128 * tp`` (embedding rows of the model).
+
+        Padding keeps every tensor-parallel shard of the embedding the same, GEMM-friendly size;
+        the extra rows are never produced by the tokenizer. ``vocab_size`` stays the true size.
+        """
+        if tp < 1:
+            raise ValueError(f"tensor-parallel size must be >= 1, got {tp}")
+        multiple = 128 * tp
+        return -(-self.vocab_size // multiple) * multiple
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(path={self.path!r}, vocab_size={self.vocab_size}, "
+            f"eod={self.eod}, sep={self.sep}, pad={self.pad})"
+        )
+
+
+class JiebaBPETokenizer(Tokenizer):
+    """jieba segmentation + Hugging Face ``tokenizer.json`` (the ModelScope 1.3B+ family).
+
+    Args:
+        path: the ``tokenizer.json`` file.
+        segmenter: ``"rjieba"`` or ``"jieba"``; default: the one recorded in the sidecar
+            ``megagpt_tokenizer.json`` next to the file, else :data:`segment.DEFAULT_SEGMENTER`.
+            Use ``"jieba"`` to reproduce ModelScope's ids exactly on ASCII runs.
+    """
+
+    family = "jieba-bpe"
+
+    def __init__(self, path: str, segmenter: str | None = None) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.path = path
+        try:
+            self._tok = HFTokenizer.from_file(path)
+        except Exception as exc:  # the Rust loader raises a bare Exception with its reason
+            raise DataError(f"{path}: not a valid Hugging Face tokenizer.json ({exc})") from exc
+        if segmenter is None:
+            segmenter = _read_sidecar(os.path.dirname(path)).get("segmenter")
+        self.segmenter_name = segmenter
+        self._segment = get_segmenter(segmenter)
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.eod = vocab.get(EOD_TOKEN)
+        self.sep = vocab.get(SEP_TOKEN)
+        self.pad = vocab.get(PAD_TOKEN)
+        self.newline = vocab.get("\n")
+        # With pre-tokenized input every piece is normalised, pre-tokenized and BPE-encoded on
+        # its own, so a document's ids are the concatenation of its pieces' ids -- unless the
+        # file adds tokens around the whole sequence or cuts it. Then we leave it to the library.
+        self._piece_cache: dict[str, list[int]] | None = (
+            {} if self._tok.post_processor is None and self._tok.truncation is None else None
+        )
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        pieces = [self._segment(t) for t in texts]
+        if self._piece_cache is None:
+            return [e.ids for e in self._tok.encode_batch(pieces, is_pretokenized=True)]
+        return self._encode_cached(pieces)
+
+    def _encode_cached(self, docs: list[list[str]]) -> list[list[int]]:
+        # Chinese text repeats a small set of words: looking pieces up in a dict is ~50x faster
+        # than sending every piece through the Rust encoder again (see BENCHMARKS-data.md).
+        cache = self._piece_cache
+        missing = {p for pieces in docs for p in pieces if p not in cache}
+        if len(cache) + len(missing) > _PIECE_CACHE_SIZE:
+            cache.clear()  # bounded memory; the next batches refill it with the common words
+            missing = {p for pieces in docs for p in pieces}
+        if missing:
+            new = list(missing)
+            encoded = self._tok.encode_batch([[p] for p in new], is_pretokenized=True)
+            cache.update(zip(new, (e.ids for e in encoded)))
+        get = cache.__getitem__
+        return [list(itertools.chain.from_iterable(map(get, pieces))) for pieces in docs]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = list(ids)
+        if self.sep is not None and self.sep in ids:
+            # ModelScope's detokenize: a fine-tuning sample ends at its first <sep>.
+            ids = ids[: ids.index(self.sep)]
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+
+# Han ideographs (+ extensions), CJK symbols and punctuation, full-width forms. WordPiece splits
+# each of these into its own token, so a space next to one of them was put there by decoding.
+_CJK = (
+    "\u2e80-\u2fff\u3000-\u303f\u3040-\u30ff\u3100-\u312f\u3200-\u9fff"
+    "\uf900-\ufaff\ufe30-\ufe4f\uff00-\uffef\U00020000-\U0003134f"
+)
+_SPACE_NEXT_TO_CJK = re.compile(f"(?<=[{_CJK}]) | (?=[{_CJK}])")
+
+
+def remove_space_next_to_chinese(text: str) -> str:
+    """Drop single spaces that touch a Chinese character or full-width punctuation.
+
+    WordPiece decoding joins every token with a space; between Latin words that space is real,
+    next to a Han character it is an artefact (Chinese text has no word spaces).
+    """
+    return _SPACE_NEXT_TO_CJK.sub("", text)
+
+
+class BertTokenizer(Tokenizer):
+    """BERT Chinese WordPiece from ``vocab.txt`` (the base/large family).
+
+    ``eod`` and ``sep`` are both ``[SEP]``: the family has no separate document token and its
+    pipeline ends every text with ``[SEP]``.
+    """
+
+    family = "bert"
+
+    def __init__(self, path: str, lowercase: bool = True) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, normalizers, pre_tokenizers
+
+        self.path = path
+        vocab = _read_vocab_txt(path)
+        model = models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100)
+        tok = HFTokenizer(model)
+        tok.normalizer = normalizers.BertNormalizer(
+            clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
+        )
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece(prefix="##")
+        specials = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in vocab]
+        tok.add_special_tokens(specials)
+        self._tok = tok
+        self.vocab_size = len(vocab)
+        self.sep = vocab.get("[SEP]")
+        self.eod = self.sep
+        self.pad = vocab.get("[PAD]")
+        self.unk = vocab.get("[UNK]")
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        text = self._tok.decode(list(ids), skip_special_tokens=True)
+        return remove_space_next_to_chinese(text)
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """SentencePiece ``.model`` with jieba pre-segmentation (CPM style).
+
+    When the model has the ``▂``/``▃`` pieces (CPM), spaces and newlines are mapped to them so
+    they survive; otherwise the text is encoded as SentencePiece would on its own.
+    """
+
+    family = "sentencepiece"
+
+    def __init__(self, path: str, segmenter: str | None = None) -> None:
+        import sentencepiece as spm
+
+        self.path = path
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=path)
+        except Exception as exc:  # OSError / RuntimeError depending on the version
+            raise DataError(f"{path}: not a valid SentencePiece model ({exc})") from exc
+        self._segment = get_segmenter(segmenter)
+        self.segmenter_name = segmenter
+        sp = self._sp
+        self.vocab_size = sp.get_piece_size()
+
+        def piece(name: str) -> int | None:
+            pid = sp.piece_to_id(name)
+            return None if pid == sp.unk_id() and name != sp.id_to_piece(sp.unk_id()) else pid
+
+        self.cpm_style = piece("\u2582") is not None and piece("\u2583") is not None
+        self._to_sp = str.maketrans(" \n", "\u2582\u2583")
+        self.eod = piece("<eod>")
+        if self.eod is None:
+            self.eod = sp.eos_id() if sp.eos_id() >= 0 else None
+        self.sep = piece("<sep>")
+        self.pad = sp.pad_id() if sp.pad_id() >= 0 else piece("<pad>")
+        # CPM declares <eod>, <sep>, <mask> as user-defined pieces, which SentencePiece would
+        # decode literally; decoding drops them like the control pieces.
+        named = (piece(n) for n in ("<eod>", "<sep>", "<pad>", "<mask>", "<s>", "</s>"))
+        self._special_ids = {i for i in named if i is not None} | {
+            i for i in range(self.vocab_size) if sp.is_control(i)
+        }
+
+    def _prepare(self, text: str) -> str:
+        if not self.cpm_style:
+            return text
+        return " ".join(p.translate(self._to_sp) for p in self._segment(text))
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(self._prepare(text))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._sp.encode([self._prepare(t) for t in texts])
+
+    def decode(self, ids: Iterable[int]) -> str:
+        text = self._sp.decode([int(i) for i in ids if int(i) not in self._special_ids])
+        if self.cpm_style:
+            # The spaces are the jieba piece boundaries added by _prepare; real ones are ▂.
+            text = text.replace(" ", "").replace("\u2582", " ").replace("\u2583", "\n")
+        return text
+
+
+def _read_vocab_txt(path: str) -> dict[str, int]:
+    vocab: dict[str, int] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                token = line.rstrip("\r\n")
+                if token in vocab:
+                    # BERT's loader keeps the last id of a duplicate; say so instead.
+                    raise DataError(f"{path}:{i + 1}: duplicate token {token!r} in vocab.txt")
+                vocab[token] = i
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: vocab.txt is not UTF-8 ({exc})") from exc
+    if not vocab:
+        raise DataError(f"{path}: vocab.txt is empty")
+    return vocab
+
+
+def _read_sidecar(directory: str) -> dict:
+    path = os.path.join(directory, SIDECAR_NAME)
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: unreadable tokenizer sidecar ({exc})") from exc
+
+
+def build_tokenizer(path: str, segmenter: str | None = None) -> Tokenizer:
+    """Load a tokenizer from ``path``, detecting its family.
+
+    Args:
+        path: a ``tokenizer.json`` file (jieba-BPE), a BERT ``vocab.txt``, a SentencePiece
+            ``.model``, or a directory holding one of them (looked for in that order).
+        segmenter: force ``"jieba"`` or ``"rjieba"`` for the families that segment first.
+
+    Returns:
+        A :class:`Tokenizer`.
+
+    Raises:
+        DataError: the path does not exist or holds no recognised tokenizer file.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        candidates = [os.path.join(path, n) for n in ("tokenizer.json", "vocab.txt")]
+        candidates += sorted(
+            os.path.join(path, n) for n in os.listdir(path) if n.endswith(".model")
+        )
+        found = [c for c in candidates if os.path.isfile(c)]
+        if not found:
+            raise DataError(
+                f"{path}: no tokenizer found; expected tokenizer.json (jieba-BPE), vocab.txt "
+                "(BERT WordPiece) or a SentencePiece *.model in this directory"
+            )
+        path = found[0]
+    elif not os.path.exists(path):
+        raise DataError(f"{path}: tokenizer path does not exist")
+    name = os.path.basename(path)
+    if name.endswith(".json"):
+        return JiebaBPETokenizer(path, segmenter=segmenter)
+    if name.endswith(".txt"):
+        return BertTokenizer(path)
+    if name.endswith(".model"):
+        return SentencePieceTokenizer(path, segmenter=segmenter)
+    raise DataError(
+        f"{path}: unknown tokenizer file type; expected tokenizer.json, vocab.txt or *.model"
+    )
