@@ -21,6 +21,9 @@ setup(
         "wandb>=0.17",
         "tokenizers>=0.19",
         "jieba>=0.42",
+        # BLEU / ROUGE-L of src+tgt fine-tuning evaluation.
+        "sacrebleu>=2.4",
+        "rouge-score>=0.1.2",
         # rjieba: the Rust port of jieba, ~18x faster segmentation (bench/preprocess.py).
         "rjieba>=0.1",
         "sentencepiece>=0.2",

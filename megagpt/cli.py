@@ -36,12 +36,26 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.dry_run or args.world_size is not None:
+        from megagpt.planner.cli import cmd_dry_run
+
+        return cmd_dry_run(args)
     from megagpt.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     from megagpt.training.trainer import train
 
     train(cfg)
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from megagpt.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from megagpt.training.finetune import finetune
+
+    finetune(cfg)
     return 0
 
 
@@ -63,6 +77,12 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return run(args.overrides)
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from megagpt.checkpoint.convert import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megagpt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,7 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML recipe, e.g. configs/pretrain/tiny.yaml")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides, e.g. train.steps=100 parallel.tensor=2")
+    from megagpt.planner.cli import add_dry_run_options, add_plan_parser
+
+    add_dry_run_options(p)
     p.set_defaults(func=cmd_train)
+
+    add_plan_parser(sub)
 
     p = sub.add_parser("quickstart", help="tokenizer + preprocessing + a small CPU pretraining "
                        "run on the bundled sample corpus")
@@ -86,10 +111,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_config_docs)
 
+    p = sub.add_parser("convert", help="convert checkpoints between training checkpoints (any "
+                       "TP/PP), model dirs, ModelScope GPT-3 and Hugging Face GPT-2")
+    p.add_argument("--input", required=True, help="checkpoint or model directory (kind detected)")
+    p.add_argument("--output", required=True, help="directory to write")
+    p.add_argument("--to", required=True, choices=("megagpt", "modelscope", "hf"))
+    p.add_argument("--tp", type=int, help="megagpt: training checkpoint for this TP size; "
+                   "modelscope: number of shards")
+    p.add_argument("--pp", type=int, help="megagpt: training checkpoint for this many stages")
+    p.set_defaults(func=cmd_convert)
+
     from megagpt.data.cli import add_preprocess_parser, add_tokenizer_parser
 
     add_tokenizer_parser(sub)
     add_preprocess_parser(sub)
+
+    from megagpt.inference.cli import add_generate_parser
+
+    add_generate_parser(sub)
+
+    p = sub.add_parser("finetune", help="fine-tune on src_txt / src_txt+tgt_txt jsonl or csv "
+                       "(single process or under torchrun)")
+    p.add_argument("--config", required=True, help="YAML recipe, e.g. "
+                   "configs/finetune/poetry.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides, e.g. finetune.init_from=runs/x/model train.steps=50")
+    p.set_defaults(func=cmd_finetune)
     return parser
 
 

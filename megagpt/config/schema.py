@@ -10,15 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-
-def doc(default: Any, text: str, *, choices: tuple | None = None) -> Any:
-    """A dataclass field with a default and a one-line description (and optional choices)."""
-    meta = {"doc": text}
-    if choices is not None:
-        meta["choices"] = choices
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
+from megagpt.config.fields import doc
+from megagpt.config.finetune import FinetuneConfig
 
 
 @dataclass
@@ -136,6 +129,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}

@@ -186,16 +186,77 @@ class Engine:
 
     # -- checkpoints ----------------------------------------------------------------------
     def save(self, directory: str, tag: str, client_state: dict) -> None:
-        """Every rank writes its part of the model and optimizer under ``directory/tag``."""
+        """Every rank writes its part of the model and optimizer under ``directory/tag``.
+
+        Two forms: DeepSpeed's native files (the bit-exact fast path when the layout is
+        unchanged) and the layout-free record of ``megagpt.checkpoint.reshard`` (fp32 master and
+        Adam moments by canonical name and TP shard, for a resume under any TP/PP/DP/ZeRO).
+        Collective; the caller commits ``latest`` afterwards, so a crash leaves no half state.
+        """
+        from megagpt import parallel
+        from megagpt.checkpoint import reshard
+
         self.ds.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
+        path = os.path.join(directory, tag)
+        self._materialize_optimizer_state()
+        reshard.save_shards(
+            path, [(n, p, d) for n, p, _, d in self._local_params(skip_tied_copy=True)],
+            self._state_get, tp_rank=parallel.tp_rank(), tp=self.dims.tp,
+            pp_rank=parallel.pp_rank(), pp=self.dims.pp, write=parallel.dp_rank() == 0)
+        if dist.get_rank() == 0:
+            reshard.save_meta(path, layout=self._layout(), model=self.cfg.model,
+                              adam_step=self._adam_step(), engine=self._counters(),
+                              client=client_state)
+        dist.barrier()
 
     def load(self, directory: str, tag: str) -> dict:
-        """Load ``directory/tag``; returns the client state saved with it."""
-        path, client = self.ds.load_checkpoint(directory, tag=tag, load_optimizer_states=True,
-                                               load_lr_scheduler_states=False)
-        if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}/{tag}")
-        return client or {}
+        """Load ``directory/tag``; returns the client state saved with it.
+
+        Same layout and DeepSpeed files present: DeepSpeed's own load (bit-exact, with RNG).
+        Otherwise the layout-free record: weights, fp32 master, Adam moments and step are
+        re-cut for this layout; the client state then has no ``rng`` (the trainer reseeds).
+        """
+        from megagpt import parallel
+        from megagpt.checkpoint import reshard
+
+        path = os.path.join(directory, tag)
+        meta = reshard.read_meta(path)
+        native = any(f.endswith("model_states.pt") for f in os.listdir(path)) \
+            if os.path.isdir(path) else False
+        if meta is None or (native and meta["layout"] == self._layout()):
+            path, client = self.ds.load_checkpoint(directory, tag=tag,
+                                                   load_optimizer_states=True,
+                                                   load_lr_scheduler_states=False)
+            if path is None:
+                raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}/{tag}")
+            return client or {}
+        record = reshard.Record(path)
+        self._materialize_optimizer_state()
+        reshard.load_shards(record, list(self._local_params()), self._state_set,
+                            vocab_size=self.cfg.model.vocab_size, tp_rank=parallel.tp_rank(),
+                            tp=self.dims.tp)
+        self._refresh_low_precision()
+        self._set_adam_step(int(meta["adam_step"]))
+        self._set_counters(meta.get("engine", {}))
+        dist.barrier()
+        return dict(meta.get("client", {}))
+
+    def load_weights(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Initialise from full canonical weights (a model directory, ModelScope or Hugging Face
+        import) at any layout; the optimizer starts fresh (zero moments, step 0)."""
+        from megagpt import parallel
+        from megagpt.checkpoint import reshard
+
+        self._materialize_optimizer_state()
+        for name, p, shape, dim in self._local_params():
+            if name not in tensors:
+                raise reshard.CheckpointError(f"{source}: missing tensor {name!r} (the model "
+                                              f"expects shape {shape})")
+            self._state_set(p, "param", reshard.local_shard(
+                name, tensors[name], shape, dim, self.cfg.model.vocab_size, parallel.tp_rank(),
+                self.dims.tp, source))
+        self._refresh_low_precision()
+        dist.barrier()
 
     def fp32_value(self, p: torch.nn.Parameter) -> torch.Tensor:
         """The full fp32 master value of a (local, TP-sharded) parameter, whatever the ZeRO
@@ -206,6 +267,133 @@ class Engine:
         value = safe_get_full_fp32_param(p) if self.cfg.parallel.zero_stage > 0 or \
             self.cfg.train.precision != "fp32" else None
         return value if value is not None else p
+
+    # -- checkpoint helpers: the fp32 master and Adam state, whatever the ZeRO stage ------
+    def _layout(self) -> dict:
+        return {"tp": self.dims.tp, "pp": self.dims.pp, "dp": self.dims.dp,
+                "zero_stage": self.cfg.parallel.zero_stage, "precision": self.cfg.train.precision}
+
+    def _local_params(self, skip_tied_copy: bool = False):
+        """(canonical name, parameter, full TP-unsharded shape, partition dim) of this rank.
+
+        ``skip_tied_copy``: the last pipeline stage's copy of the tied word embedding is the
+        same tensor as stage 0's, so the record stores it once."""
+        from megagpt.checkpoint.canonical import WORD
+        from megagpt.model.init import canonical_parameters, full_shape
+
+        last = self.pipeline and self.ds.is_last_stage() and not self.ds.is_first_stage()
+        for name, p in canonical_parameters(self.ds.module):
+            if skip_tied_copy and last and name == WORD:
+                continue
+            shape, dim = full_shape(p, self.dims.tp)
+            if hasattr(p, "ds_shape"):  # ZeRO-3: p itself is an empty placeholder
+                shape = list(p.ds_shape)
+                if dim is not None:
+                    shape[dim] *= self.dims.tp
+            yield name, p, shape, dim
+
+    def _base_optimizer(self) -> torch.optim.Optimizer:
+        opt = self.ds.optimizer
+        while not isinstance(opt, torch.optim.Optimizer):
+            opt = opt.optimizer
+        return opt
+
+    def _plain_optimizer(self) -> bool:
+        """ZeRO 0 in fp32: DeepSpeed steps torch's AdamW on the model parameters directly."""
+        return isinstance(self.ds.optimizer, torch.optim.Optimizer)
+
+    def _flat_states(self) -> list[torch.Tensor]:
+        """The tensors the base optimizer keeps state for (ZeRO's flat fp32 partitions)."""
+        opt = self.ds.optimizer
+        for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups",
+                     "fp32_groups_flat_partition"):
+            flats = getattr(opt, attr, None)
+            if flats:
+                return list(flats)
+        if self._plain_optimizer():
+            return [p for g in opt.param_groups for p in g["params"]]
+        raise NotImplementedError(
+            f"checkpoint resharding does not support DeepSpeed's {type(opt).__name__} "
+            f"(precision {self.cfg.train.precision}, ZeRO {self.cfg.parallel.zero_stage}); "
+            "use ZeRO stage >= 1 for fp16")
+
+    def _materialize_optimizer_state(self) -> None:
+        """AdamW creates its state at the first step; a checkpoint saved or loaded before it
+        needs zero moments to exist (and ZeRO's per-parameter views linked to them)."""
+        base = self._base_optimizer()
+        flags = base.param_groups[0] if base.param_groups else {}
+        on_device = flags.get("fused") or flags.get("capturable")
+        for t in self._flat_states():
+            if not base.state.get(t):
+                base.state[t] = {
+                    "step": torch.zeros((), dtype=torch.float32,
+                                        device=t.device if on_device else "cpu"),
+                    "exp_avg": torch.zeros_like(t, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(t, memory_format=torch.preserve_format)}
+        if hasattr(self.ds.optimizer, "_lazy_init_hp_params_optimizer_state"):
+            self.ds.optimizer._hp_optimizer_states_linked = False
+            self.ds.optimizer._lazy_init_hp_params_optimizer_state()
+
+    def _state_get(self, p: torch.nn.Parameter, kind: str) -> torch.Tensor:
+        """The local TP shard of ``kind`` (param = fp32 master) for ``p``; collective over DP
+        under ZeRO."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        if kind == "param":
+            return self.fp32_value(p)
+        if self._plain_optimizer():
+            return self.ds.optimizer.state[p][kind]
+        value = safe_get_full_optimizer_state(p, kind)
+        if value is None:
+            raise NotImplementedError(f"no fp32 {kind} for a parameter under "
+                                      f"{type(self.ds.optimizer).__name__}")
+        return value
+
+    def _state_set(self, p: torch.nn.Parameter, kind: str, value: torch.Tensor) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        value = value.to(device=self.device, dtype=torch.float32)
+        if self._plain_optimizer():
+            target = p.data if kind == "param" else self.ds.optimizer.state[p][kind]
+            target.copy_(value)
+        elif kind == "param":
+            safe_set_full_fp32_param(p, value)
+            if not hasattr(p, "ds_id"):  # ZeRO 0-2 keep the whole low-precision copy here
+                p.data.copy_(value.to(p.dtype))
+        else:
+            safe_set_full_optimizer_state(p, value, kind)
+
+    def _refresh_low_precision(self) -> None:
+        """ZeRO-3: copy the fp32 partitions into the (possibly low-precision) partitions the
+        forward gathers from."""
+        opt = self.ds.optimizer
+        lp = getattr(opt, "fp16_partitioned_groups_flat", None)
+        if lp:
+            for low, high in zip(lp, opt.fp32_partitioned_groups_flat):
+                low.data.copy_(high.data)
+
+    def _adam_step(self) -> int:
+        states = [self._base_optimizer().state.get(t) for t in self._flat_states()]
+        return int(max((float(s["step"]) for s in states if s and "step" in s), default=0))
+
+    def _set_adam_step(self, step: int) -> None:
+        base = self._base_optimizer()
+        for t in self._flat_states():
+            base.state[t]["step"].fill_(float(step))
+
+    def _counters(self) -> dict:
+        scale = getattr(self.ds.optimizer, "cur_scale", None)
+        return {"global_steps": self.ds.global_steps, "global_samples": self.ds.global_samples,
+                "skipped_steps": self.ds.skipped_steps,
+                "loss_scale": float(scale) if scale is not None else None}
+
+    def _set_counters(self, c: dict) -> None:
+        for key in ("global_steps", "global_samples", "skipped_steps"):
+            if key in c:
+                setattr(self.ds, key, int(c[key]))
+        scaler = getattr(self.ds.optimizer, "loss_scaler", None)
+        if c.get("loss_scale") and scaler is not None and hasattr(scaler, "cur_scale"):
+            scaler.cur_scale = float(c["loss_scale"])
 
     @property
     def module(self) -> torch.nn.Module:

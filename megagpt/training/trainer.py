@@ -93,6 +93,15 @@ class _StopFlag:
     def _handler(self, signum, frame):
         self.raised = True
 
+    def release(self) -> None:
+        """After training: a late SIGUSR1 (the pre-timeout signal) is ignored rather than
+        killing a process that is only shutting down; SIGTERM gets its default back."""
+        for sig, action in ((signal.SIGUSR1, signal.SIG_IGN), (signal.SIGTERM, signal.SIG_DFL)):
+            try:
+                signal.signal(sig, action)
+            except ValueError:
+                pass
+
     def any_rank(self, device: torch.device) -> bool:
         flag = torch.tensor([1.0 if self.raised else 0.0], device=device)
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -107,16 +116,26 @@ class TrainState:
 
 
 class Trainer:
-    """Pretraining on ``cfg``; ``run()`` trains to ``train.steps`` and returns the final state."""
+    """Pretraining on ``cfg``; ``run()`` trains to ``train.steps`` and returns the final state.
+
+    Fine-tuning (``megagpt.training.finetune``) subclasses it and replaces the data hooks
+    (``_build_data``, ``_micro_batches``, ``evaluate``) and the start weights (``_init_weights``).
+    """
+
+    # Pretraining reads indexed datasets (data.paths); a subclass with its own data says False.
+    needs_indexed_data = True
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        # Handlers first: a Slurm pre-timeout signal during setup must not kill the job (and
+        # torchrun starts workers with SIGUSR1 ignored).
+        self.stop = _StopFlag()
         world = parallel.world_size_from_env()
         cuda = torch.cuda.is_available()
-        validate(cfg, world, cuda=cuda)
+        validate(cfg, world, cuda=cuda, need_data=self.needs_indexed_data)
         self.tokenizer = prepare_tokenizer(cfg)
         check_data_paths(cfg)
-        validate(cfg, world, cuda=cuda)  # the vocabulary may have changed
+        validate(cfg, world, cuda=cuda, need_data=self.needs_indexed_data)  # vocab may change
         self.device = parallel.resolve_device(cfg.train.device)
         self.dims = parallel.initialize(cfg.parallel, self.device)
         self.rank = dist.get_rank()
@@ -138,11 +157,11 @@ class Trainer:
     # -- setup ----------------------------------------------------------------------------
     def _build_engine(self) -> None:
         from megagpt.engine import Engine, build_model
-        from megagpt.model import initialize_weights, padded_vocab_size
+        from megagpt.model import padded_vocab_size
 
         cfg = self.cfg
         module = build_model(cfg, self.dims)
-        initialize_weights(module, cfg.model, cfg.train.seed, parallel.tp_rank(), self.dims.tp)
+        self._init_weights(module)
         self.engine = Engine(cfg, module, self.dims, self.device)
         self.padded_vocab = padded_vocab_size(cfg.model.vocab_size, self.dims.tp)
         n_local = sum(p.numel() for p in module.parameters())
@@ -153,9 +172,21 @@ class Trainer:
              f"PP {self.dims.pp} x DP {self.dims.dp}; ZeRO {cfg.parallel.zero_stage}; "
              f"{cfg.train.precision} on {self.device}")
 
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        """Start weights of the local model part (pretraining: the seeded layout-free init)."""
+        from megagpt.model import initialize_weights
+
+        initialize_weights(module, self.cfg.model, self.cfg.train.seed, parallel.tp_rank(),
+                           self.dims.tp)
+
     def _resume(self) -> None:
+        """Continue from the run's own latest checkpoint, else from ``checkpoint.load``: a
+        training checkpoint of any TP/PP/DP/ZeRO layout (the engine reshards it), or pretrained
+        weights (model directory, ModelScope or Hugging Face dir) that start the run at step 0."""
         directory, tag = self.ckpt_dir, latest_tag(self.ckpt_dir)
         if tag is None and self.cfg.checkpoint.load:
+            if self._load_pretrained(self.cfg.checkpoint.load):
+                return
             directory, tag = resolve_load(self.cfg.checkpoint.load)
         if tag is None:
             return
@@ -164,8 +195,33 @@ class Trainer:
                                 consumed_samples=int(client["consumed_samples"]))
         if "rng" in client:
             _set_rng_state(client["rng"])
+        else:  # a resharded resume: per-rank RNG streams do not map across layouts; reseed
+            _seed(self.cfg.train.seed + 100 * parallel.pp_rank() + 7919 * self.state.step)
         log0(f"resumed from {directory}/{tag}: step {self.state.step}, "
              f"{self.state.consumed_samples} samples consumed")
+
+    def _load_pretrained(self, path: str) -> bool:
+        """Weights from a model directory / ModelScope / Hugging Face dir (True), or False when
+        ``path`` is a training checkpoint."""
+        from megagpt.checkpoint.canonical import CheckpointError
+        from megagpt.checkpoint.convert import detect, read_weights
+
+        try:
+            if detect(path) == "training":
+                return False
+            src, tensors = read_weights(path)
+        except CheckpointError as e:
+            raise ConfigError(f"checkpoint.load={path!r}: {e}") from None
+        diff = [f"model.{k}: {getattr(self.cfg.model, k)!r} here, {getattr(src, k)!r} there"
+                for k in ("num_layers", "num_heads", "hidden_size", "ffn",
+                          "max_position_embeddings", "vocab_size", "activation", "layernorm_eps")
+                if getattr(self.cfg.model, k) != getattr(src, k)]
+        if diff:
+            raise ConfigError(f"checkpoint.load={path!r} does not fit the model: "
+                              + "; ".join(diff) + " (set those model keys)")
+        self.engine.load_weights(tensors, source=path)
+        log0(f"initialised weights from {path} (step 0, fresh optimizer)")
+        return True
 
     def _build_data(self) -> None:
         from megagpt.data import build_gpt_datasets
@@ -213,7 +269,7 @@ class Trainer:
     def run(self) -> TrainState:
         cfg, t, st = self.cfg, self.cfg.train, self.state
         seq = cfg.model.seq_length
-        stop = _StopFlag()
+        stop = self.stop
         fpt = flops_per_token(cfg.model, self.padded_vocab, seq)
         peak = device_peak_tflops(self.device, t.precision, cfg.logging.peak_tflops)
         if st.step >= t.steps:
@@ -270,6 +326,7 @@ class Trainer:
         if st.step >= t.steps:
             self.export_model(os.path.join(self.run_dir, "model"))
         self.metrics.close()
+        stop.release()
         return st
 
     def export_model(self, directory: str) -> None:

@@ -1,0 +1,218 @@
+"""Decoding speed: megagpt's text-generation pipeline against Hugging Face ``generate``.
+
+Both run the same weights: the HF model is a ``GPT2LMHeadModel`` built from the megagpt model
+directory (Conv1D weights transposed to [in, out]; the fused QKV rows, interleaved per head in
+megagpt, regrouped to GPT-2's all-Q | all-K | all-V; tanh GELU = ``gelu_new``). Both decode
+greedily exactly ``--new-tokens`` tokens (no early stop) from the same prompts in the same
+process, one prompt at a time and as one batch of equal-length prompts; the generated tokens are
+compared as a parity check.
+
+    python bench/generate.py --size gpt3-base --tokenizer TOKDIR --output BENCHMARKS-generate.md
+    python bench/generate.py --model runs/x/model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def random_model_dir(size: str, tokenizer: str, out: str) -> str:
+    """A model directory of a registered size with seeded random weights and ``tokenizer``."""
+    from megagpt import parallel
+    from megagpt.checkpoint import model_dir
+    from megagpt.config import ParallelConfig, from_name
+    from megagpt.data import build_tokenizer
+    from megagpt.model import GPTModel, initialize_weights, megatron_config
+
+    cfg = from_name(size)
+    cfg.vocab_size = build_tokenizer(tokenizer).vocab_size
+    parallel.initialize(ParallelConfig(backend="gloo"), torch.device("cpu"))
+    model = GPTModel(cfg, megatron_config(cfg, ParallelConfig()))
+    initialize_weights(model, cfg, 1234, 0, 1)
+    model_dir.save_tensors(out, model_dir.full_tensors(model, cfg))
+    model_dir.write_config(out, cfg)
+    model_dir.copy_tokenizer(out, tokenizer)
+    return out
+
+
+def to_gpt2(directory: str):
+    """A transformers GPT2LMHeadModel holding the weights of a megagpt model directory."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from megagpt.checkpoint import load_tensors, read_config
+
+    cfg = read_config(directory)
+    t = load_tensors(directory)
+    h, nh, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+    hf_cfg = GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.max_position_embeddings, n_embd=h,
+        n_layer=cfg.num_layers, n_head=nh, n_inner=cfg.ffn,
+        activation_function="gelu_new" if cfg.activation == "gelu_tanh" else "gelu",
+        layer_norm_epsilon=cfg.layernorm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        tie_word_embeddings=True)
+    sd = {"transformer.wte.weight": t["embedding.word.word_embeddings.weight"],
+          "transformer.wpe.weight": t["embedding.position.position_embeddings.weight"],
+          "transformer.ln_f.weight": t["final_norm.final_layernorm.weight"],
+          "transformer.ln_f.bias": t["final_norm.final_layernorm.bias"]}
+    for i in range(cfg.num_layers):
+        p, q = f"layers.{i}.", f"transformer.h.{i}."
+        qkv_w = t[p + "attention.query_key_value.weight"]  # [nh*3*hd, h], per-head q|k|v
+        qkv_b = t[p + "attention.query_key_value.bias"]
+        # [nh, 3, hd, h] -> [3, nh, hd, h] -> [3h, h]: all-Q | all-K | all-V rows
+        qkv_w = qkv_w.view(nh, 3, hd, h).transpose(0, 1).reshape(3 * h, h)
+        qkv_b = qkv_b.view(nh, 3, hd).transpose(0, 1).reshape(3 * h)
+        sd.update({
+            q + "ln_1.weight": t[p + "input_layernorm.weight"],
+            q + "ln_1.bias": t[p + "input_layernorm.bias"],
+            q + "attn.c_attn.weight": qkv_w.t().contiguous(),  # Conv1D: [in, out]
+            q + "attn.c_attn.bias": qkv_b,
+            q + "attn.c_proj.weight": t[p + "attention.dense.weight"].t().contiguous(),
+            q + "attn.c_proj.bias": t[p + "attention.dense.bias"],
+            q + "ln_2.weight": t[p + "post_attention_layernorm.weight"],
+            q + "ln_2.bias": t[p + "post_attention_layernorm.bias"],
+            q + "mlp.c_fc.weight": t[p + "mlp.dense_h_to_4h.weight"].t().contiguous(),
+            q + "mlp.c_fc.bias": t[p + "mlp.dense_h_to_4h.bias"],
+            q + "mlp.c_proj.weight": t[p + "mlp.dense_4h_to_h.weight"].t().contiguous(),
+            q + "mlp.c_proj.bias": t[p + "mlp.dense_4h_to_h.bias"],
+        })
+    model = GPT2LMHeadModel(hf_cfg)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to wte
+    if missing or unexpected:
+        raise RuntimeError(f"GPT-2 layout mismatch: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    return model.eval()
+
+
+def prompts(tokenizer, n: int, length: int) -> list[list[int]]:
+    """``n`` prompts of exactly ``length`` tokens from the shared wiki corpus."""
+    out = []
+    for line in (SHARED / "corpus" / "wiki_cmrc2018.jsonl").read_text("utf-8").splitlines():
+        ids = tokenizer.encode(json.loads(line)["text"])
+        if len(ids) >= length:
+            out.append(ids[:length])
+        if len(out) == n:
+            return out
+    raise RuntimeError("not enough long documents for the prompts")
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    fn()  # warm-up
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="megagpt model directory (default: a random --size model)")
+    ap.add_argument("--size", default="gpt3-base", help="registered size for the random model")
+    ap.add_argument("--tokenizer", help="tokenizer for the random model (default: trained on "
+                    "200 wiki articles, vocab 4096)")
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs (best kept)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    ap.add_argument("--output", help="write a markdown report here")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    from megagpt import pipeline
+    from megagpt.inference.sampling import make_params
+
+    tmp = tempfile.mkdtemp(prefix="megagpt-bench-")
+    directory = args.model
+    if directory is None:
+        tok = args.tokenizer
+        if tok is None:
+            from megagpt.data import train_tokenizer
+
+            docs = [json.loads(x)["text"] for x in (SHARED / "corpus" / "wiki_cmrc2018.jsonl")
+                    .read_text("utf-8").splitlines()[:200]]
+            tok = str(Path(tmp) / "tok")
+            train_tokenizer(iter(docs), tok, vocab_size=4096)
+        directory = random_model_dir(args.size, tok, str(Path(tmp) / "model"))
+    pipe = pipeline("text-generation", model=directory, device="cpu", dtype="fp32")
+    gen = pipe.generator
+    gen.stop_ids = []  # exactly --new-tokens tokens on both sides
+    hf = to_gpt2(directory)
+    ids = prompts(pipe.tokenizer, args.prompts, args.prompt_tokens)
+    greedy = make_params(top_k=1)
+    n = args.new_tokens
+    rows = []
+
+    def ours(batch):
+        return [c[0] for c in gen.generate(batch, greedy, max_new_tokens=n)]
+
+    @torch.no_grad()
+    def theirs(batch):
+        x = torch.tensor(batch)
+        out = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                          max_new_tokens=n, min_new_tokens=n, eos_token_id=None,
+                          pad_token_id=0, use_cache=True)
+        return out.tolist()
+
+    for label, batches in (("one prompt at a time (batch 1)", [[p] for p in ids]),
+                           (f"one batch of {len(ids)}", [ids])):
+        t_ours, out_ours = timed(lambda b=batches: [r for x in b for r in ours(x)],
+                                 args.repeats)
+        t_hf, out_hf = timed(lambda b=batches: [r for x in b for r in theirs(x)], args.repeats)
+        tokens = n * len(ids)
+        same = out_ours == out_hf
+        rows.append((label, tokens / t_ours, tokens / t_hf, same))
+        print(f"{label}: megagpt {tokens / t_ours:.1f} tok/s | HF generate {tokens / t_hf:.1f} "
+              f"tok/s | identical greedy tokens: {same}", flush=True)
+
+    import transformers
+
+    from megagpt.checkpoint import read_config
+
+    cfg = read_config(directory)
+    params = sum(p.numel() for p in hf.parameters())
+    lines = [
+        "# Generation speed: megagpt pipeline vs Hugging Face generate",
+        "",
+        f"Produced by `python bench/generate.py {' '.join(sys.argv[1:])}`.",
+        "",
+        (f"- model: {cfg.name or 'custom'} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+         f"{cfg.num_heads} heads, vocab {cfg.vocab_size}; {params / 1e6:.1f}M parameters), "
+         "fp32, random weights (speed does not depend on them)"),
+        (f"- prompts: {len(ids)} wiki passages of {args.prompt_tokens} tokens; greedy, exactly "
+         f"{n} new tokens each, KV cache on both sides; best of {args.repeats} timed runs after "
+         "a warm-up"),
+        (f"- machine: CPU ({platform.processor() or platform.machine()}), torch "
+         f"{torch.__version__} with {torch.get_num_threads()} threads, transformers "
+         f"{transformers.__version__}; same process, same run"),
+        "",
+        "| decoding | megagpt pipeline (tok/s) | HF generate (tok/s) | ratio | same tokens |",
+        "|---|---|---|---|---|",
+    ]
+    for label, a, b, same in rows:
+        lines.append(f"| {label} | {a:.1f} | {b:.1f} | {a / b:.2f} | {'yes' if same else 'no'} |")
+    text = "\n".join(lines) + "\n"
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Multi-node megagpt pretraining with torchrun, no Slurm and no SSH: run this on EVERY node,
+# each with its own --node-rank; all of them meet at --master-addr:--master-port (node 0).
+# Topology only: every hyperparameter comes from the config.
+#
+#   launch/torchrun.sh --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 CONFIG [KEY=VALUE ...]
+#   launch/torchrun.sh --nnodes 2 --node-rank 1 --master-addr 10.0.0.1 CONFIG [KEY=VALUE ...]
+#
+# Options (or the environment variable in brackets):
+#   --nnodes N            nodes taking part [NNODES], default 1
+#   --node-rank R         this node, 0 .. N-1 [NODE_RANK], default 0
+#   --master-addr HOST    address of node 0, reachable from every node [MASTER_ADDR];
+#                         default 127.0.0.1 (single node only)
+#   --master-port PORT    rendezvous port on node 0 [MASTER_PORT], default 29500
+#   --nproc-per-node G    processes per node [NPROC_PER_NODE], default: GPUs on this node
+#                         (nvidia-smi -L), else 1
+#   --python PY           interpreter with torch and megagpt [MEGAGPT_PYTHON], default python3
+#
+# Stop: SIGTERM (or Ctrl-C) to this script's process; torchrun forwards it, every rank finishes
+# its step, saves a checkpoint and exits. Restarting the same command resumes from
+# <run.dir>/checkpoints/latest. NCCL_* variables in the environment are passed through.
+set -euo pipefail
+
+die() { echo "torchrun.sh: error: $*" >&2; exit 2; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+PY=${MEGAGPT_PYTHON:-python3}
+NPROC=${NPROC_PER_NODE:-}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --nnodes) NNODES=${2:?--nnodes needs a value}; shift 2 ;;
+    --node-rank) NODE_RANK=${2:?--node-rank needs a value}; shift 2 ;;
+    --master-addr) MASTER_ADDR=${2:?--master-addr needs a value}; shift 2 ;;
+    --master-port) MASTER_PORT=${2:?--master-port needs a value}; shift 2 ;;
+    --nproc-per-node) NPROC=${2:?--nproc-per-node needs a value}; shift 2 ;;
+    --python) PY=${2:?--python needs a value}; shift 2 ;;
+    -h | --help) usage 0 ;;
+    --) shift; break ;;
+    -*) die "unknown option '$1' (see --help)" ;;
+    *) break ;;
+  esac
+done
+[ $# -ge 1 ] || die "missing CONFIG (usage: launch/torchrun.sh [options] CONFIG [KEY=VALUE ...])"
+CONFIG=$1
+shift
+[ -f "$CONFIG" ] || die "config '$CONFIG' not found"
+for kv in "$@"; do
+  case "$kv" in *=*) ;; *) die "extra argument '$kv' is not KEY=VALUE (e.g. train.steps=100)" ;; esac
+done
+if [ -z "$NPROC" ]; then
+  NPROC=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  [ "${NPROC:-0}" -gt 0 ] || NPROC=1
+fi
+isint() { case "$1" in '' | *[!0-9]*) return 1 ;; esac; }
+isint "$NNODES" && [ "$NNODES" -ge 1 ] || die "--nnodes must be a positive integer, got '$NNODES'"
+isint "$NPROC" && [ "$NPROC" -ge 1 ] || die "--nproc-per-node must be a positive integer, got '$NPROC'"
+isint "$MASTER_PORT" || die "--master-port must be an integer, got '$MASTER_PORT'"
+isint "$NODE_RANK" && [ "$NODE_RANK" -lt "$NNODES" ] \
+  || die "--node-rank must be in 0..$((NNODES - 1)), got '$NODE_RANK'"
+if [ "$NNODES" -gt 1 ] && [ "$MASTER_ADDR" = 127.0.0.1 ] && [ -z "${MEGAGPT_ALLOW_LOOPBACK:-}" ]; then
+  die "--master-addr is required with --nnodes > 1 (the address of node 0)"
+fi
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+[ -f "$ROOT/megagpt/cli.py" ] && export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+
+echo "[torchrun.sh] node $NODE_RANK of $NNODES x $NPROC process(es), rendezvous" \
+     "$MASTER_ADDR:$MASTER_PORT: megagpt train --config $CONFIG $*"
+exec "$PY" -m torch.distributed.run --nnodes="$NNODES" --node-rank="$NODE_RANK" \
+  --nproc-per-node="$NPROC" --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" \
+  --max-restarts=0 -m megagpt.cli train --config "$CONFIG" "$@"

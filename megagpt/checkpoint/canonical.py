@@ -1,0 +1,165 @@
+"""Canonical tensors: the layout-free vocabulary every converter and the reshard record share.
+
+A *canonical state* is ``{canonical name: full (unsharded) tensor}`` with the word embedding cut
+to the true vocabulary, exactly what a megagpt model directory stores (``model_dir.py``). This
+module knows the names, their full shapes for a ``ModelConfig``, how Megatron splits each one
+across tensor-parallel ranks, the two fused-QKV row orders, and how to read a pickled weight
+file safely.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+from megagpt.config.schema import ModelConfig
+
+WORD = "embedding.word.word_embeddings.weight"
+POSITION = "embedding.position.position_embeddings.weight"
+
+# Megatron column-parallel tensors split their output rows (dim 0), row-parallel weights their
+# input columns (dim 1); everything else (LayerNorms, positions, row-parallel biases) is
+# replicated on every TP rank.
+_DIM0 = ("embedding.word.word_embeddings.weight", "attention.query_key_value.weight",
+         "attention.query_key_value.bias", "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias")
+_DIM1 = ("attention.dense.weight", "mlp.dense_4h_to_h.weight")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message names the file or
+    tensor, and both shapes on a mismatch."""
+
+
+def partition_dim(name: str) -> int | None:
+    """The tensor-parallel split dimension of canonical tensor ``name`` (None: replicated)."""
+    if name.endswith(_DIM0):
+        return 0
+    if name.endswith(_DIM1):
+        return 1
+    return None
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, list[int]]:
+    """Full shape of every canonical tensor of the GPT ``cfg`` (true vocabulary), in model order."""
+    h, f = cfg.hidden_size, cfg.ffn
+    out = {WORD: [cfg.vocab_size, h], POSITION: [cfg.max_position_embeddings, h]}
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        out.update({
+            p + "input_layernorm.weight": [h], p + "input_layernorm.bias": [h],
+            p + "attention.query_key_value.weight": [3 * h, h],
+            p + "attention.query_key_value.bias": [3 * h],
+            p + "attention.dense.weight": [h, h], p + "attention.dense.bias": [h],
+            p + "post_attention_layernorm.weight": [h], p + "post_attention_layernorm.bias": [h],
+            p + "mlp.dense_h_to_4h.weight": [f, h], p + "mlp.dense_h_to_4h.bias": [f],
+            p + "mlp.dense_4h_to_h.weight": [h, f], p + "mlp.dense_4h_to_h.bias": [h],
+        })
+    out["final_norm.final_layernorm.weight"] = [h]
+    out["final_norm.final_layernorm.bias"] = [h]
+    return out
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], cfg: ModelConfig, source: str) -> None:
+    """Raise CheckpointError unless ``tensors`` holds exactly the canonical tensors of ``cfg``.
+
+    The message names the first missing, unexpected or mis-shaped tensor with both shapes.
+    """
+    want = expected_shapes(cfg)
+    for name, shape in want.items():
+        if name not in tensors:
+            raise CheckpointError(f"{source}: missing tensor {name!r} (expected shape {shape})")
+        got = list(tensors[name].shape)
+        if got != shape:
+            hint = (" (vocab x hidden: the vocabulary or hidden size does not fit)"
+                    if name == WORD else "")
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {got}, the model "
+                                  f"expects {shape}{hint}")
+    extra = sorted(set(tensors) - set(want))
+    if extra:
+        raise CheckpointError(f"{source}: unexpected tensor {extra[0]!r} with shape "
+                              f"{list(tensors[extra[0]].shape)} (the model has no such "
+                              f"parameter; {len(extra)} unexpected in all)")
+
+
+def check_heads(cfg: ModelConfig, source: str, tp: int = 1) -> None:
+    """Heads must divide the hidden size, and the TP degree must divide heads and FFN width."""
+    if cfg.num_heads <= 0 or cfg.hidden_size % cfg.num_heads:
+        raise CheckpointError(f"{source}: {cfg.num_heads} attention heads do not divide hidden "
+                              f"size {cfg.hidden_size}")
+    if cfg.num_heads % tp or cfg.ffn % tp:
+        raise CheckpointError(f"{source}: {tp} tensor-parallel shards do not divide "
+                              f"{cfg.num_heads} heads / FFN width {cfg.ffn}")
+
+
+# -- fused QKV row orders -----------------------------------------------------------------
+# megagpt (and ModelScope 1.3B+) interleave per head: rows [heads, 3, hd]. ModelScope base/large
+# and Hugging Face GPT-2 put all Q rows, then all K, then all V: rows [3, heads, hd].
+
+def qkv_blocks_to_interleaved(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """[3h, ...] rows ordered [3, heads, hd] -> rows ordered [heads, 3, hd]."""
+    rest = t.shape[1:]
+    hd = t.shape[0] // (3 * heads)
+    t = t.reshape(3, heads, hd, *rest)  # [3h, ...] -> [3, nh, hd, ...]
+    return t.transpose(0, 1).reshape(3 * heads * hd, *rest).contiguous()  # -> [nh*3*hd, ...]
+
+
+def qkv_interleaved_to_blocks(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """[3h, ...] rows ordered [heads, 3, hd] -> rows ordered [3, heads, hd]."""
+    rest = t.shape[1:]
+    hd = t.shape[0] // (3 * heads)
+    t = t.reshape(heads, 3, hd, *rest)  # [3h, ...] -> [nh, 3, hd, ...]
+    return t.transpose(0, 1).reshape(3 * heads * hd, *rest).contiguous()  # -> [3*nh*hd, ...]
+
+
+# -- tensor-parallel shards ---------------------------------------------------------------
+
+def split_for_tp(name: str, t: torch.Tensor, tp: int) -> list[torch.Tensor]:
+    """The ``tp`` Megatron shards of full tensor ``name`` (replicated tensors repeat).
+
+    Per-head interleaved QKV rows split into whole heads, so plain contiguous chunks are right.
+    """
+    dim = partition_dim(name)
+    if dim is None or tp == 1:
+        return [t] * tp
+    if t.shape[dim] % tp:
+        raise CheckpointError(f"tensor {name!r} with shape {list(t.shape)}: dimension {dim} "
+                              f"does not split into {tp} tensor-parallel shards")
+    return [c.contiguous() for c in t.chunk(tp, dim=dim)]
+
+
+def merge_tp(name: str, shards: list[torch.Tensor], source: str) -> torch.Tensor:
+    """The full tensor from its Megatron TP shards (rank order)."""
+    dim = partition_dim(name)
+    if dim is None or len(shards) == 1:
+        return shards[0]
+    ref = list(shards[0].shape)
+    for r, s in enumerate(shards):
+        other = [n for i, n in enumerate(s.shape) if i != dim]
+        if other != [n for i, n in enumerate(ref) if i != dim]:
+            raise CheckpointError(f"{source}: TP shard {r} of {name!r} has shape "
+                                  f"{list(s.shape)}, shard 0 has {ref}")
+    return torch.cat(shards, dim=dim)
+
+
+# -- safe reading of pickled weight files -------------------------------------------------
+
+def torch_load_weights(path: str | Path) -> dict:
+    """``torch.load(path, weights_only=True)`` on CPU; refuse files that need arbitrary code.
+
+    A file whose pickle references anything beyond tensors and plain containers (a pickled
+    class, argparse.Namespace, ...) raises CheckpointError naming the file and what to do.
+    """
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: refusing to load this file: it needs arbitrary unpickling, which can run "
+            f"code from the file ({first}). megagpt reads weights only with "
+            "torch.load(weights_only=True) or safetensors. If you trust the file, re-save its "
+            "state dict as plain tensors (torch.save(sd)) or as safetensors and convert that."
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot read weights ({e})") from None

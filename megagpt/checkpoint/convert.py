@@ -1,0 +1,170 @@
+"""``megagpt convert``: any checkpoint kind in, any kind out, through canonical tensors.
+
+Input kinds (detected): a training checkpoint (run dir, its ``checkpoints/`` dir or a
+``step_*`` folder, with the layout-free record), a megagpt model directory, a ModelScope GPT-3
+directory (either family) and a Hugging Face GPT-2 directory. Outputs:
+
+* ``--to megagpt``: a consolidated model directory; with ``--tp``/``--pp`` instead a training
+  checkpoint for that layout (``DIR/latest`` + ``DIR/step_XXXXXXX/layout_free``), carrying the
+  Adam moments and step when the input is a training checkpoint. Point ``checkpoint.load`` at it.
+* ``--to modelscope``: the 1.3B+ layout with ``--tp`` shards (default 1).
+* ``--to hf``: a GPT2LMHeadModel directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from megagpt.checkpoint import hf, model_dir, modelscope, reshard
+from megagpt.checkpoint.canonical import CheckpointError, check_heads, check_tensors
+from megagpt.checkpoint.manager import resolve_load, tag_for
+from megagpt.config.schema import ModelConfig
+
+KINDS = ("training", "megagpt", "modelscope", "hf")
+
+
+@dataclass
+class Source:
+    """A read checkpoint: config, full canonical weights, optional optimizer record."""
+
+    kind: str
+    cfg: ModelConfig
+    tensors: dict[str, torch.Tensor]
+    tokenizer: str | None = None
+    record: reshard.Record | None = None
+    client: dict = field(default_factory=dict)
+
+
+def detect(path: str) -> str:
+    """The kind of checkpoint at ``path`` (one of KINDS); CheckpointError when none fits."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if model_dir.is_model_dir(path):
+        return "megagpt"
+    if hf.is_hf_dir(path):
+        return "hf"
+    try:
+        resolve_load(path)
+        return "training"
+    except (FileNotFoundError, ValueError):
+        pass
+    if modelscope.is_modelscope_dir(path):
+        return "modelscope"
+    raise CheckpointError(
+        f"{path}: not a checkpoint megagpt knows: expected a training run/checkpoint ('latest' "
+        "or step_* folder), a megagpt model directory (config.json with format "
+        "megagpt-model), a ModelScope GPT-3 directory (pytorch_model.bin or "
+        "model/mp_rank_XX_model_states.pt) or a Hugging Face GPT-2 directory")
+
+
+def read(path: str) -> Source:
+    """Read any supported checkpoint as full canonical tensors."""
+    kind = detect(path)
+    if kind == "megagpt":
+        cfg = model_dir.read_config(path)
+        tensors = model_dir.load_tensors(path)
+        check_tensors(tensors, cfg, path)
+        return Source(kind, cfg, tensors, model_dir.tokenizer_path(path))
+    if kind == "hf":
+        return Source(kind, *hf.read(path))
+    if kind == "modelscope":
+        return Source(kind, *modelscope.read(path))
+    directory, tag = resolve_load(path)
+    checkpoint = str(Path(directory) / tag)
+    record = reshard.Record(checkpoint)
+    tensors = record.state("param")
+    check_tensors(tensors, record.model, checkpoint)
+    client = dict(record.meta.get("client", {}))
+    tok = client.get("config", {}).get("data", {}).get("tokenizer") or None
+    if tok and not Path(tok).exists():
+        tok = None
+    return Source(kind, record.model, tensors, tok, record, client)
+
+
+def read_weights(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(config, canonical tensors) of a model directory, ModelScope or Hugging Face dir."""
+    src = read(path)
+    return src.cfg, src.tensors
+
+
+def write_model_dir(directory: str, src: Source) -> None:
+    tensors = {k: v.contiguous() for k, v in src.tensors.items()}
+    model_dir.save_tensors(directory, tensors)
+    model_dir.write_config(directory, src.cfg, {"converted_from": src.kind})
+    if src.tokenizer:
+        model_dir.copy_tokenizer(directory, src.tokenizer)
+
+
+def write_training(directory: str, src: Source, tp: int, pp: int) -> str:
+    """A training checkpoint for layout (tp, pp); returns its tagged folder."""
+    check_heads(src.cfg, "--tp", tp)
+    if pp > src.cfg.num_layers:
+        raise CheckpointError(f"--pp {pp}: more pipeline stages than the {src.cfg.num_layers} "
+                              "decoder layers")
+    states = {"param": src.tensors}
+    adam_step, engine = 0, {}
+    if src.record is not None:
+        for kind in reshard.OPTIMIZER_KINDS:
+            if src.record.has(kind):
+                states[kind] = src.record.state(kind)
+        adam_step = int(src.record.meta.get("adam_step", 0))
+        engine = src.record.meta.get("engine", {})
+    client = src.client or {"step": 0, "consumed_samples": 0}
+    tag = tag_for(int(client.get("step", 0)))
+    out = Path(directory)
+    reshard.write_record(str(out / tag), states, src.cfg, tp=tp, pp=pp, adam_step=adam_step,
+                         client=client, engine=engine)
+    tmp = out / "latest.tmp"
+    tmp.write_text(tag + "\n", encoding="utf-8")
+    tmp.replace(out / "latest")
+    return str(out / tag)
+
+
+def convert(input: str, output: str, to: str, tp: int | None = None,
+            pp: int | None = None) -> str:
+    """Convert ``input`` into ``to`` (megagpt / modelscope / hf) at ``output``; returns a
+    one-line summary."""
+    if to == "hf" and (tp or pp):
+        raise CheckpointError("--to hf takes no --tp/--pp: a Hugging Face model is unsharded")
+    if to == "modelscope" and pp:
+        raise CheckpointError("--to modelscope: ModelScope checkpoints have no pipeline "
+                              "stages; use --tp for the number of shards")
+    src = read(input)
+    Path(output).mkdir(parents=True, exist_ok=True)
+    if to == "megagpt" and (tp or pp):
+        where = write_training(output, src, tp or 1, pp or 1)
+        moments = "with" if src.record is not None else "without"
+        return (f"{src.kind} {input} -> training checkpoint {where} (TP={tp or 1}, "
+                f"PP={pp or 1}, {moments} optimizer state)")
+    if to == "megagpt":
+        write_model_dir(output, src)
+        return f"{src.kind} {input} -> megagpt model directory {output}"
+    if to == "modelscope":
+        shards = modelscope.write(output, src.cfg, src.tensors, tp=tp or 1,
+                                  tokenizer=src.tokenizer)
+        return f"{src.kind} {input} -> ModelScope 1.3B+ layout {output} ({len(shards)} shards)"
+    if to == "hf":
+        hf.write(output, src.cfg, src.tensors, tokenizer=src.tokenizer)
+        return f"{src.kind} {input} -> Hugging Face GPT2LMHeadModel {output}"
+    raise CheckpointError(f"--to {to!r}: expected one of megagpt, modelscope, hf")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``megagpt convert`` (arguments registered in megagpt/cli.py); exit status."""
+    for flag in ("tp", "pp"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            print(f"megagpt convert: error: --{flag} must be >= 1, got {value}", file=sys.stderr)
+            return 2
+    try:
+        print(convert(args.input, args.output, args.to, args.tp, args.pp))
+    except (CheckpointError, model_dir.ModelDirError, FileNotFoundError) as e:
+        print(f"megagpt convert: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,290 @@
+"""The layout-free record inside every training checkpoint: resume under any TP / PP / DP / ZeRO.
+
+Written next to DeepSpeed's own files in ``<run.dir>/checkpoints/step_XXXXXXX/``::
+
+    layout_free/meta.json                              saved layout, model config, Adam step,
+                                                       engine counters, client state (JSON)
+    layout_free/tp00-pp00.param.safetensors            fp32 master of this (tp, pp) rank
+    layout_free/tp00-pp00.exp_avg.safetensors          Adam first moment
+    layout_free/tp00-pp00.exp_avg_sq.safetensors       Adam second moment
+    ...                                                one set per (tp, pp) rank
+
+Each file is written by the data-parallel rank 0 of its (tp, pp) rank and holds that rank's
+local TENSOR-PARALLEL shard of every parameter of its pipeline stage, by canonical name (so ZeRO
+partitions are already gathered); its safetensors metadata records each tensor's partition dim.
+Reading concatenates the TP shards of a tensor (whatever TP saved them), cuts the word embedding
+to the true vocabulary, and cuts out the reader's own shard: the reader's layout never needs to
+match the writer's. Which pipeline stage held a tensor does not matter either: the reader indexes
+every file by tensor name.
+
+DeepSpeed's native files stay the fast path for a same-layout resume (bit-exact, including
+state this record does not carry, e.g. RNG). The cost is disk: a checkpoint holds the model and
+optimizer state twice. This module never imports deepspeed; the engine passes accessors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from megagpt.checkpoint.canonical import (
+    WORD,
+    CheckpointError,
+    expected_shapes,
+    partition_dim,
+    split_for_tp,
+)
+from megagpt.config.schema import ModelConfig
+from megagpt.model.gpt import padded_vocab_size
+from megagpt.parallel.dims import split_layers
+
+FORMAT = "megagpt-reshard"
+VERSION = 1
+RECORD = "layout_free"
+KINDS = ("param", "exp_avg", "exp_avg_sq")
+OPTIMIZER_KINDS = KINDS[1:]
+
+
+def record_path(checkpoint: str) -> Path:
+    """The record folder of a tagged checkpoint folder."""
+    return Path(checkpoint) / RECORD
+
+
+def _file(tp_rank: int, pp_rank: int, kind: str) -> str:
+    return f"tp{tp_rank:02d}-pp{pp_rank:02d}.{kind}.safetensors"
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
+    os.replace(tmp, path)
+
+
+def _write_meta(folder: Path, meta: dict) -> None:
+    tmp = folder / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, folder / "meta.json")
+
+
+def json_client_state(client: dict) -> dict:
+    """The JSON-safe part of a trainer client state (step, samples, config; not RNG tensors)."""
+    out = {}
+    for k, v in client.items():
+        try:
+            json.dumps(v)
+        except (TypeError, ValueError):
+            continue
+        out[k] = v
+    return out
+
+
+# -- writing ------------------------------------------------------------------------------
+
+def save_shards(checkpoint: str, params: list[tuple[str, torch.nn.Parameter, int | None]],
+                get: Callable[[torch.nn.Parameter, str], torch.Tensor], *, tp_rank: int,
+                tp: int, pp_rank: int, pp: int, write: bool) -> None:
+    """Write this (tp, pp) rank's shard files of the record (engine side).
+
+    ``params`` are (canonical name, parameter, partition dim); ``get(p, kind)`` returns the local
+    TP shard of kind ``param``/``exp_avg``/``exp_avg_sq``. ``get`` may be collective over data
+    parallel (ZeRO): every DP rank calls this with the same params; only ``write`` ranks write.
+    """
+    folder = record_path(checkpoint)
+    if write:
+        folder.mkdir(parents=True, exist_ok=True)
+    partition = {name: (-1 if dim is None else dim) for name, _, dim in params}
+    for kind in KINDS:
+        tensors = {}
+        for name, p, _ in params:
+            t = get(p, kind)
+            if write:
+                tensors[name] = t.detach().float().cpu().contiguous()
+        if write:
+            _write(folder / _file(tp_rank, pp_rank, kind), tensors,
+                   {"format": FORMAT, "kind": kind, "tp_rank": tp_rank, "tp": tp,
+                    "pp_rank": pp_rank, "pp": pp, "partition": partition})
+
+
+def save_meta(checkpoint: str, *, layout: dict, model: ModelConfig, adam_step: int,
+              engine: dict, client: dict, kinds: Iterable[str] = KINDS) -> None:
+    """Write ``meta.json`` of the record (one rank)."""
+    folder = record_path(checkpoint)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_meta(folder, {"format": FORMAT, "version": VERSION, "layout": layout,
+                         "model": dataclasses.asdict(model), "adam_step": int(adam_step),
+                         "engine": engine, "client": json_client_state(client),
+                         "kinds": list(kinds)})
+
+
+def stage_names(cfg: ModelConfig, stage: int, stages: int) -> list[str]:
+    """Canonical tensors a pipeline stage writes (the tied word embedding only on stage 0)."""
+    layers = split_layers(cfg.num_layers, stages)[stage]
+    out = []
+    for name in expected_shapes(cfg):
+        if name.startswith("embedding."):
+            keep = stage == 0
+        elif name.startswith("layers."):
+            keep = int(name.split(".")[1]) in layers
+        else:
+            keep = stage == stages - 1
+        if keep:
+            out.append(name)
+    return out
+
+
+def write_record(checkpoint: str, states: dict[str, dict[str, torch.Tensor]], cfg: ModelConfig,
+                 *, tp: int, pp: int, adam_step: int = 0, client: dict | None = None,
+                 engine: dict | None = None) -> None:
+    """Write a whole record offline for layout (tp, pp) from full canonical tensors.
+
+    ``states`` maps kind -> canonical state; ``param`` is required, the Adam moments optional
+    (absent: a resume starts them at zero, as for fresh weights).
+    """
+    folder = record_path(checkpoint)
+    folder.mkdir(parents=True, exist_ok=True)
+    padded = padded_vocab_size(cfg.vocab_size, tp)
+    for kind, state in states.items():
+        for stage in range(pp):
+            names = stage_names(cfg, stage, pp)
+            per_rank: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
+            for name in names:
+                t = state[name].float()
+                if name == WORD:
+                    t = torch.cat([t, t.new_zeros(padded - t.shape[0], t.shape[1])])
+                for r, shard in enumerate(split_for_tp(name, t, tp)):
+                    per_rank[r][name] = shard.contiguous()
+            partition = {n: (-1 if partition_dim(n) is None else partition_dim(n))
+                         for n in names}
+            for r in range(tp):
+                _write(folder / _file(r, stage, kind), per_rank[r],
+                       {"format": FORMAT, "kind": kind, "tp_rank": r, "tp": tp,
+                        "pp_rank": stage, "pp": pp, "partition": partition})
+    save_meta(checkpoint, layout={"tp": tp, "pp": pp, "dp": None, "zero_stage": None,
+                                  "precision": "fp32"},
+              model=cfg, adam_step=adam_step, engine=engine or {}, client=client or {},
+              kinds=list(states))
+
+
+# -- reading ------------------------------------------------------------------------------
+
+def read_meta(checkpoint: str) -> dict | None:
+    """The record's meta.json, or None when the checkpoint has no record (older format)."""
+    path = record_path(checkpoint) / "meta.json"
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+class Record:
+    """Read access to a record: full tensors by (canonical name, kind), TP shards merged."""
+
+    def __init__(self, checkpoint: str):
+        meta = read_meta(checkpoint)
+        if meta is None:
+            raise CheckpointError(f"{checkpoint}: no layout-free record ({RECORD}/meta.json); "
+                                  "this checkpoint can only be resumed with the layout that "
+                                  "saved it")
+        self.meta = meta
+        self.folder = record_path(checkpoint)
+        self.model = ModelConfig(**meta["model"])
+        lay = meta["layout"]
+        self.kinds = list(meta.get("kinds", KINDS))
+        # name -> kind -> pp stage -> {tp_rank: (file, dim)}
+        self._index: dict[str, dict[str, dict[int, dict[int, tuple[Path, int | None]]]]] = {}
+        for kind in self.kinds:
+            for stage in range(lay["pp"]):
+                for r in range(lay["tp"]):
+                    f = self.folder / _file(r, stage, kind)
+                    if not f.is_file():
+                        raise CheckpointError(f"{f} is missing: the record of {checkpoint} was "
+                                              f"saved with TP={lay['tp']} PP={lay['pp']} and "
+                                              "needs one file per (tp, pp) rank")
+                    with safe_open(str(f), framework="pt") as h:
+                        part = json.loads(h.metadata()["partition"])
+                        stored = h.keys()  # safe_open handles are not iterable
+                        for name in stored:
+                            dim = part.get(name, -1)
+                            self._index.setdefault(name, {}).setdefault(kind, {}).setdefault(
+                                stage, {})[r] = (f, None if dim < 0 else dim)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._index)
+
+    def has(self, kind: str) -> bool:
+        return kind in self.kinds
+
+    def full(self, name: str, kind: str = "param") -> torch.Tensor:
+        """The full tensor ``name`` of ``kind`` (word embedding cut to the true vocabulary)."""
+        stages = self._index.get(name, {}).get(kind)
+        if not stages:
+            raise CheckpointError(f"{self.folder}: missing tensor {name!r} ({kind})")
+        shards = stages[min(stages)]
+        parts = []
+        dim = None
+        for r in sorted(shards):
+            f, dim = shards[r]
+            with safe_open(str(f), framework="pt") as h:
+                parts.append(h.get_tensor(name))
+            if dim is None:
+                break
+        t = parts[0] if dim is None else torch.cat(parts, dim=dim)
+        if name == WORD:
+            t = t[: self.model.vocab_size]
+        return t
+
+    def state(self, kind: str = "param") -> dict[str, torch.Tensor]:
+        """Every full tensor of ``kind``, by canonical name."""
+        return {name: self.full(name, kind) for name in self.names}
+
+
+def local_shard(name: str, full: torch.Tensor, shape: list[int], dim: int | None,
+                vocab_size: int, tp_rank: int, tp: int, source: str) -> torch.Tensor:
+    """This rank's shard of full tensor ``name`` for a parameter of full ``shape`` (padded
+    vocabulary for the word embedding); a mismatch names the tensor and both shapes."""
+    if name == WORD:
+        if list(full.shape) != [vocab_size, shape[1]]:
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {list(full.shape)}, the "
+                                  f"model expects [{vocab_size}, {shape[1]}] (vocab x hidden)")
+        full = torch.cat([full, full.new_zeros(shape[0] - vocab_size, shape[1])])
+    elif list(full.shape) != shape:
+        raise CheckpointError(f"{source}: tensor {name!r} has shape {list(full.shape)}, the "
+                              f"model expects {shape}")
+    if dim is not None and tp > 1:
+        full = full.chunk(tp, dim=dim)[tp_rank]
+    return full
+
+
+def load_shards(record: Record, params: list[tuple[str, torch.nn.Parameter, list[int],
+                                                   int | None]],
+                set_: Callable[[torch.nn.Parameter, str, torch.Tensor], None], *,
+                vocab_size: int, tp_rank: int, tp: int, kinds: Iterable[str] = KINDS) -> None:
+    """Set every local parameter (and Adam moments present in the record) from ``record``.
+
+    ``params`` are (canonical name, parameter, full shape, partition dim) of this rank.
+    """
+    wanted = set(record.names)
+    for name, _, shape, _ in params:
+        if name not in wanted:
+            raise CheckpointError(f"{record.folder}: missing tensor {name!r} (the model expects "
+                                  f"shape {shape})")
+    for kind in kinds:
+        if not record.has(kind):
+            continue
+        for name, p, shape, dim in params:
+            full = record.full(name, kind)
+            set_(p, kind, local_shard(name, full, shape, dim, vocab_size, tp_rank, tp,
+                                      f"{record.folder} ({kind})"))

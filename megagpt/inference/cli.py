@@ -1,0 +1,89 @@
+"""`megagpt generate`: prompts from --prompt, a file or stdin (one per line) -> continuations.
+
+Under ``torchrun --nproc-per-node N`` the model is split N-way (tensor parallel); rank 0 prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="continue text with a model directory (KV-cache "
+                       "decoding; tensor parallel under torchrun)")
+    p.add_argument("--model", required=True, help="megagpt model directory (<run.dir>/model)")
+    p.add_argument("--prompt", action="append", default=[],
+                   help="a prompt (repeatable); without --prompt/--input, stdin is read")
+    p.add_argument("--input", help="file with one prompt per line ('-' = stdin)")
+    p.add_argument("--max-length", type=int, help="total tokens, prompt included "
+                   "(default prompt + 100, capped at the model's positions)")
+    p.add_argument("--max-new-tokens", type=int, help="tokens to add (instead of --max-length)")
+    p.add_argument("--top-k", type=int, help="0 = off (default), 1 = greedy")
+    p.add_argument("--top-p", type=float, help="nucleus mass (default 0.9; 0 with --top-k)")
+    p.add_argument("--temperature", type=float, help="default 1.0")
+    p.add_argument("--repetition-penalty", type=float, help="default 1.0 (off)")
+    p.add_argument("--seed", type=int, help="makes sampling reproducible")
+    p.add_argument("--num-return-sequences", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--stream", action="store_true", help="print tokens as they arrive "
+                   "(one prompt at a time)")
+    p.add_argument("--jsonl", action="store_true",
+                   help='print one {"prompt", "text"} JSON object per output')
+    p.set_defaults(func=cmd_generate)
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if args.input:
+        if args.input == "-":
+            prompts += [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+        else:
+            with open(args.input, encoding="utf-8") as f:
+                prompts += [line.rstrip("\r\n") for line in f if line.strip()]
+    elif not prompts:
+        prompts = [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        raise ValueError("no prompt: give --prompt TEXT, --input FILE or lines on stdin")
+    return prompts
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from megagpt.inference.pipeline import pipeline
+
+    try:
+        prompts = _prompts(args)
+        pipe = pipeline("text-generation", model=args.model, device=args.device,
+                        dtype=args.dtype)
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        kw = {"max_length": args.max_length, "max_new_tokens": args.max_new_tokens,
+              "top_k": args.top_k, "top_p": args.top_p, "temperature": args.temperature,
+              "repetition_penalty": args.repetition_penalty, "seed": args.seed}
+        for prompt in prompts if args.stream else []:
+            shown = ""
+            for part in pipe.stream(prompt, **kw):
+                if rank0:
+                    print(part["text"][len(shown):], end="", flush=True)
+                shown = part["text"]
+            if rank0:
+                print(flush=True)
+        if args.stream:
+            return 0
+        outputs = pipe(prompts, num_return_sequences=args.num_return_sequences,
+                       batch_size=args.batch_size, **kw)
+    except ValueError as e:
+        print(f"megagpt generate: error: {e}", file=sys.stderr)
+        return 2
+    if rank0:
+        for prompt, out in zip(prompts, outputs):
+            for o in out if isinstance(out, list) else [out]:
+                if args.jsonl:
+                    print(json.dumps({"prompt": prompt, "text": o["text"]}, ensure_ascii=False))
+                else:
+                    print(o["text"])
+    return 0

@@ -1,0 +1,132 @@
+"""``pipeline("text-generation", model=DIR)``: text in, ``{"text": prompt + continuation}`` out.
+
+``DIR`` is a megagpt model directory (``<run.dir>/model`` of any training or fine-tuning run).
+Under ``torchrun --nproc-per-node N`` the model is split N-way by tensor parallelism; every rank
+runs the same calls and returns the same text.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+
+import torch
+
+from megagpt.inference.generate import TextGenerator
+from megagpt.inference.sampling import make_params
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_generator(directory: str, *, device: str = "auto", dtype: str = "auto",
+                   tensor: int | None = None):
+    """(TextGenerator, tokenizer) for a model directory.
+
+    Starts megagpt's process groups when none exist: one local process, or the torchrun world
+    as one tensor-parallel group (``tensor`` defaults to the world size). ``dtype`` "auto" is
+    bf16 on CUDA and fp32 on CPU.
+    """
+    from megagpt import parallel
+    from megagpt.checkpoint import load_into, load_tensors, read_config, tokenizer_path
+    from megagpt.config import ParallelConfig
+    from megagpt.data import build_tokenizer
+    from megagpt.model import GPTModel, megatron_config
+
+    warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
+    warnings.filterwarnings("ignore", message=".*[Aa]pex.*")
+    cfg = read_config(directory)
+    tok_dir = tokenizer_path(directory)
+    if tok_dir is None:
+        raise FileNotFoundError(f"{directory}/tokenizer: the model directory has no tokenizer")
+    tokenizer = build_tokenizer(tok_dir)
+    dev = parallel.resolve_device(device)
+    if dtype == "auto":
+        dtype = "bf16" if dev.type == "cuda" else "fp32"
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
+    tp = tensor or parallel.world_size_from_env()
+    pcfg = ParallelConfig(tensor=tp)
+    if cfg.num_heads % tp:
+        raise ValueError(f"{directory}: {cfg.num_heads} heads cannot be split over "
+                         f"tensor-parallel size {tp}")
+    parallel.initialize(pcfg, dev)
+    model = GPTModel(cfg, megatron_config(cfg, pcfg, _DTYPES[dtype]))
+    load_into(model, load_tensors(directory), cfg, parallel.tp_rank(), tp, source=directory)
+    model.to(dev).eval()
+    stops = [t for t in (tokenizer.eod, tokenizer.sep) if t is not None]
+    pad = next((t for t in (tokenizer.pad, tokenizer.eod) if t is not None), 0)
+    gen = TextGenerator(model, vocab_size=cfg.vocab_size, max_positions=cfg.max_position_embeddings,
+                        stop_ids=stops, pad_id=pad, tp_group=parallel.tp_group(), tp_size=tp)
+    return gen, tokenizer
+
+
+class TextGenerationPipeline:
+    """Callable text generation over a loaded model.
+
+    ``pipe(text, **kw)`` -> ``{"text": ...}``; ``pipe([t1, t2])`` -> a list of those; with
+    ``num_return_sequences=n > 1`` each input gives a list of n dicts. Keyword options:
+    ``max_length`` (total tokens, prompt included; default prompt + 100, capped at the model's
+    positions) or ``max_new_tokens``, ``top_k`` (0 = off, 1 = greedy), ``top_p`` (default 0.9),
+    ``temperature`` (1.0), ``repetition_penalty`` (1.0 = off), ``seed``,
+    ``num_return_sequences``, ``batch_size`` (prompts per forward, default 8), ``use_cache``.
+    """
+
+    def __init__(self, generator: TextGenerator, tokenizer):
+        self.generator = generator
+        self.tokenizer = tokenizer
+
+    def _encode(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(text)
+        if not ids:
+            # An empty prompt starts a new document, as in pretraining (decoding drops it).
+            if self.tokenizer.eod is None:
+                raise ValueError("empty prompt and the tokenizer has no end-of-document token "
+                                 "to start from")
+            ids = [self.tokenizer.eod]
+        return ids
+
+    def __call__(self, inputs: str | list[str], *, max_length: int | None = None,
+                 max_new_tokens: int | None = None, top_k: int | None = None,
+                 top_p: float | None = None, temperature: float | None = None,
+                 repetition_penalty: float | None = None, seed: int | None = None,
+                 num_return_sequences: int = 1, batch_size: int = 8, use_cache: bool = True):
+        single = isinstance(inputs, str)
+        texts = [inputs] if single else list(inputs)
+        params = make_params(top_k, top_p, temperature, repetition_penalty)
+        out: list = []
+        for start in range(0, len(texts), max(1, batch_size)):
+            chunk = [self._encode(t) for t in texts[start:start + batch_size]]
+            ids = self.generator.generate(
+                chunk, params, max_length=max_length, max_new_tokens=max_new_tokens, seed=seed,
+                num_return_sequences=num_return_sequences, use_cache=use_cache)
+            for copies in ids:
+                dicts = [{"text": self.tokenizer.decode(c)} for c in copies]
+                out.append(dicts[0] if num_return_sequences == 1 else dicts)
+        return out[0] if single else out
+
+    def stream(self, text: str, *, max_length: int | None = None,
+               max_new_tokens: int | None = None, top_k: int | None = None,
+               top_p: float | None = None, temperature: float | None = None,
+               repetition_penalty: float | None = None, seed: int | None = None,
+               use_cache: bool = True) -> Iterator[dict]:
+        """Yield a growing ``{"text": prompt + continuation so far}`` after each new token."""
+        params = make_params(top_k, top_p, temperature, repetition_penalty)
+        gen = self.generator
+        ids = self._encode(text)
+        limits = gen.limits([len(ids)], max_length, max_new_tokens)
+        gens = None if params.greedy else gen.generators_for([ids], 1, seed)
+        seen = len(ids)
+        for state in gen.steps([ids], params, limits, gens, use_cache):
+            end = int(state.ends[0])
+            if end > seen:
+                seen = end
+                yield {"text": self.tokenizer.decode(state.row(0))}
+
+
+def pipeline(task: str, model: str, *, device: str = "auto", dtype: str = "auto",
+             tensor: int | None = None) -> TextGenerationPipeline:
+    """``pipeline("text-generation", model=DIR)``; DIR is a megagpt model directory."""
+    if task != "text-generation":
+        raise ValueError(f"unknown task {task!r}; megagpt offers 'text-generation'")
+    gen, tok = load_generator(model, device=device, dtype=dtype, tensor=tensor)
+    return TextGenerationPipeline(gen, tok)

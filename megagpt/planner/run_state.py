@@ -1,0 +1,48 @@
+"""Where a run stands, for launchers deciding whether to requeue: ``python -m
+megagpt.planner.run_state CONFIG [KEY=VALUE ...]`` prints ``RUN_DIR LATEST_STEP TARGET_STEPS``.
+
+LATEST_STEP is the step of ``<run.dir>/checkpoints/latest`` (0 when there is none); TARGET_STEPS
+is ``train.steps``. No process group, no model: reads the config and one small file.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from megagpt.config import ConfigError, load_config
+
+_TAG = re.compile(r"^step_(\d+)$")
+
+
+def run_state(config: str, overrides: list[str]) -> tuple[str, int, int]:
+    """(run.dir, step of the latest complete checkpoint or 0, train.steps) for a config."""
+    cfg = load_config(config, overrides)
+    # The layout of megagpt.checkpoint.manager (``latest`` holds a tag ``step_NNNNNNN``), read
+    # directly: importing megagpt.checkpoint pulls in torch and megatron-core (10+ s on a login
+    # node), too slow for a check that runs at every job start and end.
+    latest = Path(cfg.run.dir) / "checkpoints" / "latest"
+    step = 0
+    if latest.is_file():
+        m = _TAG.match(latest.read_text(encoding="utf-8").strip())
+        step = int(m.group(1)) if m else 0
+    return cfg.run.dir, step, cfg.train.steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        print("usage: python -m megagpt.planner.run_state CONFIG [KEY=VALUE ...]", file=sys.stderr)
+        return 2
+    try:
+        run_dir, step, steps = run_state(argv[0], argv[1:])
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"run_state: error: {e}", file=sys.stderr)
+        return 2
+    print(run_dir, step, steps)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

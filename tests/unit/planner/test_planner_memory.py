@@ -1,0 +1,119 @@
+"""The planner's memory accounting against hand-computed cases."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from megagpt.config import from_name, parameter_count
+from megagpt.planner.memory import (
+    CUDA_RESERVE_BYTES,
+    Layout,
+    activation_bytes_per_layer,
+    in_flight,
+    layer_params_per_rank,
+    memory_per_stage,
+    padded_vocab_size,
+    stage_parameters,
+)
+
+TINY = from_name("gpt3-tiny")  # 4 layers, h=64, 4 heads, vocab 1024, 64 positions
+M175 = from_name("gpt3-175b")
+
+
+def test_padded_vocab_matches_the_model():
+    from megagpt.model.gpt import padded_vocab_size as model_rule
+
+    for vocab in (1024, 25600, 25601, 50257):
+        for tp in (1, 2, 4, 8):
+            assert padded_vocab_size(vocab, tp) == model_rule(vocab, tp)
+
+
+def test_layer_parameters_by_hand():
+    # h=64, ffn=256: QKV 3*64*64 + 192, out 64*64 (+64 replicated), MLP 64*256 + 256 and
+    # 256*64 (+64 replicated), two LayerNorms 4*64.
+    split = 3 * 64 * 64 + 192 + 64 * 64 + 64 * 256 + 256 + 256 * 64
+    replicated = 4 * 64 + 64 + 64
+    assert layer_params_per_rank(TINY, 1) == split + replicated
+    assert layer_params_per_rank(TINY, 2) == split // 2 + replicated
+
+
+def test_stages_add_up_to_the_parameter_count():
+    for m in (TINY, M175):
+        (only,) = stage_parameters(m, 1, 1)
+        assert only.params == parameter_count(m)  # vocab 1024 / 25600 needs no padding at TP1
+        stages = stage_parameters(m, 1, 4)
+        # PP > 1: the last stage holds a second copy of the tied word embedding.
+        assert sum(s.params for s in stages) == parameter_count(m) + m.vocab_size * m.hidden_size
+        assert [len(s.layers) for s in stages] == [m.num_layers // 4] * 4
+
+
+def test_activations_reduce_to_korthikanti_formulas():
+    # bf16 activations, dropout on, ffn = 4h: Korthikanti et al. 2022 eq. 1-3 and table 2.
+    m = dataclasses.replace(M175, dropout=0.1, attention_dropout=0.1)
+    s, b, h, a = 2048, 1, 12288, 96
+    sbh, as2b = s * b * h, a * s * s * b
+
+    def act(tp, sp, rc, flash=False):
+        return activation_bytes_per_layer(m, s, b, tp, sp=sp, recompute=rc, act_bytes=2,
+                                          flash=flash)
+
+    assert act(1, False, "none") == pytest.approx(sbh * 34 + 5 * as2b)
+    assert act(8, False, "none") == pytest.approx(sbh * (10 + 24 / 8) + 5 * as2b / 8)
+    assert act(8, True, "none") == pytest.approx(sbh * 34 / 8 + 5 * as2b / 8)
+    assert act(8, True, "selective") == pytest.approx(sbh * 34 / 8)
+    assert act(8, False, "selective") == pytest.approx(sbh * (10 + 24 / 8))
+    assert act(8, False, "full") == pytest.approx(2 * sbh)
+    assert act(8, True, "full") == pytest.approx(2 * sbh / 8)
+    assert act(8, True, "none", flash=True) == pytest.approx(sbh * 34 / 8)
+    # Without dropout the masks (and the attention dropout output) are not kept.
+    m0 = dataclasses.replace(m, dropout=0.0, attention_dropout=0.0)
+    assert activation_bytes_per_layer(m0, s, b, 1, sp=False, recompute="none", act_bytes=2,
+                                      flash=False) == pytest.approx(sbh * 32 + 2 * as2b)
+
+
+def test_pipeline_in_flight_micro_batches():
+    assert [in_flight(4, st, 16) for st in range(4)] == [4, 3, 2, 1]
+    assert [in_flight(4, st, 2) for st in range(4)] == [2, 2, 2, 1]
+    assert in_flight(1, 0, 64) == 1
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
+def test_model_state_per_zero_stage(zero):
+    # gpt3-175b, TP8 PP8 DP16, bf16: 2 B weights, 2 B grads, 12 B optimizer per parameter;
+    # ZeRO 1 divides the optimizer by DP=16, ZeRO 2 also the grads, ZeRO 3 also the weights.
+    lay = Layout(tp=8, pp=8, dp=16, micro_batch=1, zero_stage=min(zero, 3))
+    stages = memory_per_stage(M175, lay, precision="bf16", global_batch=3072, flash=True)
+    n = stages[1].params
+    assert n == 12 * layer_params_per_rank(M175, 8)
+    b = stages[1]
+    assert b.weights == 2 * n / (16 if zero >= 3 else 1)
+    assert b.grads == 2 * n / (16 if zero >= 2 else 1)
+    assert b.optimizer == 12 * n / (16 if zero >= 1 else 1)
+    bucket = min(500_000_000, n) * 2 if zero >= 2 else 0
+    assert b.buffers == CUDA_RESERVE_BYTES + bucket
+
+
+def test_activation_total_of_a_stage_by_hand():
+    # gpt3-175b TP8 PP8 SP bf16, flash: per layer 34*sbh/8 (dropout 0.1); stage 0 keeps
+    # 8 micro-batches of its 12 layers plus 8 embedding outputs (2 B + 1 B mask, /8 under SP).
+    lay = Layout(tp=8, pp=8, dp=16, micro_batch=1, zero_stage=1, sequence_parallel=True)
+    st0 = memory_per_stage(M175, lay, precision="bf16", global_batch=3072)[0]
+    sbh = 2048 * 12288
+    assert st0.activations == pytest.approx(12 * 8 * 34 * sbh / 8 + 8 * 3 * sbh / 8)
+    last = memory_per_stage(M175, lay, precision="bf16", global_batch=3072)[-1]
+    assert last.logits == pytest.approx(2048 * 25600 / 8 * (2 + 4 + 4))
+    assert last.activations == pytest.approx(12 * 1 * 34 * sbh / 8)
+
+
+def test_fp32_counts_four_byte_weights_and_grads():
+    lay = Layout(tp=1, pp=1, dp=1, micro_batch=1, zero_stage=1)
+    (b,) = memory_per_stage(TINY, lay, precision="fp32", global_batch=8, cuda=False)
+    n = parameter_count(TINY)
+    assert (b.weights, b.grads, b.optimizer, b.buffers) == (4 * n, 4 * n, 12 * n, 0)
+
+
+def test_unknown_precision_is_an_error():
+    with pytest.raises(ValueError, match="train.precision"):
+        memory_per_stage(TINY, Layout(1, 1, 1, 1), precision="fp8", global_batch=8)
