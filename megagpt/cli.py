@@ -160,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"megagpt {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `megagpt models | head`: the reader left; not an error
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -16,10 +16,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from megagpt.config.schema import ModelConfig
+
+if TYPE_CHECKING:  # the planner imports this module; keep it free of torch at import
+    import torch
 
 # Dense (not 2:4-sparse) peak TFLOP/s per device, by precision. Sources: NVIDIA datasheets
 # (H100 SXM bf16 989, A100 bf16 312; fp32 runs use TF32 tensor cores).
@@ -48,6 +50,8 @@ def device_peak_tflops(device: torch.device, precision: str, override: float = 0
         return override
     if device.type != "cuda":
         return None
+    import torch
+
     name = torch.cuda.get_device_name(device)
     for key, table in PEAK_TFLOPS.items():
         if key in name:
