@@ -31,10 +31,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from megagpt.data import build_tokenizer, make_input_spec, preprocess
-from megagpt.data.indexed import dtype_for_vocab
-from megagpt.data.readers import iter_documents
-from megagpt.data.tokenizer_train import train_tokenizer
+from megagpt.data import build_tokenizer, make_input_spec, preprocess  # noqa: E402
+from megagpt.data.indexed import dtype_for_vocab  # noqa: E402
+from megagpt.data.readers import iter_documents  # noqa: E402
+from megagpt.data.tokenizer_train import train_tokenizer  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 

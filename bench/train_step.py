@@ -33,10 +33,7 @@ def hf_model(cfg, device, dtype):
                     if cfg.activation == "gelu_tanh" else "gelu",
                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                     layer_norm_epsilon=cfg.layernorm_eps, tie_word_embeddings=True)
-    try:
-        hc._attn_implementation = "sdpa"
-    except Exception:
-        pass
+    hc._attn_implementation = "sdpa"  # the same attention kernel megagpt uses
     return GPT2LMHeadModel(hc).to(device=device, dtype=dtype)
 
 
@@ -93,13 +90,14 @@ def main() -> None:
         tokens = torch.randint(0, cfg.model.vocab_size, (args.micro, args.seq + 1), generator=gen)
         batch = [{"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
                   "loss_mask": torch.ones(args.micro, args.seq)}]
-        ours = time_steps(lambda: engine.train_step(batch), args.warmup, args.iters, sync)
+        ours = time_steps(lambda e=engine, b=batch: e.train_step(b), args.warmup, args.iters,
+                          sync)
 
         hf = hf_model(cfg.model, device, dtype)
         opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=device.type == "cuda")
         x, y = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
 
-        def hf_step():
+        def hf_step(hf=hf, opt=opt, x=x, y=y):
             logits = hf(input_ids=x).logits
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
             loss.backward()

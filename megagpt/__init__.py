@@ -1,4 +1,4 @@
-"""megagpt: pretrain, fine-tune and serve the Chinese GPT-3 family, from a laptop CPU to clusters."""
+"""megagpt: pretrain, fine-tune and serve the Chinese GPT-3 family, from laptop CPU to cluster."""
 
 __version__ = "0.1.0"
 

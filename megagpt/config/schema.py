@@ -25,12 +25,14 @@ class ModelConfig:
     seq_length: int = doc(2048, "Training sequence length (<= max_position_embeddings).")
     vocab_size: int = doc(25600, "True vocabulary size; the embedding is padded to 128 * TP.")
     activation: str = doc(
-        "gelu_tanh", "MLP activation: tanh-approximate GELU (1.3B+) or exact erf GELU (base/large).",
+        "gelu_tanh", "MLP activation: tanh-approximate GELU (1.3B+) or exact erf GELU "
+        "(base/large).",
         choices=("gelu_tanh", "gelu"))
     layernorm_eps: float = doc(1e-5, "LayerNorm epsilon (ModelScope checkpoints use 1e-12).")
     dropout: float = doc(0.1, "Dropout after embeddings and on each residual branch.")
     attention_dropout: float = doc(0.1, "Dropout on attention probabilities.")
-    init_std: float = doc(0.02, "Std of the normal init; output projections get std/sqrt(2*layers).")
+    init_std: float = doc(0.02, "Std of the normal init; output projections get "
+                          "std/sqrt(2*layers).")
 
     @property
     def ffn(self) -> int:

@@ -144,7 +144,7 @@ class IndexedDataset:
         return int(self.sequence_lengths.sum(dtype=np.int64))
 
     def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
-        """Tokens ``offset : offset + length`` of sequence ``i`` (to its end when ``length`` is None)."""
+        """Tokens ``offset : offset + length`` of sequence ``i`` (to its end if length is None)."""
         start = int(self.sequence_pointers[i]) // self.dtype.itemsize + offset
         if length is None:
             length = int(self.sequence_lengths[i]) - offset
@@ -179,7 +179,7 @@ class IndexedDatasetWriter:
         self._tmp_bin = bin_path(prefix) + tag
         self._tmp_idx = idx_path(prefix) + tag
         # Closed by finalize()/abort(); the writer is the context manager.
-        self._bin = open(self._tmp_bin, "wb")  # noqa: SIM115
+        self._bin = open(self._tmp_bin, "wb")
         self._lengths = array("i")
         self.num_tokens = 0
         self._closed = False

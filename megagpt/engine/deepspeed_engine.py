@@ -17,22 +17,22 @@ if not torch.cuda.is_available():
     # DeepSpeed picks its accelerator at import time; without CUDA it must be told "cpu".
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-import deepspeed  # noqa: E402
-from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec  # noqa: E402
-from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology  # noqa: E402
+import deepspeed
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-from megagpt.config.schema import Config  # noqa: E402
-from megagpt.config.validate import grad_accumulation_steps  # noqa: E402
-from megagpt.model.gpt import GPTModel, padded_vocab_size  # noqa: E402
-from megagpt.model.layers import (  # noqa: E402
+from megagpt.config.schema import Config
+from megagpt.config.validate import grad_accumulation_steps
+from megagpt.model.gpt import GPTModel, padded_vocab_size
+from megagpt.model.layers import (
     DecoderLayer,
     FinalNorm,
     PositionEmbedding,
     WordEmbedding,
     lm_loss,
 )
-from megagpt.model.mcore import DTYPES, megatron_config  # noqa: E402
-from megagpt.parallel import MegatronMPU, ParallelDims  # noqa: E402
+from megagpt.model.mcore import megatron_config
+from megagpt.parallel import MegatronMPU, ParallelDims
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
@@ -57,7 +57,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     elif t.precision == "fp16":
         ds["fp16"] = {
             "enabled": True, "loss_scale": 0,
-            "initial_scale_power": int(round(math.log2(t.initial_loss_scale))),
+            "initial_scale_power": round(math.log2(t.initial_loss_scale)),
             "loss_scale_window": t.loss_scale_window, "hysteresis": 2, "min_loss_scale": 1,
         }
     if cfg.parallel.pipeline > 1:

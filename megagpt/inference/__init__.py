@@ -14,7 +14,7 @@ _EXPORTS = {
     "sample": "megagpt.inference.sampling",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str):

@@ -199,7 +199,7 @@ class TextGenerator:
         gens = None if params.greedy else self.generators_for(
             prompts, num_return_sequences, seed)
         state = None
-        for state in self.steps(rows, params, limits, gens, use_cache):
+        for state in self.steps(rows, params, limits, gens, use_cache):  # noqa: B007
             pass
         flat = [state.row(i) for i in range(len(rows))]
         k = num_return_sequences

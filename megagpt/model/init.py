@@ -21,7 +21,7 @@ _OUTPUT_PROJECTIONS = ("attention.dense.weight", "mlp.dense_4h_to_h.weight")
 
 
 def canonical_parameters(model: nn.Module):
-    """Yield (canonical name, parameter) for every parameter, e.g. "layers.3.mlp.dense_h_to_4h.weight".
+    """Yield (canonical name, parameter) of every parameter, e.g. "layers.3.mlp.dense_4h_to_h.bias".
 
     Names do not depend on TP/PP/DP; a tied weight that appears on two pipeline stages yields
     the same name on both.

@@ -22,7 +22,7 @@ class ParallelDims:
 
     @classmethod
     def from_world(cls, tp: int, pp: int, world: int) -> ParallelDims:
-        """Dims for ``world`` ranks with TP=tp, PP=pp (DP derived); ValueError if it does not fit."""
+        """Dims for ``world`` ranks with TP=tp, PP=pp (DP derived); ValueError if they don't fit."""
         if world % (tp * pp):
             raise ValueError(f"world size {world} is not divisible by TP x PP = {tp} x {pp}")
         return cls(tp=tp, pp=pp, dp=world // (tp * pp))

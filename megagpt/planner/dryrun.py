@@ -76,8 +76,8 @@ def dry_run(cfg: Config, world_size: int) -> tuple[list[StageReport], list[str],
     """Validate ``cfg`` for ``world_size`` ranks and compute the per-stage report.
 
     Returns the stage reports, the printable lines and whether the meta-device counts agree
-    with the analytic model and ``parameter_count`` (False is a megagpt bug); raises ConfigError listing every config
-    problem (data paths are not checked: a dry run needs no data).
+    with the analytic model and ``parameter_count`` (False is a megagpt bug); raises
+    ConfigError listing every config problem (data paths are not checked: a dry run needs no data).
     """
     if world_size < 1:
         raise ConfigError(f"--world-size must be >= 1, got {world_size}")

@@ -60,7 +60,7 @@ def run_distributed(target: str, world: int, timeout: float = 300.0, **kwargs) -
                 [sys.executable, "-c", _BOOT, target, json.dumps(kwargs), str(out)],
                 env=env, cwd=ROOT, stdout=err, stderr=subprocess.STDOUT), out, err))
         failures = []
-        for rank, (p, out, err) in enumerate(procs):
+        for rank, (p, _out, err) in enumerate(procs):
             try:
                 code = p.wait(timeout=timeout)
             except subprocess.TimeoutExpired:

@@ -37,7 +37,7 @@ def engine_losses(overrides: list[str], steps: int = 5, seed: int = 1234,
     gb, micro, seq = cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.model.seq_length
     gen = torch.Generator().manual_seed(seed)
     losses, norms = [], []
-    for step in range(steps):
+    for _ in range(steps):
         data = torch.randint(0, cfg.model.vocab_size, (gb, seq + 1), generator=gen)
         share = gb // dims.dp
         mine = data[parallel.dp_rank() * share:(parallel.dp_rank() + 1) * share]

@@ -59,7 +59,8 @@ def test_refusals(tmp_path, cfg, state):
     with pytest.raises(CheckpointError, match="lm_head.weight differs"):
         hf.read(str(tmp_path / "hf"))
     del sd["lm_head.weight"]
-    sd["transformer.h.0.attn.c_attn.weight"] = sd["transformer.h.0.attn.c_attn.weight"][:, :90].clone()
+    key = "transformer.h.0.attn.c_attn.weight"
+    sd[key] = sd[key][:, :90].clone()
     save_file(sd, str(tmp_path / "hf" / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"c_attn.weight' has shape \[90, 32\], the model "
                        r"expects 96 QKV outputs"):

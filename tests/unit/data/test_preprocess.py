@@ -21,7 +21,7 @@ from megagpt.data import indexed as indexed_module
 
 # megagpt.data re-exports the function `preprocess`, which shadows the module's name.
 preprocess_module = importlib.import_module("megagpt.data.preprocess")
-from megagpt.data.cli import main
+from megagpt.data.cli import main  # noqa: E402
 
 
 def _jsonl(path, docs, key="text"):
