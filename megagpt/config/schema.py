@@ -106,6 +106,8 @@ class CheckpointConfig:
     interval: int = doc(1000, "Save every K steps (and always at the end); 0 = only at the end.")
     keep_last: int = doc(3, "Checkpoints kept in the run directory; older ones are removed.")
     load: str = doc("", "Start from this checkpoint directory when the run has none of its own.")
+    native: bool = doc(False, "Also write DeepSpeed's native files (doubles the size); resume "
+                       "works from megagpt's layout-free record at any layout without them.")
 
 
 @dataclass

@@ -188,16 +188,19 @@ class Engine:
     def save(self, directory: str, tag: str, client_state: dict) -> None:
         """Every rank writes its part of the model and optimizer under ``directory/tag``.
 
-        Two forms: DeepSpeed's native files (the bit-exact fast path when the layout is
-        unchanged) and the layout-free record of ``megagpt.checkpoint.reshard`` (fp32 master and
-        Adam moments by canonical name and TP shard, for a resume under any TP/PP/DP/ZeRO).
+        Always the layout-free record of ``megagpt.checkpoint.reshard`` (fp32 master and Adam
+        moments by canonical name and TP shard, for an exact resume under any TP/PP/DP/ZeRO);
+        DeepSpeed's native files too only with ``checkpoint.native`` (they double the size).
         Collective; the caller commits ``latest`` afterwards, so a crash leaves no half state.
         """
         from megagpt import parallel
         from megagpt.checkpoint import reshard
 
-        self.ds.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
+        if self.cfg.checkpoint.native:
+            self.ds.save_checkpoint(directory, tag=tag, client_state=client_state,
+                                    save_latest=False)
         path = os.path.join(directory, tag)
+        os.makedirs(path, exist_ok=True)
         self._materialize_optimizer_state()
         reshard.save_shards(
             path, [(n, p, d) for n, p, _, d in self._local_params(skip_tied_copy=True)],

@@ -71,6 +71,45 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _rng_file(checkpoint: str, pp: int, tp: int) -> str:
+    return os.path.join(checkpoint, "rng", f"pp{pp:03d}-tp{tp:03d}.pt")
+
+
+def _save_rng(checkpoint: str) -> None:
+    """This rank's RNG streams, as plain tensors and lists (readable with weights_only=True).
+
+    Every data-parallel rank of a (pp, tp) position draws the same streams (same seed, same
+    dropout shapes), so DP rank 0 writes them and any DP size can read them back."""
+    if parallel.dp_rank() != 0:
+        return
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, state, gauss_next = random.getstate()
+    blob = {"torch": torch.get_rng_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": [version, list(state), gauss_next]}
+    if torch.cuda.is_available():
+        blob["cuda"] = torch.cuda.get_rng_state()
+    path = _rng_file(checkpoint, parallel.pp_rank(), parallel.tp_rank())
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(blob, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def _load_rng(checkpoint: str) -> bool:
+    """Restore this rank's RNG streams saved by ``_save_rng``; False when none fit (another
+    TP/PP layout, or an older checkpoint)."""
+    path = _rng_file(checkpoint, parallel.pp_rank(), parallel.tp_rank())
+    if not os.path.isfile(path):
+        return False
+    blob = torch.load(path, weights_only=True)
+    kind, keys, pos, has_gauss, gauss = blob["numpy"]
+    _set_rng_state({"torch": blob["torch"],
+                    "numpy": (kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss),
+                    "python": (blob["python"][0], tuple(blob["python"][1]), blob["python"][2]),
+                    **({"cuda": blob["cuda"]} if "cuda" in blob else {})})
+    return True
+
+
 def _seed(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -195,7 +234,8 @@ class Trainer:
                                 consumed_samples=int(client["consumed_samples"]))
         if "rng" in client:
             _set_rng_state(client["rng"])
-        else:  # a resharded resume: per-rank RNG streams do not map across layouts; reseed
+        elif not _load_rng(os.path.join(directory, tag)):
+            # Another TP/PP layout: per-rank RNG streams do not map across layouts; reseed.
             _seed(self.cfg.train.seed + 100 * parallel.pp_rank() + 7919 * self.state.step)
         log0(f"resumed from {directory}/{tag}: step {self.state.step}, "
              f"{self.state.consumed_samples} samples consumed")
@@ -369,6 +409,7 @@ class Trainer:
         client = {"step": self.state.step, "consumed_samples": self.state.consumed_samples,
                   "rng": _rng_state(), "config": to_dict(self.cfg)}
         self.engine.save(self.ckpt_dir, tag, client)
+        _save_rng(os.path.join(self.ckpt_dir, tag))
         commit(self.ckpt_dir, tag, self.cfg.checkpoint.keep_last)
         log0(f"saved checkpoint {self.ckpt_dir}/{tag}")
 

@@ -43,8 +43,13 @@ def test_run_directory_contents(tiny_corpus, tmp_path):
                                                                    "step_0000006"]
 
 
-@pytest.mark.parametrize("world,layout", [(1, []), (2, ["parallel.tensor=2"]),
-                                          (2, ["parallel.pipeline=2"])])
+@pytest.mark.parametrize("world,layout", [
+    (1, []), (2, ["parallel.tensor=2"]), (2, ["parallel.pipeline=2"]),
+    # dropout on: the RNG streams must come back too
+    (1, ["model.dropout=0.1", "model.attention_dropout=0.1"]),
+    # DeepSpeed's native files as well (checkpoint.native): resume takes them when it can
+    (1, ["checkpoint.native=true", "model.dropout=0.1"]),
+])
 def test_resume_is_exact(tiny_corpus, tmp_path, world, layout):
     """6 steps straight == 3 steps, stop, resume to 6 (fp32, CPU): identical losses."""
     straight, split = tmp_path / "straight", tmp_path / "split"
