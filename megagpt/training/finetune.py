@@ -106,7 +106,7 @@ def prepare(cfg: Config):
                           "directory (its tokenizer is used)")
     try:
         tokenizer = build_tokenizer(cfg.data.tokenizer)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, DataError) as e:
         raise ConfigError(f"data.tokenizer={cfg.data.tokenizer!r}: {e}") from None
     if start.kind != "scratch" and tokenizer.vocab_size != cfg.model.vocab_size:
         raise ConfigError(f"data.tokenizer has {tokenizer.vocab_size} tokens but the model of "

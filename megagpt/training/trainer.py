@@ -42,11 +42,11 @@ def check_data_paths(cfg: Config) -> None:
 
 def prepare_tokenizer(cfg: Config):
     """Load data.tokenizer and make model.vocab_size its true size (recorded in config.yaml)."""
-    from megagpt.data import build_tokenizer
+    from megagpt.data import DataError, build_tokenizer
 
     try:
         tok = build_tokenizer(cfg.data.tokenizer)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, DataError) as e:
         raise ConfigError(f"data.tokenizer={cfg.data.tokenizer!r}: {e}") from None
     if tok.vocab_size != cfg.model.vocab_size:
         log0(f"model.vocab_size {cfg.model.vocab_size} -> {tok.vocab_size} "

@@ -182,3 +182,13 @@ def test_config_reference_documents_every_field():
 
 def test_registry_has_test_sizes():
     assert {"gpt3-tiny", "gpt3-mini"} <= set(names())
+
+
+def test_cli_names_the_key_of_a_missing_tokenizer(tmp_path):
+    p = _write(tmp_path, "model:\n  name: gpt3-tiny\ndata:\n  paths: [nope]\n"
+                         "  tokenizer: /no/such/tokenizer\n")
+    r = subprocess.run([sys.executable, "-m", "megagpt.cli", "train", "--config", str(p)],
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2
+    assert "data.tokenizer='/no/such/tokenizer'" in r.stderr and "Traceback" not in r.stderr
