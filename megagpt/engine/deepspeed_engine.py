@@ -267,6 +267,9 @@ class Engine:
         for the same parameters in the same order."""
         from deepspeed.utils import safe_get_full_fp32_param
 
+        master = self._unfused_masters().get(id(p))
+        if master is not None:
+            return master
         value = safe_get_full_fp32_param(p) if self.cfg.parallel.zero_stage > 0 or \
             self.cfg.train.precision != "fp32" else None
         return value if value is not None else p
@@ -301,6 +304,16 @@ class Engine:
             opt = opt.optimizer
         return opt
 
+    def _unfused_masters(self) -> dict[int, torch.Tensor]:
+        """bf16/fp16 at ZeRO 0 without a pipeline: DeepSpeed's FP16_UnfusedOptimizer keeps one
+        fp32 master tensor per model parameter (``fp32_groups`` parallel to ``fp16_groups``);
+        maps id(model parameter) -> its master. Empty for every other optimizer."""
+        opt = self.ds.optimizer
+        if type(opt).__name__ != "FP16_UnfusedOptimizer":
+            return {}
+        return {id(lp): hp for lows, highs in zip(opt.fp16_groups, opt.fp32_groups)
+                for lp, hp in zip(lows, highs)}
+
     def _plain_optimizer(self) -> bool:
         """ZeRO 0 in fp32: DeepSpeed steps torch's AdamW on the model parameters directly."""
         return isinstance(self.ds.optimizer, torch.optim.Optimizer)
@@ -315,6 +328,8 @@ class Engine:
                 return list(flats)
         if self._plain_optimizer():
             return [p for g in opt.param_groups for p in g["params"]]
+        if self._unfused_masters():
+            return [hp for highs in opt.fp32_groups for hp in highs]
         raise NotImplementedError(
             f"checkpoint resharding does not support DeepSpeed's {type(opt).__name__} "
             f"(precision {self.cfg.train.precision}, ZeRO {self.cfg.parallel.zero_stage}); "
@@ -346,6 +361,9 @@ class Engine:
             return self.fp32_value(p)
         if self._plain_optimizer():
             return self.ds.optimizer.state[p][kind]
+        master = self._unfused_masters().get(id(p))
+        if master is not None:
+            return self._base_optimizer().state[master][kind]
         value = safe_get_full_optimizer_state(p, kind)
         if value is None:
             raise NotImplementedError(f"no fp32 {kind} for a parameter under "
@@ -356,9 +374,16 @@ class Engine:
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
         value = value.to(device=self.device, dtype=torch.float32)
+        master = self._unfused_masters().get(id(p))
         if self._plain_optimizer():
             target = p.data if kind == "param" else self.ds.optimizer.state[p][kind]
             target.copy_(value)
+        elif master is not None:
+            if kind == "param":
+                master.data.copy_(value)
+                p.data.copy_(value.to(p.dtype))
+            else:
+                self._base_optimizer().state[master][kind].copy_(value)
         elif kind == "param":
             safe_set_full_fp32_param(p, value)
             if not hasattr(p, "ds_id"):  # ZeRO 0-2 keep the whole low-precision copy here

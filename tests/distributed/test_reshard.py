@@ -125,3 +125,23 @@ def test_training_checkpoint_converts_to_the_run_model_directory(sources, tmp_pa
     for k in want:
         assert torch.equal(got[k], want[k]), k
     assert (tmp_path / "m" / "tokenizer" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("target", [["parallel.tensor=2", "parallel.zero_stage=0"],
+                                    ["parallel.pipeline=2", "parallel.zero_stage=1"]])
+def test_bf16_resharded_resume(target, tiny_corpus, tmp_path):
+    """bf16 (fp32 masters in DeepSpeed's bf16 optimizer / ZeRO): a DP1 ZeRO-1 checkpoint resumes
+    at TP2 ZeRO-0 or PP2 ZeRO-1 and continues like the source run, to bf16 precision."""
+    bf16 = ["train.precision=bf16"]
+    src = tmp_path / "src"
+    run_distributed(TRAIN, 1, config=str(tiny_recipe(tmp_path / "s.yaml", tiny_corpus, src)),
+                    overrides=bf16 + STEPS)
+    run = tmp_path / "dst"
+    res = run_distributed(TRAIN, 2, config=str(tiny_recipe(tmp_path / "d.yaml", tiny_corpus, run)),
+                          overrides=bf16 + target + STEPS
+                          + [f"checkpoint.load={src / 'checkpoints' / 'step_0000002'}"])
+    assert res[0] == {"step": 4, "consumed_samples": 32}
+    want, got = records(src), records(run)
+    for step in (3, 4):
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=2e-2)
+        assert got[step]["lr"] == pytest.approx(want[step]["lr"], rel=1e-6)

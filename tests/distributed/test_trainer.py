@@ -49,6 +49,9 @@ def test_run_directory_contents(tiny_corpus, tmp_path):
     (1, ["model.dropout=0.1", "model.attention_dropout=0.1"]),
     # DeepSpeed's native files as well (checkpoint.native): resume takes them when it can
     (1, ["checkpoint.native=true", "model.dropout=0.1"]),
+    # bf16: fp32 masters in DeepSpeed's bf16 optimizer (ZeRO 0) and in ZeRO 1's partitions
+    (1, ["train.precision=bf16", "parallel.zero_stage=0"]),
+    (1, ["train.precision=bf16", "parallel.zero_stage=1"]),
 ])
 def test_resume_is_exact(tiny_corpus, tmp_path, world, layout):
     """6 steps straight == 3 steps, stop, resume to 6 (fp32, CPU): identical losses."""
