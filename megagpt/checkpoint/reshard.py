@@ -1,6 +1,7 @@
 """The layout-free record inside every training checkpoint: resume under any TP / PP / DP / ZeRO.
 
-Written next to DeepSpeed's own files in ``<run.dir>/checkpoints/step_XXXXXXX/``::
+Written in ``<run.dir>/checkpoints/step_XXXXXXX/`` (beside ``rng/``, the trainer's per-rank RNG
+streams, and DeepSpeed's own files when ``checkpoint.native`` is set)::
 
     layout_free/meta.json                              saved layout, model config, Adam step,
                                                        engine counters, client state (JSON)
