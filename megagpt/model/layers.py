@@ -23,6 +23,31 @@ def _tp_size(mp: ModelParallelConfig) -> int:
     return mp.tensor_model_parallel_size
 
 
+def column_linear(layer: tensor_parallel.ColumnParallelLinear, x: torch.Tensor
+                  ) -> torch.Tensor:
+    """A column-parallel linear (bias added, output left split).
+
+    Without autograd (generation, evaluation) and without sequence parallelism the forward is a
+    plain F.linear on the local shard: megatron-core's autograd wrapper only matters for the
+    backward, and its per-call overhead dominates one-token decoding steps."""
+    if torch.is_grad_enabled() or layer.sequence_parallel:
+        out, _ = layer(x)
+        return out
+    return F.linear(x, layer.weight, layer.bias)
+
+
+def row_linear(layer: tensor_parallel.RowParallelLinear, x: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A row-parallel linear with its bias returned apart (skip_bias_add), same fast path as
+    ``column_linear``: local matmul, then the sum over the tensor-parallel group."""
+    if torch.is_grad_enabled() or layer.sequence_parallel:
+        return layer(x)
+    out = F.linear(x, layer.weight)
+    if layer.tp_group is not None and layer.tp_group.size() > 1:
+        torch.distributed.all_reduce(out, group=layer.tp_group)
+    return out, layer.bias
+
+
 def _mark_partitioned(weight: torch.Tensor, dim: int) -> torch.Tensor:
     """Tag a megatron-core weight as split along ``dim``. megatron-core only sets these
     attributes when it initialises the weight itself, which we skip (megagpt.model.init); the
@@ -141,7 +166,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        qkv, _ = self.query_key_value(x)  # [s, b, h] -> [s, b, 3h/tp] (s gathered under SP)
+        qkv = column_linear(self.query_key_value, x)  # [s, b, h] -> [s, b, 3h/tp] (SP: s gathered)
         s, b, _ = qkv.shape
         qkv = qkv.view(s, b, self.heads_local, 3 * self.head_dim)  # -> [s, b, nh, 3hd]
         q, k, v = qkv.split(self.head_dim, dim=-1)  # 3 x [s, b, nh, hd]
@@ -167,7 +192,7 @@ class SelfAttention(nn.Module):
 
     def _out(self, ctx: torch.Tensor, s: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         ctx = ctx.permute(2, 0, 1, 3).reshape(s, b, -1)  # [b, nh, s, hd] -> [s, b, nh*hd]
-        return self.dense(ctx)  # -> ([s, b, h], bias [h])
+        return row_linear(self.dense, ctx)  # -> ([s, b, h], bias [h])
 
 
 class MLP(nn.Module):
@@ -184,9 +209,9 @@ class MLP(nn.Module):
         _mark_partitioned(self.dense_4h_to_h.weight, 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h, _ = self.dense_h_to_4h(x)  # [s, b, h] -> [s, b, 4h/tp]
+        h = column_linear(self.dense_h_to_4h, x)  # [s, b, h] -> [s, b, 4h/tp]
         h = F.gelu(h, approximate=self.approximate)
-        return self.dense_4h_to_h(h)  # -> ([s, b, h], bias)
+        return row_linear(self.dense_4h_to_h, h)  # -> ([s, b, h], bias)
 
 
 class DecoderLayer(nn.Module):
