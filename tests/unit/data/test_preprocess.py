@@ -323,34 +323,13 @@ def test_cli_preprocess_prints_summary(tmp_path, tokenizer_dir, capsys):
 def test_cli_bad_input_exits_2_with_file_line_and_no_traceback(tmp_path, tokenizer_dir, capsys):
     src = tmp_path / "in.jsonl"
     src.write_text('{"text": "好"}\n{"text": \n')
-    code = main(
-        [
-            "preprocess",
-            "--input",
-            str(src),
-            "--tokenizer",
-            str(tokenizer_dir),
-            "--output-prefix",
-            str(tmp_path / "o"),
-            "--no-progress",
-        ]
-    )
+    argv = ["preprocess", "--input", str(src), "--tokenizer", str(tokenizer_dir),
+            "--output-prefix", str(tmp_path / "o"), "--no-progress"]
+    code = main(argv)
     err = capsys.readouterr().err
     assert code == 2
     assert f"{src}:2: malformed JSON" in err and "Traceback" not in err
-    code = main(
-        [
-            "preprocess",
-            "--input",
-            str(src),
-            "--tokenizer",
-            str(tokenizer_dir),
-            "--output-prefix",
-            str(tmp_path / "o"),
-            "--no-progress",
-            "--skip-bad-lines",
-        ]
-    )
+    code = main([*argv, "--skip-bad-lines"])
     captured = capsys.readouterr()
     assert code == 0 and "skipped 1 (malformed-json: 1)" in captured.out
     assert f"skipped {src}:2: malformed JSON" in captured.err
