@@ -1,27 +1,82 @@
 """Training-step throughput: megagpt vs a Hugging Face GPT2LMHeadModel of identical shape.
 
 Both sides run forward + backward + AdamW step on the same token batches in the same process.
-megagpt runs its real path (megatron-core layers inside the DeepSpeed engine, ZeRO 0); the peer is
-transformers' GPT2LMHeadModel with torch AdamW. Prints tokens/s for each and the ratio, plus model
-TFLOP/s and MFU on a GPU.
+megagpt runs the trainer's path: megatron-core layers inside the DeepSpeed engine built from the
+trainer's default config (ZeRO stage from ``parallel.zero_stage`` unless ``--zero`` sets it, the
+trainer's bf16 DeepSpeed config, its matmul precision); the peer is transformers'
+GPT2LMHeadModel with torch AdamW. Prints tokens/s for each and the ratio, plus model TFLOP/s and
+MFU on a GPU, and there the allocator's peak (``torch.cuda.max_memory_allocated``) next to the
+planner's prediction for the same layout.
+
+``--micro auto`` takes the largest micro-batch of ``MICRO_CANDIDATES`` that fits on CUDA (tried
+largest first; an out-of-memory frees everything and tries the next) and 4 on CPU.
 
     python bench/train_step.py                       # CPU defaults: mini and base shapes
-    python bench/train_step.py --sizes gpt3-large gpt3-1.3b --seq 2048 --micro 4 --precision bf16
+    python bench/train_step.py --sizes gpt3-large gpt3-1.3b --seq 2048 --micro auto --precision bf16
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore")
+
+MICRO_CANDIDATES = (16, 8, 4, 2, 1)
+CPU_AUTO_MICRO = 4
+T = TypeVar("T")
+
+
+def largest_that_fits(candidates: Iterable[int], attempt: Callable[[int], T],
+                      is_oom: Callable[[BaseException], bool],
+                      cleanup: Callable[[], None] = lambda: None) -> tuple[int, T, list[int]]:
+    """Run ``attempt(c)`` for each candidate, largest first, until one does not run out of
+    memory; returns that candidate, its result and the candidates that did not fit.
+
+    An exception for which ``is_oom`` is false propagates. ``cleanup`` runs after each failed
+    attempt, once the exception (whose traceback holds the attempt's tensors) is dropped, so
+    that the next attempt starts with the memory freed. Raises MemoryError when none fits.
+    """
+    failed: list[int] = []
+    for c in sorted(set(candidates), reverse=True):
+        try:
+            return c, attempt(c), failed
+        except BaseException as e:  # noqa: BLE001 -- filtered by is_oom, else re-raised
+            if not is_oom(e):
+                raise
+        failed.append(c)
+        cleanup()
+    raise MemoryError(f"no candidate fits: tried {failed}")
+
+
+def is_cuda_oom(e: BaseException) -> bool:
+    """A CUDA allocation failure: the allocator's OutOfMemoryError, or a library (cuBLAS,
+    NCCL, DeepSpeed) reporting it as a RuntimeError."""
+    import torch
+
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("out of memory" in text.lower()
+                                            or "CUBLAS_STATUS_ALLOC_FAILED" in text)
+
+
+def free_cuda() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def hf_model(cfg, device, dtype):
@@ -50,73 +105,166 @@ def time_steps(step, warmup: int, iters: int, sync) -> list[float]:
     return times
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", nargs="+", default=["gpt3-mini", "gpt3-base"])
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--micro", type=int, default=4)
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=5)
-    args = ap.parse_args()
-
+def run_megagpt(size: str, args, micro: int, device, sync) -> dict:
+    """Build the trainer's engine for ``size`` at ``micro`` and time it; returns the figures
+    and the built pieces (the HF peer runs after, on the same tokens)."""
     import torch
 
     from megagpt import parallel
-    from megagpt.config import load_config
-    from megagpt.engine import Engine, build_model
-    from megagpt.model import initialize_weights, padded_vocab_size
-    from megagpt.training.metrics import device_peak_tflops, flops_per_token
+    from megagpt.config import load_config, validate
+    from megagpt.engine import Engine, build_model, deepspeed_zero_stage
+    from megagpt.model import initialize_weights
+    from megagpt.training.precision import configure_matmul_precision
 
-    device = parallel.resolve_device("auto")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    print(f"# bench/train_step.py  {time.strftime('%Y-%m-%d')}  {platform.processor() or ''} "
-          f"{os.cpu_count()} CPUs  device={device}  torch {torch.__version__}  "
-          f"threads={torch.get_num_threads()}  precision={args.precision}")
-    print(f"{'size':<10} {'seq':>5} {'micro':>5} {'megagpt tok/s':>14} {'HF tok/s':>10} "
-          f"{'ratio':>6} {'TFLOP/s':>8} {'MFU':>6}")
-    for size in args.sizes:
-        cfg = load_config(None, [f"model.name={size}", f"model.seq_length={args.seq}",
-                                 "model.dropout=0", "model.attention_dropout=0",
-                                 f"train.precision={args.precision}", "parallel.zero_stage=0",
-                                 f"train.micro_batch_size={args.micro}",
-                                 f"train.global_batch_size={args.micro}", "optim.lr=1e-4"])
-        dims = parallel.initialize(cfg.parallel, device)
-        module = build_model(cfg, dims)
+    overrides = [f"model.name={size}", f"model.seq_length={args.seq}", "model.dropout=0",
+                 "model.attention_dropout=0", f"train.precision={args.precision}",
+                 f"train.micro_batch_size={micro}",
+                 f"train.global_batch_size={micro * args.accum}", "optim.lr=1e-4"]
+    if args.zero is not None:
+        overrides.append(f"parallel.zero_stage={args.zero}")
+    cfg = load_config(None, overrides)
+    validate(cfg, 1, cuda=device.type == "cuda", need_data=False)
+    tf32 = configure_matmul_precision(device, cfg.train.tf32)  # as the trainer; HF runs under it
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    dims = parallel.initialize(cfg.parallel, device)
+    try:
+        module = build_model(cfg, dims, device)
         initialize_weights(module, cfg.model, 1, 0, 1)
         engine = Engine(cfg, module, dims, device)
         gen = torch.Generator().manual_seed(0)
-        tokens = torch.randint(0, cfg.model.vocab_size, (args.micro, args.seq + 1), generator=gen)
-        batch = [{"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
-                  "loss_mask": torch.ones(args.micro, args.seq)}]
-        ours = time_steps(lambda e=engine, b=batch: e.train_step(b), args.warmup, args.iters,
-                          sync)
+        tokens = torch.randint(0, cfg.model.vocab_size, (micro * args.accum, args.seq + 1),
+                               generator=gen)
+        batch = [{"tokens": tokens[i:i + micro, :-1], "labels": tokens[i:i + micro, 1:],
+                  "loss_mask": torch.ones(micro, args.seq)}
+                 for i in range(0, micro * args.accum, micro)]
+        times = time_steps(lambda e=engine, b=batch: e.train_step(b), args.warmup, args.iters,
+                           sync)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        zero = deepspeed_zero_stage(cfg)
+        del engine, module, batch
+    finally:
+        parallel.destroy()
+    return {"cfg": cfg, "times": times, "peak": peak, "zero": zero,
+            "tokens": tokens, "tf32": tf32}
 
+
+def run_hf(cfg, tokens, micro: int, args, device, dtype, sync) -> list[float] | None:
+    """The peer's step times on the same tokens; None when it does not fit in memory."""
+    import torch
+
+    hf = opt = None
+    try:
         hf = hf_model(cfg.model, device, dtype)
         opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=device.type == "cuda")
-        x, y = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
+        xs = [(tokens[i:i + micro, :-1].to(device), tokens[i:i + micro, 1:].to(device))
+              for i in range(0, tokens.shape[0], micro)]
 
-        def hf_step(hf=hf, opt=opt, x=x, y=y):
-            logits = hf(input_ids=x).logits
-            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-            loss.backward()
+        def hf_step():
+            for x, y in xs:
+                logits = hf(input_ids=x).logits
+                loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
+                                                         y.flatten())
+                (loss / len(xs)).backward()
             torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        theirs = time_steps(hf_step, args.warmup, args.iters, sync)
-        n_tok = args.micro * args.seq
-        ours_tps = n_tok / statistics.median(ours)
-        hf_tps = n_tok / statistics.median(theirs)
+        return time_steps(hf_step, args.warmup, args.iters, sync)
+    except BaseException as e:  # noqa: BLE001
+        if device.type == "cuda" and is_cuda_oom(e):
+            return None
+        raise
+    finally:
+        hf = opt = None  # noqa: F841 -- drop the peer before freeing the cache
+        free_cuda()
+
+
+def planner_bytes(cfg, zero: int) -> float:
+    """The planner's peak-stage prediction for this one-GPU run, without its CUDA context and
+    NCCL reserve (which the allocator's peak does not see)."""
+    from dataclasses import replace
+
+    from megagpt.planner.memory import CUDA_RESERVE_BYTES, Layout, memory_per_stage, peak_stage
+
+    layout = replace(Layout.from_config(cfg, 1), zero_stage=zero)  # the stage DeepSpeed runs
+    stages = memory_per_stage(cfg.model, layout, precision=cfg.train.precision,
+                              global_batch=cfg.train.global_batch_size, flash=True, cuda=True)
+    return peak_stage(stages).total - CUDA_RESERVE_BYTES
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", nargs="+", default=["gpt3-mini", "gpt3-base"])
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--micro", default="auto",
+                    help=f"micro-batch size, or auto: the largest of {list(MICRO_CANDIDATES)} "
+                    f"that fits on CUDA, {CPU_AUTO_MICRO} on CPU")
+    ap.add_argument("--accum", type=int, default=1,
+                    help="micro-batches per optimizer step (the global batch is micro x accum)")
+    ap.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=None,
+                    help="parallel.zero_stage (default: the config default, as the trainer)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=5)
+    args = ap.parse_args()
+    if args.micro != "auto" and not args.micro.isdigit():
+        ap.error(f"--micro {args.micro!r}: expected a positive integer or auto")
+
+    import torch
+
+    from megagpt import parallel
+    from megagpt.model import padded_vocab_size
+    from megagpt.training.metrics import device_peak_tflops, flops_per_token
+
+    device = parallel.resolve_device("auto")
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    gpu = f"  {torch.cuda.get_device_name(device)}" if cuda else ""
+    print(f"# bench/train_step.py  {time.strftime('%Y-%m-%d')}  {platform.processor() or ''} "
+          f"{os.cpu_count()} CPUs  device={device}{gpu}  torch {torch.__version__}  "
+          f"threads={torch.get_num_threads()}  precision={args.precision}  accum={args.accum}")
+    head = (f"{'size':<10} {'seq':>5} {'micro':>5} {'ZeRO':>4} {'megagpt tok/s':>14} "
+            f"{'HF tok/s':>10} {'ratio':>6} {'TFLOP/s':>8} {'MFU':>6}")
+    if cuda:
+        head += f" {'peak GiB':>8} {'planner GiB':>11} {'plan/peak':>9}"
+    print(head, flush=True)
+    if args.micro != "auto":
+        candidates = [int(args.micro)]
+    else:
+        candidates = list(MICRO_CANDIDATES) if cuda else [CPU_AUTO_MICRO]
+    for size in args.sizes:
+        micro, ours, too_big = largest_that_fits(
+            candidates, lambda m, s=size: run_megagpt(s, args, m, device, sync),
+            is_cuda_oom if cuda else (lambda e: False), free_cuda)
+        if too_big:
+            print(f"# {size}: micro {too_big} ran out of memory", flush=True)
+        cfg = ours["cfg"]
+        theirs = run_hf(cfg, ours["tokens"], micro, args, device, dtype, sync)
+        n_tok = micro * args.accum * args.seq
+        ours_tps = n_tok / statistics.median(ours["times"])
+        hf_tps = n_tok / statistics.median(theirs) if theirs else None
         fpt = flops_per_token(cfg.model, padded_vocab_size(cfg.model.vocab_size, 1), args.seq)
         tflops = fpt * ours_tps / 1e12
-        peak = device_peak_tflops(device, args.precision)
+        peak = device_peak_tflops(device, args.precision, cfg.logging.peak_tflops,
+                                  tf32=ours["tf32"])
         mfu = f"{tflops / peak:6.1%}" if peak else "   n/a"
-        print(f"{size:<10} {args.seq:>5} {args.micro:>5} {ours_tps:>14,.0f} {hf_tps:>10,.0f} "
-              f"{ours_tps / hf_tps:>6.2f} {tflops:>8.3f} {mfu}", flush=True)
-        del engine, module, hf, opt
-        parallel.destroy()
+        hf_col = f"{hf_tps:>10,.0f} {ours_tps / hf_tps:>6.2f}" if hf_tps else \
+            f"{'OOM':>10} {'-':>6}"
+        line = (f"{size:<10} {args.seq:>5} {micro:>5} {ours['zero']:>4} {ours_tps:>14,.0f} "
+                f"{hf_col} {tflops:>8.3f} {mfu}")
+        if cuda:
+            pred = planner_bytes(cfg, ours["zero"])
+            line += (f" {ours['peak'] / 2**30:>8.2f} {pred / 2**30:>11.2f} "
+                     f"{pred / ours['peak']:>9.2f}")
+        print(line, flush=True)
+        del ours, theirs
+        free_cuda()
+    if cuda:
+        print("# peak GiB: torch.cuda.max_memory_allocated over megagpt's steps (reset per size); "
+              "planner GiB: megagpt.planner.memory's peak stage for the same layout and the ZeRO "
+              "stage DeepSpeed runs, minus its CUDA context/NCCL reserve", flush=True)
 
 
 if __name__ == "__main__":

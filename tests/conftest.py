@@ -1,10 +1,13 @@
-"""Shared test setup: CPU DeepSpeed, no network loggers, GPU tests skipped without CUDA."""
+"""Shared test setup: no network loggers, GPU tests skipped without CUDA.
+
+DeepSpeed's accelerator is not set here: megagpt chooses it from each run's resolved device
+(megagpt/engine/accelerator.py), for CPU and CUDA workers alike.
+"""
 
 import os
 
 import pytest
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

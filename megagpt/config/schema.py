@@ -49,7 +49,8 @@ class ParallelConfig:
     pipeline: int = doc(1, "Pipeline-parallel stages (DeepSpeed pipeline engine, 1F1B).")
     zero_stage: int = doc(1, "DeepSpeed ZeRO stage; only 0 or 1 when pipeline > 1.",
                           choices=(0, 1, 2, 3))
-    sequence_parallel: bool = doc(False, "Megatron sequence parallelism (needs NCCL and TP > 1).")
+    sequence_parallel: bool = doc(False, "Megatron sequence parallelism: activations outside "
+                                  "the TP region split along the sequence (needs TP > 1).")
     recompute: str = doc("none", "Activation recompute: none, full (whole layer) or selective "
                          "(core attention only).", choices=("none", "full", "selective"))
     pipeline_partition: str = doc("uniform", "How layers are split across pipeline stages.",
@@ -92,6 +93,8 @@ class TrainConfig:
     rampup_batch_size: list = doc([], "Optional [start, increment, ramp_samples] batch ramp.")
     seed: int = doc(1234, "Seed of initialisation, dropout and data order.")
     precision: str = doc("bf16", "Training precision.", choices=("fp32", "bf16", "fp16"))
+    tf32: bool = doc(True, "fp32 matmuls on CUDA use TF32 tensor cores (MFU then divides by "
+                     "the TF32 peak); false = IEEE fp32 on CUDA cores.")
     initial_loss_scale: float = doc(2.0**16, "fp16 only: initial dynamic loss scale.")
     loss_scale_window: int = doc(1000, "fp16 only: steps without overflow before scaling up.")
     log_interval: int = doc(10, "Log metrics every N steps.")

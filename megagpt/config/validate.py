@@ -67,9 +67,7 @@ def problems(cfg: Config, world_size: int, *, cuda: bool | None = None,
     if p.sequence_parallel:
         if p.tensor == 1:
             out.append("parallel.sequence_parallel needs parallel.tensor > 1")
-        if p.backend == "gloo" or cuda is False:
-            out.append("parallel.sequence_parallel needs CUDA/NCCL: gloo has no reduce-scatter")
-        elif m.seq_length % p.tensor:
+        if m.seq_length % p.tensor:
             out.append(f"model.seq_length ({m.seq_length}) must be divisible by parallel.tensor "
                        "with sequence parallelism")
     if t.micro_batch_size < 1:

@@ -1,10 +1,14 @@
 """The GPT: the whole model (pipeline size 1) or its per-stage layer list (pipeline > 1).
 
-Both paths use the same blocks in the same order:
+``gpt_blocks`` is the one block list both are built from, in order:
 WordEmbedding -> PositionEmbedding -> DecoderLayer x L -> FinalNorm -> WordEmbedding.logits (tied).
+``GPTModel`` builds all of it on one stage; the engine turns the same list into DeepSpeed's
+pipeline layer specs.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from megatron.core import ModelParallelConfig
@@ -19,6 +23,33 @@ from megagpt.model.layers import (
     WordEmbedding,
     lm_loss,
 )
+from megagpt.model.rng import TensorParallelRNG
+
+
+@dataclass(frozen=True)
+class Block:
+    """One entry of the block list: ``cls(*args)``; ``tie`` names a weight shared with another
+    entry (the word embedding and the output layer), whose forward is then ``method``."""
+
+    cls: type
+    args: tuple
+    tie: str | None = None
+    method: str = "forward"
+
+    def build(self) -> nn.Module:
+        return self.cls(*self.args)
+
+
+def gpt_blocks(cfg: ModelConfig, mp: ModelParallelConfig, recompute: str = "none",
+               rng: TensorParallelRNG | None = None) -> list[Block]:
+    """The GPT's blocks in forward order; ``rng`` is the TP-region dropout stream they share."""
+    padded = padded_vocab_size(cfg.vocab_size, mp.tensor_model_parallel_size)
+    rng = rng if rng is not None else TensorParallelRNG()
+    return [Block(WordEmbedding, (cfg, mp, padded), tie="embed"),
+            Block(PositionEmbedding, (cfg, mp, rng)),
+            *(Block(DecoderLayer, (cfg, mp, i, recompute, rng)) for i in range(cfg.num_layers)),
+            Block(FinalNorm, (cfg, mp)),
+            Block(WordEmbedding, (cfg, mp, padded), tie="embed", method="logits")]
 
 
 def padded_vocab_size(vocab: int, tp: int, multiple: int = 128) -> int:
@@ -34,12 +65,14 @@ class GPTModel(nn.Module):
     def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, recompute: str = "none"):
         super().__init__()
         self.cfg = cfg
-        padded = padded_vocab_size(cfg.vocab_size, mp.tensor_model_parallel_size)
-        self.word = WordEmbedding(cfg, mp, padded)
-        self.position = PositionEmbedding(cfg, mp)
-        self.layers = nn.ModuleList(
-            DecoderLayer(cfg, mp, i, recompute) for i in range(cfg.num_layers))
-        self.final_norm = FinalNorm(cfg, mp)
+        self.dropout_rng = TensorParallelRNG()
+        blocks = gpt_blocks(cfg, mp, recompute, self.dropout_rng)
+        word, position, *layers, final_norm, head = blocks
+        assert head.tie == word.tie  # the output layer is the word embedding's logits
+        self.word = word.build()
+        self.position = position.build()
+        self.layers = nn.ModuleList(b.build() for b in layers)
+        self.final_norm = final_norm.build()
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
                 loss_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None

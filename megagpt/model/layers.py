@@ -17,6 +17,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megagpt.config.schema import ModelConfig
+from megagpt.model.rng import TensorParallelRNG, forked_rng
+from megagpt.parallel.regions import (
+    reduce_scatter_to_sequence,
+    scatter_to_sequence,
+    sequence_parallel_linear,
+)
 
 
 def _tp_size(mp: ModelParallelConfig) -> int:
@@ -27,10 +33,13 @@ def column_linear(layer: tensor_parallel.ColumnParallelLinear, x: torch.Tensor
                   ) -> torch.Tensor:
     """A column-parallel linear (bias added, output left split).
 
-    Without autograd (generation, evaluation) and without sequence parallelism the forward is a
-    plain F.linear on the local shard: megatron-core's autograd wrapper only matters for the
-    backward, and its per-call overhead dominates one-token decoding steps."""
-    if torch.is_grad_enabled() or layer.sequence_parallel:
+    Sequence parallel: our device-agnostic gather + linear (megatron-core's allocates on CUDA).
+    Without autograd (generation, evaluation) the forward is a plain F.linear on the local shard:
+    megatron-core's autograd wrapper only matters for the backward, and its per-call overhead
+    dominates one-token decoding steps."""
+    if layer.sequence_parallel:
+        return sequence_parallel_linear(x, layer.weight, layer.bias, layer.tp_group)
+    if torch.is_grad_enabled():
         out, _ = layer(x)
         return out
     return F.linear(x, layer.weight, layer.bias)
@@ -38,9 +47,12 @@ def column_linear(layer: tensor_parallel.ColumnParallelLinear, x: torch.Tensor
 
 def row_linear(layer: tensor_parallel.RowParallelLinear, x: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A row-parallel linear with its bias returned apart (skip_bias_add), same fast path as
-    ``column_linear``: local matmul, then the sum over the tensor-parallel group."""
-    if torch.is_grad_enabled() or layer.sequence_parallel:
+    """A row-parallel linear with its bias returned apart (skip_bias_add), same paths as
+    ``column_linear``: local matmul, then the sum over the tensor-parallel group (sequence
+    parallel: a reduce-scatter to this rank's sequence chunk)."""
+    if layer.sequence_parallel:
+        return reduce_scatter_to_sequence(F.linear(x, layer.weight), layer.tp_group), layer.bias
+    if torch.is_grad_enabled():
         return layer(x)
     out = F.linear(x, layer.weight)
     if layer.tp_group is not None and layer.tp_group.size() > 1:
@@ -80,13 +92,13 @@ class WordEmbedding(nn.Module):
         softmax, the loss and generation never see them: the model is then the same function
         whatever padding the TP size implies.
         """
-        if self.sequence_parallel:
-            hidden = tensor_parallel.gather_from_sequence_parallel_region(
-                hidden, tensor_parallel_output_grad=True)
+        weight = self.word_embeddings.weight
+        if self.sequence_parallel:  # [s/tp, b, h] gathered inside the linear
+            logits = sequence_parallel_linear(hidden, weight, None,
+                                              self.word_embeddings.tp_group)
         else:
             hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
-        weight = self.word_embeddings.weight
-        logits = F.linear(hidden, weight)
+            logits = F.linear(hidden, weight)
         start = self.word_embeddings.vocab_start_index
         n_local = weight.shape[0]
         valid = max(0, min(n_local, self.true_vocab - start))
@@ -98,16 +110,21 @@ class WordEmbedding(nn.Module):
 
 
 class PositionEmbedding(nn.Module):
-    """Adds learned absolute positions; turns [b, s, h] into sequence-first [s, b, h]."""
+    """Adds learned absolute positions; turns [b, s, h] into sequence-first [s, b, h].
+
+    Sequence parallel: returns this rank's [s/tp, b, h] chunk, whose dropout draws from the
+    tensor-parallel region's stream (``rng``) so chunks do not share masks."""
 
     canonical_name = "embedding.position"
 
-    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig,
+                 rng: TensorParallelRNG | None = None):
         super().__init__()
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size,
                                                 dtype=mp.params_dtype)
         self.dropout = nn.Dropout(cfg.dropout)
         self.sequence_parallel = mp.sequence_parallel
+        self.rng = rng if rng is not None else TensorParallelRNG()
 
     def forward(self, words: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
         s = words.shape[1]
@@ -115,7 +132,13 @@ class PositionEmbedding(nn.Module):
         h = words + self.position_embeddings(pos).unsqueeze(0)  # [b, s, h] + [1, s, h]
         h = h.transpose(0, 1).contiguous()  # [b, s, h] -> [s, b, h]
         if self.sequence_parallel:
-            h = tensor_parallel.scatter_to_sequence_parallel_region(h)  # -> [s/tp, b, h]
+            from megatron.core import parallel_state
+
+            h = scatter_to_sequence(h, parallel_state.get_tensor_model_parallel_group())
+            # -> [s/tp, b, h]
+            if self.training and self.dropout.p > 0:
+                with forked_rng(self.rng.next_seed(), h.device):
+                    return self.dropout(h)
         return self.dropout(h)
 
 
@@ -159,13 +182,18 @@ class SelfAttention(nn.Module):
         _mark_partitioned(self.query_key_value.weight, 0)
         _mark_partitioned(self.dense.weight, 1)
 
-    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
-              ) -> torch.Tensor:
-        p = self.attention_dropout if self.training else 0.0
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal)
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+              dropout_seed: int | None) -> torch.Tensor:
+        if dropout_seed is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        # This rank's heads draw their dropout masks from the TP-region stream (model/rng.py).
+        with forked_rng(dropout_seed, q.device):
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=self.attention_dropout,
+                                                  is_causal=causal)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0,
+                dropout_seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``dropout_seed``: the attention-dropout seed drawn by the layer (None: no dropout)."""
         qkv = column_linear(self.query_key_value, x)  # [s, b, h] -> [s, b, 3h/tp] (SP: s gathered)
         s, b, _ = qkv.shape
         qkv = qkv.view(s, b, self.heads_local, 3 * self.head_dim)  # -> [s, b, nh, 3hd]
@@ -185,9 +213,9 @@ class SelfAttention(nn.Module):
                     ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
                     return self._out(ctx, s, b)
         if self.recompute_core and self.training:
-            ctx = checkpoint(self._core, q, k, v, causal, use_reentrant=False)
+            ctx = checkpoint(self._core, q, k, v, causal, dropout_seed, use_reentrant=False)
         else:
-            ctx = self._core(q, k, v, causal)
+            ctx = self._core(q, k, v, causal, dropout_seed)
         return self._out(ctx, s, b)
 
     def _out(self, ctx: torch.Tensor, s: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,11 +243,16 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-LN block: x + drop(attn(LN(x))), then + drop(mlp(LN(.)))."""
+    """Pre-LN block: x + drop(attn(LN(x))), then + drop(mlp(LN(.))).
+
+    ``rng`` is the tensor-parallel region's dropout stream shared by the model's layers (attention
+    dropout always; the residual dropouts too under sequence parallelism)."""
 
     def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, layer_number: int,
-                 recompute: str = "none"):
+                 recompute: str = "none", rng: TensorParallelRNG | None = None):
         super().__init__()
+        self.rng = rng if rng is not None else TensorParallelRNG()
+        self.sequence_parallel = mp.sequence_parallel
         self.layer_number = layer_number
         self.canonical_name = f"layers.{layer_number}"
         self.recompute_full = recompute == "full"
@@ -238,17 +271,39 @@ class DecoderLayer(nn.Module):
                       self.attention.dense.bias, self.mlp.dense_4h_to_h.bias):
                 p.sequence_parallel = True
 
-    def _forward(self, x: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
-        out, bias = self.attention(self.input_layernorm(x), kv_cache, self.layer_number)
-        x = x + F.dropout(out + bias, p=self.dropout, training=self.training)
+    def _residual_dropout(self, x: torch.Tensor, seed: int | None) -> torch.Tensor:
+        if seed is None:  # replicated region: the default stream, the same on every TP rank
+            return F.dropout(x, p=self.dropout, training=self.training)
+        with forked_rng(seed, x.device):  # sequence parallel: this rank's own chunk
+            return F.dropout(x, p=self.dropout, training=self.training)
+
+    def _forward(self, x: torch.Tensor, kv_cache: KVCache | None,
+                 seeds: tuple[int | None, int | None, int | None]) -> torch.Tensor:
+        attn_seed, seed1, seed2 = seeds
+        out, bias = self.attention(self.input_layernorm(x), kv_cache, self.layer_number,
+                                   attn_seed)
+        x = x + self._residual_dropout(out + bias, seed1)
         out, bias = self.mlp(self.post_attention_layernorm(x))
-        return x + F.dropout(out + bias, p=self.dropout, training=self.training)
+        return x + self._residual_dropout(out + bias, seed2)
+
+    def _dropout_seeds(self) -> tuple[int | None, int | None, int | None]:
+        """TP-region seeds of this call, drawn before any checkpointing so a recompute reuses
+        them: (attention, first residual, second residual); None where the default stream (or
+        no dropout) applies."""
+        if not self.training:
+            return None, None, None
+        attn = self.rng.next_seed() if self.attention.attention_dropout > 0 else None
+        if self.sequence_parallel and self.dropout > 0:
+            return attn, self.rng.next_seed(), self.rng.next_seed()
+        return attn, None, None
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        seeds = self._dropout_seeds()
         if self.recompute_full and self.training and torch.is_grad_enabled():
-            # Non-reentrant checkpointing restores the RNG state, so dropout masks match.
-            return checkpoint(self._forward, x, None, use_reentrant=False)
-        return self._forward(x, kv_cache)
+            # Non-reentrant checkpointing restores the default RNG state and the TP-region seeds
+            # are arguments, so the recompute draws the same dropout masks.
+            return checkpoint(self._forward, x, None, seeds, use_reentrant=False)
+        return self._forward(x, kv_cache, seeds)
 
 
 class FinalNorm(nn.Module):

@@ -32,14 +32,61 @@ def world_size_from_env() -> int:
 
 
 def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda:<LOCAL_RANK> when CUDA is available, else cpu."""
+    """'auto' -> cuda:<LOCAL_RANK> when CUDA is available, else cpu; returns the device.
+
+    On CUDA it first sets ``CUDA_DEVICE_MAX_CONNECTIONS=1`` unless the environment already
+    says otherwise: megatron-core's tensor/sequence-parallel layers rely on their collectives
+    being issued to the GPU in program order, which holds only with one hardware work queue,
+    and the driver reads the variable when the CUDA context is created (at ``set_device``).
+    Setting it here, not only in ``launch/``, covers a plain ``python -m``/``torchrun`` start.
+    """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``parallel.backend`` with 'auto' resolved: nccl on a CUDA device, gloo otherwise."""
+    if backend == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    return backend
+
+
+def init_process_group_kwargs(backend: str, device: torch.device, timeout_minutes: int
+                              ) -> dict:
+    """Keyword arguments of ``torch.distributed.init_process_group`` for ``backend`` on
+    ``device``.
+
+    Under NCCL on a CUDA device it passes ``device_id``: the communicator is then formed
+    inside this call (a broken NCCL setup fails here, at start-up, instead of at the first
+    collective) and megatron-core's sub-groups are split from it (``ncclCommSplit``) rather
+    than built from scratch, which is what start-up at 1,024 ranks needs. Gloo gets none.
+    """
+    kwargs = {"backend": backend, "init_method": "env://",
+              "timeout": datetime.timedelta(minutes=timeout_minutes)}
+    if backend == "nccl" and device.type == "cuda":
+        kwargs["device_id"] = device
+    return kwargs
+
+
+def model_parallel_kwargs(cfg: ParallelConfig, backend: str, timeout_minutes: int) -> dict:
+    """Keyword arguments of megatron-core's ``parallel_state.initialize_model_parallel``.
+
+    megatron-core also builds a gloo twin of every data-parallel group unless told not to;
+    only its distributed optimizer uses them, which megagpt does not (DeepSpeed's ZeRO
+    optimizers are ours). Under NCCL they would cost a gloo rendezvous per group at start-up
+    (slow at 1,024 ranks) and need gloo's network interface set right on every node, so they
+    are not created. On a gloo run they are the same backend and stay as they were.
+    """
+    return {"tensor_model_parallel_size": cfg.tensor,
+            "pipeline_model_parallel_size": cfg.pipeline,
+            "distributed_timeout_minutes": timeout_minutes, "order": "tp-cp-ep-dp-pp",
+            "create_gloo_process_groups": backend != "nccl"}
 
 
 def initialize(cfg: ParallelConfig, device: torch.device, *, timeout_minutes: int = 30
@@ -55,23 +102,21 @@ def initialize(cfg: ParallelConfig, device: torch.device, *, timeout_minutes: in
         if (_DIMS.tp, _DIMS.pp) != (cfg.tensor, cfg.pipeline):
             raise RuntimeError(f"process groups already set up for TP={_DIMS.tp} PP={_DIMS.pp}")
         return _DIMS
-    backend = cfg.backend
-    if backend == "auto":
-        backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = resolve_backend(cfg.backend, device)
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             # A plain `megagpt train` on one process: a private rendezvous on loopback.
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                               MASTER_ADDR="127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group(backend=backend, init_method="env://",
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        dist.init_process_group(**init_process_group_kwargs(backend, device, timeout_minutes))
+    else:  # started by the caller (tests, a harness): its backend decides
+        backend = dist.get_backend()
     world = dist.get_world_size()
     dims = ParallelDims.from_world(cfg.tensor, cfg.pipeline, world)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=cfg.tensor, pipeline_model_parallel_size=cfg.pipeline,
-            distributed_timeout_minutes=timeout_minutes, order="tp-cp-ep-dp-pp")
+            **model_parallel_kwargs(cfg, backend, timeout_minutes))
     _check_layout(dims)
     _DIMS = dims
     return dims

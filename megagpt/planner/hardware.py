@@ -1,8 +1,9 @@
 """GPU types and cluster shapes the planner knows, with the numbers it assumes for them.
 
-Peak TFLOP/s come from ``megagpt.training.metrics.PEAK_TFLOPS`` (dense, not 2:4 sparse), so the
-planner's MFU and the trainer's MFU share one denominator. Link bandwidths are per GPU and per
-direction, from the vendors' datasheets:
+Peak TFLOP/s come from ``megagpt.training.metrics.PEAK_TFLOPS`` (dense, not 2:4 sparse; keyed
+by the name ``torch.cuda.get_device_name`` reports), so the planner's MFU and the trainer's MFU
+share one denominator. Link bandwidths are per GPU and per direction, from the vendors'
+datasheets:
 
 * NVLink 4 (H100/H200 SXM): 900 GB/s bidirectional -> 450 GB/s each way; NVLink 3 (A100 SXM):
   600 -> 300 GB/s.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megagpt.training.metrics import PEAK_TFLOPS
+from megagpt.training.metrics import peak_tflops
 
 GIB = 2**30
 # Fraction of the nominal link bandwidth that NCCL collectives reach on large messages.
@@ -28,25 +29,30 @@ LINK_EFFICIENCY = 0.8
 class GPUType:
     name: str
     memory_gib: float  # HBM capacity as the driver reports it (80 GB parts show ~79.6 GiB)
-    peak_key: str  # row of megagpt.training.metrics.PEAK_TFLOPS
+    device_name: str  # torch.cuda.get_device_name: the row of metrics.PEAK_TFLOPS
     nvlink_gbs: float  # intra-node GB/s per GPU per direction
     ib_gbs: float  # inter-node GB/s per GPU per direction
     note: str = ""
 
-    def peak_tflops(self, precision: str) -> float:
-        """Dense peak TFLOP/s for ``precision`` (bf16, fp16 or fp32 via TF32)."""
-        value = PEAK_TFLOPS[self.peak_key].get(precision, 0.0)
-        if value <= 0:
+    def peak_tflops(self, precision: str, *, tf32: bool = True) -> float:
+        """Dense peak TFLOP/s for ``precision`` (fp32: TF32 tensor cores when ``tf32``, as
+        train.tf32 makes the trainer run them)."""
+        value = peak_tflops(self.device_name, precision, tf32=tf32)
+        if not value:
             raise ValueError(f"--gpu {self.name} has no {precision} tensor-core peak; "
                              f"use another train.precision")
         return value
 
 
 GPU_TYPES: dict[str, GPUType] = {g.name: g for g in (
-    GPUType("h100-80gb", 79.6, "H100", 450.0, 50.0, "H100 SXM5, NVLink 4, NDR 400G per GPU"),
-    GPUType("h200-141gb", 139.8, "H200", 450.0, 50.0, "H200 SXM, NVLink 4, NDR 400G per GPU"),
-    GPUType("a100-80gb", 79.2, "A100", 300.0, 25.0, "A100 SXM4, NVLink 3, HDR 200G per GPU"),
-    GPUType("a100-40gb", 39.4, "A100", 300.0, 25.0, "A100 SXM4, NVLink 3, HDR 200G per GPU"),
+    GPUType("h100-80gb", 79.6, "NVIDIA H100 80GB HBM3", 450.0, 50.0,
+            "H100 SXM5, NVLink 4, NDR 400G per GPU"),
+    GPUType("h200-141gb", 139.8, "NVIDIA H200", 450.0, 50.0,
+            "H200 SXM, NVLink 4, NDR 400G per GPU"),
+    GPUType("a100-80gb", 79.2, "NVIDIA A100-SXM4-80GB", 300.0, 25.0,
+            "A100 SXM4, NVLink 3, HDR 200G per GPU"),
+    GPUType("a100-40gb", 39.4, "NVIDIA A100-SXM4-40GB", 300.0, 25.0,
+            "A100 SXM4, NVLink 3, HDR 200G per GPU"),
 )}
 
 

@@ -18,15 +18,19 @@ from megagpt.parallel.dims import split_layers
 GIB = 2**30
 # CUDA context, NCCL channels and caching-allocator slack per GPU (0 on CPU).
 CUDA_RESERVE_BYTES = 2 * GIB
-# DeepSpeed's default reduce bucket (elements); a contiguous gradient bucket exists at ZeRO >= 2.
-ZERO_BUCKET_ELEMENTS = 500_000_000
+# Elements of one ZeRO 1/2 gradient bucket: megagpt.engine.ds_config.BUCKET_ELEMENTS, restated
+# (the engine package imports DeepSpeed; tests/unit/planner checks the two agree).
+ZERO_BUCKET_ELEMENTS = 50_000_000
+# DeepSpeed's own default, which ZeRO 3 keeps (megagpt sets buckets for stages 1 and 2 only).
+ZERO3_BUCKET_ELEMENTS = 500_000_000
 
 ASSUMPTIONS = [
-    ("params/grads/optimizer: mixed precision keeps 16-bit weights (2 B) and gradients (2 B) and "
-    "12 B of fp32 master weights + Adam m, v per parameter; fp32 training keeps 4 B weights, "
-    "4 B gradients and 12 B of optimizer state (Adam m, v + the fp32 partition DeepSpeed's ZeRO "
-    "optimizer copies; 8 B at ZeRO 0). ZeRO 1 divides optimizer state by DP, ZeRO 2 also "
-    "gradients, ZeRO 3 also weights."),
+    ("params/grads/optimizer: mixed precision keeps 16-bit weights (2 B) and 12 B of fp32 master "
+    "weights + Adam m, v per parameter; fp32 training keeps 4 B weights and 12 B of optimizer "
+    "state (Adam m, v + the fp32 partition DeepSpeed's ZeRO optimizer copies; 8 B at ZeRO 0). "
+    "Gradients are accumulated over micro-batches in fp32 for bf16 (4 B; megagpt.engine), in "
+    "the training dtype otherwise. ZeRO 1 divides optimizer state by DP, ZeRO 2 also the "
+    "gradient accumulator, ZeRO 3 also weights; bf16 at ZeRO 0 runs as DeepSpeed stage 1."),
     ("activations per layer and micro-batch (Korthikanti et al. 2022, arXiv 2205.05198 eq. 1-3, "
     "written for any activation width p bytes): s*b*h*[(4p + 2m)/(t if SP else 1) + "
     "(4p + 2p*ffn/h)/t] + a*s^2*b*(p + m_a*(1 + p))/t, with m = 1 B dropout masks (0 when "
@@ -39,11 +43,45 @@ ASSUMPTIONS = [
     "activations in flight on each stage; without pipelining one micro-batch is live."),
     "logits on the last stage: s*b*V_padded/t * (p + 4 fp32 softmax + 4 fp32 upcast if p < 4).",
     (f"buffers: {CUDA_RESERVE_BYTES / GIB:.0f} GiB per GPU for CUDA context, NCCL and allocator "
-    f"slack; at ZeRO >= 2 DeepSpeed's gradient bucket of min({ZERO_BUCKET_ELEMENTS:.0e}, stage "
-    "params) elements."),
+    f"slack; DeepSpeed's contiguous gradient buckets of {ZERO_BUCKET_ELEMENTS:.0e} elements "
+    "(allocated whole on a GPU): ZeRO 1 one in the accumulation dtype, ZeRO 2 two 16-bit ones "
+    "(overlap_comm double-buffers) plus the fp32 copy of one that bf16 reduces; ZeRO 3 "
+    f"min({ZERO3_BUCKET_ELEMENTS:.0e}, stage params)."),
 ]
 
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+# Bytes per gradient element as accumulated over micro-batches and reduced over data parallel
+# (DeepSpeed's grad_accum_dtype / communication_data_type as megagpt.engine sets them).
+GRAD_BYTES = {"bf16": 4, "fp16": 2, "fp32": 4}
+
+
+def deepspeed_stage(precision: str, zero_stage: int) -> int:
+    """The ZeRO stage DeepSpeed runs for ``parallel.zero_stage``: bf16 at 0 runs as stage 1
+    (``megagpt.engine.ds_config.deepspeed_zero_stage``, restated; tests check they agree)."""
+    return 1 if precision == "bf16" and zero_stage == 0 else zero_stage
+
+
+def zero_buffer_bytes(precision: str, zero_stage: int, params: int, *, cuda: bool) -> float:
+    """DeepSpeed's gradient bucket bytes on a GPU holding ``params`` parameters.
+
+    ZeRO 1/2 allocate ``ZERO_BUCKET_ELEMENTS`` per buffer whatever the model size (on a GPU
+    the caching allocator holds all of it; on CPU only the touched ``params`` elements become
+    resident). ZeRO 1 reduces once per step from one bucket in the accumulation dtype; ZeRO 2
+    reduces every micro-batch from two 16-bit buckets (one filling while the other is reduced,
+    ``overlap_comm``) and, for bf16, casts the bucket in flight to fp32 for the reduction.
+    """
+    z = deepspeed_stage(precision, zero_stage)
+    if z == 0:
+        return 0.0
+    if z == 3:
+        return min(ZERO3_BUCKET_ELEMENTS, params) * BYTES[precision]
+    bucket = ZERO_BUCKET_ELEMENTS if cuda else min(ZERO_BUCKET_ELEMENTS, params)
+    if z == 1:
+        return bucket * GRAD_BYTES[precision]
+    out = 2 * bucket * BYTES[precision]
+    if GRAD_BYTES[precision] != BYTES[precision]:
+        out += bucket * GRAD_BYTES[precision]
+    return out
 
 
 def padded_vocab_size(vocab: int, tp: int, multiple: int = 128) -> int:
@@ -209,14 +247,14 @@ def memory_per_stage(m: ModelConfig, layout: Layout, *, precision: str, global_b
     seq = seq or m.seq_length
     t, d = layout.tp, layout.dp
     p = BYTES[precision]
-    w_b, g_b = p, p
-    o_b = 12 if (p < 4 or layout.zero_stage >= 1) else 8
+    z = deepspeed_stage(precision, layout.zero_stage)
+    w_b, g_b = p, GRAD_BYTES[precision]
+    o_b = 12 if (p < 4 or z >= 1) else 8
     micro_batches = global_batch // (layout.micro_batch * d)
     padded = padded_vocab_size(m.vocab_size, t)
     out = []
     for st in stage_parameters(m, t, layout.pp):
         n = st.params
-        z = layout.zero_stage
         weights = n * w_b / (d if z >= 3 else 1)
         grads = n * g_b / (d if z >= 2 else 1)
         optimizer = n * o_b / (d if z >= 1 else 1)
@@ -234,9 +272,8 @@ def memory_per_stage(m: ModelConfig, layout: Layout, *, precision: str, global_b
         logits = 0.0
         if st.head:
             logits = seq * layout.micro_batch * padded / t * (p + 4 + (4 if p < 4 else 0))
-        buffers = CUDA_RESERVE_BYTES if cuda else 0.0
-        if z >= 2:
-            buffers += min(ZERO_BUCKET_ELEMENTS, n) * g_b
+        buffers = (CUDA_RESERVE_BYTES if cuda else 0.0) + zero_buffer_bytes(
+            precision, layout.zero_stage, n, cuda=cuda)
         out.append(MemoryBreakdown(st.stage, n, weights, grads, optimizer, acts, logits,
                                    buffers))
     return out

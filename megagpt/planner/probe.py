@@ -9,7 +9,6 @@ for the same config (no CUDA reserve; attention scores materialised, as CPU SDPA
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -23,7 +22,6 @@ def _status_kib(field: str) -> int:
 
 def measure(config: str, overrides: list[str]) -> dict:
     """Train ``config`` here and return measured and predicted bytes (see the module doc)."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from megagpt.config import load_config
     from megagpt.planner.memory import Layout, memory_per_stage, peak_stage
     from megagpt.training.trainer import Trainer

@@ -11,7 +11,13 @@ from dataclasses import dataclass
 from megagpt.config.schema import Config
 from megagpt.config.validate import problems
 from megagpt.planner.hardware import GIB, ClusterShape
-from megagpt.planner.memory import Layout, MemoryBreakdown, memory_per_stage, peak_stage
+from megagpt.planner.memory import (
+    Layout,
+    MemoryBreakdown,
+    deepspeed_stage,
+    memory_per_stage,
+    peak_stage,
+)
 from megagpt.planner.timing import DEFAULT_EFFICIENCY, StepTime, step_time
 
 # Fraction of the GPU's memory a plan may fill: the rest absorbs allocator fragmentation and
@@ -62,7 +68,7 @@ def evaluate(cfg: Config, layout: Layout, shape: ClusterShape, *,
     mem = memory_per_stage(m, layout, precision=t.precision, global_batch=t.global_batch_size,
                            flash=True, cuda=True)
     tm = step_time(m, layout, shape, precision=t.precision, global_batch=t.global_batch_size,
-                   efficiency=efficiency)
+                   efficiency=efficiency, tf32=t.tf32)
     budget = shape.gpu.memory_gib * GIB * memory_fraction
     peak = peak_stage(mem)
     issues = []
@@ -75,8 +81,10 @@ def evaluate(cfg: Config, layout: Layout, shape: ClusterShape, *,
 def candidate_layouts(cfg: Config, shape: ClusterShape) -> list[Layout]:
     """Every layout of the search space on ``shape`` (not yet validated): TP within a node,
     PP dividing the layers, micro-batches 1-8, ZeRO 0-3, the three recompute modes, SP on or
-    off."""
+    off. ZeRO 0 is left out where DeepSpeed would run it as stage 1 (bf16): it is the ZeRO 1
+    layout under another name."""
     world, m = shape.world, cfg.model
+    zeros = [z for z in (0, 1, 2, 3) if deepspeed_stage(cfg.train.precision, z) == z]
     out = []
     for tp in range(1, shape.gpus_per_node + 1):
         if shape.gpus_per_node % tp or world % tp:
@@ -86,7 +94,7 @@ def candidate_layouts(cfg: Config, shape: ClusterShape) -> list[Layout]:
                 continue
             dp = world // (tp * pp)
             for micro in MICRO_BATCHES:
-                for zero in (0, 1, 2, 3):
+                for zero in zeros:
                     for rc in RECOMPUTE:
                         for sp in ((False, True) if tp > 1 else (False,)):
                             out.append(Layout(tp, pp, dp, micro, zero, rc, sp))

@@ -11,10 +11,23 @@ from dataclasses import dataclass
 
 from megagpt.config.schema import ModelConfig
 from megagpt.planner.hardware import LINK_EFFICIENCY, ClusterShape
-from megagpt.planner.memory import BYTES, Layout, padded_vocab_size, stage_parameters
+from megagpt.planner.memory import (
+    BYTES,
+    GRAD_BYTES,
+    ZERO3_BUCKET_ELEMENTS,
+    ZERO_BUCKET_ELEMENTS,
+    Layout,
+    deepspeed_stage,
+    padded_vocab_size,
+    stage_parameters,
+)
 from megagpt.training.metrics import flops_per_token
 
 DEFAULT_EFFICIENCY = 0.55
+# Fraction of its own duration by which communication overlapped with compute still slows that
+# compute: NCCL's channels run as thread blocks on the same SMs and share HBM bandwidth (an
+# assumption of the order of the SM share NCCL takes on NVLink, not measured here).
+OVERLAP_INTERFERENCE = 0.2
 
 ASSUMPTIONS = [
     ("compute: hardware FLOPs (model FLOPs of megagpt.training.metrics.flops_per_token, plus "
@@ -30,9 +43,17 @@ ASSUMPTIONS = [
     ("pipeline parallel: per micro-batch and stage boundary one activation send forward and one "
     "gradient send backward of s*b*h/t bytes (DeepSpeed partitions them over TP), not "
     "overlapped."),
-    ("data parallel: one gradient all-reduce (ring, 2(d-1)/d x gradient bytes of the stage) "
-    "after the last micro-batch, not overlapped (DeepSpeed's pipeline engine reduces after the "
-    "flush); ZeRO 3 moves 1.5x that (parameter all-gathers)."),
+    ("data parallel (gradients reduced in fp32 for bf16, in the training dtype otherwise; "
+    "ring costs (d-1)/d x bytes per reduce-scatter or all-gather, twice that per all-reduce): "
+    "ZeRO 0 one all-reduce after the last micro-batch; ZeRO 1 one reduce-scatter after the "
+    "last micro-batch plus one all-gather of the updated 16-bit weights, neither overlapped "
+    "(DeepSpeed's pipeline engine reduces after the flush); ZeRO 2 a reduce-scatter after "
+    "EVERY micro-batch (its gradients live only as DP shards) overlapped with that "
+    "micro-batch's backward (2/3 of its compute; overlap_comm), of which at least the last "
+    "bucket is exposed, plus the weight all-gather per step; ZeRO 3 also all-gathers the "
+    "weights for the forward and the backward of every micro-batch, overlapped with its "
+    f"whole compute. Overlapped communication still costs {OVERLAP_INTERFERENCE:g} x its "
+    "duration (NCCL shares the SMs and memory bandwidth with the kernels it hides behind)."),
     (f"links: a group inside one node uses NVLink, a group spanning nodes InfiniBand (one NIC "
     f"per GPU), each at {LINK_EFFICIENCY:.0%} of nominal; rank order is TP fastest, then DP, "
     "then PP (megagpt.parallel.dims)."),
@@ -61,17 +82,61 @@ def _ring(bytes_: float, n: int, bandwidth: float) -> float:
     return 2.0 * (n - 1) / n * bytes_ / bandwidth
 
 
+def _half_ring(bytes_: float, n: int, bandwidth: float) -> float:
+    """Seconds of a ring reduce-scatter (or all-gather) of ``bytes_`` over ``n`` ranks."""
+    return _ring(bytes_, n, bandwidth) / 2.0
+
+
+def _exposed(comm_s: float, window_s: float, tail_s: float) -> float:
+    """Step time ``comm_s`` of communication adds when it overlaps ``window_s`` of compute:
+    the excess, at least ``tail_s`` (the last bucket, ready only when the compute ends), plus
+    ``OVERLAP_INTERFERENCE`` of the hidden part."""
+    visible = max(comm_s - window_s, min(tail_s, comm_s))
+    return visible + OVERLAP_INTERFERENCE * (comm_s - visible)
+
+
+def data_parallel_time(precision: str, zero_stage: int, params: int, dp: int,
+                       bandwidth: float, micro_batches: int, micro_compute_s: float) -> float:
+    """Seconds per step of data-parallel communication not hidden behind compute, for a
+    stage of ``params`` parameters per GPU (see ``ASSUMPTIONS``; ``micro_compute_s`` is one
+    micro-batch's forward + backward on that stage).
+
+    What separates the stages: ZeRO 1 reduces the accumulated gradients once per step, ZeRO 2
+    reduce-scatters every micro-batch's gradients, so its cost grows with the accumulation
+    steps; overlap_comm hides it only while it fits in the backward.
+    """
+    if dp <= 1:
+        return 0.0
+    z = deepspeed_stage(precision, zero_stage)
+    grads = params * GRAD_BYTES[precision]
+    weights = params * BYTES[precision]
+    if z == 0:
+        return _ring(grads, dp, bandwidth)
+    gather = _half_ring(weights, dp, bandwidth)
+    scatter = _half_ring(grads, dp, bandwidth)
+    if z == 1:
+        return scatter + gather
+    if z == 2:
+        tail = scatter * min(1.0, ZERO_BUCKET_ELEMENTS / params)
+        per_micro = _exposed(scatter, micro_compute_s * 2.0 / 3.0, tail)
+        return micro_batches * per_micro + gather
+    comm = scatter + 2.0 * gather
+    tail = comm * min(1.0, ZERO3_BUCKET_ELEMENTS / params)
+    return micro_batches * _exposed(comm, micro_compute_s, tail)
+
+
 def step_time(m: ModelConfig, layout: Layout, shape: ClusterShape, *, precision: str,
               global_batch: int, efficiency: float = DEFAULT_EFFICIENCY,
-              seq: int | None = None) -> StepTime:
+              seq: int | None = None, tf32: bool = True) -> StepTime:
     """Predicted seconds per optimizer step of ``layout`` on ``shape`` (global batch in
-    sequences) and the resulting throughput, model TFLOP/s per GPU and MFU."""
+    sequences) and the resulting throughput, model TFLOP/s per GPU and MFU (``tf32``:
+    train.tf32, which decides the fp32 peak)."""
     if not 0 < efficiency <= 1:
         raise ValueError(f"--efficiency must be in (0, 1], got {efficiency}")
     seq = seq or m.seq_length
     t, pp, d, b = layout.tp, layout.pp, layout.dp, layout.micro_batch
     p = BYTES[precision]
-    peak = shape.gpu.peak_tflops(precision) * 1e12
+    peak = shape.gpu.peak_tflops(precision, tf32=tf32) * 1e12
     rate = peak * efficiency
     padded = padded_vocab_size(m.vocab_size, t)
     h, L = m.hidden_size, m.num_layers
@@ -107,10 +172,8 @@ def step_time(m: ModelConfig, layout: Layout, shape: ClusterShape, *, precision:
         pp_micro = 2.0 * (act / t) / shape.group_bandwidth(t * d + 1)
     slot = slowest + slowest_tp + pp_micro
     pipeline_s = (micro_batches + pp - 1) * slot
-    grad_bytes = max(st.params for st in stages) * p
-    dp_s = _ring(grad_bytes, d, shape.group_bandwidth(t * d))
-    if layout.zero_stage == 3:
-        dp_s *= 1.5
+    dp_s = data_parallel_time(precision, layout.zero_stage, max(st.params for st in stages), d,
+                              shape.group_bandwidth(t * d), micro_batches, slowest)
     step = pipeline_s + dp_s
     tokens = global_batch * seq
     tps = tokens / step

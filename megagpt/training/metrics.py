@@ -8,31 +8,72 @@ FLOPs per trained token (model FLOPs, the numerator of MFU):
 
 Forward + backward = 3x forward; each multiply-add = 2 FLOPs. Activation recompute is NOT counted
 (this is MFU, not HFU), attention IS counted (causal-halved, as Megatron-LM and llm.c do).
-MFU = achieved model TFLOP/s per device / the device's dense peak for the training precision.
+MFU = achieved model TFLOP/s per device / the device's dense peak for the training precision
+(fp32: the TF32 tensor-core peak when train.tf32 lets matmuls use them, else plain fp32).
+Tokens/s and MFU count only the training work of a logging window (``ThroughputWindow``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from megagpt.config.schema import ModelConfig
 
 if TYPE_CHECKING:  # the planner imports this module; keep it free of torch at import
     import torch
 
-# Dense (not 2:4-sparse) peak TFLOP/s per device, by precision. Sources: NVIDIA datasheets
-# (H100 SXM bf16 989, A100 bf16 312; fp32 runs use TF32 tensor cores).
-PEAK_TFLOPS = {
-    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.5},
-    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.5},
-    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0},
-    "L40S": {"bf16": 362.0, "fp16": 362.0, "fp32": 183.0},
-    "A10": {"bf16": 125.0, "fp16": 125.0, "fp32": 62.5},
-    "V100": {"bf16": 0.0, "fp16": 125.0, "fp32": 15.7},
+
+class DevicePeak(NamedTuple):
+    """Dense (not 2:4-sparse) peak TFLOP/s of one device, from its NVIDIA datasheet (the
+    datasheets quote the sparse figure for tensor cores: halved here)."""
+
+    half: float  # bf16 / fp16 tensor cores
+    tf32: float | None  # TF32 tensor cores (fp32 matmuls with train.tf32); None = no TF32 units
+    fp32: float  # plain fp32, CUDA cores (fp32 matmuls without TF32)
+    bf16: bool = True  # False: no bf16 tensor cores (V100 runs bf16 emulated; no honest peak)
+
+
+# Keyed by the exact name torch.cuda.get_device_name reports: the variants of one chip differ
+# (H100 PCIe and NVL run lower clocks and power than SXM), so a substring such as "H100" would
+# give a PCIe card the SXM peak. Unknown names get no MFU until logging.peak_tflops is set.
+PEAK_TFLOPS: dict[str, DevicePeak] = {
+    # H100 SXM5 / H200 SXM: bf16 1,979*, TF32 989*, FP32 67 (989 = 1,979 / 2 rounded, the
+    # figure Megatron-LM and torchtitan use).
+    "NVIDIA H100 80GB HBM3": DevicePeak(989.0, 494.5, 67.0),
+    "NVIDIA H200": DevicePeak(989.0, 494.5, 67.0),
+    # H100 PCIe: bf16 1,513*, TF32 756*, FP32 51.
+    "NVIDIA H100 PCIe": DevicePeak(756.5, 378.0, 51.0),
+    # H100 NVL / H200 NVL (per GPU): bf16 1,671*, TF32 835*, FP32 60.
+    "NVIDIA H100 NVL": DevicePeak(835.5, 417.5, 60.0),
+    "NVIDIA H200 NVL": DevicePeak(835.5, 417.5, 60.0),
+    # A100 SXM4 and PCIe, 40 and 80 GB: bf16 312, TF32 156, FP32 19.5 (one datasheet column).
+    "NVIDIA A100-SXM4-80GB": DevicePeak(312.0, 156.0, 19.5),
+    "NVIDIA A100-SXM4-40GB": DevicePeak(312.0, 156.0, 19.5),
+    "NVIDIA A100 80GB PCIe": DevicePeak(312.0, 156.0, 19.5),
+    "NVIDIA A100-PCIE-40GB": DevicePeak(312.0, 156.0, 19.5),
+    # L40S: bf16 733*, TF32 366*, FP32 91.6.  A10: bf16 250*, TF32 125*, FP32 31.2.
+    "NVIDIA L40S": DevicePeak(362.05, 183.0, 91.6),
+    "NVIDIA A10": DevicePeak(125.0, 62.5, 31.2),
+    # V100: fp16 tensor cores only (no bf16, no TF32). SXM2 125 / 15.7, PCIe 112 / 14,
+    # V100S PCIe 130 / 16.4.
+    "Tesla V100-SXM2-32GB": DevicePeak(125.0, None, 15.7, bf16=False),
+    "Tesla V100-SXM2-16GB": DevicePeak(125.0, None, 15.7, bf16=False),
+    "Tesla V100-PCIE-32GB": DevicePeak(112.0, None, 14.0, bf16=False),
+    "Tesla V100-PCIE-16GB": DevicePeak(112.0, None, 14.0, bf16=False),
+    "Tesla V100S-PCIE-32GB": DevicePeak(130.0, None, 16.4, bf16=False),
 }
+
+
+def _normalise(name: str) -> str:
+    return " ".join(name.split()).casefold()
+
+
+_BY_NAME = {_normalise(k): v for k, v in PEAK_TFLOPS.items()}
 
 
 def flops_per_token(m: ModelConfig, padded_vocab: int, seq_length: int) -> float:
@@ -43,9 +84,41 @@ def flops_per_token(m: ModelConfig, padded_vocab: int, seq_length: int) -> float
     return 6.0 * dense + 6.0 * L * seq_length * h + 6.0 * h * padded_vocab
 
 
-def device_peak_tflops(device: torch.device, precision: str, override: float = 0.0
-                       ) -> float | None:
-    """Peak dense TFLOP/s of ``device`` for ``precision``; None when unknown (CPU)."""
+def device_peak(device_name: str) -> DevicePeak | None:
+    """The table row of ``device_name`` (exact name, case and spacing ignored); None if unknown."""
+    return _BY_NAME.get(_normalise(device_name))
+
+
+def peak_tflops(device_name: str | None, precision: str, *, tf32: bool, override: float = 0.0
+                ) -> float | None:
+    """Dense peak TFLOP/s that MFU divides by, for a run in ``precision`` on ``device_name``
+    (None: CPU or no name); ``tf32`` says whether fp32 matmuls run on TF32 tensor cores.
+
+    ``override`` (logging.peak_tflops) > 0 wins. None when the device is unknown or has no
+    honest peak for the precision (bf16 on V100). Pure: no torch, no GPU.
+    """
+    if override > 0:
+        return override
+    row = device_peak(device_name) if device_name else None
+    if row is None:
+        return None
+    if precision in ("bf16", "fp16"):
+        return row.half if (precision == "fp16" or row.bf16) else None
+    if precision == "fp32":
+        # Without TF32 units (V100) fp32 matmuls run on CUDA cores whatever the flag says.
+        return row.tf32 if (tf32 and row.tf32) else row.fp32
+    raise ValueError(f"train.precision={precision!r}: expected bf16, fp16 or fp32")
+
+
+# Device names already warned about: the note is printed once per process, however many
+# trainers or benchmarks ask (a plain module-level set; nothing else reads it).
+_WARNED: set[str] = set()
+
+
+def device_peak_tflops(device: torch.device, precision: str, override: float = 0.0, *,
+                       tf32: bool = True, log: Callable[[str], None] = print) -> float | None:
+    """Peak dense TFLOP/s of ``device`` for ``precision`` (see ``peak_tflops``); None on CPU
+    and on an unknown GPU, for which it logs once how to set ``logging.peak_tflops``."""
     if override > 0:
         return override
     if device.type != "cuda":
@@ -53,10 +126,51 @@ def device_peak_tflops(device: torch.device, precision: str, override: float = 0
     import torch
 
     name = torch.cuda.get_device_name(device)
-    for key, table in PEAK_TFLOPS.items():
-        if key in name:
-            return table.get(precision) or None
-    return None
+    peak = peak_tflops(name, precision, tf32=tf32)
+    if peak is None and name not in _WARNED:
+        _WARNED.add(name)
+        why = ("has no bf16 tensor cores" if device_peak(name) is not None
+               else "is not in megagpt.training.metrics.PEAK_TFLOPS")
+        log(f"GPU {name!r} {why}: MFU is not reported; set logging.peak_tflops to its dense "
+            f"{precision} peak TFLOP/s to get it")
+    return peak
+
+
+class ThroughputWindow:
+    """Tokens and seconds of training work between two log lines.
+
+    Only the time between ``resume()`` and ``pause(tokens)`` counts, so what the loop does
+    outside (evaluation, checkpoint saves, the stop-signal vote) lands in no window's
+    tokens/s or MFU. ``clock`` (default ``time.perf_counter``) is injectable for tests.
+    """
+
+    def __init__(self, clock: Callable[[], float] | None = None):
+        self._clock = clock or time.perf_counter
+        self._since: float | None = None
+        self.tokens = 0
+        self.seconds = 0.0
+
+    def resume(self) -> None:
+        """Training work starts (batch assembly, then the step)."""
+        if self._since is not None:
+            raise RuntimeError("ThroughputWindow.resume() while already running")
+        self._since = self._clock()
+
+    def pause(self, tokens: int) -> None:
+        """Training work of ``tokens`` tokens ends; the clock stops until ``resume()``."""
+        if self._since is None:
+            raise RuntimeError("ThroughputWindow.pause() without resume()")
+        self.seconds += self._clock() - self._since
+        self._since = None
+        self.tokens += tokens
+
+    def take(self) -> tuple[int, float]:
+        """(tokens, seconds) since the last ``take()``; starts the next window."""
+        if self._since is not None:
+            raise RuntimeError("ThroughputWindow.take() while running: pause() first")
+        out = (self.tokens, self.seconds)
+        self.tokens, self.seconds = 0, 0.0
+        return out
 
 
 class MetricsWriter:

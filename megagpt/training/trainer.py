@@ -10,7 +10,6 @@ import math
 import os
 import random
 import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,13 @@ from megagpt import parallel
 from megagpt.checkpoint import checkpoint_dir, commit, latest_tag, resolve_load, tag_for
 from megagpt.config import Config, ConfigError, dump_yaml, validate
 from megagpt.config.schema import to_dict
-from megagpt.training.metrics import MetricsWriter, device_peak_tflops, flops_per_token
+from megagpt.training.metrics import (
+    MetricsWriter,
+    ThroughputWindow,
+    device_peak_tflops,
+    flops_per_token,
+)
+from megagpt.training.precision import configure_matmul_precision
 from megagpt.training.schedules import batch_size_at, learning_rate
 
 
@@ -75,7 +80,7 @@ def _rng_file(checkpoint: str, pp: int, tp: int) -> str:
     return os.path.join(checkpoint, "rng", f"pp{pp:03d}-tp{tp:03d}.pt")
 
 
-def _save_rng(checkpoint: str) -> None:
+def _save_rng(checkpoint: str, tp_region: torch.Tensor) -> None:
     """This rank's RNG streams, as plain tensors and lists (readable with weights_only=True).
 
     Every data-parallel rank of a (pp, tp) position draws the same streams (same seed, same
@@ -86,7 +91,7 @@ def _save_rng(checkpoint: str) -> None:
     version, state, gauss_next = random.getstate()
     blob = {"torch": torch.get_rng_state(),
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-            "python": [version, list(state), gauss_next]}
+            "python": [version, list(state), gauss_next], "tp_region": tp_region}
     if torch.cuda.is_available():
         blob["cuda"] = torch.cuda.get_rng_state()
     path = _rng_file(checkpoint, parallel.pp_rank(), parallel.tp_rank())
@@ -95,13 +100,15 @@ def _save_rng(checkpoint: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _load_rng(checkpoint: str) -> bool:
-    """Restore this rank's RNG streams saved by ``_save_rng``; False when none fit (another
-    TP/PP layout, or an older checkpoint)."""
+def _load_rng(checkpoint: str, tp_region) -> bool:
+    """Restore this rank's RNG streams saved by ``_save_rng`` (the TP-region dropout stream into
+    ``tp_region``); False when none fit (another TP/PP layout, or an older checkpoint)."""
     path = _rng_file(checkpoint, parallel.pp_rank(), parallel.tp_rank())
     if not os.path.isfile(path):
         return False
     blob = torch.load(path, weights_only=True)
+    if "tp_region" in blob:
+        tp_region.set_state(blob["tp_region"])
     kind, keys, pos, has_gauss, gauss = blob["numpy"]
     _set_rng_state({"torch": blob["torch"],
                     "numpy": (kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss),
@@ -176,6 +183,7 @@ class Trainer:
         check_data_paths(cfg)
         validate(cfg, world, cuda=cuda, need_data=self.needs_indexed_data)  # vocab may change
         self.device = parallel.resolve_device(cfg.train.device)
+        configure_matmul_precision(self.device, cfg.train.tf32)
         self.dims = parallel.initialize(cfg.parallel, self.device)
         self.rank = dist.get_rank()
         self.run_dir = cfg.run.dir
@@ -199,8 +207,10 @@ class Trainer:
         from megagpt.model import padded_vocab_size
 
         cfg = self.cfg
-        module = build_model(cfg, self.dims)
+        module = build_model(cfg, self.dims, self.device)
         self._init_weights(module)
+        # The TP-region dropout stream (model/rng.py): one per TP rank, from the run seed.
+        module.dropout_rng.seed(cfg.train.seed + 100 * parallel.pp_rank(), parallel.tp_rank())
         self.engine = Engine(cfg, module, self.dims, self.device)
         self.padded_vocab = padded_vocab_size(cfg.model.vocab_size, self.dims.tp)
         n_local = sum(p.numel() for p in module.parameters())
@@ -210,6 +220,7 @@ class Trainer:
              f"{n_local / 1e6:.2f}M parameters; world {self.dims.world} = TP {self.dims.tp} x "
              f"PP {self.dims.pp} x DP {self.dims.dp}; ZeRO {cfg.parallel.zero_stage}; "
              f"{cfg.train.precision} on {self.device}")
+        log0(self.engine.describe_precision())
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         """Start weights of the local model part (pretraining: the seeded layout-free init)."""
@@ -232,11 +243,16 @@ class Trainer:
         client = self.engine.load(directory, tag)
         self.state = TrainState(step=int(client["step"]),
                                 consumed_samples=int(client["consumed_samples"]))
-        if "rng" in client:
+        tp_region = self.engine.dropout_rng
+        if _load_rng(os.path.join(directory, tag), tp_region):
+            pass  # this rank's streams, saved by the same (pp, tp) position
+        elif "rng" in client:  # DeepSpeed's native files (checkpoint.native) of an older run
             _set_rng_state(client["rng"])
-        elif not _load_rng(os.path.join(directory, tag)):
+        else:
             # Another TP/PP layout: per-rank RNG streams do not map across layouts; reseed.
-            _seed(self.cfg.train.seed + 100 * parallel.pp_rank() + 7919 * self.state.step)
+            seed = self.cfg.train.seed + 100 * parallel.pp_rank() + 7919 * self.state.step
+            _seed(seed)
+            tp_region.seed(seed, parallel.tp_rank())
         log0(f"resumed from {directory}/{tag}: step {self.state.step}, "
              f"{self.state.consumed_samples} samples consumed")
 
@@ -310,31 +326,36 @@ class Trainer:
         cfg, t, st = self.cfg, self.cfg.train, self.state
         seq = cfg.model.seq_length
         stop = self.stop
+        tf32 = configure_matmul_precision(self.device, t.tf32)  # set in __init__; returns it
         fpt = flops_per_token(cfg.model, self.padded_vocab, seq)
-        peak = device_peak_tflops(self.device, t.precision, cfg.logging.peak_tflops)
+        peak = device_peak_tflops(self.device, t.precision, cfg.logging.peak_tflops, tf32=tf32,
+                                  log=log0)
         if st.step >= t.steps:
             log0(f"nothing to do: at step {st.step}, train.steps={t.steps}")
-        window_tokens, window_losses, window_start = 0, [], time.perf_counter()
+        # Only batch assembly + the step are timed: evaluation, saves and the stop vote below
+        # stay out of tokens/s and MFU.
+        window, window_losses = ThroughputWindow(), []
         skipped_total = 0
         last_saved = st.step
         while st.step < t.steps:
+            window.resume()
             gb = batch_size_at(st.consumed_samples, t.global_batch_size, t.rampup_batch_size)
             self.engine.set_global_batch(gb)
             n_micro = gb // (t.micro_batch_size * self.dims.dp)
             batches = self._micro_batches(self.train_ds, st.consumed_samples, n_micro)
             lr = learning_rate(cfg.optim, tokens=st.consumed_samples * seq, step=st.step)
             self.engine.set_lr(lr)
-            out = self.engine.train_step(batches)
+            out = self.engine.train_step(batches)  # its loss is a host float: the GPU is done
+            window.pause(tokens=gb * seq)
             st.step += 1
             st.consumed_samples += gb
-            window_tokens += gb * seq
             window_losses.append(out["loss"])
             skipped_total += int(out["skipped"])
             if not math.isfinite(out["loss"]) and not out["skipped"]:
                 raise FloatingPointError(f"step {st.step}: loss is {out['loss']}; stopping "
                                          f"(last checkpoint: step {last_saved})")
             if st.step % t.log_interval == 0 or st.step == t.steps:
-                elapsed = time.perf_counter() - window_start
+                window_tokens, elapsed = window.take()
                 tps = window_tokens / elapsed
                 tflops = fpt * tps / self.dims.world / 1e12
                 record = {
@@ -349,7 +370,7 @@ class Trainer:
                 log0(f"step {st.step}/{t.steps} | loss {record['loss']:.4f} | lr {lr:.3e} | "
                      f"grad {out['grad_norm']:.3f} | {tps:,.0f} tok/s | "
                      f"{tflops:.3f} TFLOP/s/device{mfu}")
-                window_tokens, window_losses, window_start = 0, [], time.perf_counter()
+                window_losses = []
             if t.eval_interval and self.valid_ds is not None and (
                     st.step % t.eval_interval == 0 or st.step == t.steps):
                 self.evaluate()
@@ -409,7 +430,7 @@ class Trainer:
         client = {"step": self.state.step, "consumed_samples": self.state.consumed_samples,
                   "rng": _rng_state(), "config": to_dict(self.cfg)}
         self.engine.save(self.ckpt_dir, tag, client)
-        _save_rng(os.path.join(self.ckpt_dir, tag))
+        _save_rng(os.path.join(self.ckpt_dir, tag), self.engine.dropout_rng.get_state())
         commit(self.ckpt_dir, tag, self.cfg.checkpoint.keep_last)
         log0(f"saved checkpoint {self.ckpt_dir}/{tag}")
 

@@ -29,12 +29,6 @@ with open(sys.argv[3], "w") as f:
 """
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -52,8 +46,6 @@ def run_distributed(target: str, world: int, timeout: float = 300.0, **kwargs) -
                        MASTER_PORT=str(port), OMP_NUM_THREADS="1",
                        PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                        WANDB_MODE="disabled")
-            if not _cuda():
-                env["DS_ACCELERATOR"] = "cpu"
             out = Path(tmp) / f"rank{rank}.json"
             err = open(Path(tmp) / f"rank{rank}.err", "w")
             procs.append((subprocess.Popen(

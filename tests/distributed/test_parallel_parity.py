@@ -33,6 +33,13 @@ LAYOUTS = {
     "zero3_dp2": (2, ["parallel.zero_stage=3"]),
     "tp2_recompute_full": (2, ["parallel.tensor=2", "parallel.recompute=full"]),
     "selective_recompute": (1, ["parallel.recompute=selective"]),
+    # sequence parallel on gloo (megagpt.parallel.regions), alone and across pipeline stages,
+    # where DeepSpeed's pipe partitioning would splice the TP ranks' sequence chunks
+    "tp2_sp": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
+    "tp2_pp2_sp": (4, ["parallel.tensor=2", "parallel.pipeline=2",
+                       "parallel.sequence_parallel=true"]),
+    "tp2_sp_recompute_full": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true",
+                                  "parallel.recompute=full"]),
 }
 
 

@@ -47,6 +47,9 @@ def test_run_directory_contents(tiny_corpus, tmp_path):
     (1, []), (2, ["parallel.tensor=2"]), (2, ["parallel.pipeline=2"]),
     # dropout on: the RNG streams must come back too
     (1, ["model.dropout=0.1", "model.attention_dropout=0.1"]),
+    # sequence parallel with dropout: the TP-region dropout streams come back per rank
+    (2, ["parallel.tensor=2", "parallel.sequence_parallel=true", "model.dropout=0.1",
+         "model.attention_dropout=0.1"]),
     # DeepSpeed's native files as well (checkpoint.native): resume takes them when it can
     (1, ["checkpoint.native=true", "model.dropout=0.1"]),
     # bf16: fp32 masters in DeepSpeed's bf16 optimizer (ZeRO 0) and in ZeRO 1's partitions

@@ -12,12 +12,28 @@ def engine_losses_on(overrides: list[str], steps: int = 5, seed: int = 1234,
 
 
 def engine_losses(overrides: list[str], steps: int = 5, seed: int = 1234,
-                  device: str = "cpu") -> dict:
+                  device: str = "cpu", accumulate_in_bf16: bool = False,
+                  repeat_micro_batch: bool = False) -> dict:
     """Train a tiny GPT for ``steps`` global batches of fixed synthetic tokens; return losses.
 
     The global batch is the same token tensor for every layout; each data-parallel rank takes
-    its contiguous share, as the real sampler does.
+    its contiguous share, as the real sampler does. ``accumulate_in_bf16`` gives DeepSpeed the
+    config without megagpt's fp32 accumulation (its own default), to show what that costs;
+    ``repeat_micro_batch`` makes every micro-batch of a step the same tokens, so the micro-batch
+    gradients agree in sign as the mean gradient of real text makes them (random tokens give
+    gradients that mostly cancel, which hides accumulation error).
     """
+    if accumulate_in_bf16:
+        from megagpt.engine import engine as engine_module
+
+        generated = engine_module.deepspeed_config
+
+        def bf16_accumulation(cfg, world):
+            ds = generated(cfg, world)
+            del ds["data_types"], ds["communication_data_type"]
+            return ds
+
+        engine_module.deepspeed_config = bf16_accumulation
     from megagpt import parallel
     from megagpt.config import load_config, validate
     from megagpt.engine import Engine, build_model
@@ -31,7 +47,7 @@ def engine_losses(overrides: list[str], steps: int = 5, seed: int = 1234,
     validate(cfg, world, cuda=dev.type == "cuda", need_data=False)
     dims = parallel.initialize(cfg.parallel, dev)
     torch.manual_seed(seed)
-    module = build_model(cfg, dims)
+    module = build_model(cfg, dims, dev)
     initialize_weights(module, cfg.model, seed, parallel.tp_rank(), dims.tp)
     engine = Engine(cfg, module, dims, dev)
     gb, micro, seq = cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.model.seq_length
@@ -39,6 +55,8 @@ def engine_losses(overrides: list[str], steps: int = 5, seed: int = 1234,
     losses, norms = [], []
     for _ in range(steps):
         data = torch.randint(0, cfg.model.vocab_size, (gb, seq + 1), generator=gen)
+        if repeat_micro_batch:
+            data = data[:micro].repeat(gb // micro, 1)
         share = gb // dims.dp
         mine = data[parallel.dp_rank() * share:(parallel.dp_rank() + 1) * share]
         mbs = [{"tokens": mine[i:i + micro, :-1], "labels": mine[i:i + micro, 1:],
@@ -100,3 +118,27 @@ def module_parameter_count(size: str, tp: int = 1) -> dict:
     parallel.destroy()
     return {"local": local, "replicated": replicated,
             "padded_vocab": padded_vocab_size(cfg.vocab_size, tp)}
+
+
+def dropout_draws(config: str, overrides: list[str]) -> dict:
+    """``megagpt train`` that records, at every dropout call, a draw from the generator that
+    dropout is about to use: attention dropout (inside scaled_dot_product_attention) and the
+    others (embedding and residual dropouts, through F.dropout). Returns this rank's draws."""
+    import torch.nn.functional as F
+
+    record: dict[str, list] = {"attention": [], "residual": []}
+    sdpa, dropout = F.scaled_dot_product_attention, F.dropout
+
+    def sdpa_recorded(*args, **kwargs):
+        if kwargs.get("dropout_p", 0.0) > 0:
+            record["attention"].append(torch.rand(2).tolist())
+        return sdpa(*args, **kwargs)
+
+    def dropout_recorded(x, p=0.5, training=True, inplace=False):
+        if training and p > 0:
+            record["residual"].append(torch.rand(2).tolist())
+        return dropout(x, p, training, inplace)
+
+    F.scaled_dot_product_attention, F.dropout = sdpa_recorded, dropout_recorded
+    train_run(config, overrides)
+    return record

@@ -17,8 +17,9 @@ LAB = Path(os.environ.get("MEGAGPT_SLURM_DIR", "/tmp/megagpt-slurm"))
 
 
 def launcher_env(**extra: str) -> dict:
-    """Environment for launched training: CPU DeepSpeed, one thread per process, loopback."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
+    """Environment for launched training: one thread per process, loopback (megagpt picks
+    DeepSpeed's accelerator from train.device itself)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
                WANDB_MODE="disabled", MEGAGPT_ROOT=str(ROOT), PYTHONWARNINGS="ignore")
     env.update(extra)
     return env

@@ -134,14 +134,23 @@ def test_validation_names_the_keys():
             (_base("parallel.pipeline=2", "parallel.zero_stage=2"), 2),
         "world size 3 is not divisible by parallel.tensor x parallel.pipeline = 2 x 1":
             (_base("parallel.tensor=2"), 3),
-        "parallel.sequence_parallel needs CUDA/NCCL":
-            (_base("parallel.tensor=2", "parallel.sequence_parallel=true"), 2),
+        "model.seq_length (33) must be divisible by parallel.tensor":
+            (_base("parallel.tensor=2", "parallel.sequence_parallel=true",
+                   "model.seq_length=33"), 2),
+        "parallel.sequence_parallel needs parallel.tensor > 1":
+            (_base("parallel.sequence_parallel=true"), 1),
         "train.precision=fp16 is not supported on CPU": (_base("train.precision=fp16"), 1),
     }
     for expected, (cfg, world) in msgs.items():
         with pytest.raises(ConfigError) as e:
             validate(cfg, world, cuda=False)
         assert expected in str(e.value)
+
+
+def test_sequence_parallel_is_valid_on_cpu_gloo():
+    """Sequence parallelism runs on gloo (megagpt.parallel.regions): no CUDA needed."""
+    validate(_base("parallel.tensor=2", "parallel.sequence_parallel=true",
+                   "parallel.backend=gloo"), 2, cuda=False)
 
 
 def test_all_problems_are_reported_at_once():

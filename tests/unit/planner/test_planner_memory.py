@@ -81,18 +81,34 @@ def test_pipeline_in_flight_micro_batches():
 
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
 def test_model_state_per_zero_stage(zero):
-    # gpt3-175b, TP8 PP8 DP16, bf16: 2 B weights, 2 B grads, 12 B optimizer per parameter;
-    # ZeRO 1 divides the optimizer by DP=16, ZeRO 2 also the grads, ZeRO 3 also the weights.
-    lay = Layout(tp=8, pp=8, dp=16, micro_batch=1, zero_stage=min(zero, 3))
+    # gpt3-175b, TP8 PP8 DP16, bf16: 2 B weights, 12 B optimizer per parameter, gradients
+    # accumulated in fp32 (4 B, DeepSpeed's grad_accum_dtype as megagpt.engine sets it).
+    # ZeRO 1 divides the optimizer by DP=16, ZeRO 2 also the gradients, ZeRO 3 also the
+    # weights; bf16 at ZeRO 0 runs as DeepSpeed stage 1, so it counts as ZeRO 1.
+    lay = Layout(tp=8, pp=8, dp=16, micro_batch=1, zero_stage=zero)
     stages = memory_per_stage(M175, lay, precision="bf16", global_batch=3072, flash=True)
     n = stages[1].params
     assert n == 12 * layer_params_per_rank(M175, 8)
     b = stages[1]
     assert b.weights == 2 * n / (16 if zero >= 3 else 1)
-    assert b.grads == 2 * n / (16 if zero >= 2 else 1)
-    assert b.optimizer == 12 * n / (16 if zero >= 1 else 1)
-    bucket = min(500_000_000, n) * 2 if zero >= 2 else 0
+    assert b.grads == 4 * n / (16 if zero >= 2 else 1)
+    assert b.optimizer == 12 * n / 16
+    # DeepSpeed's contiguous buckets of 5e7 elements, allocated whole on a GPU: ZeRO 1 one
+    # fp32 accumulation bucket; ZeRO 2 two bf16 buckets (overlap_comm) + the fp32 copy of one
+    # that is reduced; ZeRO 3 DeepSpeed's default 5e8-element bucket.
+    bucket = {0: 4 * 5e7, 1: 4 * 5e7, 2: 2 * 2 * 5e7 + 4 * 5e7, 3: 2 * min(5e8, n)}[zero]
     assert b.buffers == CUDA_RESERVE_BYTES + bucket
+
+
+def test_zero2_holds_less_than_zero1_but_its_buckets_are_counted():
+    # gpt3-1.3b on 8 GPUs: ZeRO 1 keeps a full fp32 gradient accumulator (4 B/param), ZeRO 2
+    # only its 1/8 shard but two extra 16-bit buckets for overlapping the reduction.
+    m = from_name("gpt3-1.3b")
+    z1, z2 = (memory_per_stage(m, Layout(1, 1, 8, 1, zero_stage=z), precision="bf16",
+                               global_batch=1024)[0] for z in (1, 2))
+    n = z1.params
+    assert z1.grads - z2.grads == pytest.approx(4 * n * 7 / 8)
+    assert z2.buffers - z1.buffers == pytest.approx(2 * 2 * 5e7)
 
 
 def test_activation_total_of_a_stage_by_hand():
@@ -111,7 +127,8 @@ def test_fp32_counts_four_byte_weights_and_grads():
     lay = Layout(tp=1, pp=1, dp=1, micro_batch=1, zero_stage=1)
     (b,) = memory_per_stage(TINY, lay, precision="fp32", global_batch=8, cuda=False)
     n = parameter_count(TINY)
-    assert (b.weights, b.grads, b.optimizer, b.buffers) == (4 * n, 4 * n, 12 * n, 0)
+    # On CPU only the touched part of ZeRO 1's gradient bucket (n elements) is resident.
+    assert (b.weights, b.grads, b.optimizer, b.buffers) == (4 * n, 4 * n, 12 * n, 4 * n)
 
 
 def test_unknown_precision_is_an_error():

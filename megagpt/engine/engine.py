@@ -1,68 +1,27 @@
-"""DeepSpeed behind one module: the generated JSON config, the model wrapping, the step.
+"""The training engine: the model wrapped by DeepSpeed, one optimizer step, evaluation, and the
+hand-over of tensors to the checkpoint format.
 
-This is the only module that imports deepspeed. Pipeline parallelism (PP > 1) uses DeepSpeed's
-PipelineModule/PipelineEngine (1F1B) with the tied embedding shared by the first and last
-stage; PP = 1 uses the plain DeepSpeedEngine, which allows ZeRO stages 0-3.
+Pipeline parallelism (PP > 1) uses DeepSpeed's PipelineModule/PipelineEngine (1F1B) with the tied
+embedding shared by the first and last stage; PP = 1 uses the plain DeepSpeedEngine, which allows
+ZeRO stages 0-3. deepspeed is imported through ``accelerator.import_deepspeed(device)`` only.
 """
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 import torch.distributed as dist
 
-if not torch.cuda.is_available():
-    # DeepSpeed picks its accelerator at import time; without CUDA it must be told "cpu".
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-import deepspeed
-from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
-from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-
 from megagpt.config.schema import Config
-from megagpt.config.validate import grad_accumulation_steps
-from megagpt.model.gpt import GPTModel, padded_vocab_size
-from megagpt.model.layers import (
-    DecoderLayer,
-    FinalNorm,
-    PositionEmbedding,
-    WordEmbedding,
-    lm_loss,
-)
+from megagpt.engine.accelerator import import_deepspeed
+from megagpt.engine.ds_config import deepspeed_config, deepspeed_zero_stage
+from megagpt.engine.optim_state import adapter_for
+from megagpt.model.gpt import GPTModel, gpt_blocks
+from megagpt.model.layers import lm_loss
 from megagpt.model.mcore import megatron_config
+from megagpt.model.rng import TensorParallelRNG
 from megagpt.parallel import MegatronMPU, ParallelDims
-
-
-def deepspeed_config(cfg: Config, world_size: int) -> dict:
-    """The DeepSpeed JSON for ``cfg`` on ``world_size`` ranks (never hand-written)."""
-    t = cfg.train
-    gas = grad_accumulation_steps(cfg, world_size)
-    dp = world_size // (cfg.parallel.tensor * cfg.parallel.pipeline)
-    ds: dict = {
-        "train_batch_size": t.micro_batch_size * gas * dp,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": gas,
-        "gradient_clipping": cfg.optim.clip_grad,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
-        # Our optimizer is torch's AdamW (fused on CUDA); DeepSpeed must accept it under ZeRO.
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-        "dump_state": False,
-    }
-    if t.precision == "bf16":
-        ds["bf16"] = {"enabled": True}
-    elif t.precision == "fp16":
-        ds["fp16"] = {
-            "enabled": True, "loss_scale": 0,
-            "initial_scale_power": round(math.log2(t.initial_loss_scale)),
-            "loss_scale_window": t.loss_scale_window, "hysteresis": 2, "min_loss_scale": 1,
-        }
-    if cfg.parallel.pipeline > 1:
-        ds["pipeline"] = {"pipe_partitioned": True, "grad_partitioned": True}
-    return ds
 
 
 def _param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -76,30 +35,41 @@ def _param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _pipeline_module(cfg: Config, mp, dims: ParallelDims) -> PipelineModule:
-    m, p = cfg.model, cfg.parallel
-    padded = padded_vocab_size(m.vocab_size, p.tensor)
-    specs = [TiedLayerSpec("embed", WordEmbedding, m, mp, padded,
-                           tied_weight_attr="word_embeddings.weight"),
-             LayerSpec(PositionEmbedding, m, mp)]
-    specs += [LayerSpec(DecoderLayer, m, mp, i, p.recompute) for i in range(m.num_layers)]
-    specs += [LayerSpec(FinalNorm, m, mp),
-              TiedLayerSpec("embed", WordEmbedding, m, mp, padded,
-                            forward_fn=lambda module, h: module.logits(h),
-                            tied_weight_attr="word_embeddings.weight")]
+def _pipeline_module(cfg: Config, mp, dims: ParallelDims, device: torch.device):
+    """This rank's pipeline stage, built by DeepSpeed from ``gpt_blocks``."""
+    import_deepspeed(device)
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    rng = TensorParallelRNG()
+    specs = []
+    for block in gpt_blocks(cfg.model, mp, cfg.parallel.recompute, rng):
+        if block.tie is None:
+            specs.append(LayerSpec(block.cls, *block.args))
+            continue
+        forward = None if block.method == "forward" else \
+            (lambda module, h, name=block.method: getattr(module, name)(h))
+        specs.append(TiedLayerSpec(block.tie, block.cls, *block.args, forward_fn=forward,
+                                   tied_weight_attr="word_embeddings.weight"))
     topo = PipeModelDataParallelTopology(num_pp=dims.pp, num_mp=dims.tp, num_dp=dims.dp)
-    method = "type:DecoderLayer" if p.pipeline_partition == "uniform" else "parameters"
-    return PipelineModule(layers=specs, topology=topo, partition_method=method,
-                          loss_fn=lambda logits, target: lm_loss(logits, target[0], target[1]))
+    method = "type:DecoderLayer" if cfg.parallel.pipeline_partition == "uniform" else "parameters"
+    module = PipelineModule(layers=specs, topology=topo, partition_method=method,
+                            loss_fn=lambda logits, target: lm_loss(logits, target[0], target[1]))
+    module.dropout_rng = rng  # the same attribute GPTModel has
+    return module
 
 
-def build_model(cfg: Config, dims: ParallelDims) -> torch.nn.Module:
-    """The local part of the GPT: the whole model (PP=1) or this rank's pipeline stage."""
+def build_model(cfg: Config, dims: ParallelDims, device: torch.device) -> torch.nn.Module:
+    """The local part of the GPT: the whole model (PP=1) or this rank's pipeline stage.
+
+    ``device`` is the run's resolved device; it chooses DeepSpeed's accelerator (the model itself
+    is built on the CPU and moved by the engine)."""
     mp = megatron_config(cfg.model, cfg.parallel, torch.float32)
+    deepspeed = import_deepspeed(device)
     # deepspeed.comm wraps the torch.distributed group that megagpt.parallel already started.
     deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
     if dims.pp > 1:
-        return _pipeline_module(cfg, mp, dims)
+        return _pipeline_module(cfg, mp, dims, device)
     return GPTModel(cfg.model, mp, cfg.parallel.recompute)
 
 
@@ -117,12 +87,29 @@ class Engine:
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                       fused=fused)
         ds_cfg = deepspeed_config(cfg, dims.world)
+        deepspeed = import_deepspeed(device)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, config=ds_cfg,
             mpu=None if self.pipeline else MegatronMPU(),
             dist_init_required=False)
+        # Chosen once: where this DeepSpeed optimizer wrapper keeps fp32 masters and moments.
+        self.optim_state = adapter_for(self.ds.optimizer, device)
         self._sp_hooks(module)
         self._record_fp32_grad_norm()
+
+    @property
+    def dropout_rng(self) -> TensorParallelRNG:
+        """The tensor-parallel region's dropout stream of the local model part."""
+        return self.ds.module.dropout_rng
+
+    def describe_precision(self) -> str:
+        """One line on how gradients are accumulated and which optimizer wrapper runs."""
+        t, stage = self.cfg.train, deepspeed_zero_stage(self.cfg)
+        accum = "fp32" if t.precision in ("fp32", "bf16") else t.precision
+        note = " (bf16 at parallel.zero_stage=0 runs DeepSpeed's stage 1)" \
+            if stage != self.cfg.parallel.zero_stage else ""
+        return (f"{t.precision} parameters, {accum} gradient accumulation; DeepSpeed ZeRO "
+                f"{stage}{note} with {type(self.ds.optimizer).__name__}")
 
     # -- the step -------------------------------------------------------------------------
     def set_lr(self, lr: float) -> None:
@@ -201,14 +188,14 @@ class Engine:
                                     save_latest=False)
         path = os.path.join(directory, tag)
         os.makedirs(path, exist_ok=True)
-        self._materialize_optimizer_state()
+        self.optim_state.materialize()
         reshard.save_shards(
             path, [(n, p, d) for n, p, _, d in self._local_params(skip_tied_copy=True)],
-            self._state_get, tp_rank=parallel.tp_rank(), tp=self.dims.tp,
+            self.optim_state.get, tp_rank=parallel.tp_rank(), tp=self.dims.tp,
             pp_rank=parallel.pp_rank(), pp=self.dims.pp, write=parallel.dp_rank() == 0)
         if dist.get_rank() == 0:
             reshard.save_meta(path, layout=self._layout(), model=self.cfg.model,
-                              adam_step=self._adam_step(), engine=self._counters(),
+                              adam_step=self.optim_state.adam_step(), engine=self._counters(),
                               client=client_state)
         dist.barrier()
 
@@ -234,12 +221,12 @@ class Engine:
                 raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}/{tag}")
             return client or {}
         record = reshard.Record(path)
-        self._materialize_optimizer_state()
-        reshard.load_shards(record, list(self._local_params()), self._state_set,
+        self.optim_state.materialize()
+        reshard.load_shards(record, list(self._local_params()), self.optim_state.set,
                             vocab_size=self.cfg.model.vocab_size, tp_rank=parallel.tp_rank(),
                             tp=self.dims.tp)
-        self._refresh_low_precision()
-        self._set_adam_step(int(meta["adam_step"]))
+        self.optim_state.refresh_low_precision()
+        self.optim_state.set_adam_step(int(meta["adam_step"]))
         self._set_counters(meta.get("engine", {}))
         dist.barrier()
         return dict(meta.get("client", {}))
@@ -250,29 +237,22 @@ class Engine:
         from megagpt import parallel
         from megagpt.checkpoint import reshard
 
-        self._materialize_optimizer_state()
+        self.optim_state.materialize()
         for name, p, shape, dim in self._local_params():
             if name not in tensors:
                 raise reshard.CheckpointError(f"{source}: missing tensor {name!r} (the model "
                                               f"expects shape {shape})")
-            self._state_set(p, "param", reshard.local_shard(
+            self.optim_state.set(p, "param", reshard.local_shard(
                 name, tensors[name], shape, dim, self.cfg.model.vocab_size, parallel.tp_rank(),
                 self.dims.tp, source))
-        self._refresh_low_precision()
+        self.optim_state.refresh_low_precision()
         dist.barrier()
 
     def fp32_value(self, p: torch.nn.Parameter) -> torch.Tensor:
         """The full fp32 master value of a (local, TP-sharded) parameter, whatever the ZeRO
         stage and precision. Collective over data parallel under ZeRO: call it on every rank
         for the same parameters in the same order."""
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        master = self._unfused_masters().get(id(p))
-        if master is not None:
-            return master
-        value = safe_get_full_fp32_param(p) if self.cfg.parallel.zero_stage > 0 or \
-            self.cfg.train.precision != "fp32" else None
-        return value if value is not None else p
+        return self.optim_state.fp32_value(p)
 
     # -- checkpoint helpers: the fp32 master and Adam state, whatever the ZeRO stage ------
     def _layout(self) -> dict:
@@ -297,119 +277,6 @@ class Engine:
                 if dim is not None:
                     shape[dim] *= self.dims.tp
             yield name, p, shape, dim
-
-    def _base_optimizer(self) -> torch.optim.Optimizer:
-        opt = self.ds.optimizer
-        while not isinstance(opt, torch.optim.Optimizer):
-            opt = opt.optimizer
-        return opt
-
-    def _unfused_masters(self) -> dict[int, torch.Tensor]:
-        """bf16/fp16 at ZeRO 0 without a pipeline: DeepSpeed's FP16_UnfusedOptimizer keeps one
-        fp32 master tensor per model parameter (``fp32_groups`` parallel to ``fp16_groups``);
-        maps id(model parameter) -> its master. Empty for every other optimizer."""
-        opt = self.ds.optimizer
-        if type(opt).__name__ != "FP16_UnfusedOptimizer":
-            return {}
-        return {id(lp): hp for lows, highs in zip(opt.fp16_groups, opt.fp32_groups)
-                for lp, hp in zip(lows, highs)}
-
-    def _plain_optimizer(self) -> bool:
-        """ZeRO 0 in fp32: DeepSpeed steps torch's AdamW on the model parameters directly."""
-        return isinstance(self.ds.optimizer, torch.optim.Optimizer)
-
-    def _flat_states(self) -> list[torch.Tensor]:
-        """The tensors the base optimizer keeps state for (ZeRO's flat fp32 partitions)."""
-        opt = self.ds.optimizer
-        for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups",
-                     "fp32_groups_flat_partition"):
-            flats = getattr(opt, attr, None)
-            if flats:
-                return list(flats)
-        if self._plain_optimizer():
-            return [p for g in opt.param_groups for p in g["params"]]
-        if self._unfused_masters():
-            return [hp for highs in opt.fp32_groups for hp in highs]
-        # Every optimizer DeepSpeed picks for our configs is handled above (fp32/bf16/fp16 at
-        # ZeRO 0-3, with and without a pipeline); a new DeepSpeed wrapper lands here.
-        raise RuntimeError(
-            f"megagpt checkpoints do not know DeepSpeed's {type(opt).__name__} "
-            f"(precision {self.cfg.train.precision}, ZeRO {self.cfg.parallel.zero_stage}); "
-            "please report this with your DeepSpeed version")
-
-    def _materialize_optimizer_state(self) -> None:
-        """AdamW creates its state at the first step; a checkpoint saved or loaded before it
-        needs zero moments to exist (and ZeRO's per-parameter views linked to them)."""
-        base = self._base_optimizer()
-        flags = base.param_groups[0] if base.param_groups else {}
-        on_device = flags.get("fused") or flags.get("capturable")
-        for t in self._flat_states():
-            if not base.state.get(t):
-                base.state[t] = {
-                    "step": torch.zeros((), dtype=torch.float32,
-                                        device=t.device if on_device else "cpu"),
-                    "exp_avg": torch.zeros_like(t, memory_format=torch.preserve_format),
-                    "exp_avg_sq": torch.zeros_like(t, memory_format=torch.preserve_format)}
-        if hasattr(self.ds.optimizer, "_lazy_init_hp_params_optimizer_state"):
-            self.ds.optimizer._hp_optimizer_states_linked = False
-            self.ds.optimizer._lazy_init_hp_params_optimizer_state()
-
-    def _state_get(self, p: torch.nn.Parameter, kind: str) -> torch.Tensor:
-        """The local TP shard of ``kind`` (param = fp32 master) for ``p``; collective over DP
-        under ZeRO."""
-        from deepspeed.utils import safe_get_full_optimizer_state
-
-        if kind == "param":
-            return self.fp32_value(p)
-        if self._plain_optimizer():
-            return self.ds.optimizer.state[p][kind]
-        master = self._unfused_masters().get(id(p))
-        if master is not None:
-            return self._base_optimizer().state[master][kind]
-        value = safe_get_full_optimizer_state(p, kind)
-        if value is None:
-            raise RuntimeError(f"no fp32 {kind} for a parameter under "
-                                      f"{type(self.ds.optimizer).__name__}")
-        return value
-
-    def _state_set(self, p: torch.nn.Parameter, kind: str, value: torch.Tensor) -> None:
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-        value = value.to(device=self.device, dtype=torch.float32)
-        master = self._unfused_masters().get(id(p))
-        if self._plain_optimizer():
-            target = p.data if kind == "param" else self.ds.optimizer.state[p][kind]
-            target.copy_(value)
-        elif master is not None:
-            if kind == "param":
-                master.data.copy_(value)
-                p.data.copy_(value.to(p.dtype))
-            else:
-                self._base_optimizer().state[master][kind].copy_(value)
-        elif kind == "param":
-            safe_set_full_fp32_param(p, value)
-            if not hasattr(p, "ds_id"):  # ZeRO 0-2 keep the whole low-precision copy here
-                p.data.copy_(value.to(p.dtype))
-        else:
-            safe_set_full_optimizer_state(p, value, kind)
-
-    def _refresh_low_precision(self) -> None:
-        """ZeRO-3: copy the fp32 partitions into the (possibly low-precision) partitions the
-        forward gathers from."""
-        opt = self.ds.optimizer
-        lp = getattr(opt, "fp16_partitioned_groups_flat", None)
-        if lp:
-            for low, high in zip(lp, opt.fp32_partitioned_groups_flat):
-                low.data.copy_(high.data)
-
-    def _adam_step(self) -> int:
-        states = [self._base_optimizer().state.get(t) for t in self._flat_states()]
-        return int(max((float(s["step"]) for s in states if s and "step" in s), default=0))
-
-    def _set_adam_step(self, step: int) -> None:
-        base = self._base_optimizer()
-        for t in self._flat_states():
-            base.state[t]["step"].fill_(float(step))
 
     def _counters(self) -> dict:
         scale = getattr(self.ds.optimizer, "cur_scale", None)

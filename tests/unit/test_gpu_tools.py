@@ -1,0 +1,116 @@
+"""What can be checked on the CPU of the GPU tooling: tools/wheelhouse.sh, bench/gpu_check.sh,
+bench/train_step.py's micro-batch search, and the helpers tests/gpu runs (docs/gpu.md)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+WHEELHOUSE = ROOT / "tools" / "wheelhouse.sh"
+GPU_CHECK = ROOT / "bench" / "gpu_check.sh"
+
+
+def _train_step_module():
+    spec = importlib.util.spec_from_file_location("bench_train_step",
+                                                  ROOT / "bench" / "train_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("script", [WHEELHOUSE, GPU_CHECK], ids=lambda p: p.name)
+def test_scripts_parse(script):
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_gpu_check_without_wheelhouse_stops_at_once_and_says_how_to_build_one(tmp_path):
+    report = tmp_path / "r.md"
+    proc = subprocess.run(["bash", str(GPU_CHECK), str(tmp_path / "missing"), "--out",
+                           str(report)], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert proc.returncode == 2
+    assert "no wheelhouse at" in proc.stderr and "tools/wheelhouse.sh" in proc.stderr
+    assert not report.exists()  # nothing ran
+
+
+def test_wheelhouse_requires_out():
+    proc = subprocess.run(["bash", str(WHEELHOUSE), "--python", "3.12"], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert proc.returncode == 2 and "--out DIR is required" in proc.stderr
+
+
+class FakeOOM(Exception):
+    pass
+
+
+def test_micro_auto_takes_the_largest_that_fits_and_frees_between_tries():
+    ts = _train_step_module()
+    tried, cleanups = [], []
+
+    def attempt(micro):
+        tried.append(micro)
+        if micro > 4:
+            raise FakeOOM(f"micro {micro}")
+        return f"ran {micro}"
+
+    micro, result, too_big = ts.largest_that_fits(
+        [1, 2, 4, 8, 16, 8], attempt, lambda e: isinstance(e, FakeOOM),
+        lambda: cleanups.append(len(tried)))
+    assert (micro, result, too_big) == (4, "ran 4", [16, 8])
+    assert tried == [16, 8, 4]  # largest first, each once
+    assert cleanups == [1, 2]  # after each failure, before the next try
+
+
+def test_micro_auto_other_errors_propagate_and_none_fitting_says_so():
+    ts = _train_step_module()
+
+    def broken(micro):
+        raise ValueError("a real bug")
+
+    with pytest.raises(ValueError, match="a real bug"):
+        ts.largest_that_fits([4, 2], broken, lambda e: isinstance(e, FakeOOM))
+
+    def never(micro):
+        raise FakeOOM()
+
+    with pytest.raises(MemoryError, match=r"\[4, 2, 1\]"):
+        ts.largest_that_fits([1, 2, 4], never, lambda e: isinstance(e, FakeOOM))
+
+
+def test_cuda_oom_recognised_in_its_forms():
+    ts = _train_step_module()
+    assert ts.is_cuda_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert ts.is_cuda_oom(RuntimeError("CUDA error: out of memory"))
+    assert ts.is_cuda_oom(RuntimeError("CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    assert not ts.is_cuda_oom(RuntimeError("shape mismatch"))
+    assert not ts.is_cuda_oom(MemoryError())  # host memory: not the GPU's
+
+
+def test_planner_prediction_the_bench_prints_excludes_the_cuda_reserve():
+    from megagpt.config import load_config
+    from megagpt.planner.memory import CUDA_RESERVE_BYTES, Layout, memory_per_stage, peak_stage
+
+    ts = _train_step_module()
+    cfg = load_config(None, ["model.name=gpt3-large", "model.seq_length=2048",
+                             "train.precision=bf16", "train.micro_batch_size=4",
+                             "train.global_batch_size=16"])
+    full = peak_stage(memory_per_stage(cfg.model, Layout.from_config(cfg, 1), precision="bf16",
+                                       global_batch=16, flash=True, cuda=True)).total
+    assert ts.planner_bytes(cfg, cfg.parallel.zero_stage) == full - CUDA_RESERVE_BYTES
+
+
+def test_flash_check_helper_runs_on_cpu():
+    """tests/gpu's attention helper, on the CPU: the profiler sees the SDPA kernel, and the
+    flash-only restriction is applied without error (CPU SDPA has a flash kernel too)."""
+    from tests.distributed.launcher import run_distributed
+
+    r = run_distributed("tests.gpu.workers:attention_kernels", 1, device="cpu", seq=64)[0]
+    assert r["flash_only"] == "ok"
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in r["ops"]
