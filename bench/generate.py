@@ -9,6 +9,10 @@ compared as a parity check.
 
     python bench/generate.py --size gpt3-base --tokenizer TOKDIR --output BENCHMARKS-generate.md
     python bench/generate.py --model runs/x/model
+    python bench/generate.py --device cuda --dtype bf16     # on a GPU (bench/gpu_check.sh)
+
+Prompts (and the random model's tokenizer) come from the shared wiki corpus next to the checkout,
+or from the bundled sample corpus where that is absent (a GPU machine with only the checkout).
 """
 
 from __future__ import annotations
@@ -26,6 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+BUNDLED = Path(__file__).resolve().parents[1] / "megagpt" / "assets" / "sample_corpus.jsonl"
+
+
+def corpus_texts() -> tuple[str, list[str]]:
+    """(name, documents) of the shared wiki corpus, else of the bundled sample corpus."""
+    wiki = SHARED / "corpus" / "wiki_cmrc2018.jsonl"
+    path = wiki if wiki.is_file() else BUNDLED
+    docs = [json.loads(x)["text"] for x in path.read_text("utf-8").splitlines() if x.strip()]
+    return path.name, docs
 
 
 def random_model_dir(size: str, tokenizer: str, out: str) -> str:
@@ -97,10 +110,10 @@ def to_gpt2(directory: str):
 
 
 def prompts(tokenizer, n: int, length: int) -> list[list[int]]:
-    """``n`` prompts of exactly ``length`` tokens from the shared wiki corpus."""
+    """``n`` prompts of exactly ``length`` tokens from the corpus (``corpus_texts``)."""
     out = []
-    for line in (SHARED / "corpus" / "wiki_cmrc2018.jsonl").read_text("utf-8").splitlines():
-        ids = tokenizer.encode(json.loads(line)["text"])
+    for text in corpus_texts()[1]:
+        ids = tokenizer.encode(text)
         if len(ids) >= length:
             out.append(ids[:length])
         if len(out) == n:
@@ -130,6 +143,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2, help="timed runs (best kept)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     ap.add_argument("--output", help="write a markdown report here")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                    help="weights and activations on both sides")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -145,29 +161,34 @@ def main() -> int:
         if tok is None:
             from megagpt.data import train_tokenizer
 
-            docs = [json.loads(x)["text"] for x in (SHARED / "corpus" / "wiki_cmrc2018.jsonl")
-                    .read_text("utf-8").splitlines()[:200]]
+            docs = corpus_texts()[1][:200]
             tok = str(Path(tmp) / "tok")
             train_tokenizer(iter(docs), tok, vocab_size=4096)
         directory = random_model_dir(args.size, tok, str(Path(tmp) / "model"))
-    pipe = pipeline("text-generation", model=directory, device="cpu", dtype="fp32")
+    pipe = pipeline("text-generation", model=directory, device=args.device, dtype=args.dtype)
     gen = pipe.generator
     gen.stop_ids = []  # exactly --new-tokens tokens on both sides
-    hf = to_gpt2(directory)
+    device = next(gen.model.parameters()).device
+    hf = to_gpt2(directory).to(device=device,
+                               dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     ids = prompts(pipe.tokenizer, args.prompts, args.prompt_tokens)
     greedy = make_params(top_k=1)
     n = args.new_tokens
     rows = []
 
     def ours(batch):
-        return [c[0] for c in gen.generate(batch, greedy, max_new_tokens=n)]
+        out = [c[0] for c in gen.generate(batch, greedy, max_new_tokens=n)]
+        sync()
+        return out
 
     @torch.no_grad()
     def theirs(batch):
-        x = torch.tensor(batch)
+        x = torch.tensor(batch, device=device)
         out = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
                           max_new_tokens=n, min_new_tokens=n, eos_token_id=None,
                           pad_token_id=0, use_cache=True)
+        sync()
         return out.tolist()
 
     for label, batches in (("one prompt at a time (batch 1)", [[p] for p in ids]),
@@ -194,11 +215,12 @@ def main() -> int:
         "",
         (f"- model: {cfg.name or 'custom'} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, "
          f"{cfg.num_heads} heads, vocab {cfg.vocab_size}; {params / 1e6:.1f}M parameters), "
-         "fp32, random weights (speed does not depend on them)"),
-        (f"- prompts: {len(ids)} wiki passages of {args.prompt_tokens} tokens; greedy, exactly "
+         f"{args.dtype} on {device}, random weights (speed does not depend on them)"),
+        (f"- prompts: {len(ids)} passages of {corpus_texts()[0]} of {args.prompt_tokens} tokens; greedy, exactly "
          f"{n} new tokens each, KV cache on both sides; best of {args.repeats} timed runs after "
          "a warm-up"),
-        (f"- machine: CPU ({platform.processor() or platform.machine()}), torch "
+        (f"- machine: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}"
+         f" ({platform.processor() or platform.machine()}), torch "
          f"{torch.__version__} with {torch.get_num_threads()} threads, transformers "
          f"{transformers.__version__}; same process, same run"),
         "",

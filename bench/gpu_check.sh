@@ -172,11 +172,8 @@ stage "tests/gpu" 150 "$PY" -m pytest -q -rs -p no:cacheprovider tests/gpu
 stage "train step: gpt3-large, gpt3-1.3b at seq 2048, bf16 (MFU, planner memory)" 240 \
     "$PY" bench/train_step.py --sizes gpt3-large gpt3-1.3b --seq 2048 --precision bf16 \
     --micro auto --accum 4 --warmup 2 --iters 4
-GEN_ARGS=(--size gpt3-base --prompts 4 --prompt-tokens 32 --new-tokens 64)
-if "$PY" bench/generate.py --help 2>/dev/null | grep -q -- "--device"; then
-    GEN_ARGS+=(--device cuda)
-fi
-stage "generation against HF" 90 "$PY" bench/generate.py "${GEN_ARGS[@]}"
+stage "generation against HF (gpt3-base, bf16)" 90 "$PY" bench/generate.py --size gpt3-base \
+    --prompts 4 --prompt-tokens 32 --new-tokens 64 --device cuda --dtype bf16
 
 say ""
 say "## summary ($(($(date +%s) - START))s)"

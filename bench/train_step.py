@@ -141,7 +141,7 @@ def run_megagpt(size: str, args, micro: int, device, sync) -> dict:
         times = time_steps(lambda e=engine, b=batch: e.train_step(b), args.warmup, args.iters,
                            sync)
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        zero = deepspeed_zero_stage(cfg)
+        zero = deepspeed_zero_stage(cfg, dims.world)
         del engine, module, batch
     finally:
         parallel.destroy()

@@ -9,6 +9,11 @@ Choices made here, each for a reason found in DeepSpeed 0.19's sources:
   ``parallel.zero_stage=0`` runs as DeepSpeed stage 1, which for bf16 is its ``BF16_Optimizer``
   (fp32 master weights, fp32 gradients and Adam moments, the fp32 copies sharded over data
   parallel). ``deepspeed_zero_stage`` says which stage DeepSpeed is given.
+- At data-parallel size 1 ZeRO has nothing to partition, yet its flat buffers and per-step
+  copies cost (measured: the default ZeRO 1 ran a DP=1 fp32 CPU run at ~55% of ZeRO 0's
+  tokens/s). There fp32 runs DeepSpeed stage 0 (torch's AdamW on the parameters) and bf16 stage
+  1 (the BF16_Optimizer, for the fp32 accumulation); fp16 keeps its stage, since DeepSpeed's
+  stage-0 fp16 optimizer checks every parameter for overflow with a host sync.
 - The pipeline engine's ``pipe_partitioned``/``grad_partitioned`` split the tensor passed between
   stages over the TP group and rebuild it with an all-gather, assuming every TP rank holds the
   same tensor. Under sequence parallelism each TP rank holds its own ``[s/tp, b, h]`` chunk, so
@@ -30,12 +35,20 @@ from megagpt.config.validate import data_parallel_size, grad_accumulation_steps
 BUCKET_ELEMENTS = 50_000_000
 
 
-def deepspeed_zero_stage(cfg: Config) -> int:
-    """The ZeRO stage DeepSpeed runs: ``parallel.zero_stage``, but bf16 at 0 runs 1 (see above)."""
-    stage = cfg.parallel.zero_stage
-    if cfg.train.precision == "bf16" and stage == 0:
+def deepspeed_zero_stage(cfg: Config, world_size: int) -> int:
+    """The ZeRO stage DeepSpeed runs for ``cfg`` on ``world_size`` ranks: ``parallel.zero_stage``,
+    except bf16 at 0 and everything at data-parallel size 1 (see above)."""
+    return effective_zero_stage(cfg.train.precision, cfg.parallel.zero_stage,
+                                data_parallel_size(cfg, world_size))
+
+
+def effective_zero_stage(precision: str, zero_stage: int, dp: int) -> int:
+    """The rule of ``deepspeed_zero_stage`` on plain values (the planner restates it)."""
+    if dp == 1 and precision != "fp16":
+        return 1 if precision == "bf16" else 0
+    if precision == "bf16" and zero_stage == 0:
         return 1
-    return stage
+    return zero_stage
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
@@ -43,7 +56,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     t, p = cfg.train, cfg.parallel
     gas = grad_accumulation_steps(cfg, world_size)
     dp = data_parallel_size(cfg, world_size)
-    stage = deepspeed_zero_stage(cfg)
+    stage = deepspeed_zero_stage(cfg, world_size)
     zero: dict = {"stage": stage}
     if stage in (1, 2):
         zero.update(reduce_bucket_size=BUCKET_ELEMENTS, allgather_bucket_size=BUCKET_ELEMENTS)
@@ -63,7 +76,10 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "dump_state": False,
     }
     if t.precision == "bf16":
-        ds["bf16"] = {"enabled": True}
+        # A NaN/Inf gradient norm skips the step (weights and moments untouched) under ZeRO 2
+        # bf16 only with this flag; DeepSpeed 0.19.8 defaults it on, older releases off, so it is
+        # set rather than inherited. BF16_Optimizer (stage 1) and ZeRO-3 always check.
+        ds["bf16"] = {"enabled": True, "check_grad_overflow": True}
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
         ds["communication_data_type"] = "fp32"
     elif t.precision == "fp16":

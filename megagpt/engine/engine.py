@@ -96,6 +96,7 @@ class Engine:
         self.optim_state = adapter_for(self.ds.optimizer, device)
         self._sp_hooks(module)
         self._record_fp32_grad_norm()
+        self._skip_nonfinite_plain_step()
 
     @property
     def dropout_rng(self) -> TensorParallelRNG:
@@ -104,10 +105,10 @@ class Engine:
 
     def describe_precision(self) -> str:
         """One line on how gradients are accumulated and which optimizer wrapper runs."""
-        t, stage = self.cfg.train, deepspeed_zero_stage(self.cfg)
+        t, stage = self.cfg.train, deepspeed_zero_stage(self.cfg, self.dims.world)
         accum = "fp32" if t.precision in ("fp32", "bf16") else t.precision
-        note = " (bf16 at parallel.zero_stage=0 runs DeepSpeed's stage 1)" \
-            if stage != self.cfg.parallel.zero_stage else ""
+        note = f" for parallel.zero_stage={self.cfg.parallel.zero_stage} (see " \
+            "megagpt/engine/ds_config.py)" if stage != self.cfg.parallel.zero_stage else ""
         return (f"{t.precision} parameters, {accum} gradient accumulation; DeepSpeed ZeRO "
                 f"{stage}{note} with {type(self.ds.optimizer).__name__}")
 
@@ -125,8 +126,9 @@ class Engine:
         """One optimizer step over ``micro_batches`` (this rank's share of a global batch).
 
         Returns the loss averaged over micro-batches and data-parallel ranks (identical on every
-        rank), the global grad norm, the loss scale and whether the step was skipped (fp16
-        overflow).
+        rank), the global grad norm, the loss scale and whether the step was skipped: a
+        non-finite gradient norm (fp16 overflow, or a NaN/Inf gradient at any precision) skips
+        the optimizer step on every layout, weights and Adam moments untouched.
         """
         skipped_before = self.ds.skipped_steps
         self.ds.train()
@@ -202,24 +204,44 @@ class Engine:
     def load(self, directory: str, tag: str) -> dict:
         """Load ``directory/tag``; returns the client state saved with it.
 
-        Same layout and DeepSpeed files present: DeepSpeed's own load (bit-exact, with RNG).
-        Otherwise the layout-free record: weights, fp32 master, Adam moments and step are
-        re-cut for this layout; the client state then has no ``rng`` (the trainer reseeds).
+        The layout-free record (safetensors + JSON): weights, fp32 master, Adam moments and
+        step, re-cut for this layout. DeepSpeed's native files are pickles (``torch.load`` with
+        ``weights_only=False`` runs any code they hold), so DeepSpeed's own load is used only
+        with ``checkpoint.trust_pickle`` and when the record is absent or has this very layout;
+        without it they are never opened, and a folder with nothing else is refused with a
+        CheckpointError naming the file.
         """
         from megagpt import parallel
         from megagpt.checkpoint import reshard
 
         path = os.path.join(directory, tag)
         meta = reshard.read_meta(path)
-        native = any(f.endswith("model_states.pt") for f in os.listdir(path)) \
-            if os.path.isdir(path) else False
-        if meta is None or (native and meta["layout"] == self._layout()):
-            path, client = self.ds.load_checkpoint(directory, tag=tag,
-                                                   load_optimizer_states=True,
-                                                   load_lr_scheduler_states=False)
-            if path is None:
-                raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}/{tag}")
+        # DeepSpeed writes its files (mp_rank_XX_model_states.pt, *_optim_states.pt, ...) at the
+        # top of the tag folder; megagpt's own .pt files (rng/) are one level down.
+        native = sorted(f for f in os.listdir(path) if f.endswith(".pt")) \
+            if os.path.isdir(path) else []
+        trust = self.cfg.checkpoint.trust_pickle
+        if meta is None and not (native and trust):
+            if native:
+                raise reshard.CheckpointError(
+                    f"{os.path.join(path, native[0])}: a DeepSpeed native checkpoint (a pickle) "
+                    f"and no layout-free record ({reshard.RECORD}/meta.json). Reading it can run "
+                    "code stored in the file; megagpt reads weights only with safetensors or "
+                    "torch.load(weights_only=True). If you wrote this checkpoint yourself, set "
+                    "checkpoint.trust_pickle=true to load it with DeepSpeed")
+            raise reshard.CheckpointError(
+                f"{path}: no layout-free record ({reshard.RECORD}/meta.json is missing)")
+        if native and trust and (meta is None or meta["layout"] == self._layout()):
+            self.loaded_from = "DeepSpeed native files (checkpoint.trust_pickle)"
+            loaded, client = self.ds.load_checkpoint(directory, tag=tag,
+                                                     load_optimizer_states=True,
+                                                     load_lr_scheduler_states=False)
+            if loaded is None:
+                raise reshard.CheckpointError(f"{path}: DeepSpeed found no checkpoint to load")
             return client or {}
+        self.loaded_from = "layout-free record" + (
+            f" (DeepSpeed's {', '.join(native)} not read: checkpoint.trust_pickle is off)"
+            if native and not trust else "")
         record = reshard.Record(path)
         self.optim_state.materialize()
         reshard.load_shards(record, list(self._local_params()), self.optim_state.set,
@@ -253,6 +275,22 @@ class Engine:
         stage and precision. Collective over data parallel under ZeRO: call it on every rank
         for the same parameters in the same order."""
         return self.optim_state.fp32_value(p)
+
+    @torch.no_grad()
+    def weights_finite(self) -> bool:
+        """True when every rank's weights are finite (checked before a save or an export, so
+        neither ever writes NaN/Inf). Collective over the world.
+
+        Cheap: one ``isfinite().all()`` per local tensor, one all-reduce. It reads the copy the
+        forward uses (ZeRO-3: this rank's partition); every optimizer wrapper writes its fp32
+        master into that copy after each step, so a non-finite master shows there too."""
+        flags = [torch.isfinite(getattr(p, "ds_tensor", p)).all()
+                 for p in self.ds.module.parameters()]
+        ok = torch.stack(flags).all().to(self.device, torch.float32) if flags \
+            else torch.ones((), device=self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item() > 0)
 
     # -- checkpoint helpers: the fp32 master and Adam state, whatever the ZeRO stage ------
     def _layout(self) -> dict:
@@ -318,6 +356,38 @@ class Engine:
                 parameters=ds.module.parameters(), max_norm=ds.gradient_clipping(), mpu=ds.mpu)
 
         ds.clip_fp32_gradients = clip_and_record
+
+    def _skip_nonfinite_plain_step(self) -> None:
+        """fp32 at ZeRO 0 (torch's AdamW stepped by DeepSpeed directly): skip the optimizer
+        step when the global grad norm is NaN/Inf, as DeepSpeed's wrappers do themselves
+        (``BF16_Optimizer``, ZeRO 1-3 and fp16 skip on an invalid norm; ``ds_config.py`` keeps
+        bf16's check on). Without this a NaN gradient is stepped into every weight.
+
+        DeepSpeed's ``_take_model_step`` clips (our ``_record_fp32_grad_norm`` keeps the norm),
+        calls ``optimizer.step()``, zeroes the gradients and counts the step as skipped when
+        ``optimizer.overflow`` is set: the same contract its own wrappers follow. The norm is
+        reduced over model parallel and the gradients are already all-reduced over data
+        parallel, so every rank takes the same decision."""
+        optimizer = self.ds.optimizer
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            return
+        from deepspeed.runtime.utils import clip_grad_norm_
+
+        ds, step = self.ds, optimizer.step
+
+        def step_if_finite(*args, **kwargs):
+            if ds.gradient_clipping() <= 0:  # no clip, so the hook above computed no norm
+                ds._global_grad_norm = clip_grad_norm_(
+                    parameters=ds.module.parameters(), max_norm=float("inf"), mpu=ds.mpu)
+            norm = ds._global_grad_norm
+            optimizer.overflow = norm is not None and not bool(torch.isfinite(
+                torch.as_tensor(norm)).all())
+            if optimizer.overflow:
+                return None
+            return step(*args, **kwargs)
+
+        optimizer.overflow = False
+        optimizer.step = step_if_finite
 
     def _sp_hooks(self, module: torch.nn.Module) -> None:
         """Sequence parallel: replicated parameters see s/tp tokens per rank, so their grads

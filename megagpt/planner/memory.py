@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from megagpt.config.schema import ModelConfig
+from megagpt.engine.ds_config import effective_zero_stage
 from megagpt.parallel.dims import split_layers
 
 GIB = 2**30
@@ -55,13 +56,15 @@ BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 GRAD_BYTES = {"bf16": 4, "fp16": 2, "fp32": 4}
 
 
-def deepspeed_stage(precision: str, zero_stage: int) -> int:
-    """The ZeRO stage DeepSpeed runs for ``parallel.zero_stage``: bf16 at 0 runs as stage 1
-    (``megagpt.engine.ds_config.deepspeed_zero_stage``, restated; tests check they agree)."""
-    return 1 if precision == "bf16" and zero_stage == 0 else zero_stage
+def deepspeed_stage(precision: str, zero_stage: int, dp: int) -> int:
+    """The ZeRO stage DeepSpeed runs for ``parallel.zero_stage`` at data-parallel size ``dp``
+    (bf16 at 0 runs 1; DP=1 runs 0, or 1 for bf16): the engine's own rule, which imports
+    neither DeepSpeed nor megatron-core."""
+    return effective_zero_stage(precision, zero_stage, dp)
 
 
-def zero_buffer_bytes(precision: str, zero_stage: int, params: int, *, cuda: bool) -> float:
+def zero_buffer_bytes(precision: str, zero_stage: int, params: int, *, cuda: bool,
+                      dp: int) -> float:
     """DeepSpeed's gradient bucket bytes on a GPU holding ``params`` parameters.
 
     ZeRO 1/2 allocate ``ZERO_BUCKET_ELEMENTS`` per buffer whatever the model size (on a GPU
@@ -70,7 +73,7 @@ def zero_buffer_bytes(precision: str, zero_stage: int, params: int, *, cuda: boo
     reduces every micro-batch from two 16-bit buckets (one filling while the other is reduced,
     ``overlap_comm``) and, for bf16, casts the bucket in flight to fp32 for the reduction.
     """
-    z = deepspeed_stage(precision, zero_stage)
+    z = deepspeed_stage(precision, zero_stage, dp)
     if z == 0:
         return 0.0
     if z == 3:
@@ -247,7 +250,7 @@ def memory_per_stage(m: ModelConfig, layout: Layout, *, precision: str, global_b
     seq = seq or m.seq_length
     t, d = layout.tp, layout.dp
     p = BYTES[precision]
-    z = deepspeed_stage(precision, layout.zero_stage)
+    z = deepspeed_stage(precision, layout.zero_stage, d)
     w_b, g_b = p, GRAD_BYTES[precision]
     o_b = 12 if (p < 4 or z >= 1) else 8
     micro_batches = global_batch // (layout.micro_batch * d)
@@ -273,7 +276,7 @@ def memory_per_stage(m: ModelConfig, layout: Layout, *, precision: str, global_b
         if st.head:
             logits = seq * layout.micro_batch * padded / t * (p + 4 + (4 if p < 4 else 0))
         buffers = (CUDA_RESERVE_BYTES if cuda else 0.0) + zero_buffer_bytes(
-            precision, layout.zero_stage, n, cuda=cuda)
+            precision, layout.zero_stage, n, cuda=cuda, dp=d)
         out.append(MemoryBreakdown(st.stage, n, weights, grads, optimizer, acts, logits,
                                    buffers))
     return out

@@ -82,9 +82,8 @@ def candidate_layouts(cfg: Config, shape: ClusterShape) -> list[Layout]:
     """Every layout of the search space on ``shape`` (not yet validated): TP within a node,
     PP dividing the layers, micro-batches 1-8, ZeRO 0-3, the three recompute modes, SP on or
     off. ZeRO 0 is left out where DeepSpeed would run it as stage 1 (bf16): it is the ZeRO 1
-    layout under another name."""
+    layout under another name; so is every ZeRO stage but the one DeepSpeed runs at DP=1."""
     world, m = shape.world, cfg.model
-    zeros = [z for z in (0, 1, 2, 3) if deepspeed_stage(cfg.train.precision, z) == z]
     out = []
     for tp in range(1, shape.gpus_per_node + 1):
         if shape.gpus_per_node % tp or world % tp:
@@ -93,6 +92,7 @@ def candidate_layouts(cfg: Config, shape: ClusterShape) -> list[Layout]:
             if m.num_layers % pp or world % (tp * pp):
                 continue
             dp = world // (tp * pp)
+            zeros = [z for z in (0, 1, 2, 3) if deepspeed_stage(cfg.train.precision, z, dp) == z]
             for micro in MICRO_BATCHES:
                 for zero in zeros:
                     for rc in RECOMPUTE:

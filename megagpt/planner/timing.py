@@ -107,7 +107,7 @@ def data_parallel_time(precision: str, zero_stage: int, params: int, dp: int,
     """
     if dp <= 1:
         return 0.0
-    z = deepspeed_stage(precision, zero_stage)
+    z = deepspeed_stage(precision, zero_stage, dp)
     grads = params * GRAD_BYTES[precision]
     weights = params * BYTES[precision]
     if z == 0:

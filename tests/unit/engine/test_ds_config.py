@@ -19,8 +19,8 @@ def _cfg(*overrides: str):
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_bf16_accumulates_and_reduces_in_fp32(stage):
-    ds = deepspeed_config(_cfg("train.precision=bf16", f"parallel.zero_stage={stage}"), 1)
-    assert ds["bf16"] == {"enabled": True}
+    ds = deepspeed_config(_cfg("train.precision=bf16", f"parallel.zero_stage={stage}"), 2)
+    assert ds["bf16"] == {"enabled": True, "check_grad_overflow": True}
     assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
     assert ds["communication_data_type"] == "fp32"
 
@@ -28,10 +28,23 @@ def test_bf16_accumulates_and_reduces_in_fp32(stage):
 def test_bf16_at_zero_0_runs_deepspeed_stage_1():
     """DeepSpeed refuses bf16 with fp32 accumulation outside ZeRO: stage 1 is its BF16_Optimizer."""
     cfg = _cfg("train.precision=bf16", "parallel.zero_stage=0")
-    assert deepspeed_zero_stage(cfg) == 1
-    assert deepspeed_config(cfg, 1)["zero_optimization"]["stage"] == 1
+    assert deepspeed_zero_stage(cfg, 2) == 1
+    assert deepspeed_config(cfg, 2)["zero_optimization"]["stage"] == 1
     fp32 = _cfg("train.precision=fp32", "parallel.zero_stage=0")
-    assert deepspeed_zero_stage(fp32) == 0 and "data_types" not in deepspeed_config(fp32, 1)
+    assert deepspeed_zero_stage(fp32, 2) == 0 and "data_types" not in deepspeed_config(fp32, 2)
+
+
+@pytest.mark.parametrize("precision,expected", [("fp32", 0), ("bf16", 1), ("fp16", 2)])
+def test_no_zero_partitioning_at_data_parallel_size_1(precision, expected):
+    """DP=1: nothing to partition, so no ZeRO optimizer's flat copies (fp32: plain AdamW; bf16:
+    the BF16_Optimizer for fp32 accumulation; fp16 keeps its stage). DP=2 keeps the config's."""
+    for world, tp in ((1, 1), (2, 2)):  # DP = 1 both times
+        cfg = _cfg(f"train.precision={precision}", "parallel.zero_stage=2",
+                   f"parallel.tensor={tp}")
+        assert deepspeed_zero_stage(cfg, world) == expected
+        assert deepspeed_config(cfg, world)["zero_optimization"]["stage"] == expected
+    assert deepspeed_zero_stage(_cfg(f"train.precision={precision}", "parallel.zero_stage=2"),
+                                2) == 2
 
 
 def test_fp32_and_fp16_keep_deepspeed_defaults_for_accumulation():
@@ -65,7 +78,7 @@ def test_shipped_sequence_parallel_pipeline_layouts_do_not_partition():
 
 
 def test_throughput_timer_off_and_zero2_overlaps_communication():
-    ds = deepspeed_config(_cfg("parallel.zero_stage=2"), 1)
+    ds = deepspeed_config(_cfg("parallel.zero_stage=2"), 2)
     assert ds["timers"]["throughput"]["enabled"] is False
     assert ds["wall_clock_breakdown"] is False
     zero = ds["zero_optimization"]

@@ -124,11 +124,21 @@ def test_activation_total_of_a_stage_by_hand():
 
 
 def test_fp32_counts_four_byte_weights_and_grads():
+    n = parameter_count(TINY)
+    lay = Layout(tp=1, pp=1, dp=2, micro_batch=1, zero_stage=1)
+    (b,) = memory_per_stage(TINY, lay, precision="fp32", global_batch=8, cuda=False)
+    # ZeRO 1 at DP=2: fp32 master + moments sharded; on CPU only the touched part of the
+    # gradient bucket (n elements) is resident.
+    assert (b.weights, b.grads, b.optimizer, b.buffers) == (4 * n, 4 * n, 12 * n / 2, 4 * n)
+
+
+def test_zero_at_data_parallel_size_1_is_stage_0():
+    """DP=1 runs DeepSpeed stage 0 in fp32 (megagpt.engine.ds_config): torch's AdamW keeps two
+    moments on the parameters themselves, no master copy, no bucket."""
+    n = parameter_count(TINY)
     lay = Layout(tp=1, pp=1, dp=1, micro_batch=1, zero_stage=1)
     (b,) = memory_per_stage(TINY, lay, precision="fp32", global_batch=8, cuda=False)
-    n = parameter_count(TINY)
-    # On CPU only the touched part of ZeRO 1's gradient bucket (n elements) is resident.
-    assert (b.weights, b.grads, b.optimizer, b.buffers) == (4 * n, 4 * n, 12 * n, 4 * n)
+    assert (b.weights, b.grads, b.optimizer, b.buffers) == (4 * n, 4 * n, 8 * n, 0)
 
 
 def test_unknown_precision_is_an_error():

@@ -82,7 +82,7 @@ def test_planner_restates_the_engine_deepspeed_config(precision, zero):
     cfg.train.global_batch_size, cfg.train.micro_batch_size = 8, 1
     ds = ds_config.deepspeed_config(cfg, 8)
     z = ds["zero_optimization"]
-    assert memory.deepspeed_stage(precision, zero) == z["stage"]
+    assert memory.deepspeed_stage(precision, zero, 8) == z["stage"]
     if z["stage"] in (1, 2):
         assert z["reduce_bucket_size"] == memory.ZERO_BUCKET_ELEMENTS
         # Two buckets at ZeRO 2 come from overlap_comm (off elsewhere: one bucket).
