@@ -32,8 +32,12 @@ setup(
         "pyyaml>=6.0",
     ],
     extras_require={
-        # transformers is the peer for benchmarks and the HF export parity tests.
-        "test": ["pytest>=8", "transformers>=4.40", "ruff>=0.5"],
+        # transformers is the peer for benchmarks and the HF export parity tests; matplotlib
+        # and tensorboard so that CI runs the plot and TensorBoard tests.
+        "test": ["pytest>=8", "transformers>=4.40", "ruff>=0.5", "matplotlib>=3.7",
+                 "tensorboard>=2.14"],
+        # `megagpt plot` (matplotlib) and logging.tensorboard=true (tensorboard).
+        "plot": ["matplotlib>=3.7", "tensorboard>=2.14"],
     },
     entry_points={"console_scripts": ["megagpt=megagpt.cli:main"]},
 )

@@ -121,14 +121,22 @@ def prompts(tokenizer, n: int, length: int) -> list[list[int]]:
     raise RuntimeError("not enough long documents for the prompts")
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    fn()  # warm-up
-    best, result = float("inf"), None
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed_pair(ours, theirs, repeats: int, clock=time.perf_counter
+               ) -> tuple[float, object, float, object]:
+    """Best times and results of two functions, run alternately (ours, theirs, ours, ...) after
+    one warm-up each, so that a change in machine load hits both sides alike."""
+    ours(), theirs()  # warm-up
+    best = [float("inf"), float("inf")]
+    results = [None, None]
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
+        for i, fn in enumerate((ours, theirs)):
+            start = clock()
+            results[i] = fn()
+            best[i] = min(best[i], clock() - start)
+    return best[0], results[0], best[1], results[1]
 
 
 def main() -> int:
@@ -141,6 +149,15 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2, help="timed runs (best kept)")
+    ap.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
+                    help="wall: elapsed time; cpu: this process's CPU time (steadier on a "
+                    "shared machine with --threads 1; meaningless on CUDA)")
+    ap.add_argument("--compile", action="store_true",
+                    help="megagpt decodes with the static step under torch.compile (the "
+                    "warm-up run compiles; compile time is printed, not timed)")
+    ap.add_argument("--lengths", default="",
+                    help="comma-separated new-token counts (e.g. 32,256,1024): also time one "
+                    "prompt at each, to show the cost per token does not grow with the length")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     ap.add_argument("--output", help="write a markdown report here")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
@@ -168,6 +185,8 @@ def main() -> int:
     pipe = pipeline("text-generation", model=directory, device=args.device, dtype=args.dtype)
     gen = pipe.generator
     gen.stop_ids = []  # exactly --new-tokens tokens on both sides
+    if args.compile:
+        gen.static = gen.compile = True
     device = next(gen.model.parameters()).device
     hf = to_gpt2(directory).to(device=device,
                                dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
@@ -177,13 +196,13 @@ def main() -> int:
     n = args.new_tokens
     rows = []
 
-    def ours(batch):
+    def ours(batch, n=n):
         out = [c[0] for c in gen.generate(batch, greedy, max_new_tokens=n)]
         sync()
         return out
 
     @torch.no_grad()
-    def theirs(batch):
+    def theirs(batch, n=n):
         x = torch.tensor(batch, device=device)
         out = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
                           max_new_tokens=n, min_new_tokens=n, eos_token_id=None,
@@ -193,14 +212,29 @@ def main() -> int:
 
     for label, batches in (("one prompt at a time (batch 1)", [[p] for p in ids]),
                            (f"one batch of {len(ids)}", [ids])):
-        t_ours, out_ours = timed(lambda b=batches: [r for x in b for r in ours(x)],
-                                 args.repeats)
-        t_hf, out_hf = timed(lambda b=batches: [r for x in b for r in theirs(x)], args.repeats)
+        if args.compile:  # one graph per batch size (dynamic=False): compile outside the timing
+            start = time.perf_counter()
+            ours(batches[0])
+            print(f"compile for batch {len(batches[0])}: {time.perf_counter() - start:.1f} s",
+                  flush=True)
+        t_ours, out_ours, t_hf, out_hf = timed_pair(
+            lambda b=batches: [r for x in b for r in ours(x)],
+            lambda b=batches: [r for x in b for r in theirs(x)], args.repeats,
+            CLOCKS[args.clock])
         tokens = n * len(ids)
         same = out_ours == out_hf
         rows.append((label, tokens / t_ours, tokens / t_hf, same))
         print(f"{label}: megagpt {tokens / t_ours:.1f} tok/s | HF generate {tokens / t_hf:.1f} "
               f"tok/s | identical greedy tokens: {same}", flush=True)
+    length_rows = []
+    for m in [int(x) for x in args.lengths.split(",") if x.strip()]:
+        t_ours, out_ours, t_hf, out_hf = timed_pair(
+            lambda m=m: ours(ids[:1], m), lambda m=m: theirs(ids[:1], m), args.repeats,
+            CLOCKS[args.clock])
+        same = out_ours == out_hf
+        length_rows.append((m, m / t_ours, m / t_hf, same))
+        print(f"{m} new tokens, batch 1: megagpt {m / t_ours:.1f} tok/s | HF generate "
+              f"{m / t_hf:.1f} tok/s | identical greedy tokens: {same}", flush=True)
 
     import transformers
 
@@ -215,10 +249,12 @@ def main() -> int:
         "",
         (f"- model: {cfg.name or 'custom'} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, "
          f"{cfg.num_heads} heads, vocab {cfg.vocab_size}; {params / 1e6:.1f}M parameters), "
-         f"{args.dtype} on {device}, random weights (speed does not depend on them)"),
-        (f"- prompts: {len(ids)} passages of {corpus_texts()[0]} of {args.prompt_tokens} tokens; greedy, exactly "
-         f"{n} new tokens each, KV cache on both sides; best of {args.repeats} timed runs after "
-         "a warm-up"),
+         f"{args.dtype} on {device}, random weights (speed does not depend on them)"
+         f"{'; megagpt compiled (static decode step, torch.compile)' if args.compile else ''}"),
+        (f"- prompts: {len(ids)} passages of {corpus_texts()[0]} of {args.prompt_tokens} "
+         f"tokens; greedy, exactly {n} new tokens each, KV cache on both sides; best of "
+         f"{args.repeats} timed runs after a warm-up, megagpt and HF alternating, "
+         f"{args.clock} clock"),
         (f"- machine: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}"
          f" ({platform.processor() or platform.machine()}), torch "
          f"{torch.__version__} with {torch.get_num_threads()} threads, transformers "
@@ -229,6 +265,16 @@ def main() -> int:
     ]
     for label, a, b, same in rows:
         lines.append(f"| {label} | {a:.1f} | {b:.1f} | {a / b:.2f} | {'yes' if same else 'no'} |")
+    if length_rows:
+        first = length_rows[0][1]
+        lines += ["", f"Length sweep: one prompt of {args.prompt_tokens} tokens, batch 1, same "
+                  "protocol. A cost per token that does not grow with the length keeps tok/s "
+                  "flat.", "",
+                  "| new tokens | megagpt (tok/s) | vs the shortest | HF generate (tok/s) | ratio "
+                  "| same tokens |", "|---|---|---|---|---|---|"]
+        for m, a, b, same in length_rows:
+            lines.append(f"| {m} | {a:.1f} | {a / first:.2f} | {b:.1f} | {a / b:.2f} | "
+                         f"{'yes' if same else 'no'} |")
     text = "\n".join(lines) + "\n"
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")

@@ -15,6 +15,14 @@
 #   --nproc-per-node G    processes per node [NPROC_PER_NODE], default: GPUs on this node
 #                         (nvidia-smi -L), else 1
 #   --python PY           interpreter with torch and megagpt [MEGAGPT_PYTHON], default python3
+#   --max-restarts N      restarts of the whole job after a rank dies [MAX_RESTARTS], default 3;
+#                         each resumes from <run.dir>/checkpoints/latest. 0 = fail at once
+#   --rdzv-id ID          job id, the same on every node [RDZV_ID], default megagpt-<port>
+#
+# Rendezvous: c10d (torchrun's elastic rendezvous) at --master-addr:--master-port, with a fresh
+# store per attempt (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): a restart never sees the dead
+# attempt's addresses. Global ranks are assigned by the rendezvous, so rank 0 need not be on
+# node 0; --node-rank only says which node hosts the rendezvous (0).
 #
 # Stop: SIGTERM (or Ctrl-C) to this script's process; torchrun forwards it, every rank finishes
 # its step, saves a checkpoint and exits. Restarting the same command resumes from
@@ -22,7 +30,7 @@
 set -euo pipefail
 
 die() { echo "torchrun.sh: error: $*" >&2; exit 2; }
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
@@ -30,6 +38,8 @@ MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 PY=${MEGAGPT_PYTHON:-python3}
 NPROC=${NPROC_PER_NODE:-}
+MAX_RESTARTS=${MAX_RESTARTS:-3}
+RDZV_ID=${RDZV_ID:-}
 while [ $# -gt 0 ]; do
   case "$1" in
     --nnodes) NNODES=${2:?--nnodes needs a value}; shift 2 ;;
@@ -38,6 +48,8 @@ while [ $# -gt 0 ]; do
     --master-port) MASTER_PORT=${2:?--master-port needs a value}; shift 2 ;;
     --nproc-per-node) NPROC=${2:?--nproc-per-node needs a value}; shift 2 ;;
     --python) PY=${2:?--python needs a value}; shift 2 ;;
+    --max-restarts) MAX_RESTARTS=${2:?--max-restarts needs a value}; shift 2 ;;
+    --rdzv-id) RDZV_ID=${2:?--rdzv-id needs a value}; shift 2 ;;
     -h | --help) usage 0 ;;
     --) shift; break ;;
     -*) die "unknown option '$1' (see --help)" ;;
@@ -59,6 +71,7 @@ isint() { case "$1" in '' | *[!0-9]*) return 1 ;; esac; }
 isint "$NNODES" && [ "$NNODES" -ge 1 ] || die "--nnodes must be a positive integer, got '$NNODES'"
 isint "$NPROC" && [ "$NPROC" -ge 1 ] || die "--nproc-per-node must be a positive integer, got '$NPROC'"
 isint "$MASTER_PORT" || die "--master-port must be an integer, got '$MASTER_PORT'"
+isint "$MAX_RESTARTS" || die "--max-restarts must be an integer >= 0, got '$MAX_RESTARTS'"
 isint "$NODE_RANK" && [ "$NODE_RANK" -lt "$NNODES" ] \
   || die "--node-rank must be in 0..$((NNODES - 1)), got '$NODE_RANK'"
 if [ "$NNODES" -gt 1 ] && [ "$MASTER_ADDR" = 127.0.0.1 ] && [ -z "${MEGAGPT_ALLOW_LOOPBACK:-}" ]; then
@@ -69,9 +82,16 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 [ -f "$ROOT/megagpt/cli.py" ] && export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+# A new rendezvous store per attempt (see the header): restarts that reuse torchrun's shared
+# store can read the previous attempt's addresses and die in rendezvous.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+IS_HOST=false
+[ "$NODE_RANK" = 0 ] && IS_HOST=true
 
 echo "[torchrun.sh] node $NODE_RANK of $NNODES x $NPROC process(es), rendezvous" \
-     "$MASTER_ADDR:$MASTER_PORT: megagpt train --config $CONFIG $*"
-exec "$PY" -m torch.distributed.run --nnodes="$NNODES" --node-rank="$NODE_RANK" \
-  --nproc-per-node="$NPROC" --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" \
-  --max-restarts=0 -m megagpt.cli train --config "$CONFIG" "$@"
+     "$MASTER_ADDR:$MASTER_PORT (c10d, up to $MAX_RESTARTS restart(s)):" \
+     "megagpt train --config $CONFIG $*"
+exec "$PY" -m torch.distributed.run --nnodes="$NNODES" --nproc-per-node="$NPROC" \
+  --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \
+  --rdzv-id="${RDZV_ID:-megagpt-$MASTER_PORT}" --rdzv-conf="is_host=$IS_HOST" \
+  --max-restarts="$MAX_RESTARTS" -m megagpt.cli train --config "$CONFIG" "$@"

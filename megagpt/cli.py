@@ -1,7 +1,9 @@
 """`megagpt <subcommand>`: thin; parses arguments and calls into the package.
 
-User errors (config, data, checkpoint) print one clear message and exit with status 2, no
-traceback.
+User errors (every ``megagpt.errors.MegagptError``: config, data, checkpoint) print one line
+``megagpt <command>: error: ...`` and exit with status 2, no traceback; a training run stopped
+because it cannot go on safely (``TrainingError``: ``train.max_bad_steps`` non-finite steps in a
+row) exits with status 3, so a scheduler can tell it from a bad config and need not requeue it.
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     from megagpt.training.trainer import train
+    from megagpt.training.watchdog import report_collective_timeout
 
-    train(cfg)
+    with report_collective_timeout():  # a hang: one line naming phase and step, exit 4
+        train(cfg)
     return 0
 
 
@@ -54,8 +58,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     from megagpt.training.finetune import finetune
+    from megagpt.training.watchdog import report_collective_timeout
 
-    finetune(cfg)
+    with report_collective_timeout():
+        finetune(cfg)
     return 0
 
 
@@ -79,6 +85,12 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from megagpt.checkpoint.convert import run
+
+    return run(args)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from megagpt.training.plots import run
 
     return run(args)
 
@@ -137,26 +149,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides, e.g. finetune.init_from=runs/x/model train.steps=50")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("plot", help="loss, LR, grad norm, tokens/s and MFU curves of run "
+                       "directories (from metrics.jsonl) into one PNG")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories to overlay")
+    p.add_argument("--out", metavar="FILE.png", help="output PNG (default: RUN_DIR/metrics.png "
+                   "for one run, ./metrics.png for several)")
+    p.set_defaults(func=cmd_plot)
     return parser
+
+
+def _error_line(command: str, e: BaseException) -> None:
+    """One line on stderr, no traceback: every rank of a torchrun job prints its own (an error
+    may be seen by one rank only), tagged with the rank when there are several."""
+    import os
+
+    rank = os.environ.get("RANK")
+    tag = f" [rank {rank}]" if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" \
+        else ""
+    message = " ".join(str(e).split("\n")).strip() or type(e).__name__
+    print(f"megagpt {command}: error:{tag} {message}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     _quiet()
     args = build_parser().parse_args(argv)
-    from megagpt.config import ConfigError
+    from megagpt.errors import MegagptError, TrainingError
 
-    user_errors: tuple = (ConfigError, FileNotFoundError)
-    try:
-        from megagpt.data.errors import DataError
-
-        user_errors += (DataError,)
-    except ImportError:
-        pass
     try:
         return int(args.func(args) or 0)
-    except user_errors as e:
-        print(f"megagpt {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except (MegagptError, FileNotFoundError) as e:
+        _error_line(args.command, e)
+        return 3 if isinstance(e, TrainingError) else 2
     except KeyboardInterrupt:
         print(f"megagpt {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -1,6 +1,14 @@
 """Save / resume training checkpoints; the consolidated model directory."""
 
-from megagpt.checkpoint.manager import checkpoint_dir, commit, latest_tag, resolve_load, tag_for
+from megagpt.checkpoint.manager import (
+    checkpoint_dir,
+    commit,
+    latest_tag,
+    resolve_load,
+    resume_tag,
+    tag_for,
+    verify_or_raise,
+)
 from megagpt.checkpoint.model_dir import (
     ModelDirError,
     is_model_dir,
@@ -11,5 +19,5 @@ from megagpt.checkpoint.model_dir import (
 )
 
 __all__ = ["ModelDirError", "checkpoint_dir", "commit", "is_model_dir", "latest_tag",
-           "load_into", "load_tensors", "read_config", "resolve_load", "tag_for",
-           "tokenizer_path"]
+           "load_into", "load_tensors", "read_config", "resolve_load", "resume_tag", "tag_for",
+           "tokenizer_path", "verify_or_raise"]

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from megagpt.config.schema import ModelConfig
+from megagpt.errors import MegagptError
 
 WORD = "embedding.word.word_embeddings.weight"
 POSITION = "embedding.position.position_embeddings.weight"
@@ -27,7 +28,7 @@ _DIM0 = ("embedding.word.word_embeddings.weight", "attention.query_key_value.wei
 _DIM1 = ("attention.dense.weight", "mlp.dense_4h_to_h.weight")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MegagptError, ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message names the file or
     tensor, and both shapes on a mismatch."""
 

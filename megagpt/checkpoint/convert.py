@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from megagpt.checkpoint import hf, model_dir, modelscope, reshard
+from megagpt.checkpoint import hf, manifest, model_dir, modelscope, reshard
 from megagpt.checkpoint.canonical import CheckpointError, check_heads, check_tensors
 from megagpt.checkpoint.manager import resolve_load, tag_for
 from megagpt.config.schema import ModelConfig
@@ -77,6 +77,10 @@ def read(path: str) -> Source:
         return Source(kind, *modelscope.read(path))
     directory, tag = resolve_load(path)
     checkpoint = str(Path(directory) / tag)
+    problems = manifest.verify(checkpoint, distributed=False)
+    if problems:
+        raise CheckpointError(f"checkpoint {checkpoint} is damaged: {problems[0]}"
+                              + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
     record = reshard.Record(checkpoint)
     tensors = record.state("param")
     check_tensors(tensors, record.model, checkpoint)
@@ -120,6 +124,7 @@ def write_training(directory: str, src: Source, tp: int, pp: int) -> str:
     out = Path(directory)
     reshard.write_record(str(out / tag), states, src.cfg, tp=tp, pp=pp, adam_step=adam_step,
                          client=client, engine=engine)
+    manifest.write(str(out / tag), distributed=False)  # before `latest`, as a run's commit does
     tmp = out / "latest.tmp"
     tmp.write_text(tag + "\n", encoding="utf-8")
     tmp.replace(out / "latest")

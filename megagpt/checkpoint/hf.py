@@ -178,14 +178,29 @@ def model_config(config: dict, source: str) -> ModelConfig:
     return cfg
 
 
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """One safetensors file; a truncated or foreign one raises CheckpointError naming it."""
+    from megagpt.checkpoint.manifest import safetensors_problem
+
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError carries no file name
+        raise CheckpointError(safetensors_problem(path)
+                              or f"{path}: not a readable safetensors file ({e})") from None
+
+
 def _load_weights(p: Path) -> dict[str, torch.Tensor]:
+    """Weights of a Hugging Face directory: safetensors, else pytorch_model.bin read with
+    ``torch.load(weights_only=True)`` (a file that needs full unpickling is refused)."""
     if (p / "model.safetensors").is_file():
-        return load_file(str(p / "model.safetensors"))
+        return _load_safetensors(p / "model.safetensors")
     index = p / "model.safetensors.index.json"
     if index.is_file():
         out: dict[str, torch.Tensor] = {}
         for f in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            out.update(load_file(str(p / f)))
+            out.update(_load_safetensors(p / f))
         return out
     if (p / "pytorch_model.bin").is_file():
         sd = torch_load_weights(p / "pytorch_model.bin")

@@ -2,11 +2,14 @@
 
 Layout::
 
-    <run.dir>/checkpoints/step_0000100/   one DeepSpeed checkpoint (every rank's shards)
+    <run.dir>/checkpoints/step_0000100/   one checkpoint (every rank's shards, see reshard.py)
+    <run.dir>/checkpoints/step_0000100/manifest.json   size and CRC-32 of each file
     <run.dir>/checkpoints/latest          the tag of the newest COMPLETE checkpoint
 
-``latest`` is written last, atomically, after every rank has finished writing: a crash while
-saving leaves the previous checkpoint as the one a restart resumes from.
+The manifest, then ``latest``, are written last, atomically, after every rank has finished
+writing: a crash while saving leaves the previous checkpoint as the one a restart resumes from.
+A resume verifies the manifest; when the newest checkpoint is damaged it says which file and
+falls back to the newest intact one (``checkpoint.require_latest`` demands the newest or nothing).
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ import shutil
 from pathlib import Path
 
 import torch.distributed as dist
+
+from megagpt.checkpoint import manifest
+from megagpt.checkpoint.canonical import CheckpointError
 
 _TAG = re.compile(r"^step_(\d{7,})$")
 
@@ -36,7 +42,7 @@ def latest_tag(directory: str) -> str | None:
         return None
     tag = path.read_text(encoding="utf-8").strip()
     if not tag or not (Path(directory) / tag).is_dir():
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"{path} names checkpoint {tag!r}, which does not exist in {directory}; "
             "remove the file to start fresh or restore the checkpoint")
     return tag
@@ -51,16 +57,19 @@ def resolve_load(path: str) -> tuple[str, str]:
             return str(directory), latest_tag(str(directory))
     if _TAG.match(p.name) and p.is_dir():
         return str(p.parent), p.name
-    raise FileNotFoundError(f"checkpoint.load={path!r}: no 'latest' file and not a step_* folder")
+    raise CheckpointError(f"checkpoint.load={path!r}: no 'latest' file and not a step_* folder")
 
 
 def commit(directory: str, tag: str, keep_last: int) -> None:
-    """After every rank saved ``tag``: point ``latest`` at it and drop the oldest extras.
+    """After every rank saved ``tag``: write its manifest, point ``latest`` at it and drop the
+    oldest extras.
 
-    Collective: every rank calls it; rank 0 does the file work between barriers.
+    Collective: every rank calls it; the ranks share the checksums, rank 0 does the file work
+    between barriers.
     """
     if dist.is_initialized():
         dist.barrier()
+    manifest.write(str(Path(directory) / tag))  # collective; before `latest` names the tag
     if not dist.is_initialized() or dist.get_rank() == 0:
         tmp = Path(directory) / "latest.tmp"
         tmp.write_text(tag + "\n", encoding="utf-8")
@@ -74,3 +83,93 @@ def commit(directory: str, tag: str, keep_last: int) -> None:
             shutil.rmtree(Path(directory) / old, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
+
+
+def _summary(problems: list[str]) -> str:
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return problems[0] + more
+
+
+def _shared(obj):
+    """Rank 0's ``obj`` on every rank (one reading of the shared folder, so all ranks agree)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def resume_tag(directory: str, *, require_latest: bool = False, log=print) -> str | None:
+    """The checkpoint a run resumes from: ``latest`` when it verifies, else the newest intact
+    older one; None when the run has none.
+
+    Collective (every rank calls it; the checksums are shared, see ``manifest.verify``). A
+    damaged checkpoint is named with its first damaged file; after a fall-back, rank 0 renames
+    the damaged folders to ``<tag>.damaged`` (kept for inspection, never resumed or pruned) and
+    points ``latest`` at the one resumed. Without a ``latest`` file, only folders with a manifest
+    count (they were complete). Raises CheckpointError when ``require_latest`` and the newest is
+    damaged, or when no checkpoint is intact.
+    """
+    root = Path(directory)
+    listing = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        latest = None
+        if (root / "latest").is_file():
+            latest = (root / "latest").read_text(encoding="utf-8").strip() or None
+        tags = sorted((d.name for d in root.iterdir() if _TAG.match(d.name) and d.is_dir()),
+                      reverse=True) if root.is_dir() else []
+        if latest is None:
+            candidates = [t for t in tags if manifest.has_manifest(str(root / t))]
+        else:
+            candidates = [latest] + [t for t in tags if t < latest]
+        listing = (latest, candidates)
+    latest, candidates = _shared(listing)
+    if not candidates:
+        return None
+    if latest is None:
+        log(f"{root}/latest is missing; looking for the newest complete checkpoint")
+    damaged: list[tuple[str, list[str]]] = []
+    chosen = None
+    for tag in candidates:
+        problems = manifest.verify(str(root / tag))
+        if not problems:
+            chosen = tag
+            break
+        damaged.append((tag, problems))
+        if require_latest:
+            raise CheckpointError(
+                f"checkpoint {root / tag} is damaged: {_summary(problems)}; "
+                "checkpoint.require_latest=true demands the newest checkpoint: restore that "
+                "file, or set checkpoint.require_latest=false to resume from the newest intact "
+                "one")
+        log(f"checkpoint {root / tag} is damaged: {_summary(problems)}; trying the one before")
+    if chosen is None:
+        raise CheckpointError(
+            f"no intact checkpoint in {root}: "
+            + "; ".join(f"{t}: {_summary(p)}" for t, p in damaged)
+            + " (restore the files, or move the folder away to start afresh)")
+    if damaged:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            for tag, _ in damaged:
+                if (root / tag).is_dir():
+                    aside = root / f"{tag}.damaged"
+                    shutil.rmtree(aside, ignore_errors=True)
+                    os.replace(root / tag, aside)
+            tmp = root / "latest.tmp"
+            tmp.write_text(chosen + "\n", encoding="utf-8")
+            os.replace(tmp, root / "latest")
+        if dist.is_initialized():
+            dist.barrier()
+        log(f"falling back to {root / chosen}; the damaged checkpoints were renamed to "
+            f"{', '.join(t + '.damaged' for t, _ in damaged)}")
+    return chosen
+
+
+def verify_or_raise(directory: str, tag: str) -> None:
+    """Verify one checkpoint named by the user (``checkpoint.load``): CheckpointError naming the
+    damaged file. Never renames anything (the folder is not the run's own). Collective."""
+    problems = manifest.verify(str(Path(directory) / tag))
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {Path(directory) / tag} is damaged: {_summary(problems)}; restore it "
+            "or point checkpoint.load at an older step_* folder")

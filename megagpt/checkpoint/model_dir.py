@@ -25,6 +25,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from megagpt.config.schema import ModelConfig
+from megagpt.errors import MegagptError
 from megagpt.model.init import canonical_parameters, full_shape
 
 FORMAT = "megagpt-model"
@@ -32,7 +33,7 @@ VERSION = 1
 WORD_EMBEDDING = "embedding.word.word_embeddings.weight"
 
 
-class ModelDirError(ValueError):
+class ModelDirError(MegagptError, ValueError):
     """A model directory that cannot be read or does not fit the model; names file/tensor."""
 
 
@@ -142,15 +143,29 @@ def load_tensors(directory: str) -> dict[str, torch.Tensor]:
     """All weights of a model directory (single file or sharded), by canonical name."""
     d = Path(directory)
     if (d / "model.safetensors").is_file():
-        return load_file(str(d / "model.safetensors"))
+        return _load_file(d / "model.safetensors")
     index = d / "model.safetensors.index.json"
     if not index.is_file():
         raise ModelDirError(f"{d}: no model.safetensors or model.safetensors.index.json")
     files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     out: dict[str, torch.Tensor] = {}
     for f in files:
-        out.update(load_file(str(d / f)))
+        out.update(_load_file(d / f))
     return out
+
+
+def _load_file(path: Path) -> dict[str, torch.Tensor]:
+    """One safetensors file; a truncated or foreign file raises ModelDirError naming it (weights
+    are only ever read as safetensors here: no pickle is opened)."""
+    from megagpt.checkpoint.manifest import safetensors_problem
+
+    if not path.is_file():
+        raise ModelDirError(f"{path} is missing")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError and friends carry no file name
+        raise ModelDirError(safetensors_problem(path)
+                            or f"{path}: not a readable safetensors file ({e})") from None
 
 
 @torch.no_grad()

@@ -18,13 +18,15 @@ to the true vocabulary, and cuts out the reader's own shard: the reader's layout
 match the writer's. Which pipeline stage held a tensor does not matter either: the reader indexes
 every file by tensor name.
 
-DeepSpeed's native files stay the fast path for a same-layout resume (bit-exact, including
-state this record does not carry, e.g. RNG). The cost is disk: a checkpoint holds the model and
-optimizer state twice. This module never imports deepspeed; the engine passes accessors.
+DeepSpeed's native files (``checkpoint.native``) are pickles: they are read only for a
+same-layout resume with ``checkpoint.trust_pickle`` (the engine decides), never by this module.
+The cost of writing them is disk: a checkpoint holds the model and optimizer state twice.
+This module never imports deepspeed; the engine passes accessors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -175,6 +177,20 @@ def write_record(checkpoint: str, states: dict[str, dict[str, torch.Tensor]], cf
 
 # -- reading ------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _open(path: Path):
+    """``safe_open`` whose failures (truncated or foreign file) name the file."""
+    from megagpt.checkpoint.manifest import safetensors_problem
+
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except Exception as e:  # SafetensorError, OSError: say which file, and why when we can
+        why = safetensors_problem(path) if path.is_file() else None
+        raise CheckpointError(why or f"{path}: not a readable safetensors file ({e})") from None
+    with handle as h:
+        yield h
+
+
 def read_meta(checkpoint: str) -> dict | None:
     """The record's meta.json, or None when the checkpoint has no record (older format)."""
     path = record_path(checkpoint) / "meta.json"
@@ -195,9 +211,12 @@ class Record:
     def __init__(self, checkpoint: str):
         meta = read_meta(checkpoint)
         if meta is None:
-            raise CheckpointError(f"{checkpoint}: no layout-free record ({RECORD}/meta.json); "
-                                  "this checkpoint can only be resumed with the layout that "
-                                  "saved it")
+            native = sorted(Path(checkpoint).glob("*.pt")) if Path(checkpoint).is_dir() else []
+            hint = (f"; {native[0].name} is a DeepSpeed native file (a pickle, which megagpt "
+                    "never reads outside a same-layout resume with checkpoint.trust_pickle=true)"
+                    if native else "")
+            raise CheckpointError(f"{checkpoint}: no layout-free record ({RECORD}/meta.json)"
+                                  + hint)
         self.meta = meta
         self.folder = record_path(checkpoint)
         self.model = ModelConfig(**meta["model"])
@@ -213,7 +232,7 @@ class Record:
                         raise CheckpointError(f"{f} is missing: the record of {checkpoint} was "
                                               f"saved with TP={lay['tp']} PP={lay['pp']} and "
                                               "needs one file per (tp, pp) rank")
-                    with safe_open(str(f), framework="pt") as h:
+                    with _open(f) as h:
                         part = json.loads(h.metadata()["partition"])
                         stored = h.keys()  # safe_open handles are not iterable
                         for name in stored:
@@ -238,8 +257,11 @@ class Record:
         dim = None
         for r in sorted(shards):
             f, dim = shards[r]
-            with safe_open(str(f), framework="pt") as h:
-                parts.append(h.get_tensor(name))
+            with _open(f) as h:
+                try:
+                    parts.append(h.get_tensor(name))
+                except Exception as e:  # safetensors raises its own error types
+                    raise CheckpointError(f"{f}: cannot read tensor {name!r} ({e})") from None
             if dim is None:
                 break
         t = parts[0] if dim is None else torch.cat(parts, dim=dim)

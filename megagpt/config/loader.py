@@ -15,9 +15,10 @@ from typing import Any
 import yaml
 
 from megagpt.config.schema import Config, to_dict
+from megagpt.errors import MegagptError
 
 
-class ConfigError(ValueError):
+class ConfigError(MegagptError, ValueError):
     """A config problem a user can fix; the message names the key and where it came from."""
 
 

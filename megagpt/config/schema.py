@@ -57,6 +57,8 @@ class ParallelConfig:
                                   choices=("uniform", "parameters"))
     backend: str = doc("auto", "Process-group backend; auto = nccl with CUDA, gloo without.",
                        choices=("auto", "nccl", "gloo"))
+    timeout_s: int = doc(0, "Collective timeout in seconds: a rank waiting longer on its peers "
+                         "reports the phase and step and exits; 0 = 300 (gloo), 1200 (NCCL).")
 
 
 @dataclass
@@ -97,6 +99,14 @@ class TrainConfig:
                      "the TF32 peak); false = IEEE fp32 on CUDA cores.")
     initial_loss_scale: float = doc(2.0**16, "fp16 only: initial dynamic loss scale.")
     loss_scale_window: int = doc(1000, "fp16 only: steps without overflow before scaling up.")
+    max_bad_steps: int = doc(5, "Stop (exit 3, nothing saved or exported) after this many bad "
+                             "steps in a row: NaN/Inf loss or grad norm (the step is skipped, "
+                             "weights untouched) or a loss spike.")
+    loss_spike_factor: float = doc(0.0, "A loss above this many times the mean of the last 100 "
+                                   "good steps counts as a bad step (already applied: pair it "
+                                   "with rewind_on_bad_steps); 0 disables.")
+    rewind_on_bad_steps: int = doc(0, "At max_bad_steps, go back to the last checkpoint and skip "
+                                   "the batches since it, up to this many times; 0 = stop.")
     log_interval: int = doc(10, "Log metrics every N steps.")
     eval_interval: int = doc(1000, "Validation every M steps; 0 disables.")
     eval_iters: int = doc(10, "Validation micro-batches per data-parallel rank per evaluation.")
@@ -111,6 +121,11 @@ class CheckpointConfig:
     load: str = doc("", "Start from this checkpoint directory when the run has none of its own.")
     native: bool = doc(False, "Also write DeepSpeed's native files (doubles the size); resume "
                        "works from megagpt's layout-free record at any layout without them.")
+    trust_pickle: bool = doc(False, "Read DeepSpeed's native .pt files on resume. RISK: they are "
+                             "pickles, and loading one runs any code it holds; set only for "
+                             "checkpoints you wrote yourself. Off: only safetensors/JSON are read.")
+    require_latest: bool = doc(False, "Resume only from the newest checkpoint: fail when it is "
+                               "damaged instead of falling back to the newest intact one.")
 
 
 @dataclass
@@ -118,6 +133,8 @@ class LoggingConfig:
     wandb: str = doc("offline", "Weights & Biases mode.", choices=("offline", "online", "disabled"))
     wandb_project: str = doc("megagpt", "W&B project name.")
     peak_tflops: float = doc(0.0, "Peak TFLOP/s per device for MFU; 0 = look up the device type.")
+    tensorboard: bool = doc(False, "Also write TensorBoard event files to <run.dir>/tensorboard "
+                            "(needs the tensorboard package: pip install -e \".[plot]\").")
 
 
 @dataclass

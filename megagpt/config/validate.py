@@ -98,6 +98,9 @@ def problems(cfg: Config, world_size: int, *, cuda: bool | None = None,
         out.append("train.precision=fp16 is not supported on CPU; use bf16 or fp32")
     if p.backend == "nccl" and cuda is False:
         out.append("parallel.backend=nccl needs CUDA")
+    if p.timeout_s < 0:
+        out.append(f"parallel.timeout_s must be >= 0 seconds (0 = the backend's default), got "
+                   f"{p.timeout_s}")
     if o.lr <= 0 and o.schedule != "constant":
         out.append("optim.lr must be > 0")
     if not 0.0 <= o.min_lr_ratio <= 1.0:

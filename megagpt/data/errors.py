@@ -8,8 +8,10 @@ status 2, without a traceback, so the message itself must say what was wrong, wh
 
 from __future__ import annotations
 
+from megagpt.errors import MegagptError
 
-class DataError(Exception):
+
+class DataError(MegagptError):
     """An actionable error in user data or data configuration."""
 
 

@@ -15,6 +15,11 @@ Implemented from the format, so that preprocessing does not import torch. Layout
 
 ``.bin`` is the tokens of all sequences back to back. megagpt writes one sequence per document.
 
+``PREFIX.vocab.json`` (megagpt's own, next to them; megatron-core ignores it) records the size of
+the tokenizer the dataset was made with and the largest token id written, so training can check
+that the data fits the model's vocabulary without reading ``.bin`` (``check_vocab``). Datasets
+without it (older ones, or from other tools) are scanned for their largest id instead.
+
 Writes are crash-safe: both files are written under temporary names and renamed into place at
 the end, ``.idx`` last, so an interrupted run never leaves a ``PREFIX.idx`` that describes a
 different ``PREFIX.bin`` (and :class:`IndexedDataset` also checks the sizes agree).
@@ -22,6 +27,7 @@ different ``PREFIX.bin`` (and :class:`IndexedDataset` also checks the sizes agre
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 from array import array
@@ -58,6 +64,10 @@ def idx_path(prefix: str) -> str:
 
 def bin_path(prefix: str) -> str:
     return prefix + ".bin"
+
+
+def vocab_path(prefix: str) -> str:
+    return prefix + ".vocab.json"
 
 
 def dataset_exists(prefix: str) -> bool:
@@ -164,8 +174,12 @@ class IndexedDatasetWriter:
     removed (:meth:`abort`) and any previous dataset at ``prefix`` is left as it was.
     """
 
-    def __init__(self, prefix: str, dtype: np.dtype) -> None:
+    def __init__(self, prefix: str, dtype: np.dtype, vocab_size: int | None = None) -> None:
+        """``vocab_size``: the tokenizer's size, recorded in ``PREFIX.vocab.json`` with the
+        largest id written (None: no record)."""
         self.prefix = prefix
+        self.vocab_size = vocab_size
+        self.max_token_id = -1
         self.dtype = np.dtype(dtype)
         if self.dtype not in _CODE_OF:
             raise ValueError(f"unsupported token dtype {self.dtype}")
@@ -178,6 +192,7 @@ class IndexedDatasetWriter:
         tag = f".tmp.{os.getpid()}"
         self._tmp_bin = bin_path(prefix) + tag
         self._tmp_idx = idx_path(prefix) + tag
+        self._tmp_vocab = vocab_path(prefix) + tag
         # Closed by finalize()/abort(); the writer is the context manager.
         self._bin = open(self._tmp_bin, "wb")
         self._lengths = array("i")
@@ -190,6 +205,8 @@ class IndexedDatasetWriter:
         if int(np.sum(lengths, dtype=np.int64)) != len(tokens):
             raise ValueError("lengths do not add up to the number of tokens")
         self._bin.write(tokens.tobytes())
+        if len(tokens):
+            self.max_token_id = max(self.max_token_id, int(tokens.max()))
         self._lengths.frombytes(np.asarray(lengths, dtype=np.int32).tobytes())
         self.num_tokens += len(tokens)
 
@@ -222,10 +239,20 @@ class IndexedDatasetWriter:
             f.write(doc_indices.tobytes())
             f.flush()
             os.fsync(f.fileno())
+        if self.vocab_size is not None:
+            with open(self._tmp_vocab, "w", encoding="utf-8") as f:
+                json.dump({"vocab_size": int(self.vocab_size),
+                           "max_token_id": self.max_token_id}, f)
+                f.write("\n")
         # An old .idx next to the new .bin would look complete: remove it before the swap.
         if os.path.exists(idx_path(self.prefix)):
             os.unlink(idx_path(self.prefix))
+        # A stale record of an older dataset at this prefix must not describe the new one.
+        if os.path.exists(vocab_path(self.prefix)):
+            os.unlink(vocab_path(self.prefix))
         os.replace(self._tmp_bin, bin_path(self.prefix))
+        if self.vocab_size is not None:
+            os.replace(self._tmp_vocab, vocab_path(self.prefix))
         os.replace(self._tmp_idx, idx_path(self.prefix))
         _fsync_dir(os.path.dirname(os.path.abspath(self.prefix)))
         self._closed = True
@@ -234,7 +261,7 @@ class IndexedDatasetWriter:
         """Close and delete the temporary files; nothing at ``prefix`` is touched."""
         if not self._bin.closed:
             self._bin.close()
-        for p in (self._tmp_bin, self._tmp_idx):
+        for p in (self._tmp_bin, self._tmp_idx, self._tmp_vocab):
             if os.path.exists(p):
                 os.unlink(p)
         self._closed = True
@@ -249,6 +276,57 @@ class IndexedDatasetWriter:
             self.finalize()
         else:
             self.abort()
+
+
+# Tokens per read when scanning a dataset without a vocab record (256 MB of uint16).
+_SCAN_TOKENS = 128 * 1024 * 1024
+
+
+def vocab_record(prefix: str) -> dict | None:
+    """``PREFIX.vocab.json`` ({"vocab_size", "max_token_id"}), or None when there is none."""
+    path = vocab_path(prefix)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        return {"vocab_size": int(record["vocab_size"]),
+                "max_token_id": int(record["max_token_id"])}
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise DataError(f"{path}: unreadable vocabulary record ({e}); delete it to have the "
+                        "dataset scanned instead, or preprocess again") from None
+
+
+def max_token_id(prefix: str) -> int:
+    """The largest token id in ``PREFIX.bin`` (-1 when empty), read in chunks through the
+    memory map: one sequential pass, constant memory."""
+    ds = IndexedDataset(prefix)
+    tokens, top = ds._bin, -1
+    for start in range(0, len(tokens), _SCAN_TOKENS):
+        top = max(top, int(tokens[start:start + _SCAN_TOKENS].max()))
+    return top
+
+
+def check_vocab(prefix: str, vocab_size: int, where: str) -> None:
+    """Raise DataError unless every token id of the dataset at ``prefix`` is below
+    ``vocab_size`` (the model's true vocabulary); ``where`` names it (e.g. ``data.paths[0]``).
+
+    Uses ``PREFIX.vocab.json`` when the dataset has one (free), else scans ``.bin``. A dataset
+    made with a larger tokenizer is refused even when its ids happen to fit: its ids mean other
+    tokens."""
+    record = vocab_record(prefix)
+    if record is not None and record["vocab_size"] > vocab_size:
+        raise DataError(
+            f"{where}={prefix}: preprocessed with a tokenizer of {record['vocab_size']} tokens "
+            f"(largest id {record['max_token_id']}), but the model's vocabulary (data.tokenizer)"
+            f" has {vocab_size}; preprocess it again with data.tokenizer, or train with the "
+            "tokenizer it was made with")
+    top = record["max_token_id"] if record is not None else max_token_id(prefix)
+    if top >= vocab_size:
+        raise DataError(
+            f"{where}={prefix}: token id {top} does not fit the model's vocabulary of "
+            f"{vocab_size} (ids 0-{vocab_size - 1}, the size of data.tokenizer); preprocess it "
+            "again with data.tokenizer, or train with the tokenizer it was made with")
 
 
 def _fsync_dir(directory: str) -> None:

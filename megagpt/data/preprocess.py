@@ -271,7 +271,7 @@ def preprocess(
     start = time.perf_counter()
     results = _run_ordered(_iter_chunks(specs, chunk_docs, chunk_bytes), workers, initargs, tok)
     try:
-        with IndexedDatasetWriter(output_prefix, dtype) as writer:
+        with IndexedDatasetWriter(output_prefix, dtype, vocab_size=tok.vocab_size) as writer:
             for result in results:
                 writer.add_documents(result.tokens, result.lengths)
                 stats.skipped.update(result.skipped)

@@ -179,8 +179,9 @@ class Engine:
 
         Always the layout-free record of ``megagpt.checkpoint.reshard`` (fp32 master and Adam
         moments by canonical name and TP shard, for an exact resume under any TP/PP/DP/ZeRO);
-        DeepSpeed's native files too only with ``checkpoint.native`` (they double the size).
-        Collective; the caller commits ``latest`` afterwards, so a crash leaves no half state.
+        DeepSpeed's native files too only with ``checkpoint.native`` (they double the size, and
+        a resume reads them only with ``checkpoint.trust_pickle``). Collective; the caller
+        commits (manifest, then ``latest``) afterwards, so a crash leaves no half state.
         """
         from megagpt import parallel
         from megagpt.checkpoint import reshard

@@ -29,8 +29,8 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    p.add_argument("--stream", action="store_true", help="print tokens as they arrive "
-                   "(one prompt at a time)")
+    p.add_argument("--stream", action="store_true", help="print text as it arrives (one "
+                   "prompt at a time; whole characters only)")
     p.add_argument("--jsonl", action="store_true",
                    help='print one {"prompt", "text"} JSON object per output')
     p.set_defaults(func=cmd_generate)
@@ -66,6 +66,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
               "repetition_penalty": args.repetition_penalty, "seed": args.seed}
         for prompt in prompts if args.stream else []:
             shown = ""
+            # Each part extends the last and never ends inside a character (the stream holds
+            # unfinished UTF-8 bytes back), so printing the new suffix is all it takes.
             for part in pipe.stream(prompt, **kw):
                 if rank0:
                     print(part["text"][len(shown):], end="", flush=True)

@@ -8,6 +8,13 @@ attends to it: a batch gives the same tokens as its prompts one at a time.
 Under tensor parallelism every rank of the TP group runs the same loop: the vocab-parallel logits
 are all-gathered, the token is chosen from the full distribution and broadcast from TP rank 0, so
 all ranks stay in lockstep and greedy output equals TP=1's.
+
+The loop keeps its state on the device: the KV cache is allocated once for the longest row
+(prompt + new tokens) and written in place, tokens are chosen on the device for the whole batch
+(``sampling.sample``), and the only value read back to the host is "are all rows done?", every
+``check_every`` steps. With ``static=True`` the decode step has static shapes (a fixed-size cache
+indexed by a position tensor), so ``compile=True`` can hand it to ``torch.compile`` (CUDA graphs
+on GPU via mode "reduce-overhead").
 """
 
 from __future__ import annotations
@@ -20,9 +27,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
-from megagpt.inference.sampling import DEFAULT_NEW_TOKENS, SamplingParams, sample
-from megagpt.inference.sampling import apply_repetition_penalty as _penalise
+from megagpt.inference.sampling import (
+    DEFAULT_NEW_TOKENS,
+    SamplingParams,
+    penalise_seen,
+    row_key,
+    sample,
+)
 from megagpt.model import KVCache
 
 
@@ -57,10 +70,20 @@ class TextGenerator:
         stop_ids: token ids that end a row (end-of-document, ``<sep>``).
         pad_id: filler for right padding (never attended to, never returned).
         tp_group, tp_size: the tensor-parallel group the model is split over.
+        static: decode steps with static shapes (whole fixed-size cache, masked, at a position
+            tensor). Same tokens; on CPU slower than the default, which attends to the filled
+            prefix only.
+        compile: ``torch.compile`` the static decode step (implies ``static``; TP=1 only).
+            Off by default: on CPU it was not measured faster (BENCHMARKS-generate.md).
+        check_every: steps between the host checks "are all rows done?". Steps after every row
+            stopped change nothing, so a larger value only trades wasted steps for fewer
+            device-to-host syncs. Default: 1 on CPU (where the check is free and a wasted step
+            is not), 8 on accelerators.
     """
 
     def __init__(self, model: torch.nn.Module, *, vocab_size: int, max_positions: int,
-                 stop_ids: list[int], pad_id: int = 0, tp_group=None, tp_size: int = 1):
+                 stop_ids: list[int], pad_id: int = 0, tp_group=None, tp_size: int = 1,
+                 static: bool = False, compile: bool = False, check_every: int | None = None):
         self.model = model
         self.vocab_size = vocab_size
         self.max_positions = max_positions
@@ -69,6 +92,13 @@ class TextGenerator:
         self.tp_group = tp_group
         self.tp_size = tp_size
         self.num_layers = len(model.layers)
+        if compile and tp_size > 1:
+            raise ValueError("compile=True supports tensor-parallel size 1 only (the logits "
+                             "all-gather is outside the captured step)")
+        self.static = static or compile
+        self.compile = compile
+        self.check_every = check_every
+        self._compiled = None
 
     @property
     def device(self) -> torch.device:
@@ -121,67 +151,106 @@ class TextGenerator:
                            group=self.tp_group)
         return tokens
 
+    def _decode_static(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One decoding step with static shapes: ids [b, 1] at slot ``cache.position`` (0-d
+        tensor) -> float32 logits [b, V]. The computation of ``GPTModel.forward`` for one token,
+        written against its blocks because ``forward`` takes the position offset as a Python int
+        (under torch.compile, one graph per position)."""
+        m = self.model
+        pos = m.position.position_embeddings(cache.position)  # [h]
+        h = (m.word(token) + pos).transpose(0, 1)  # [b, 1, h] -> [1, b, h]
+        for layer in m.layers:
+            h = layer(h, cache)
+        # The tied output layer without ``WordEmbedding.logits``' region copy (an identity
+        # without autograd, whose megatron-core helper warns: a graph break) and its masking of
+        # padded rows (``_full_logits`` cuts them off).
+        local = F.linear(m.final_norm(h)[-1], m.word.word_embeddings.weight)  # [b, V/tp]
+        return self._full_logits(local)  # -> [b, V]
+
+    def _static_step(self):
+        if not self.compile:
+            return self._decode_static
+        if self._compiled is None:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._compiled = torch.compile(self._decode_static, fullgraph=True, dynamic=False,
+                                           mode=mode)
+        return self._compiled
+
     @torch.no_grad()
     def steps(self, prompts: list[list[int]], params: SamplingParams, limits: list[int],
-              generators: list[torch.Generator] | None = None, use_cache: bool = True
-              ) -> Iterator[DecodeState]:
+              keys: list[int] | None = None, use_cache: bool = True) -> Iterator[DecodeState]:
         """Decode ``prompts`` (non-empty id lists) up to ``limits``; yields after each step.
 
-        A row stops at its first stop token (not returned) or at its limit. ``generators`` (one
-        per row) make sampling reproducible; a row draws from its own generator only on the
-        steps where it generates, so its output does not depend on the rest of the batch.
+        A row stops at its first stop token (not returned) or at its limit. ``keys`` (one 32-bit
+        sampling key per row, ``keys_for``) make sampling reproducible; a row's draw at a
+        position depends only on its key, so its output does not depend on the rest of the
+        batch. The yielded state is updated in place; a step after every row stopped changes
+        nothing.
         """
         params.check(self.vocab_size)
         if any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt: give at least one token")
         device = self.device
         b = len(prompts)
+        total = max(limits)
+        host = torch.full((b, total), self.pad_id, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            host[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        tokens = host.to(device)
         lengths = torch.tensor([len(p) for p in prompts], device=device)
         limit_t = torch.tensor(limits, device=device)
-        total = max(limits)
-        tokens = torch.full((b, total), self.pad_id, dtype=torch.long, device=device)
-        for i, p in enumerate(prompts):
-            tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
         stop = torch.tensor(self.stop_ids, dtype=torch.long, device=device)
+        key_t = None if keys is None else torch.tensor(keys, dtype=torch.long, device=device)
+        pad = torch.full((b,), self.pad_id, dtype=torch.long, device=device)
         done = torch.zeros(b, dtype=torch.bool, device=device)
         ends = lengths.clone()
-        cache = KVCache(self.num_layers) if use_cache else None
-        pos = int(lengths.min())
-        fed = 0  # tokens already in the cache
+        seen = None  # [b, V] presence of each token in each row, for the repetition penalty
+        if params.repetition_penalty != 1.0:
+            filled = torch.arange(total, device=device).unsqueeze(0) < lengths.unsqueeze(1)
+            seen = torch.zeros(b, self.vocab_size, device=device).scatter_add_(
+                1, tokens.clamp(0, self.vocab_size - 1), filled.float()) > 0  # padding: +0
+        cache = KVCache(self.num_layers, total, static=self.static) if use_cache else None
+        check_every = self.check_every or (1 if device.type == "cpu" else 8)
+        pos = int(min(len(p) for p in prompts))
+        start = pos
+        pos_t = torch.tensor(pos, device=device)  # the sampler's step, kept on the device
         self.model.eval()
-        while pos < total and not bool(done.all()):
-            if cache is not None:
-                logits = self.model(tokens[:, fed:pos], kv_cache=cache)  # [s, b, V/tp]
-                fed = pos
+        while pos < total:
+            if cache is None:
+                last = self._full_logits(self.model(tokens[:, :pos])[-1])  # [b, V]
+            elif cache.length == 0:  # the prompts' common prefix in one pass
+                last = self._full_logits(self.model(tokens[:, :pos], kv_cache=cache)[-1])
+                if self.static:
+                    cache.begin_static(device)
+            elif self.static:
+                last = self._static_step()(tokens[:, pos - 1:pos], cache)
+                cache.position.add_(1)
             else:
-                logits = self.model(tokens[:, :pos])
-            last = self._full_logits(logits[-1])  # [b, V]
+                last = self._full_logits(self.model(tokens[:, pos - 1:pos], kv_cache=cache)[-1])
             in_prompt = lengths > pos
             active = ~done & ~in_prompt
-            chosen = torch.full((b,), self.pad_id, dtype=torch.long, device=device)
-            rows = active.nonzero().flatten().tolist()
-            if rows:
-                scores = last[rows]
-                if params.repetition_penalty != 1.0:
-                    scores = _penalise(scores, tokens[rows, :pos], params.repetition_penalty)
-                gens = [generators[i] for i in rows] if generators is not None else None
-                chosen[rows] = sample(scores, params, gens)
-            chosen = self._agree(chosen)
+            if seen is not None:
+                last = penalise_seen(last, seen, params.repetition_penalty)
+            chosen = self._agree(torch.where(active, sample(last, params, key_t, pos_t), pad))
             tokens[:, pos] = torch.where(in_prompt, tokens[:, pos], chosen)
             stopped = active & torch.isin(chosen, stop)
             grew = active & ~stopped
-            ends = torch.where(grew, torch.full_like(ends, pos + 1), ends)
+            ends = torch.where(grew, pos + 1, ends)
             done = done | stopped | (grew & (limit_t <= pos + 1))
+            if seen is not None:
+                idx = chosen.clamp(0, self.vocab_size - 1).unsqueeze(1)  # [b, 1]
+                seen.scatter_(1, idx, seen.gather(1, idx) | grew.unsqueeze(1))
             pos += 1
+            pos_t.add_(1)
             yield DecodeState(tokens, ends, done)
+            if (pos - start) % check_every == 0 and bool(done.all()):
+                return
 
-    def generators_for(self, prompts: list[list[int]], copies: int, seed: int | None
-                       ) -> list[torch.Generator]:
-        """One generator per output row (prompt-major, copies consecutive)."""
+    def keys_for(self, prompts: list[list[int]], copies: int, seed: int | None) -> list[int]:
+        """One 32-bit sampling key per output row (prompt-major, copies consecutive)."""
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little") % (2**63)
-        return [torch.Generator().manual_seed(_row_seed(seed, p, c))
-                for p in prompts for c in range(copies)]
+        return [row_key(_row_seed(seed, p, c)) for p in prompts for c in range(copies)]
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, *,
                  max_length: int | None = None, max_new_tokens: int | None = None,
@@ -196,11 +265,11 @@ class TextGenerator:
                              "return identical copies; sample instead")
         rows = [p for p in prompts for _ in range(num_return_sequences)]
         limits = self.limits([len(p) for p in rows], max_length, max_new_tokens)
-        gens = None if params.greedy else self.generators_for(
-            prompts, num_return_sequences, seed)
+        keys = None if params.greedy else self.keys_for(prompts, num_return_sequences, seed)
         state = None
-        for state in self.steps(rows, params, limits, gens, use_cache):  # noqa: B007
+        for state in self.steps(rows, params, limits, keys, use_cache):  # noqa: B007
             pass
-        flat = [state.row(i) for i in range(len(rows))]
+        tokens, ends = state.tokens.cpu(), state.ends.tolist()  # one copy back to the host
+        flat = [tokens[i, : ends[i]].tolist() for i in range(len(rows))]
         k = num_return_sequences
         return [flat[i * k:(i + 1) * k] for i in range(len(prompts))]

@@ -69,6 +69,10 @@ class TextGenerationPipeline:
     positions) or ``max_new_tokens``, ``top_k`` (0 = off, 1 = greedy), ``top_p`` (default 0.9),
     ``temperature`` (1.0), ``repetition_penalty`` (1.0 = off), ``seed``,
     ``num_return_sequences``, ``batch_size`` (prompts per forward, default 8), ``use_cache``.
+
+    A byte-level tokenizer can stop between the bytes of one character (the decoder shows the
+    unfinished bytes as U+FFFD): the text never ends on such bytes (``complete_text``), and
+    ``stream`` holds them back until the character completes.
     """
 
     def __init__(self, generator: TextGenerator, tokenizer):
@@ -99,28 +103,61 @@ class TextGenerationPipeline:
             ids = self.generator.generate(
                 chunk, params, max_length=max_length, max_new_tokens=max_new_tokens, seed=seed,
                 num_return_sequences=num_return_sequences, use_cache=use_cache)
-            for copies in ids:
-                dicts = [{"text": self.tokenizer.decode(c)} for c in copies]
+            for prompt, copies in zip(chunk, ids):
+                dicts = [{"text": self._text(c, prompt)} for c in copies]
                 out.append(dicts[0] if num_return_sequences == 1 else dicts)
         return out[0] if single else out
+
+    def _text(self, ids: list[int], prompt: list[int]) -> str:
+        """The text of ``ids`` (prompt + continuation), cut before unfinished character bytes
+        at its end (``complete_text``); the prompt's own text is never cut."""
+        return complete_text(self.tokenizer.decode(ids),
+                             keep=len(self.tokenizer.decode(prompt)))
 
     def stream(self, text: str, *, max_length: int | None = None,
                max_new_tokens: int | None = None, top_k: int | None = None,
                top_p: float | None = None, temperature: float | None = None,
                repetition_penalty: float | None = None, seed: int | None = None,
                use_cache: bool = True) -> Iterator[dict]:
-        """Yield a growing ``{"text": prompt + continuation so far}`` after each new token."""
+        """Yield a growing ``{"text": prompt + continuation so far}`` whenever a new token adds
+        text. Each part extends the one before (print ``text[len(previous):]``); bytes of an
+        unfinished character are held back until it completes, so no part shows half a
+        character. The last part equals ``pipe(text, ...)``."""
         params = make_params(top_k, top_p, temperature, repetition_penalty)
         gen = self.generator
         ids = self._encode(text)
         limits = gen.limits([len(ids)], max_length, max_new_tokens)
-        gens = None if params.greedy else gen.generators_for([ids], 1, seed)
-        seen = len(ids)
-        for state in gen.steps([ids], params, limits, gens, use_cache):
+        keys = None if params.greedy else gen.keys_for([ids], 1, seed)
+        prompt_text = self.tokenizer.decode(ids)
+        shown, seen, parts = complete_text(prompt_text, len(prompt_text)), len(ids), 0
+        for state in gen.steps([ids], params, limits, keys, use_cache):
             end = int(state.ends[0])
             if end > seen:
                 seen = end
-                yield {"text": self.tokenizer.decode(state.row(0))}
+                now = complete_text(self.tokenizer.decode(state.row(0)), len(prompt_text))
+                if now != shown:
+                    shown, parts = now, parts + 1
+                    yield {"text": now}
+        if parts == 0:  # nothing generated, or only bytes that never completed
+            yield {"text": shown}
+
+
+_UNFINISHED = "\ufffd"  # what a UTF-8 decoder shows for the bytes of an unfinished character
+
+
+def complete_text(text: str, keep: int = 0) -> str:
+    """``text`` without the U+FFFD run at its end (past its first ``keep`` characters).
+
+    A byte-level tokenizer decodes the bytes of a character cut between tokens as U+FFFD; once
+    the next token completes it, the same prefix decodes to the real character. UTF-8 resyncs
+    at every character start, so the text before the cut never changes: cutting the trailing
+    run gives a prefix of every later text. Bytes that are invalid for good (a U+FFFD followed
+    by more text) are shown as the decoder shows them.
+    """
+    end = len(text)
+    while end > keep and text[end - 1] == _UNFINISHED:
+        end -= 1
+    return text[:end]
 
 
 def pipeline(task: str, model: str, *, device: str = "auto", dtype: str = "auto",

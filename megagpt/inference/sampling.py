@@ -4,6 +4,11 @@
 applied: top-k (``top_k > 1``) or nucleus (``0 < top_p < 1``), never both; then one token is drawn
 from the softmax. The nucleus filter keeps the smallest prefix of the sorted distribution whose
 mass reaches ``top_p`` (the token that crosses ``p`` is kept, and so is the top token).
+
+Everything runs on the logits' device with static shapes, batched over rows: no host round trip,
+no per-row loop. Seeded draws use counter-based noise (``exponential_noise``): a row's draw is a
+pure function of its key, the step and the distribution, so it does not depend on the other rows
+of the batch, on the device's random state, or on how many draws came before.
 """
 
 from __future__ import annotations
@@ -75,8 +80,16 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
         return logits
     valid = (seen >= 0).to(logits.dtype)
     counts = torch.zeros_like(logits).scatter_add_(1, seen.clamp(min=0), valid)  # [b, V]
+    return penalise_seen(logits, counts > 0, penalty)
+
+
+def penalise_seen(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """``apply_repetition_penalty`` on a presence mask ``seen`` [b, V] (bool): the decoding loop
+    keeps one up to date instead of rescanning the sequence every step."""
+    if penalty == 1.0:
+        return logits
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(counts > 0, penalised, logits)
+    return torch.where(seen, penalised, logits)
 
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
@@ -97,13 +110,45 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def sample(logits: torch.Tensor, params: SamplingParams,
-           generators: list[torch.Generator] | None = None) -> torch.Tensor:
-    """Next token ids [b] from last-position logits [b, V] (float32).
+_MASK32 = 0xFFFFFFFF
 
-    ``generators`` gives one torch.Generator per row: a row's draw then depends only on its own
-    generator, not on the other rows of the batch (so seeded sampling is reproducible and does
-    not change when prompts are batched differently).
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (two xorshift-multiply rounds) on int64 tensors holding values in
+    [0, 2^32). Both multipliers are below 2^31, so no product overflows int64: the same bits on
+    every device."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _MASK32
+    return x ^ (x >> 15)
+
+
+def row_key(seed: int) -> int:
+    """A 32-bit sampling key from any non-negative integer seed."""
+    return (seed ^ (seed >> 32)) & _MASK32
+
+
+def exponential_noise(keys: torch.Tensor, step: int | torch.Tensor, vocab: int) -> torch.Tensor:
+    """Exp(1) noise [b, vocab] (float32), a pure function of each row's 32-bit key [b] (int64),
+    the ``step`` (int or 0-d tensor) and the token index."""
+    ids = torch.arange(vocab, device=keys.device)
+    token_hash = _mix32((ids * 0x9E3779B1) & _MASK32)  # [V]
+    row = _mix32(keys ^ _mix32(torch.as_tensor(step, device=keys.device) & _MASK32))  # [b]
+    bits = _mix32(_mix32(row.unsqueeze(1) ^ token_hash.unsqueeze(0)))  # [b, V]
+    u = ((bits >> 8).float() + 0.5) * 2.0**-24  # 24 random bits -> uniform in (0, 1)
+    return -torch.log(u)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, keys: torch.Tensor | None = None,
+           step: int | torch.Tensor = 0) -> torch.Tensor:
+    """Next token ids [b] from last-position logits [b, V] (float32), on their device.
+
+    A draw is the exponential race argmax(p / E), E ~ Exp(1) i.i.d. per token, which picks token
+    i with probability p_i. With ``keys`` (one 32-bit key per row, int64 [b]) the noise is
+    ``exponential_noise(keys, step)``: seeded sampling is reproducible, and a row's draw depends
+    only on its own key and step, not on the other rows of the batch. Without keys the noise
+    comes from the device's default generator.
     """
     logits = logits.float()
     if params.greedy:
@@ -115,9 +160,8 @@ def sample(logits: torch.Tensor, params: SamplingParams,
     elif 0.0 < params.top_p < 1.0:
         logits = top_p_filter(logits, params.top_p)
     probs = logits.softmax(dim=-1)
-    if generators is None:
-        out = torch.multinomial(probs, 1).squeeze(1)
+    if keys is None:
+        noise = torch.empty_like(probs).exponential_().clamp_(min=torch.finfo(probs.dtype).tiny)
     else:
-        out = torch.stack([torch.multinomial(probs[i].cpu(), 1, generator=g)[0]
-                           for i, g in enumerate(generators)]).to(logits.device)
-    return out.clamp(0, logits.shape[-1] - 1)
+        noise = exponential_noise(keys, step, probs.shape[-1])
+    return (probs / noise).argmax(dim=-1)

@@ -143,22 +143,69 @@ class PositionEmbedding(nn.Module):
 
 
 class KVCache:
-    """Per-layer key/value buffers for incremental decoding: [b, heads_local, max_s, hd] each."""
+    """Key/value buffers for incremental decoding, allocated once: [b, heads_local, max_length,
+    hd] per layer, written in place (no concatenation per token).
 
-    def __init__(self, num_layers: int):
+    A layer's buffers are allocated on its first ``update`` (the layer knows b, heads, head_dim,
+    dtype and device), sized to ``max_length``: the longest row (prompt + new tokens). Two ways
+    to index them:
+
+    - by ``length`` (a Python int, the tokens already cached; ``GPTModel.forward`` advances it):
+      ``update`` writes at ``[length, length + s)`` and returns views of the filled prefix, so
+      attention reads only cached keys. The eager path.
+    - by ``position`` (a 0-d long tensor on the device, set by the caller): ``update`` writes one
+      token at that index and returns the whole buffers; ``mask()`` says which slots are filled.
+      Shapes and addresses never change, so a decode step written this way can be captured by
+      ``torch.compile`` / CUDA graphs. Buffers are zeroed then: masked slots must not hold NaN.
+    """
+
+    def __init__(self, num_layers: int, max_length: int = 2048, static: bool = False):
+        self.max_length = max_length
+        self.static = static
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
-        self.length = 0  # tokens already cached
+        self.length = 0  # tokens already cached (the eager path)
+        self.position: torch.Tensor | None = None  # the slot of the next token (static path)
+        self._slots: torch.Tensor | None = None
+
+    def _allocate(self, layer: int, k: torch.Tensor) -> None:
+        b, nh, _, hd = k.shape
+        alloc = torch.zeros if self.static else torch.empty
+        self.keys[layer] = alloc(b, nh, self.max_length, hd, dtype=k.dtype, device=k.device)
+        self.values[layer] = alloc(b, nh, self.max_length, hd, dtype=k.dtype, device=k.device)
+        if self.static and k.is_cuda:
+            # CUDA graphs replay fixed addresses: torch.compile must treat these mutated buffers
+            # as static inputs rather than copy them around (or skip the graph).
+            torch._dynamo.mark_static_address(self.keys[layer])
+            torch._dynamo.mark_static_address(self.values[layer])
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append k, v [b, nh, s_new, hd] for ``layer``; returns all keys/values so far."""
+        """Store k, v [b, nh, s_new, hd] for ``layer``; returns the keys/values to attend to."""
         if self.keys[layer] is None:
-            self.keys[layer], self.values[layer] = k, v
-        else:
-            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
-            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
-        return self.keys[layer], self.values[layer]
+            self._allocate(layer, k)
+        keys, values = self.keys[layer], self.values[layer]
+        if self.position is not None:  # one token at a tensor index: static shapes
+            keys.index_copy_(2, self.position.view(1), k)
+            values.index_copy_(2, self.position.view(1), v)
+            return keys, values
+        end = self.length + k.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} positions; {end} requested "
+                             "(size it to the longest row: prompt + new tokens)")
+        keys[:, :, self.length:end] = k
+        values[:, :, self.length:end] = v
+        return keys[:, :, :end], values[:, :, :end]
+
+    def begin_static(self, device: torch.device) -> None:
+        """Switch to the static path: the next token goes to slot ``length``; the caller
+        advances ``position`` in place (``position.add_(1)``) after each step."""
+        self.position = torch.tensor(self.length, device=device)
+        self._slots = torch.arange(self.max_length, device=device)
+
+    def mask(self) -> torch.Tensor:
+        """Static path: [1, max_length] bool, True for the slots at or before ``position``."""
+        return (self._slots <= self.position).unsqueeze(0)
 
 
 class SelfAttention(nn.Module):
@@ -204,6 +251,10 @@ class SelfAttention(nn.Module):
         if kv_cache is not None:
             past = kv_cache.length
             k, v = kv_cache.update(layer, k, v)
+            if kv_cache.position is not None:
+                # Static decode step: one query against the whole buffer, unfilled slots masked.
+                ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.mask())
+                return self._out(ctx, s, b)
             if past > 0:
                 # New queries sit at positions past..past+s-1 and see every cached key.
                 causal = False

@@ -10,6 +10,7 @@ from megagpt.parallel.setup import (
     initialize,
     is_initialized,
     pp_rank,
+    resolve_backend,
     resolve_device,
     tp_group,
     tp_rank,
@@ -18,6 +19,6 @@ from megagpt.parallel.setup import (
 
 __all__ = [
     "MegatronMPU", "ParallelDims", "destroy", "dims", "dp_group", "dp_rank", "initialize",
-    "is_initialized", "pp_rank", "resolve_device", "split_layers", "tp_group", "tp_rank",
-    "world_size_from_env",
+    "is_initialized", "pp_rank", "resolve_backend", "resolve_device", "split_layers",
+    "tp_group", "tp_rank", "world_size_from_env",
 ]

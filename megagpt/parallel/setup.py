@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -18,12 +18,7 @@ from megagpt.config.schema import ParallelConfig
 from megagpt.parallel.dims import ParallelDims
 
 _DIMS: ParallelDims | None = None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_ENV_SET: list[str] = []  # launcher variables ``initialize`` set for a lone process
 
 
 def world_size_from_env() -> int:
@@ -74,6 +69,50 @@ def init_process_group_kwargs(backend: str, device: torch.device, timeout_minute
     return kwargs
 
 
+def restart_store_prefix(env: dict | None = None) -> str | None:
+    """Key prefix that isolates this torchrun attempt in the launcher's store, or None.
+
+    Under torchrun the workers' ``env://`` store is the *agent's* TCPStore
+    (``TORCHELASTIC_USE_AGENT_STORE=True``; static and c10d rendezvous both share it), and it
+    outlives a restart: the keys the previous attempt's ranks published (gloo's and NCCL's
+    addresses under ``default_pg/...``) are still there when the restarted ranks look. A fresh
+    rank 0 then reads a dead rank's old address and fails with "Connection refused", every
+    attempt (torch 2.13 assumes a new store per attempt, which neither rendezvous makes). A
+    prefix per ``TORCHELASTIC_RESTART_COUNT`` gives each attempt its own keys.
+
+    Only on one node: each node's agent keeps its own restart count (an agent whose workers
+    were healthy restarts them for the others without counting), so across nodes the counts
+    can differ and would split the job. Several nodes need a new store per attempt instead:
+    ``--rdzv-backend c10d`` with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (what
+    ``launch/torchrun.sh`` does), where rank 0 hosts a fresh store on a fresh port each time.
+    """
+    env = os.environ if env is None else env
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None  # plain env:// (srun, tests, the c10d launch above): a new store per start
+    if env.get("GROUP_WORLD_SIZE", "1") != "1":
+        return None
+    return f"megagpt/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+def restart_warning(env: dict | None = None) -> str | None:
+    """Why a multi-node torchrun job could not restart in place, or None."""
+    env = os.environ if env is None else env
+    if (env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and env.get("GROUP_WORLD_SIZE", "1")
+            != "1" and env.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0"):
+        return ("torchrun --max-restarts on several nodes with the launcher's shared store: a "
+                "restart may find the previous attempt's addresses and fail; launch with "
+                "--rdzv-backend c10d and TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                "(launch/torchrun.sh does)")
+    return None
+
+
+def _attempt_store(prefix: str, timeout: datetime.timedelta):
+    """A client of the agent's store (MASTER_ADDR:MASTER_PORT) seen through ``prefix``."""
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(prefix, store)
+
+
 def model_parallel_kwargs(cfg: ParallelConfig, backend: str, timeout_minutes: int) -> dict:
     """Keyword arguments of megatron-core's ``parallel_state.initialize_model_parallel``.
 
@@ -89,9 +128,12 @@ def model_parallel_kwargs(cfg: ParallelConfig, backend: str, timeout_minutes: in
             "create_gloo_process_groups": backend != "nccl"}
 
 
-def initialize(cfg: ParallelConfig, device: torch.device, *, timeout_minutes: int = 30
+def initialize(cfg: ParallelConfig, device: torch.device, *, timeout_minutes: float = 30
                ) -> ParallelDims:
     """Start torch.distributed and megatron-core's TP/PP/DP groups; returns the dims.
+
+    ``timeout_minutes`` (fractions allowed; the trainer passes ``parallel.timeout_s`` / 60) bounds
+    every collective of every group, the start-up rendezvous included.
 
     Idempotent: a second call with the same layout returns the existing dims.
     """
@@ -104,12 +146,29 @@ def initialize(cfg: ParallelConfig, device: torch.device, *, timeout_minutes: in
         return _DIMS
     backend = resolve_backend(cfg.backend, device)
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            # A plain `megagpt train` on one process: a private rendezvous on loopback.
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                              MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group(**init_process_group_kwargs(backend, device, timeout_minutes))
+        kwargs = init_process_group_kwargs(backend, device, timeout_minutes)
+        # One process that no launcher started (a launcher always gives MASTER_ADDR).
+        alone = world_size_from_env() == 1 and "MASTER_ADDR" not in os.environ
+        if alone:
+            # A plain `megagpt train` on one process: an in-memory store, no port to race for
+            # (a free port picked, then bound, can be taken in between by another process).
+            # DeepSpeed insists on the launcher's variables; ``destroy`` takes them back, so a
+            # later child process does not inherit a RANK without a rendezvous.
+            for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+                if key not in os.environ:
+                    os.environ[key] = "1" if key == "WORLD_SIZE" else "0"
+                    _ENV_SET.append(key)
+            del kwargs["init_method"]
+            kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
+        prefix = None if alone else restart_store_prefix()
+        warning = restart_warning()
+        if warning and os.environ.get("RANK") == "0":
+            print(f"[megagpt] warning: {warning}", file=sys.stderr, flush=True)
+        if prefix is not None:  # under torchrun: this attempt's own keys (see the function)
+            del kwargs["init_method"]
+            kwargs.update(store=_attempt_store(prefix, kwargs["timeout"]),
+                          rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+        dist.init_process_group(**kwargs)
     else:  # started by the caller (tests, a harness): its backend decides
         backend = dist.get_backend()
     world = dist.get_world_size()
@@ -154,6 +213,8 @@ def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     _DIMS = None
+    while _ENV_SET:
+        os.environ.pop(_ENV_SET.pop(), None)
 
 
 def tp_rank() -> int:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megagpt import parallel
-from megagpt.checkpoint import is_model_dir, latest_tag, load_into
+from megagpt.checkpoint import is_model_dir, load_into
 from megagpt.config import Config, ConfigError
 from megagpt.config.schema import ModelConfig
 from megagpt.training.trainer import Trainer, TrainState, log0
@@ -154,7 +154,9 @@ class FinetuneTrainer(Trainer):
 
     # -- start weights --------------------------------------------------------------------
     def _has_own_checkpoint(self) -> bool:
-        return latest_tag(self.ckpt_dir) is not None or bool(self.cfg.checkpoint.load)
+        # Only whether to skip loading the start weights: `_resume` verifies (and, when the
+        # newest is damaged, falls back), so a `latest` naming a lost folder must not raise here.
+        return (Path(self.ckpt_dir) / "latest").is_file() or bool(self.cfg.checkpoint.load)
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         super()._init_weights(module)

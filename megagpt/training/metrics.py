@@ -16,6 +16,7 @@ Tokens/s and MFU count only the training work of a logging window (``ThroughputW
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -173,17 +174,32 @@ class ThroughputWindow:
         return out
 
 
+def strict_record(record: dict) -> dict:
+    """``record`` with every non-finite float replaced by None and flagged by
+    ``<key>_nonfinite: True`` (strict JSON readers reject NaN and Infinity)."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            out[key] = None
+            out[f"{key}_nonfinite"] = True
+        else:
+            out[key] = value
+    return out
+
+
 class MetricsWriter:
-    """metrics.jsonl in the run directory plus Weights & Biases (offline unless configured).
+    """metrics.jsonl in the run directory plus Weights & Biases (offline unless configured)
+    and, with ``tensorboard`` (logging.tensorboard), TensorBoard events in run_dir/tensorboard.
 
     Only one rank writes; the others get a writer whose methods do nothing.
     """
 
     def __init__(self, run_dir: str, *, enabled: bool, wandb_mode: str, project: str,
-                 run_name: str, config: dict):
+                 run_name: str, config: dict, tensorboard: bool = False):
         self.enabled = enabled
         self._file = None
         self._wandb = None
+        self._tb = None
         if not enabled:
             return
         Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -197,15 +213,55 @@ class MetricsWriter:
             except Exception as e:  # a logger must never stop training
                 print(f"[megagpt] wandb disabled: {type(e).__name__}: {e}", flush=True)
                 self._wandb = None
+        if tensorboard:
+            self._tb = _tensorboard_writer(os.path.join(run_dir, "tensorboard"))
 
     def log(self, record: dict) -> None:
+        """Append ``record`` as one line of strict JSON: a non-finite float becomes null, with
+        ``<key>_nonfinite: true`` beside it (Python's NaN/Infinity literals are not JSON)."""
         if not self.enabled:
             return
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json.dumps(strict_record(record), allow_nan=False) + "\n")
         self._file.flush()
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if k != "step"},
                             step=record["step"])
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) \
+                        and not isinstance(value, bool):
+                    self._tb.add_scalar(key, value, record["step"])
+            self._tb.flush()
+
+    def truncate_after(self, step: int) -> None:
+        """Drop the records of steps after ``step`` (a resume from the checkpoint of ``step``
+        re-runs them), so each step appears once; also drops a line cut short by a kill.
+
+        Rewritten through a temporary file and an atomic rename: a crash here leaves either
+        the old file or the new one."""
+        if not self.enabled or self._file is None:
+            return
+        path = self._file.name
+        self._file.close()
+        kept = []
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a line half-written when the process was killed
+                    continue
+                if isinstance(record, dict) and record.get("step", 0) <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+        self._file = open(path, "a", encoding="utf-8")
+        if self._tb is not None:
+            # TensorBoard cannot rewrite old event files: a new writer with purge_step hides
+            # the earlier runs' events of the steps re-run from here.
+            log_dir = self._tb.log_dir
+            self._tb.close()
+            self._tb = _tensorboard_writer(log_dir, purge_step=step + 1)
 
     def close(self) -> None:
         if self._file is not None:
@@ -214,3 +270,19 @@ class MetricsWriter:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _tensorboard_writer(log_dir: str, purge_step: int | None = None):
+    """A torch.utils.tensorboard SummaryWriter into ``log_dir``, or None (with a note) when the
+    tensorboard package is missing: like wandb, a logger must never stop training."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=log_dir, purge_step=purge_step)
+    except Exception as e:  # ImportError without the package; OSError on an unwritable dir
+        print(f"[megagpt] tensorboard disabled: {type(e).__name__}: {e} (pip install "
+              "tensorboard, or pip install -e \".[plot]\")", flush=True)
+        return None

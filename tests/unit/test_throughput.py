@@ -146,7 +146,8 @@ def test_trainer_run_leaves_eval_and_save_out_of_tokens_per_s(monkeypatch):
     tr.dims = types.SimpleNamespace(dp=1, world=1, tp=1, pp=1)
     tr.padded_vocab, tr.train_ds, tr.valid_ds = 25600, object(), object()
     tr.stop = types.SimpleNamespace(any_rank=lambda device: False, release=lambda: None)
-    tr.metrics = types.SimpleNamespace(log=records.append, close=lambda: None)
+    tr.metrics = types.SimpleNamespace(log=records.append, close=lambda: None,
+                                       truncate_after=lambda step: None)
 
     def advance(seconds, value=None):
         def f(*args, **kwargs):
@@ -156,7 +157,7 @@ def test_trainer_run_leaves_eval_and_save_out_of_tokens_per_s(monkeypatch):
 
     tr._micro_batches = advance(0.5, [{}])
     tr.engine = types.SimpleNamespace(
-        set_global_batch=lambda gb: None, set_lr=lambda lr: None,
+        set_global_batch=lambda gb: None, set_lr=lambda lr: None, weights_finite=lambda: True,
         train_step=advance(1.0, {"loss": 5.0, "skipped": False, "grad_norm": 1.0,
                                  "loss_scale": 1.0}))
     tr.evaluate, tr.save, tr.export_model = advance(50.0), advance(100.0), advance(0.0)

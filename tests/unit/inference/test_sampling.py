@@ -8,7 +8,9 @@ import torch
 from megagpt.inference.sampling import (
     SamplingParams,
     apply_repetition_penalty,
+    exponential_noise,
     make_params,
+    penalise_seen,
     sample,
     top_k_filter,
     top_p_filter,
@@ -41,23 +43,53 @@ def test_top_k_filter():
 def test_greedy_is_argmax_and_sampling_stays_in_the_nucleus():
     logits = torch.tensor([[0.0, 5.0, 4.9, -3.0], [2.0, 0.0, 0.0, 0.0]])
     assert sample(logits, make_params(top_k=1)).tolist() == [1, 0]
-    gens = [torch.Generator().manual_seed(i) for i in range(2)]
-    draws = {tuple(sample(logits, make_params(top_p=0.6), gens).tolist()) for _ in range(50)}
+    keys = torch.tensor([1, 2])
+    draws = {tuple(sample(logits, make_params(top_p=0.6), keys, step).tolist())
+             for step in range(50)}
     assert all(a in (1, 2) and b in (0, 1, 2, 3) for a, b in draws)
+    assert len(draws) > 1, "different steps must draw different noise"
 
 
 def test_seeded_sampling_is_reproducible_and_per_row():
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
     params = make_params(temperature=1.5)
 
-    def draw(seeds):
-        return sample(logits, params, [torch.Generator().manual_seed(s) for s in seeds]).tolist()
+    def draw(keys, step=7):
+        return sample(logits, params, torch.tensor(keys), step).tolist()
 
     assert draw([1, 2, 3]) == draw([1, 2, 3])
-    # Row 1's draw depends only on its own generator, not on the others in the batch.
-    gens = [torch.Generator().manual_seed(s) for s in (9, 2, 9)]
-    alone = sample(logits[1:2], params, [torch.Generator().manual_seed(2)])
-    assert sample(logits, params, gens)[1] == alone[0]
+    assert [draw([1, 2, 3], step) for step in range(20)] != [draw([4, 5, 6], step)
+                                                             for step in range(20)]
+    # Row 1's draw depends only on its own key, not on the other rows of the batch.
+    for step in range(20):
+        alone = sample(logits[1:2], params, torch.tensor([2]), step)
+        assert draw([9, 2, 9], step)[1] == alone[0]
+
+
+def test_seeded_draws_follow_the_distribution():
+    """The counter-based noise must sample like torch.multinomial: over 4,000 (key, step)
+    draws each token's frequency is within 4 standard deviations of its probability."""
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
+    logits = probs.log().expand(4000, 5)
+    keys = torch.arange(4000) * 7919
+    counts = torch.zeros(5)
+    for step in range(3):
+        counts += torch.bincount(sample(logits, make_params(top_p=1.0), keys, step), minlength=5)
+    n = 3 * 4000
+    sd = (n * probs * (1 - probs)).sqrt()
+    assert ((counts - n * probs).abs() < 4 * sd).all(), counts.tolist()
+
+
+def test_noise_is_the_same_on_every_call_and_device_independent_bits():
+    """Exp(1) noise is a pure function of (key, step, token): no generator state is consumed,
+    and the integer hash underneath never overflows int64 (multipliers < 2^31)."""
+    keys = torch.tensor([0, 1, 2**32 - 1])
+    a = exponential_noise(keys, 5, 1000)
+    torch.rand(10)  # the global generator does not matter
+    assert torch.equal(a, exponential_noise(keys, 5, 1000))
+    assert torch.equal(a, exponential_noise(keys, torch.tensor(5), 1000))
+    assert (a > 0).all() and torch.isfinite(a).all()
+    assert abs(float(a.mean()) - 1.0) < 0.1
 
 
 @pytest.mark.parametrize("kw,msg", [
@@ -77,6 +109,8 @@ def test_repetition_penalty_lowers_seen_tokens_only():
     out = apply_repetition_penalty(logits, torch.tensor([[0, 1, 0]]), 2.0)
     assert out.tolist() == [[1.0, -2.0, 3.0, 0.5]]
     assert torch.equal(apply_repetition_penalty(logits, torch.tensor([[0]]), 1.0), logits)
+    seen = torch.tensor([[True, True, False, False]])
+    assert torch.equal(penalise_seen(logits, seen, 2.0), out)
 
 
 def test_params_are_frozen():

@@ -105,3 +105,45 @@ def test_cpu_leaves_cuda_device_max_connections_alone(monkeypatch, fake_set_devi
     monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
     assert setup.resolve_device("cpu") == CPU
     assert "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ and fake_set_device == []
+
+
+def test_each_torchrun_attempt_gets_its_own_store_keys():
+    """torchrun's agent store outlives a restart: without a prefix per attempt the restarted
+    ranks read the dead attempt's gloo/NCCL addresses and fail ("Connection refused")."""
+    agent = {"TORCHELASTIC_USE_AGENT_STORE": "True", "GROUP_WORLD_SIZE": "1"}
+    assert setup.restart_store_prefix({**agent, "TORCHELASTIC_RESTART_COUNT": "0"}) \
+        == "megagpt/attempt_0"
+    assert setup.restart_store_prefix({**agent, "TORCHELASTIC_RESTART_COUNT": "2"}) \
+        == "megagpt/attempt_2"
+    # srun / a plain env:// start / c10d without the shared store: a new store each start.
+    assert setup.restart_store_prefix({"RANK": "0"}) is None
+    assert setup.restart_store_prefix({**agent, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
+    # Several nodes: per-node restart counts can differ, so no prefix; a warning instead.
+    multi = {**agent, "GROUP_WORLD_SIZE": "2", "TORCHELASTIC_MAX_RESTARTS": "3"}
+    assert setup.restart_store_prefix(multi) is None
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in setup.restart_warning(multi)
+    assert setup.restart_warning(agent) is None
+
+
+def test_initialize_under_torchrun_hands_the_attempts_store(monkeypatch):
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    calls = {}
+    monkeypatch.setattr(setup, "_DIMS", None)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.setdefault("init", kw))
+    monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 2)
+    monkeypatch.setattr(parallel_state, "model_parallel_is_initialized", lambda: True)
+    monkeypatch.setattr(setup, "_check_layout", lambda dims: None)
+    monkeypatch.setattr(setup, "_attempt_store",
+                        lambda prefix, timeout: calls.setdefault("store", (prefix, timeout)))
+    for key, value in dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", GROUP_WORLD_SIZE="1",
+                           TORCHELASTIC_USE_AGENT_STORE="True",
+                           TORCHELASTIC_RESTART_COUNT="1").items():
+        monkeypatch.setenv(key, value)
+    setup.initialize(ParallelConfig(), CPU, timeout_minutes=0.5)
+    init = calls["init"]
+    assert "init_method" not in init and (init["rank"], init["world_size"]) == (1, 2)
+    assert init["store"] == ("megagpt/attempt_1", datetime.timedelta(seconds=30))
+    assert init["timeout"] == datetime.timedelta(seconds=30)  # parallel.timeout_s=30
