@@ -1,7 +1,8 @@
 """The layout-free record inside every training checkpoint: resume under any TP / PP / DP / ZeRO.
 
-Written in ``<run.dir>/checkpoints/step_XXXXXXX/`` (beside ``rng/``, the trainer's per-rank RNG
-streams, and DeepSpeed's own files when ``checkpoint.native`` is set)::
+Written in ``<run.dir>/checkpoints/step_XXXXXXX/`` by ``megagpt.checkpoint.training`` (beside
+``rng/``, the per-rank RNG streams, and DeepSpeed's own files when ``checkpoint.native`` is
+set)::
 
     layout_free/meta.json                              saved layout, model config, Adam step,
                                                        engine counters, client state (JSON)
@@ -19,7 +20,8 @@ match the writer's. Which pipeline stage held a tensor does not matter either: t
 every file by tensor name.
 
 DeepSpeed's native files (``checkpoint.native``) are pickles: they are read only for a
-same-layout resume with ``checkpoint.trust_pickle`` (the engine decides), never by this module.
+same-layout resume with ``checkpoint.trust_pickle`` (``training.py`` decides), never by this
+module.
 The cost of writing them is disk: a checkpoint holds the model and optimizer state twice.
 This module never imports deepspeed; the engine passes accessors.
 """

@@ -1,5 +1,6 @@
 """The training engine: the model wrapped by DeepSpeed, one optimizer step, evaluation, and the
-hand-over of tensors to the checkpoint format.
+hand-over of tensors to the checkpoint format (``checkpoint_state``; the format itself is
+``megagpt.checkpoint.training``'s).
 
 Pipeline parallelism (PP > 1) uses DeepSpeed's PipelineModule/PipelineEngine (1F1B) with the tied
 embedding shared by the first and last stage; PP = 1 uses the plain DeepSpeedEngine, which allows
@@ -7,8 +8,6 @@ ZeRO stages 0-3. deepspeed is imported through ``accelerator.import_deepspeed(de
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.distributed as dist
@@ -174,85 +173,28 @@ class Engine:
         return float(loss)
 
     # -- checkpoints ----------------------------------------------------------------------
-    def save(self, directory: str, tag: str, client_state: dict) -> None:
-        """Every rank writes its part of the model and optimizer under ``directory/tag``.
+    def checkpoint_state(self):
+        """The adapter through which ``megagpt.checkpoint.training`` (the one owner of the
+        training-checkpoint format) reads and writes this engine: local parameters, the
+        optimizer-state adapter, counters, the dropout stream, DeepSpeed's native files."""
+        from megagpt.checkpoint.training import EngineState
 
-        Always the layout-free record of ``megagpt.checkpoint.reshard`` (fp32 master and Adam
-        moments by canonical name and TP shard, for an exact resume under any TP/PP/DP/ZeRO);
-        DeepSpeed's native files too only with ``checkpoint.native`` (they double the size, and
-        a resume reads them only with ``checkpoint.trust_pickle``). Collective; the caller
-        commits (manifest, then ``latest``) afterwards, so a crash leaves no half state.
-        """
-        from megagpt import parallel
-        from megagpt.checkpoint import reshard
+        return EngineState(params=lambda skip_tied_copy: self._local_params(skip_tied_copy),
+                           optim=self.optim_state, counters=self._counters,
+                           set_counters=self._set_counters, layout=self._layout(),
+                           model=self.cfg.model, dropout_rng=self.dropout_rng,
+                           save_native=self._save_native, load_native=self._load_native)
 
-        if self.cfg.checkpoint.native:
-            self.ds.save_checkpoint(directory, tag=tag, client_state=client_state,
-                                    save_latest=False)
-        path = os.path.join(directory, tag)
-        os.makedirs(path, exist_ok=True)
-        self.optim_state.materialize()
-        reshard.save_shards(
-            path, [(n, p, d) for n, p, _, d in self._local_params(skip_tied_copy=True)],
-            self.optim_state.get, tp_rank=parallel.tp_rank(), tp=self.dims.tp,
-            pp_rank=parallel.pp_rank(), pp=self.dims.pp, write=parallel.dp_rank() == 0)
-        if dist.get_rank() == 0:
-            reshard.save_meta(path, layout=self._layout(), model=self.cfg.model,
-                              adam_step=self.optim_state.adam_step(), engine=self._counters(),
-                              client=client_state)
-        dist.barrier()
+    def _save_native(self, directory: str, tag: str, client_state: dict) -> None:
+        """DeepSpeed's own files (pickles) of ``directory/tag`` (checkpoint.native)."""
+        self.ds.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
 
-    def load(self, directory: str, tag: str) -> dict:
-        """Load ``directory/tag``; returns the client state saved with it.
-
-        The layout-free record (safetensors + JSON): weights, fp32 master, Adam moments and
-        step, re-cut for this layout. DeepSpeed's native files are pickles (``torch.load`` with
-        ``weights_only=False`` runs any code they hold), so DeepSpeed's own load is used only
-        with ``checkpoint.trust_pickle`` and when the record is absent or has this very layout;
-        without it they are never opened, and a folder with nothing else is refused with a
-        CheckpointError naming the file.
-        """
-        from megagpt import parallel
-        from megagpt.checkpoint import reshard
-
-        path = os.path.join(directory, tag)
-        meta = reshard.read_meta(path)
-        # DeepSpeed writes its files (mp_rank_XX_model_states.pt, *_optim_states.pt, ...) at the
-        # top of the tag folder; megagpt's own .pt files (rng/) are one level down.
-        native = sorted(f for f in os.listdir(path) if f.endswith(".pt")) \
-            if os.path.isdir(path) else []
-        trust = self.cfg.checkpoint.trust_pickle
-        if meta is None and not (native and trust):
-            if native:
-                raise reshard.CheckpointError(
-                    f"{os.path.join(path, native[0])}: a DeepSpeed native checkpoint (a pickle) "
-                    f"and no layout-free record ({reshard.RECORD}/meta.json). Reading it can run "
-                    "code stored in the file; megagpt reads weights only with safetensors or "
-                    "torch.load(weights_only=True). If you wrote this checkpoint yourself, set "
-                    "checkpoint.trust_pickle=true to load it with DeepSpeed")
-            raise reshard.CheckpointError(
-                f"{path}: no layout-free record ({reshard.RECORD}/meta.json is missing)")
-        if native and trust and (meta is None or meta["layout"] == self._layout()):
-            self.loaded_from = "DeepSpeed native files (checkpoint.trust_pickle)"
-            loaded, client = self.ds.load_checkpoint(directory, tag=tag,
-                                                     load_optimizer_states=True,
-                                                     load_lr_scheduler_states=False)
-            if loaded is None:
-                raise reshard.CheckpointError(f"{path}: DeepSpeed found no checkpoint to load")
-            return client or {}
-        self.loaded_from = "layout-free record" + (
-            f" (DeepSpeed's {', '.join(native)} not read: checkpoint.trust_pickle is off)"
-            if native and not trust else "")
-        record = reshard.Record(path)
-        self.optim_state.materialize()
-        reshard.load_shards(record, list(self._local_params()), self.optim_state.set,
-                            vocab_size=self.cfg.model.vocab_size, tp_rank=parallel.tp_rank(),
-                            tp=self.dims.tp)
-        self.optim_state.refresh_low_precision()
-        self.optim_state.set_adam_step(int(meta["adam_step"]))
-        self._set_counters(meta.get("engine", {}))
-        dist.barrier()
-        return dict(meta.get("client", {}))
+    def _load_native(self, directory: str, tag: str) -> dict | None:
+        """Load DeepSpeed's own files (pickles: the caller checked checkpoint.trust_pickle);
+        the client state saved with them, or None when DeepSpeed found nothing."""
+        loaded, client = self.ds.load_checkpoint(directory, tag=tag, load_optimizer_states=True,
+                                                 load_lr_scheduler_states=False)
+        return None if loaded is None else (client or {})
 
     def load_weights(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         """Initialise from full canonical weights (a model directory, ModelScope or Hugging Face
@@ -345,16 +287,45 @@ class Engine:
     def _pipe_batches(self, micro_batches: list[dict]):
         return [(mb["tokens"], (mb["labels"], mb["loss_mask"].float())) for mb in micro_batches]
 
+    def _plain_grad_norm(self) -> torch.Tensor:
+        """The global L2 norm of the model's gradients on DeepSpeed's plain fp32 path.
+
+        Each gradient counted once: TP-replicated parameters on TP rank 0 only, the pipeline's
+        tied word embedding on its owning stage only (DeepSpeed marks the other copy
+        ``ds_pipe_replicated``), then summed over the TP x PP group. DeepSpeed's own
+        ``clip_grad_norm_`` does neither for a pipeline grid (measured at PP=2: 1.471 for a true
+        1.457). Gradients are already averaged over data parallel, so every DP rank agrees."""
+        from megatron.core import parallel_state as ps
+
+        squares = torch.zeros((), dtype=torch.float32, device=self.device)
+        tp_rank = ps.get_tensor_model_parallel_rank()
+        for p in self.ds.module.parameters():
+            if p.grad is None or getattr(p, "ds_pipe_replicated", False):
+                continue
+            if tp_rank > 0 and not getattr(p, "tensor_model_parallel", False):
+                continue
+            squares += p.grad.detach().float().pow(2).sum()
+        group = ps.get_model_parallel_group()
+        if group.size() > 1:
+            dist.all_reduce(squares, group=group)
+        return squares.sqrt()
+
     def _record_fp32_grad_norm(self) -> None:
         """DeepSpeed's plain fp32 path (ZeRO 0, no bf16/fp16 wrapper) clips gradients but drops
-        the norm it computed; keep it so every layout reports its grad norm."""
-        from deepspeed.runtime.utils import clip_grad_norm_
-
+        the norm it computed, and computes it wrongly under a pipeline (``_plain_grad_norm``):
+        clip with our norm and keep it, so every layout reports and clips by the same norm."""
         ds = self.ds
 
         def clip_and_record():
-            ds._global_grad_norm = clip_grad_norm_(
-                parameters=ds.module.parameters(), max_norm=ds.gradient_clipping(), mpu=ds.mpu)
+            norm = self._plain_grad_norm()
+            ds._global_grad_norm = norm
+            max_norm = ds.gradient_clipping()
+            if max_norm > 0 and torch.isfinite(norm):
+                coef = max_norm / (norm + 1e-6)
+                if coef < 1.0:
+                    for p in ds.module.parameters():
+                        if p.grad is not None:
+                            p.grad.detach().mul_(coef)
 
         ds.clip_fp32_gradients = clip_and_record
 
@@ -372,14 +343,11 @@ class Engine:
         optimizer = self.ds.optimizer
         if not isinstance(optimizer, torch.optim.Optimizer):
             return
-        from deepspeed.runtime.utils import clip_grad_norm_
-
         ds, step = self.ds, optimizer.step
 
         def step_if_finite(*args, **kwargs):
             if ds.gradient_clipping() <= 0:  # no clip, so the hook above computed no norm
-                ds._global_grad_norm = clip_grad_norm_(
-                    parameters=ds.module.parameters(), max_norm=float("inf"), mpu=ds.mpu)
+                ds._global_grad_norm = self._plain_grad_norm()
             norm = ds._global_grad_norm
             optimizer.overflow = norm is not None and not bool(torch.isfinite(
                 torch.as_tensor(norm)).all())

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import threading
@@ -23,13 +22,12 @@ import torch.distributed as dist
 from megagpt import parallel
 from megagpt.checkpoint import (
     checkpoint_dir,
-    commit,
     latest_tag,
     resolve_load,
     resume_tag,
-    tag_for,
     verify_or_raise,
 )
+from megagpt.checkpoint.training import TrainingCheckpoints
 from megagpt.config import Config, ConfigError, dump_yaml, validate
 from megagpt.config.schema import to_dict
 from megagpt.training import watchdog
@@ -77,68 +75,6 @@ def prepare_tokenizer(cfg: Config):
              f"(the size of data.tokenizer)")
         cfg.model.vocab_size = tok.vocab_size
     return tok
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _rng_file(checkpoint: str, pp: int, tp: int) -> str:
-    return os.path.join(checkpoint, "rng", f"pp{pp:03d}-tp{tp:03d}.pt")
-
-
-def _save_rng(checkpoint: str, tp_region: torch.Tensor) -> None:
-    """This rank's RNG streams, as plain tensors and lists (readable with weights_only=True).
-
-    Every data-parallel rank of a (pp, tp) position draws the same streams (same seed, same
-    dropout shapes), so DP rank 0 writes them and any DP size can read them back."""
-    if parallel.dp_rank() != 0:
-        return
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, state, gauss_next = random.getstate()
-    blob = {"torch": torch.get_rng_state(),
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-            "python": [version, list(state), gauss_next], "tp_region": tp_region}
-    if torch.cuda.is_available():
-        blob["cuda"] = torch.cuda.get_rng_state()
-    path = _rng_file(checkpoint, parallel.pp_rank(), parallel.tp_rank())
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(blob, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def _load_rng(checkpoint: str, tp_region) -> bool:
-    """Restore this rank's RNG streams saved by ``_save_rng`` (the TP-region dropout stream into
-    ``tp_region``); False when none fit (another TP/PP layout, or an older checkpoint)."""
-    path = _rng_file(checkpoint, parallel.pp_rank(), parallel.tp_rank())
-    if not os.path.isfile(path):
-        return False
-    try:
-        blob = torch.load(path, weights_only=True)
-    except Exception as e:  # a truncated zip, or a pickle that weights_only refuses
-        from megagpt.checkpoint.canonical import CheckpointError
-
-        raise CheckpointError(f"{path}: cannot read the RNG streams ({e})") from None
-    if "tp_region" in blob:
-        tp_region.set_state(blob["tp_region"])
-    kind, keys, pos, has_gauss, gauss = blob["numpy"]
-    _set_rng_state({"torch": blob["torch"],
-                    "numpy": (kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss),
-                    "python": (blob["python"][0], tuple(blob["python"][1]), blob["python"][2]),
-                    **({"cuda": blob["cuda"]} if "cuda" in blob else {})})
-    return True
 
 
 def _seed(seed: int) -> None:
@@ -379,6 +315,8 @@ class Trainer:
         # The TP-region dropout stream (model/rng.py): one per TP rank, from the run seed.
         module.dropout_rng.seed(cfg.train.seed + 100 * parallel.pp_rank(), parallel.tp_rank())
         self.engine = Engine(cfg, module, self.dims, self.device)
+        self.checkpoints = TrainingCheckpoints(self.ckpt_dir, cfg.checkpoint,
+                                               self.engine.checkpoint_state())
         self.padded_vocab = padded_vocab_size(cfg.model.vocab_size, self.dims.tp)
         n_local = sum(p.numel() for p in module.parameters())
         log0(f"model {cfg.model.name or 'custom'}: {cfg.model.num_layers} layers, "
@@ -414,22 +352,18 @@ class Trainer:
             verify_or_raise(directory, tag)
         if tag is None:
             return
-        client = self.engine.load(directory, tag)
+        loaded = self.checkpoints.load(directory, tag)
+        client = loaded.client
         self.state = TrainState(step=int(client["step"]),
                                 consumed_samples=int(client["consumed_samples"]))
-        tp_region = self.engine.dropout_rng
-        if _load_rng(os.path.join(directory, tag), tp_region):
-            pass  # this rank's streams, saved by the same (pp, tp) position
-        elif "rng" in client:  # DeepSpeed's native files (checkpoint.native) of an older run
-            _set_rng_state(client["rng"])
-        else:
+        if not loaded.rng_restored:
             # Another TP/PP layout: per-rank RNG streams do not map across layouts; reseed.
             seed = self.cfg.train.seed + 100 * parallel.pp_rank() + 7919 * self.state.step
             _seed(seed)
-            tp_region.seed(seed, parallel.tp_rank())
+            self.engine.dropout_rng.seed(seed, parallel.tp_rank())
         log0(f"resumed from {directory}/{tag}: step {self.state.step}, "
              f"{self.state.consumed_samples} samples consumed; read the "
-             f"{self.engine.loaded_from}")
+             f"{loaded.source}")
 
     def _load_pretrained(self, path: str) -> bool:
         """Weights from a model directory / ModelScope / Hugging Face dir (True), or False when
@@ -665,21 +599,11 @@ class Trainer:
         return loss
 
     def save(self) -> None:
+        """Checkpoint this step (``megagpt.checkpoint.training`` writes and commits it)."""
         watchdog.mark("save", self.state.step)
-        tag = tag_for(self.state.step)
-        client = {"step": self.state.step, "consumed_samples": self.state.consumed_samples,
-                  "rng": _rng_state(), "config": to_dict(self.cfg)}
-        # A folder of this tag that `latest` does not name is a leftover (a save that crashed
-        # before its commit): start it empty, so the manifest lists exactly this save's files.
-        leftover = Path(self.ckpt_dir) / tag
-        latest = Path(self.ckpt_dir) / "latest"
-        committed = latest.is_file() and latest.read_text(encoding="utf-8").strip() == tag
-        if self.rank == 0 and leftover.exists() and not committed:
-            shutil.rmtree(leftover)
-        dist.barrier()
-        self.engine.save(self.ckpt_dir, tag, client)
-        _save_rng(os.path.join(self.ckpt_dir, tag), self.engine.dropout_rng.get_state())
-        commit(self.ckpt_dir, tag, self.cfg.checkpoint.keep_last)
+        tag = self.checkpoints.save(self.state.step, {
+            "step": self.state.step, "consumed_samples": self.state.consumed_samples,
+            "config": to_dict(self.cfg)})
         log0(f"saved checkpoint {self.ckpt_dir}/{tag}")
 
 

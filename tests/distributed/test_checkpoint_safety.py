@@ -43,7 +43,7 @@ def train_report(config: str, overrides: list[str]) -> dict:
 
     trainer = Trainer(load_config(config, overrides))
     resumed = trainer.state.step
-    loaded = getattr(trainer.engine, "loaded_from", None)
+    loaded = trainer.checkpoints.loaded_from
     state = trainer.run()
     parallel.destroy()
     return {"resumed": resumed, "loaded_from": loaded, "step": state.step}

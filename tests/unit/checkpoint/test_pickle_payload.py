@@ -127,7 +127,8 @@ def test_model_directory_never_unpickles(tmp_path, cfg, state):
 
 def test_every_loader_in_the_package_is_safe():
     """Guard: every torch.load call in megagpt/ passes weights_only=True, and DeepSpeed's loader
-    (torch.load with weights_only=False) is called in one place only, Engine.load, behind
+    (torch.load with weights_only=False) is called in one place only, Engine._load_native, which
+    only the checkpoint format (megagpt/checkpoint/training.py) calls, behind
     checkpoint.trust_pickle."""
     import ast
     from pathlib import Path
@@ -147,5 +148,11 @@ def test_every_loader_in_the_package_is_safe():
     assert loads and all(safe for _, safe in loads), loads
     assert ds_loads == ["engine.py"]
     engine = (root / "engine" / "engine.py").read_text(encoding="utf-8")
-    gate = engine.index("if native and trust and")
-    assert gate < engine.index(".load_checkpoint(") < gate + 200
+    native = engine.index("def _load_native(")
+    assert native < engine.index(".load_checkpoint(") < native + 500
+    callers = sorted(f.name for f in root.rglob("*.py")
+                     if ".load_native(" in f.read_text(encoding="utf-8"))
+    assert callers == ["training.py"], callers
+    fmt = (root / "checkpoint" / "training.py").read_text(encoding="utf-8")
+    gate = fmt.index("if native and trust and")
+    assert gate < fmt.index(".load_native(") < gate + 200
