@@ -113,9 +113,6 @@ def test_script_help_and_wrong_path(tmp_path):
 def test_tokenizer_size_records_are_carried_and_checked(tmp_path, tool, capsys):
     from megagpt.data import indexed
 
-    if not hasattr(indexed, "vocab_record"):
-        pytest.skip("this megagpt writes no PREFIX.vocab.json")
-
     def write(name, vocab):
         with IndexedDatasetWriter(str(tmp_path / name), np.dtype(np.uint16),
                                   vocab_size=vocab) as w:
