@@ -28,6 +28,16 @@ def tiny_corpus(tmp_path_factory) -> dict:
     return {"tokenizer": str(root / "tok"), "prefix": str(root / "wiki"), "root": root}
 
 
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    """The last logged loss of every step in ``run_dir/metrics.jsonl``."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
 def tiny_recipe(path: Path, corpus: dict, run_dir: Path, **extra: str) -> Path:
     """A YAML recipe for the gpt3-tiny model on ``corpus`` (fp32, dropout off)."""
     text = f"""model:

@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.distributed.conftest import losses_by_step as losses
 from tests.distributed.conftest import tiny_recipe
 from tests.distributed.launcher import run_distributed
 
 TRAIN = "tests.distributed.workers:train_run"
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
-    return out
 
 
 def test_run_directory_contents(tiny_corpus, tmp_path):

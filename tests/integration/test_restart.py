@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -21,22 +20,12 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.distributed.conftest import losses_by_step
 from tests.distributed.launcher import free_port
 from tests.integration.conftest import ROOT, launcher_env, tiny_recipe
 
 STEPS = 10
 COMMON = [f"train.steps={STEPS}", "checkpoint.interval=2", "checkpoint.keep_last=10"]
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    """The last logged loss of every step (a resume may log the steps after its checkpoint
-    again; the last record is the one the finished run stands on)."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
-    return out
 
 
 def _plain_torchrun(recipe: Path, run_dir: Path, log: Path, *extra: str,
@@ -98,7 +87,7 @@ def uninterrupted(tiny_corpus, tmp_path_factory) -> dict[int, float]:
     run_dir, log = tmp / "run", tmp / "torchrun.log"
     proc = _plain_torchrun(tiny_recipe(tmp / "tiny.yaml", tiny_corpus, run_dir), run_dir, log)
     assert _wait(proc, log, 300) == 0, log.read_text()[-4000:]
-    losses = _losses(run_dir)
+    losses = losses_by_step(run_dir)
     assert sorted(losses) == list(range(1, STEPS + 1))
     return losses
 
@@ -123,7 +112,7 @@ def test_killed_rank_restarts_and_resumes_exactly(tiny_corpus, tmp_path, uninter
     # No attempt waited out torchrun's 30 s SIGTERM -> SIGKILL window on a rank that ignored it.
     assert "forcefully exiting via 9" not in text, text[-4000:]
     assert time.monotonic() - killed_at < 240
-    losses = _losses(run_dir)
+    losses = losses_by_step(run_dir)
     assert sorted(losses) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         assert losses[step] == uninterrupted[step], (
@@ -154,7 +143,7 @@ def test_killed_rank_on_one_of_two_nodes_restarts_both(tiny_corpus, tmp_path, un
     text = logs[0].read_text() + logs[1].read_text()
     assert codes == [0, 0], text[-4000:]
     assert "resumed from" in text
-    losses = _losses(run_dir)
+    losses = losses_by_step(run_dir)
     assert {s: losses[s] for s in range(1, STEPS + 1)} == uninterrupted
 
 
