@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -159,6 +160,11 @@ def main() -> int:
                     help="comma-separated new-token counts (e.g. 32,256,1024): also time one "
                     "prompt at each, to show the cost per token does not grow with the length")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    ap.add_argument("--no-ragged", dest="ragged", action="store_false",
+                    help="skip the batch of prompts of different lengths")
+    ap.add_argument("--reference", action="store_true",
+                    help="megagpt decodes with the reference loop (TextGenerator(fast=False): "
+                    "the model's own forward) instead of the fast path")
     ap.add_argument("--output", help="write a markdown report here")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
@@ -166,6 +172,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     torch.manual_seed(0)
 
     from megagpt import pipeline
@@ -187,6 +194,8 @@ def main() -> int:
     gen.stop_ids = []  # exactly --new-tokens tokens on both sides
     if args.compile:
         gen.static = gen.compile = True
+    if args.reference:
+        gen.fast = False
     device = next(gen.model.parameters()).device
     hf = to_gpt2(directory).to(device=device,
                                dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
@@ -203,15 +212,28 @@ def main() -> int:
 
     @torch.no_grad()
     def theirs(batch, n=n):
-        x = torch.tensor(batch, device=device)
-        out = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+        # Prompts of different lengths: left-padded with an attention mask (HF's way); the
+        # padding is cut from the returned rows.
+        width = max(len(p) for p in batch)
+        x = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch],
+                            device=device)
+        out = hf.generate(x, attention_mask=mask, do_sample=False,
                           max_new_tokens=n, min_new_tokens=n, eos_token_id=None,
                           pad_token_id=0, use_cache=True)
         sync()
-        return out.tolist()
+        return [row[width - len(p):] for p, row in zip(batch, out.tolist())]
 
-    for label, batches in (("one prompt at a time (batch 1)", [[p] for p in ids]),
-                           (f"one batch of {len(ids)}", [ids])):
+    # Ragged: the same passages cut to lengths from prompt-tokens/2 up (megagpt: one right-padded
+    # prefill, per-row positions; HF: left padding and an attention mask).
+    step = max(1, args.prompt_tokens // (2 * max(1, len(ids) - 1)))
+    ragged = [p[: args.prompt_tokens // 2 + i * step] for i, p in enumerate(ids)]
+    cases = [("one prompt at a time (batch 1)", [[p] for p in ids]),
+             (f"one batch of {len(ids)}", [ids])]
+    if args.ragged and len(ids) > 1:
+        cases.append((f"one batch of {len(ids)}, prompts of {len(ragged[0])}-"
+                      f"{len(ragged[-1])} tokens", [ragged]))
+    for label, batches in cases:
         if args.compile:  # one graph per batch size (dynamic=False): compile outside the timing
             start = time.perf_counter()
             ours(batches[0])
@@ -250,7 +272,8 @@ def main() -> int:
         (f"- model: {cfg.name or 'custom'} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, "
          f"{cfg.num_heads} heads, vocab {cfg.vocab_size}; {params / 1e6:.1f}M parameters), "
          f"{args.dtype} on {device}, random weights (speed does not depend on them)"
-         f"{'; megagpt compiled (static decode step, torch.compile)' if args.compile else ''}"),
+         f"{'; megagpt compiled (static decode step, torch.compile)' if args.compile else ''}"
+         f"{'; megagpt reference loop (fast=False)' if args.reference else ''}"),
         (f"- prompts: {len(ids)} passages of {corpus_texts()[0]} of {args.prompt_tokens} "
          f"tokens; greedy, exactly {n} new tokens each, KV cache on both sides; best of "
          f"{args.repeats} timed runs after a warm-up, megagpt and HF alternating, "
@@ -258,7 +281,9 @@ def main() -> int:
         (f"- machine: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}"
          f" ({platform.processor() or platform.machine()}), torch "
          f"{torch.__version__} with {torch.get_num_threads()} threads, transformers "
-         f"{transformers.__version__}; same process, same run"),
+         f"{transformers.__version__}; same process, same run; load average (1/5/15 min) "
+         f"{'/'.join(f'{x:.1f}' for x in load_before)} before, "
+         f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())} after"),
         "",
         "| decoding | megagpt pipeline (tok/s) | HF generate (tok/s) | ratio | same tokens |",
         "|---|---|---|---|---|",

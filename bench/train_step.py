@@ -3,15 +3,20 @@
 Both sides run forward + backward + AdamW step on the same token batches in the same process.
 megagpt runs the trainer's path: megatron-core layers inside the DeepSpeed engine built from the
 trainer's default config (ZeRO stage from ``parallel.zero_stage`` unless ``--zero`` sets it, the
-trainer's bf16 DeepSpeed config, its matmul precision); the peer is transformers'
-GPT2LMHeadModel with torch AdamW. Prints tokens/s for each and the ratio, plus model TFLOP/s and
-MFU on a GPU, and there the allocator's peak (``torch.cuda.max_memory_allocated``) next to the
-planner's prediction for the same layout.
+trainer's bf16 DeepSpeed config, its matmul precision), once eager and once with the decoder
+layers compiled (``train.compile=always``; ``--no-compile`` skips it); the peer is transformers'
+GPT2LMHeadModel (eager) with torch AdamW. The sides alternate step by step after their warm-up
+(the compiled side's includes its compilation, reported apart), so load that drifts hits all of
+them; ``--clock cpu`` times process CPU time instead of wall time (for a shared machine, with
+``--threads 1``). Prints tokens/s for each and the ratios, plus model TFLOP/s and MFU on a GPU,
+and there the allocator's peak (``torch.cuda.max_memory_allocated``) next to the planner's
+prediction for the same layout.
 
 ``--micro auto`` takes the largest micro-batch of ``MICRO_CANDIDATES`` that fits on CUDA (tried
 largest first; an out-of-memory frees everything and tries the next) and 4 on CPU.
 
     python bench/train_step.py                       # CPU defaults: mini and base shapes
+    python bench/train_step.py --sizes gpt3-base --threads 1 --clock cpu   # a loaded machine
     python bench/train_step.py --sizes gpt3-large gpt3-1.3b --seq 2048 --micro auto --precision bf16
 """
 
@@ -92,92 +97,121 @@ def hf_model(cfg, device, dtype):
     return GPT2LMHeadModel(hc).to(device=device, dtype=dtype)
 
 
-def time_steps(step, warmup: int, iters: int, sync) -> list[float]:
-    for _ in range(warmup):
-        step()
-    sync()
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t)
-    return times
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def run_megagpt(size: str, args, micro: int, device, sync) -> dict:
-    """Build the trainer's engine for ``size`` at ``micro`` and time it; returns the figures
-    and the built pieces (the HF peer runs after, on the same tokens)."""
-    import torch
-
-    from megagpt import parallel
+def megagpt_config(size: str, args, micro: int, device, compile_mode: str):
+    """The trainer's config for this benchmark's shape (validated as the trainer does)."""
     from megagpt.config import load_config, validate
-    from megagpt.engine import Engine, build_model, deepspeed_zero_stage
-    from megagpt.model import initialize_weights
-    from megagpt.training.precision import configure_matmul_precision
 
     overrides = [f"model.name={size}", f"model.seq_length={args.seq}", "model.dropout=0",
                  "model.attention_dropout=0", f"train.precision={args.precision}",
-                 f"train.micro_batch_size={micro}",
+                 f"train.micro_batch_size={micro}", f"train.compile={compile_mode}",
                  f"train.global_batch_size={micro * args.accum}", "optim.lr=1e-4"]
     if args.zero is not None:
         overrides.append(f"parallel.zero_stage={args.zero}")
     cfg = load_config(None, overrides)
     validate(cfg, 1, cuda=device.type == "cuda", need_data=False)
-    tf32 = configure_matmul_precision(device, cfg.train.tf32)  # as the trainer; HF runs under it
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    dims = parallel.initialize(cfg.parallel, device)
-    try:
-        module = build_model(cfg, dims, device)
-        initialize_weights(module, cfg.model, 1, 0, 1)
-        engine = Engine(cfg, module, dims, device)
-        gen = torch.Generator().manual_seed(0)
-        tokens = torch.randint(0, cfg.model.vocab_size, (micro * args.accum, args.seq + 1),
-                               generator=gen)
-        batch = [{"tokens": tokens[i:i + micro, :-1], "labels": tokens[i:i + micro, 1:],
-                  "loss_mask": torch.ones(micro, args.seq)}
-                 for i in range(0, micro * args.accum, micro)]
-        times = time_steps(lambda e=engine, b=batch: e.train_step(b), args.warmup, args.iters,
-                           sync)
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        zero = deepspeed_zero_stage(cfg, dims.world)
-        del engine, module, batch
-    finally:
-        parallel.destroy()
-    return {"cfg": cfg, "times": times, "peak": peak, "zero": zero,
-            "tokens": tokens, "tf32": tf32}
+    return cfg
 
 
-def run_hf(cfg, tokens, micro: int, args, device, dtype, sync) -> list[float] | None:
-    """The peer's step times on the same tokens; None when it does not fit in memory."""
+def build_megagpt(size: str, args, micro: int, device, compile_mode: str, dims) -> dict:
+    """The trainer's engine for ``size`` at ``micro`` (``train.compile=compile_mode``) and
+    its global batch of random tokens (seeded: every side gets the same)."""
     import torch
 
-    hf = opt = None
+    from megagpt.engine import Engine, build_model, deepspeed_zero_stage
+    from megagpt.model import initialize_weights
+    from megagpt.training.precision import configure_matmul_precision
+
+    cfg = megagpt_config(size, args, micro, device, compile_mode)
+    tf32 = configure_matmul_precision(device, cfg.train.tf32)  # as the trainer; HF runs under it
+    module = build_model(cfg, dims, device)
+    initialize_weights(module, cfg.model, 1, 0, 1)
+    engine = Engine(cfg, module, dims, device)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.model.vocab_size, (micro * args.accum, args.seq + 1),
+                           generator=gen)
+    batch = [{"tokens": tokens[i:i + micro, :-1], "labels": tokens[i:i + micro, 1:],
+              "loss_mask": torch.ones(micro, args.seq)}
+             for i in range(0, micro * args.accum, micro)]
+    return {"cfg": cfg, "engine": engine, "step": lambda: engine.train_step(batch),
+            "zero": deepspeed_zero_stage(cfg, 1), "tokens": tokens, "tf32": tf32}
+
+
+def build_hf(cfg, tokens, micro: int, device, dtype):
+    """The peer's step on the same tokens: GPT2LMHeadModel, torch AdamW, clipping at 1.0."""
+    import torch
+
+    hf = hf_model(cfg.model, device, dtype)
+    opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=device.type == "cuda")
+    xs = [(tokens[i:i + micro, :-1].to(device), tokens[i:i + micro, 1:].to(device))
+          for i in range(0, tokens.shape[0], micro)]
+
+    def hf_step():
+        for x, y in xs:
+            logits = hf(input_ids=x).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            (loss / len(xs)).backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return hf_step
+
+
+def warm_up(step, n: int, sync) -> float:
+    """``n`` steps; their wall seconds (a compiled side's include its compilation)."""
+    t = time.perf_counter()
+    for _ in range(n):
+        step()
+    sync()
+    return time.perf_counter() - t
+
+
+def alternate(steps: dict, iters: int, sync, clock) -> dict:
+    """``iters`` rounds of one step per side in turn; the per-side step times."""
+    times = {name: [] for name in steps}
+    for _ in range(iters):
+        for name, step in steps.items():
+            t = clock()
+            step()
+            sync()
+            times[name].append(clock() - t)
+    return times
+
+
+def run_size(size: str, args, micro: int, device, sync, dtype) -> dict:
+    """Build megagpt eager (and compiled) and the HF peer for ``size``; time them in turn.
+
+    On CUDA the peak memory is read after the eager engine's warm-up, before the other sides
+    exist, so it is the trainer's alone (what the planner predicts)."""
+    import torch
+
+    from megagpt import parallel
+    from megagpt.model.compile import compile_seconds
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    dims = parallel.initialize(megagpt_config(size, args, micro, device, "never").parallel,
+                               device)
     try:
-        hf = hf_model(cfg.model, device, dtype)
-        opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=device.type == "cuda")
-        xs = [(tokens[i:i + micro, :-1].to(device), tokens[i:i + micro, 1:].to(device))
-              for i in range(0, tokens.shape[0], micro)]
-
-        def hf_step():
-            for x, y in xs:
-                logits = hf(input_ids=x).logits
-                loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
-                                                         y.flatten())
-                (loss / len(xs)).backward()
-            torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        return time_steps(hf_step, args.warmup, args.iters, sync)
-    except BaseException as e:  # noqa: BLE001
-        if device.type == "cuda" and is_cuda_oom(e):
-            return None
-        raise
+        eager = build_megagpt(size, args, micro, device, "never", dims)
+        steps = {"megagpt": eager.pop("step")}
+        warm = {"megagpt": warm_up(steps["megagpt"], args.warmup, sync)}
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        if args.compile:
+            steps["compiled"] = build_megagpt(size, args, micro, device, "always", dims)["step"]
+        steps["HF"] = build_hf(eager["cfg"], eager["tokens"], micro, device, dtype)
+        before = compile_seconds()
+        for name in steps.keys() - {"megagpt"}:
+            warm[name] = warm_up(steps[name], args.warmup, sync)
+        compile_s = compile_seconds() - before
+        times = alternate(steps, args.iters, sync, CLOCKS[args.clock])
+        del steps, eager["engine"]
     finally:
-        hf = opt = None  # noqa: F841 -- drop the peer before freeing the cache
-        free_cuda()
+        parallel.destroy()
+    return {**eager, "times": times, "warm": warm, "compile_s": compile_s, "peak": peak}
 
 
 def planner_bytes(cfg, zero: int) -> float:
@@ -207,6 +241,11 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="skip the compiled megagpt side (train.compile=always)")
+    ap.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
+                    help="wall time, or process CPU time (a shared machine; with --threads 1)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
     if args.micro != "auto" and not args.micro.isdigit():
         ap.error(f"--micro {args.micro!r}: expected a positive integer or auto")
@@ -217,16 +256,21 @@ def main() -> None:
     from megagpt.model import padded_vocab_size
     from megagpt.training.metrics import device_peak_tflops, flops_per_token
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = parallel.resolve_device("auto")
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     gpu = f"  {torch.cuda.get_device_name(device)}" if cuda else ""
-    print(f"# bench/train_step.py  {time.strftime('%Y-%m-%d')}  {platform.processor() or ''} "
-          f"{os.cpu_count()} CPUs  device={device}{gpu}  torch {torch.__version__}  "
-          f"threads={torch.get_num_threads()}  precision={args.precision}  accum={args.accum}")
+    print(f"# bench/train_step.py  {time.strftime('%Y-%m-%d %H:%M')}  "
+          f"{platform.processor() or platform.machine()} {os.cpu_count()} CPUs  device={device}"
+          f"{gpu}  torch {torch.__version__}  threads={torch.get_num_threads()}  "
+          f"precision={args.precision}  accum={args.accum}  clock={args.clock}  "
+          f"load {os.getloadavg()[0]:.1f}")
     head = (f"{'size':<10} {'seq':>5} {'micro':>5} {'ZeRO':>4} {'megagpt tok/s':>14} "
-            f"{'HF tok/s':>10} {'ratio':>6} {'TFLOP/s':>8} {'MFU':>6}")
+            f"{'compiled tok/s':>14} {'HF tok/s':>10} {'eager/HF':>8} {'comp/HF':>7} "
+            f"{'compile s':>9} {'TFLOP/s':>8} {'MFU':>6}")
     if cuda:
         head += f" {'peak GiB':>8} {'planner GiB':>11} {'plan/peak':>9}"
     print(head, flush=True)
@@ -236,34 +280,42 @@ def main() -> None:
         candidates = list(MICRO_CANDIDATES) if cuda else [CPU_AUTO_MICRO]
     for size in args.sizes:
         micro, ours, too_big = largest_that_fits(
-            candidates, lambda m, s=size: run_megagpt(s, args, m, device, sync),
+            candidates, lambda m, s=size: run_size(s, args, m, device, sync, dtype),
             is_cuda_oom if cuda else (lambda e: False), free_cuda)
         if too_big:
-            print(f"# {size}: micro {too_big} ran out of memory", flush=True)
+            print(f"# {size}: micro {too_big} ran out of memory (all sides in memory at once)",
+                  flush=True)
         cfg = ours["cfg"]
-        theirs = run_hf(cfg, ours["tokens"], micro, args, device, dtype, sync)
         n_tok = micro * args.accum * args.seq
-        ours_tps = n_tok / statistics.median(ours["times"])
-        hf_tps = n_tok / statistics.median(theirs) if theirs else None
+        tps = {name: n_tok / statistics.median(t) for name, t in ours["times"].items()}
+        best = max(tps.get("compiled", 0.0), tps["megagpt"])
         fpt = flops_per_token(cfg.model, padded_vocab_size(cfg.model.vocab_size, 1), args.seq)
-        tflops = fpt * ours_tps / 1e12
+        tflops = fpt * best / 1e12
         peak = device_peak_tflops(device, args.precision, cfg.logging.peak_tflops,
                                   tf32=ours["tf32"])
         mfu = f"{tflops / peak:6.1%}" if peak else "   n/a"
-        hf_col = f"{hf_tps:>10,.0f} {ours_tps / hf_tps:>6.2f}" if hf_tps else \
-            f"{'OOM':>10} {'-':>6}"
-        line = (f"{size:<10} {args.seq:>5} {micro:>5} {ours['zero']:>4} {ours_tps:>14,.0f} "
-                f"{hf_col} {tflops:>8.3f} {mfu}")
+        comp = tps.get("compiled")
+        comp_cols = (f"{comp:>14,.0f}", f"{comp / tps['HF']:>7.2f}",
+                     f"{ours['compile_s']:>9.1f}") if comp else (f"{'-':>14}", f"{'-':>7}",
+                                                                  f"{'-':>9}")
+        line = (f"{size:<10} {args.seq:>5} {micro:>5} {ours['zero']:>4} {tps['megagpt']:>14,.0f} "
+                f"{comp_cols[0]} {tps['HF']:>10,.0f} {tps['megagpt'] / tps['HF']:>8.2f} "
+                f"{comp_cols[1]} {comp_cols[2]} {tflops:>8.3f} {mfu}")
         if cuda:
             pred = planner_bytes(cfg, ours["zero"])
             line += (f" {ours['peak'] / 2**30:>8.2f} {pred / 2**30:>11.2f} "
                      f"{pred / ours['peak']:>9.2f}")
         print(line, flush=True)
-        del ours, theirs
+        del ours
         free_cuda()
+    print(f"# median of {args.iters} steps per side, sides alternating, after {args.warmup} "
+          "warm-up steps each; compile s: torch.compile time (dynamo + inductor, forward and "
+          f"backward) in the compiled side's warm-up; TFLOP/s and MFU of the faster megagpt "
+          f"side; load at the end {os.getloadavg()[0]:.1f}", flush=True)
     if cuda:
-        print("# peak GiB: torch.cuda.max_memory_allocated over megagpt's steps (reset per size); "
-              "planner GiB: megagpt.planner.memory's peak stage for the same layout and the ZeRO "
+        print("# peak GiB: torch.cuda.max_memory_allocated over megagpt's eager warm-up steps "
+              "(reset per size, before the other sides are built); planner GiB: "
+              "megagpt.planner.memory's peak stage for the same layout and the ZeRO "
               "stage DeepSpeed runs, minus its CUDA context/NCCL reserve", flush=True)
 
 

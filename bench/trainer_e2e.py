@@ -10,10 +10,13 @@ torch AdamW (same betas, eps and weight-decay groups), gradient clipping at 1.0 
 schedule, on the same global batches (read from the same GPT sample index), timed the same way.
 
 The two alternate (--rounds times) and the ratio is the median of each round's ratio, so load
-that drifts during the run hits both sides.
+that drifts during the run hits both sides. ``--clock cpu`` (for a shared machine, with
+``--threads 1``) times both sides in process CPU time instead of wall time: the trainer runs as
+``megagpt train`` with only its throughput window's clock swapped (``CPU_CLOCK_TRAIN``).
 
     python bench/trainer_e2e.py                       # CPU defaults
     python bench/trainer_e2e.py --steps 60 --rounds 3 --zero 0
+    python bench/trainer_e2e.py --threads 1        # a shared machine: one thread each side
 """
 
 from __future__ import annotations
@@ -61,12 +64,27 @@ def overrides(args, tok: str, prefix: str, run_dir: Path) -> list[str]:
                    f"run.dir={run_dir}"]
     if args.zero is not None:
         out.append(f"parallel.zero_stage={args.zero}")
-    return out
+    return out + args.set
+
+
+# `megagpt train` whose tokens/s windows count process CPU time (ThroughputWindow's clock is
+# injectable); everything else is the CLI's own path.
+CPU_CLOCK_TRAIN = (
+    "import sys, time\n"
+    "import megagpt.training.trainer as trainer\n"
+    "from megagpt.training.metrics import ThroughputWindow\n"
+    "trainer.ThroughputWindow = lambda: ThroughputWindow(clock=time.process_time)\n"
+    "from megagpt.cli import main\n"
+    "sys.argv[0] = 'megagpt'\n"
+    "sys.exit(main())\n")
 
 
 def megagpt_tokens_per_s(args, tok: str, prefix: str, run_dir: Path) -> float:
     env = dict(os.environ, WANDB_MODE="disabled", PYTHONWARNINGS="ignore")
-    subprocess.run([sys.executable, "-m", "megagpt.cli", "train", "--config", str(RECIPE),
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    entry = ["-c", CPU_CLOCK_TRAIN] if args.clock == "cpu" else ["-m", "megagpt.cli"]
+    subprocess.run([sys.executable, *entry, "train", "--config", str(RECIPE),
                     *overrides(args, tok, prefix, run_dir)], env=env, cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL)
     rates = [json.loads(x)["tokens_per_s"] for x in (run_dir / "metrics.jsonl").read_text()
@@ -106,8 +124,9 @@ def plain_loop_tokens_per_s(args, tok: str, prefix: str) -> float:
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     seq, rates, window_tokens, elapsed = m.seq_length, [], 0, 0.0
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     for step in range(args.steps):
-        start = time.perf_counter()
+        start = clock()
         batch = torch.from_numpy(np.stack([ds[step * 16 + i]["tokens"] for i in range(16)])
                                  .astype(np.int64))
         for g in opt.param_groups:
@@ -120,7 +139,7 @@ def plain_loop_tokens_per_s(args, tok: str, prefix: str) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
         float(loss.detach())  # the trainer reads its loss every step too
-        elapsed += time.perf_counter() - start
+        elapsed += clock() - start
         window_tokens += 16 * seq
         if (step + 1) % args.window == 0:
             rates.append(window_tokens / elapsed)
@@ -137,15 +156,24 @@ def main() -> int:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--zero", type=int, default=None, help="parallel.zero_stage (default: "
                     "the trainer's default)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads on both sides "
+                    "(0: the default)")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="time both sides in wall time or process CPU time")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an extra `megagpt train` override, e.g. train.compile=always")
     args = ap.parse_args()
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         tok, prefix = prepare(Path(tmp))
         print(f"# bench/trainer_e2e.py {time.strftime('%Y-%m-%d')} {platform.machine()} "
               f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} "
               f"threads, {args.precision}, zero {args.zero if args.zero is not None else 'default'}"
-              f", load {os.getloadavg()[0]:.1f}", flush=True)
+              f", {args.clock} clock, load {os.getloadavg()[0]:.1f}", flush=True)
         ratios = []
         for r in range(args.rounds):
             ours = megagpt_tokens_per_s(args, tok, prefix, Path(tmp) / f"run{r}")

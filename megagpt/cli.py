@@ -156,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE.png", help="output PNG (default: RUN_DIR/metrics.png "
                    "for one run, ./metrics.png for several)")
     p.set_defaults(func=cmd_plot)
+
+    from megagpt.curation.cli import add_clean_parser
+    from megagpt.evaluation.cli import add_eval_parser
+    from megagpt.serving.cli import add_serve_parser
+
+    add_eval_parser(sub)
+    add_serve_parser(sub)
+    add_clean_parser(sub)
     return parser
 
 

@@ -67,9 +67,24 @@ def _special_id(tokenizer: str | None, token: str) -> int | None:
     return int(vocab[token]) if isinstance(vocab, dict) and token in vocab else None
 
 
+def _end_id(tokenizer: str | None) -> int | None:
+    """The tokenizer's end-of-document id (``<|endoftext|>``, BERT's ``[SEP]``, CPM's
+    ``<eod>``): HF's bos/eos. lm-eval's ``hf`` model, for one, needs it to score a
+    continuation; a tokenizer megagpt cannot read leaves it unset."""
+    if not tokenizer:
+        return None
+    from megagpt.data.tokenizer import build_tokenizer
+    from megagpt.errors import MegagptError
+
+    try:
+        return build_tokenizer(tokenizer).eod
+    except (MegagptError, OSError, ValueError):
+        return _special_id(tokenizer, "<|endoftext|>")
+
+
 def config_json(cfg: ModelConfig, tokenizer: str | None = None) -> dict:
     """transformers GPT2Config fields for ``cfg``."""
-    eod = _special_id(tokenizer, "<|endoftext|>")
+    eod = _end_id(tokenizer)
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": cfg.vocab_size, "n_positions": cfg.max_position_embeddings,
@@ -142,8 +157,10 @@ def _write_tokenizer(out: Path, src: Path, cfg: ModelConfig) -> None:
         if eod is not None:
             conf.update(eos_token="<|endoftext|>", bos_token="<|endoftext|>")
     elif "vocab.txt" in names:
+        # [SEP] ends a document in this family (megagpt.data.tokenizer.BertTokenizer).
         conf = {"tokenizer_class": "BertTokenizer", "do_lower_case": True,
-                "model_max_length": cfg.max_position_embeddings}
+                "model_max_length": cfg.max_position_embeddings,
+                "eos_token": "[SEP]", "bos_token": "[SEP]"}
     else:
         return
     (out / "tokenizer_config.json").write_text(json.dumps(conf, indent=2) + "\n",

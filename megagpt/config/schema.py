@@ -81,6 +81,9 @@ class OptimConfig:
 class DataConfig:
     paths: list = doc([], "Indexed dataset prefixes (PREFIX.bin/.idx) for training.")
     weights: list = doc([], "Blend weights, one per path; empty = proportional to size.")
+    weights_schedule: list = doc([], "Blend weights over training: [{tokens: N, weights: [one "
+                                 "per path]}, ...], linear in consumed tokens between points "
+                                 "(train split; valid/test use the last point). See docs/data.md.")
     split: str = doc("969,30,1", "Train/valid/test split of documents, as weights.")
     tokenizer: str = doc("", "Tokenizer: tokenizer.json / its folder, vocab.txt or a .model file.")
     cache_dir: str = doc("", "Where sample-index caches go; empty = <run.dir>/data_cache.")
@@ -110,8 +113,15 @@ class TrainConfig:
     log_interval: int = doc(10, "Log metrics every N steps.")
     eval_interval: int = doc(1000, "Validation every M steps; 0 disables.")
     eval_iters: int = doc(10, "Validation micro-batches per data-parallel rank per evaluation.")
+    eval_tasks: list = doc([], "lm-eval task names run at every validation (e.g. "
+                           "[megagpt_zh_mc]), logged as eval/<task>/<metric>; needs the eval "
+                           "extra and parallel.pipeline=1.")
+    eval_tasks_limit: int = doc(0, "Documents per eval task at each validation; 0 = all.")
     device: str = doc("auto", "auto = cuda when available, else cpu.",
                       choices=("auto", "cpu", "cuda"))
+    compile: str = doc("auto", "torch.compile the decoder layers' training forward: always, "
+                       "never, or auto = on CUDA only (megagpt/model/compile.py).",
+                       choices=("auto", "always", "never"))
 
 
 @dataclass

@@ -115,10 +115,58 @@ def problems(cfg: Config, world_size: int, *, cuda: bool | None = None,
         if cfg.data.weights and len(cfg.data.weights) != len(cfg.data.paths):
             out.append(f"data.weights has {len(cfg.data.weights)} entries for "
                        f"{len(cfg.data.paths)} data.paths")
+        if cfg.data.weights_schedule:
+            from megagpt.data.blending import parse_weights_schedule
+            from megagpt.data.errors import DataError
+
+            if cfg.data.weights:
+                out.append("set data.weights or data.weights_schedule, not both")
+            try:
+                parse_weights_schedule(cfg.data.weights_schedule, len(cfg.data.paths),
+                                       cfg.model.seq_length)
+            except DataError as e:
+                out.append(str(e))
         if not cfg.data.tokenizer:
             out.append("data.tokenizer is empty")
     if cfg.checkpoint.keep_last < 1:
         out.append("checkpoint.keep_last must be >= 1")
+    if t.compile == "always" and cuda is False:
+        import os
+        import shutil
+
+        # On CPU, inductor compiles the decoder layer to C++: without a compiler the first
+        # step would fail deep inside torch.compile.
+        if not (os.environ.get("CXX") or any(shutil.which(c) for c in ("g++", "c++", "clang++"))):
+            out.append("train.compile=always on CPU needs a C++ compiler (torch.compile's "
+                       "inductor generates C++): install g++ or set CXX, or set "
+                       "train.compile=never")
+    out += _eval_task_problems(t, p)
+    return out
+
+
+def _eval_task_problems(t, p) -> list[str]:
+    """train.eval_tasks: names, a pipeline size of 1, eval_interval > 0, lm-eval installed."""
+    import importlib.util
+
+    if not t.eval_tasks:
+        return []
+    out = []
+    if not all(isinstance(n, str) and n.strip() for n in t.eval_tasks):
+        out.append(f"train.eval_tasks must be a list of lm-eval task names, got {t.eval_tasks!r}")
+    if t.eval_interval <= 0:
+        out.append("train.eval_tasks needs train.eval_interval > 0 (tasks run at validation)")
+    if t.eval_tasks_limit < 0:
+        out.append("train.eval_tasks_limit must be >= 0 (0 = every document)")
+    if p.pipeline > 1:
+        out.append(f"train.eval_tasks cannot run with parallel.pipeline={p.pipeline}: task "
+                   "evaluation runs the whole model on each rank; evaluate the model directory "
+                   "afterwards with `megagpt eval --tasks` instead")
+    if p.sequence_parallel:
+        out.append("train.eval_tasks cannot run with parallel.sequence_parallel=true (scoring "
+                   "takes sequences of any length); evaluate the model directory afterwards "
+                   "with `megagpt eval --tasks` instead")
+    if importlib.util.find_spec("lm_eval") is None:
+        out.append("train.eval_tasks needs lm-evaluation-harness: pip install -e \".[eval]\"")
     return out
 
 

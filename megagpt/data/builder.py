@@ -6,7 +6,12 @@ import logging
 
 import numpy as np
 
-from megagpt.data.blending import BlendedDataset, blend_counts, normalize_weights
+from megagpt.data.blending import (
+    BlendedDataset,
+    blend_counts,
+    normalize_weights,
+    parse_weights_schedule,
+)
 from megagpt.data.errors import DataError
 from megagpt.data.gpt_dataset import (
     SPLIT_NAMES,
@@ -31,6 +36,7 @@ def build_gpt_datasets(
     cache_dir: str | None,
     *,
     node_local_cache: bool = False,
+    weights_schedule: list | None = None,
 ) -> tuple:
     """Build the (train, valid, test) GPT datasets over one or more preprocessed datasets.
 
@@ -49,6 +55,10 @@ def build_gpt_datasets(
         cache_dir: where index files are cached and shared between ranks and runs; None
             builds them in memory on every rank (fine for small data and tests).
         node_local_cache: ``cache_dir`` is per node: local rank 0 of each node builds.
+        weights_schedule: ``data.weights_schedule``, blend weights that change with consumed
+            tokens (``[{"tokens": N, "weights": [...]}, ...]``, see
+            :class:`~megagpt.data.blending.WeightsSchedule`); applies to the train split, while
+            valid and test are blended by its last point's weights. Exclusive with ``weights``.
 
     Returns:
         ``(train, valid, test)``; an entry is None when its split weight or sample count is 0.
@@ -71,6 +81,12 @@ def build_gpt_datasets(
                 f"{len(weights)} blend weights for {len(prefixes)} data prefixes; give one each"
             )
         weights = normalize_weights(list(weights))
+    schedule = None
+    if weights_schedule:
+        if weights is not None:
+            raise DataError("set data.weights or data.weights_schedule, not both")
+        schedule = parse_weights_schedule(weights_schedule, len(prefixes), seq_length)
+        weights = schedule.final_weights  # valid and test: the mixture the schedule ends at
     split_weights = parse_split(split)
     datasets = [IndexedDataset(p) for p in prefixes]
     ranges = [split_document_ranges(len(ds), split_weights) for ds in datasets]
@@ -104,7 +120,12 @@ def build_gpt_datasets(
                 blend_w = normalize_weights(tokens, f"{name} split token counts")
         else:
             blend_w = weights
-        counts = blend_counts(blend_w, wanted) if len(datasets) > 1 else np.array([wanted])
+        if len(datasets) == 1:
+            counts = np.array([wanted])
+        elif schedule is not None and s == 0:
+            counts = schedule.counts(wanted)
+        else:
+            counts = blend_counts(blend_w, wanted)
         plan = []
         for d, (ds, r) in enumerate(zip(datasets, ranges)):
             if counts[d] == 0:
@@ -157,6 +178,7 @@ def build_gpt_datasets(
                 cache_dir=cache_dir,
                 description=description,
                 node_local_cache=node_local_cache,
+                schedule=schedule if s == 0 else None,
             )
         )
     return tuple(result)

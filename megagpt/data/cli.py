@@ -127,7 +127,13 @@ def add_preprocess_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--output-prefix", required=True, metavar="PREFIX", help="write PREFIX.bin and PREFIX.idx"
     )
-    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes (default 1); with more, each reads its own byte ranges of "
+        "uncompressed jsonl/text inputs and writes its own shard, merged in order",
+    )
     p.add_argument(
         "--append-eod",
         action="store_true",

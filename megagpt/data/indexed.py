@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from array import array
+from dataclasses import dataclass
 from typing import Self
 
 import numpy as np
@@ -193,52 +193,86 @@ class IndexedDatasetWriter:
         self._tmp_bin = bin_path(prefix) + tag
         self._tmp_idx = idx_path(prefix) + tag
         self._tmp_vocab = vocab_path(prefix) + tag
-        # Closed by finalize()/abort(); the writer is the context manager.
+        # Document lengths go to a scratch file, not a list: memory stays constant however many
+        # documents are written (a 1 TB corpus has billions). Closed by finalize()/abort().
+        self._tmp_lengths = idx_path(prefix) + tag + ".lengths"
         self._bin = open(self._tmp_bin, "wb")
-        self._lengths = array("i")
+        self._lengths = open(self._tmp_lengths, "w+b")
         self.num_tokens = 0
+        self._num_documents = 0
         self._closed = False
 
     def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """Append documents given as their concatenated ``tokens`` and per-document ``lengths``."""
         tokens = np.asarray(tokens, dtype=self.dtype)
+        lengths = np.asarray(lengths, dtype=np.int32)
         if int(np.sum(lengths, dtype=np.int64)) != len(tokens):
             raise ValueError("lengths do not add up to the number of tokens")
         self._bin.write(tokens.tobytes())
         if len(tokens):
             self.max_token_id = max(self.max_token_id, int(tokens.max()))
-        self._lengths.frombytes(np.asarray(lengths, dtype=np.int32).tobytes())
+        self._lengths.write(lengths.tobytes())
+        self._num_documents += len(lengths)
         self.num_tokens += len(tokens)
 
     def add_document(self, tokens) -> None:
         tokens = np.asarray(tokens, dtype=self.dtype)
         self.add_documents(tokens, [len(tokens)])
 
+    def append_shard(self, shard: Shard) -> None:
+        """Append the documents of a finished :class:`ShardWriter` shard, then delete its files.
+
+        The tokens are copied file to file inside the kernel (``copy_file_range``), so merging
+        costs the caller no Python work per token: this is how parallel preprocessing puts the
+        workers' shards together in order.
+        """
+        if shard.dtype != self.dtype.str:
+            raise ValueError(f"shard dtype {shard.dtype} differs from the writer's {self.dtype}")
+        self._bin.flush()
+        with open(shard.bin_path, "rb") as src:
+            _copy_file(src, self._bin, shard.tokens * self.dtype.itemsize)
+        with open(shard.lengths_path, "rb") as src:
+            _copy_file(src, self._lengths, shard.documents * 4)
+        self.num_tokens += shard.tokens
+        self._num_documents += shard.documents
+        self.max_token_id = max(self.max_token_id, shard.max_token_id)
+        shard.remove()
+
     @property
     def num_documents(self) -> int:
-        return len(self._lengths)
+        return self._num_documents
 
     def finalize(self) -> None:
         """Write the index and move both files into place (``.bin`` first, ``.idx`` last)."""
         self._bin.flush()
         os.fsync(self._bin.fileno())
         self._bin.close()
-        lengths = (
-            np.frombuffer(self._lengths, dtype=np.int32) if self._lengths else np.zeros(0, np.int32)
-        )
-        n = len(lengths)
-        pointers = np.zeros(n, np.int64)
-        if n:
-            np.cumsum(lengths[:-1], dtype=np.int64, out=pointers[1:])
-            pointers *= self.dtype.itemsize
-        doc_indices = np.arange(n + 1, dtype=np.int64)
+        n = self._num_documents
+        self._lengths.flush()
         with open(self._tmp_idx, "wb") as f:
             f.write(_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, _CODE_OF[self.dtype], n, n + 1))
-            f.write(lengths.tobytes())
-            f.write(pointers.tobytes())
-            f.write(doc_indices.tobytes())
+            # Three streaming passes over the lengths file, _INDEX_BLOCK entries at a time.
+            self._lengths.seek(0)
+            _copy_file(self._lengths, f, 4 * n)
+            self._lengths.seek(0)
+            offset = 0  # byte offset of the next sequence in .bin
+            for start in range(0, n, _INDEX_BLOCK):
+                block = np.frombuffer(
+                    self._lengths.read(4 * min(_INDEX_BLOCK, n - start)), np.int32
+                )
+                pointers = np.empty(len(block), np.int64)
+                pointers[0] = offset
+                np.cumsum(block[:-1], dtype=np.int64, out=pointers[1:])
+                pointers[1:] = pointers[1:] * self.dtype.itemsize + offset
+                offset += int(block.sum(dtype=np.int64)) * self.dtype.itemsize
+                f.write(pointers.tobytes())
+            for start in range(0, n + 1, _INDEX_BLOCK):
+                f.write(np.arange(start, min(start + _INDEX_BLOCK, n + 1), dtype=np.int64)
+                        .tobytes())
             f.flush()
             os.fsync(f.fileno())
+        self._lengths.close()
+        os.unlink(self._tmp_lengths)
         if self.vocab_size is not None:
             with open(self._tmp_vocab, "w", encoding="utf-8") as f:
                 json.dump({"vocab_size": int(self.vocab_size),
@@ -259,9 +293,10 @@ class IndexedDatasetWriter:
 
     def abort(self) -> None:
         """Close and delete the temporary files; nothing at ``prefix`` is touched."""
-        if not self._bin.closed:
-            self._bin.close()
-        for p in (self._tmp_bin, self._tmp_idx, self._tmp_vocab):
+        for f in (self._bin, self._lengths):
+            if not f.closed:
+                f.close()
+        for p in (self._tmp_bin, self._tmp_idx, self._tmp_vocab, self._tmp_lengths):
             if os.path.exists(p):
                 os.unlink(p)
         self._closed = True
@@ -275,6 +310,121 @@ class IndexedDatasetWriter:
         if exc_type is None:
             self.finalize()
         else:
+            self.abort()
+
+
+# Index entries per block when finalize() streams the lengths into .idx (16 M: 64-128 MB).
+_INDEX_BLOCK = 16 * 1024 * 1024
+# Bytes per read/write when the kernel cannot copy between the files itself.
+_COPY_BLOCK = 8 * 1024 * 1024
+
+
+def _copy_file(src, dst, nbytes: int) -> None:
+    """Copy ``nbytes`` from ``src``'s position to ``dst``'s position (both binary files).
+
+    ``os.copy_file_range`` keeps the bytes in the kernel (and may share extents on CoW
+    filesystems); elsewhere, or across filesystems that refuse it, a bounded-buffer copy.
+    """
+    if nbytes == 0:
+        return
+    copy = getattr(os, "copy_file_range", None)
+    if copy is not None:
+        if src.writable():
+            src.flush()
+        dst.flush()
+        in_fd, out_fd = src.fileno(), dst.fileno()
+        in_off, out_off = os.lseek(in_fd, 0, os.SEEK_CUR), os.lseek(out_fd, 0, os.SEEK_CUR)
+        left = nbytes
+        try:
+            while left:
+                done = copy(in_fd, out_fd, left, in_off, out_off)
+                if done == 0:
+                    raise DataError(f"{src.name}: ended {left} bytes early while merging")
+                in_off, out_off, left = in_off + done, out_off + done, left - done
+        except OSError:
+            if left != nbytes:
+                raise  # part copied: do not mix the two methods
+        else:
+            # Offsets were explicit: move both file positions past the copied bytes.
+            src.seek(in_off)
+            dst.seek(out_off)
+            return
+    left = nbytes
+    while left:
+        block = src.read(min(left, _COPY_BLOCK))
+        if not block:
+            raise DataError(f"{src.name}: ended {left} bytes early while merging")
+        dst.write(block)
+        left -= len(block)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A finished :class:`ShardWriter` part: ``bin_path`` holds ``tokens`` tokens of ``dtype``
+    (numpy ``dtype.str``), ``lengths_path`` the int32 length of each of its ``documents``."""
+
+    bin_path: str
+    lengths_path: str
+    dtype: str
+    documents: int
+    tokens: int
+    max_token_id: int
+
+    def remove(self) -> None:
+        for p in (self.bin_path, self.lengths_path):
+            if os.path.exists(p):
+                os.unlink(p)
+
+
+class ShardWriter:
+    """One part of a dataset, written by a preprocessing worker and merged in order into an
+    :class:`IndexedDatasetWriter` with :meth:`IndexedDatasetWriter.append_shard`.
+
+    Two plain files, ``PATH.bin`` (tokens) and ``PATH.lengths`` (int32 per document); no index,
+    no fsync (the merged dataset is synced once, when it is finalized). Use as a context
+    manager: on an exception both files are deleted.
+    """
+
+    def __init__(self, path: str, dtype: np.dtype) -> None:
+        self.dtype = np.dtype(dtype)
+        self.path = path
+        self._bin = open(path + ".bin", "wb")
+        self._lengths = open(path + ".lengths", "wb")
+        self.documents = 0
+        self.tokens = 0
+        self.max_token_id = -1
+
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append documents given as their concatenated ``tokens`` and per-document ``lengths``."""
+        tokens = np.asarray(tokens, dtype=self.dtype)
+        lengths = np.asarray(lengths, dtype=np.int32)
+        if int(lengths.sum(dtype=np.int64)) != len(tokens):
+            raise ValueError("lengths do not add up to the number of tokens")
+        self._bin.write(tokens.tobytes())
+        self._lengths.write(lengths.tobytes())
+        if len(tokens):
+            self.max_token_id = max(self.max_token_id, int(tokens.max()))
+        self.documents += len(lengths)
+        self.tokens += len(tokens)
+
+    def close(self) -> Shard:
+        """Close the files and describe them for :meth:`IndexedDatasetWriter.append_shard`."""
+        self._bin.close()
+        self._lengths.close()
+        return Shard(self.path + ".bin", self.path + ".lengths", self.dtype.str,
+                     self.documents, self.tokens, self.max_token_id)
+
+    def abort(self) -> None:
+        """Close and delete both files."""
+        self._bin.close()
+        self._lengths.close()
+        Shard(self.path + ".bin", self.path + ".lengths", "", 0, 0, -1).remove()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
             self.abort()
 
 

@@ -2,8 +2,10 @@
 
 Reading is split in two so that preprocessing can parallelise the expensive half:
 
-* :func:`iter_raw_records` runs in the main process and only cuts the input into records
-  (a jsonl line, a text line or paragraph, a csv field) with their 1-based line numbers;
+* :func:`iter_raw_records` only cuts the input into records (a jsonl line, a text line or
+  paragraph, a csv field) with their 1-based line numbers; for inputs with one record per line,
+  :func:`iter_byte_ranges` and :func:`iter_range_records` let each worker cut its own part of
+  the file, so that no single process reads everything;
 * :func:`parse_record` runs in the workers: UTF-8 decoding, JSON parsing, key lookup and
   validation. A record that cannot be used raises :class:`BadRecordError` naming file:line.
 
@@ -18,7 +20,7 @@ import gzip
 import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
 from megagpt.data.errors import BadRecordError, DataError
@@ -112,6 +114,72 @@ def iter_raw_records(spec: InputSpec) -> Iterator[tuple[int, bytes | str | None]
                     yield number, line
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
         raise DataError(f"{spec.path}: cannot read file ({exc})") from exc
+
+
+def can_split(spec: InputSpec) -> bool:
+    """Whether workers can read ``spec`` in byte ranges (:func:`iter_byte_ranges`): one record
+    per line of an uncompressed file. Not gzip (no random access), csv (quoted fields span
+    lines) or blank-line-separated text (a range could start inside a paragraph)."""
+    return (
+        spec.fmt in ("jsonl", "text") and not spec.paragraphs and not spec.path.endswith(".gz")
+    )
+
+
+def iter_byte_ranges(spec: InputSpec, target_bytes: int) -> Iterator[tuple[int, int]]:
+    """Cut a :func:`can_split` input into ``[start, end)`` byte ranges of about
+    ``target_bytes`` that each start at the beginning of a line, lazily (constant memory).
+
+    Only a few bytes around each cut are read: a line that crosses ``start + target_bytes``
+    ends the range.
+    """
+    size = os.path.getsize(spec.path)
+    start = 0
+    try:
+        with open(spec.path, "rb") as f:
+            while start < size:
+                cut = start + max(1, target_bytes)
+                if cut >= size:
+                    end = size
+                else:
+                    f.seek(cut - 1)
+                    f.readline()  # to the end of the line holding byte cut - 1
+                    end = f.tell()
+                yield start, end
+                start = end
+    except OSError as exc:
+        raise DataError(f"{spec.path}: cannot read file ({exc})") from exc
+
+
+def iter_range_records(
+    spec: InputSpec, start: int, end: int
+) -> Generator[tuple[int, bytes], None, int]:
+    """Yield ``(line, raw)`` for the records of bytes ``[start, end)`` of a :func:`can_split`
+    input, as :func:`iter_raw_records` would, except that ``line`` counts from 1 at ``start``.
+
+    ``start`` and ``end`` must be line starts (from :func:`iter_byte_ranges`). The caller turns
+    ``line`` into a file line number by adding the lines of the earlier ranges: the generator
+    returns (``StopIteration.value``) the number of lines in the range, blank ones included.
+    """
+    skip_blank = spec.fmt == "jsonl"
+    try:
+        with open(spec.path, "rb") as f:
+            f.seek(start)
+            pos = start
+            number = 0
+            for line in f:
+                if pos >= end:
+                    break
+                pos += len(line)
+                number += 1
+                line = line.rstrip(b"\r\n")
+                if start == 0 and number == 1:
+                    line = line.removeprefix(_BOM)
+                if skip_blank and not line.strip():
+                    continue
+                yield number, line
+    except OSError as exc:
+        raise DataError(f"{spec.path}: cannot read file ({exc})") from exc
+    return number
 
 
 def _iter_paragraphs(spec: InputSpec) -> Iterator[tuple[int, bytes]]:

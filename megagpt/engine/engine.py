@@ -16,6 +16,7 @@ from megagpt.config.schema import Config
 from megagpt.engine.accelerator import import_deepspeed
 from megagpt.engine.ds_config import deepspeed_config, deepspeed_zero_stage
 from megagpt.engine.optim_state import adapter_for
+from megagpt.model.compile import compile_decoder_layers, compile_enabled, compile_seconds
 from megagpt.model.gpt import GPTModel, gpt_blocks
 from megagpt.model.layers import lm_loss
 from megagpt.model.mcore import megatron_config
@@ -62,14 +63,19 @@ def build_model(cfg: Config, dims: ParallelDims, device: torch.device) -> torch.
     """The local part of the GPT: the whole model (PP=1) or this rank's pipeline stage.
 
     ``device`` is the run's resolved device; it chooses DeepSpeed's accelerator (the model itself
-    is built on the CPU and moved by the engine)."""
+    is built on the CPU and moved by the engine) and whether ``train.compile`` = auto compiles
+    the decoder layers."""
     mp = megatron_config(cfg.model, cfg.parallel, torch.float32)
     deepspeed = import_deepspeed(device)
     # deepspeed.comm wraps the torch.distributed group that megagpt.parallel already started.
     deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
     if dims.pp > 1:
-        return _pipeline_module(cfg, mp, dims, device)
-    return GPTModel(cfg.model, mp, cfg.parallel.recompute)
+        module = _pipeline_module(cfg, mp, dims, device)
+    else:
+        module = GPTModel(cfg.model, mp, cfg.parallel.recompute)
+    if compile_enabled(cfg.train.compile, device):
+        compile_decoder_layers(module)  # lazily: the graphs are built in the first step
+    return module
 
 
 class Engine:
@@ -82,7 +88,9 @@ class Engine:
         module.to(device)
         o = cfg.optim
         groups = _param_groups(module, o.weight_decay)
-        fused = device.type == "cuda"
+        # torch's fused AdamW (one kernel per parameter for the whole update) exists for CUDA
+        # and CPU; elsewhere the default (foreach / for-loop) implementation.
+        fused = device.type in ("cuda", "cpu")
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                       fused=fused)
         ds_cfg = deepspeed_config(cfg, dims.world)
@@ -96,6 +104,9 @@ class Engine:
         self._sp_hooks(module)
         self._record_fp32_grad_norm()
         self._skip_nonfinite_plain_step()
+        self._no_allreduce_alone()
+        # train.compile: the graphs are built lazily in the first step, which reports the time.
+        self._compile_pending = compile_enabled(cfg.train.compile, device)
 
     @property
     def dropout_rng(self) -> TensorParallelRNG:
@@ -125,7 +136,9 @@ class Engine:
         """One optimizer step over ``micro_batches`` (this rank's share of a global batch).
 
         Returns the loss averaged over micro-batches and data-parallel ranks (identical on every
-        rank), the global grad norm, the loss scale and whether the step was skipped: a
+        rank), the global grad norm, the loss scale (and, after the first step with
+        ``train.compile`` on, ``compile_s``: the seconds torch.compile took) and whether the
+        step was skipped: a
         non-finite gradient norm (fp16 overflow, or a NaN/Inf gradient at any precision) skips
         the optimizer step on every layout, weights and Adam moments untouched.
         """
@@ -147,12 +160,16 @@ class Engine:
                 dist.all_reduce(loss, group=MegatronMPU().get_data_parallel_group())
                 loss /= self.dims.dp
         norm = self.ds.get_global_grad_norm()
-        return {
+        out = {
             "loss": float(loss),
             "grad_norm": float(norm) if norm is not None else float("nan"),
             "loss_scale": float(getattr(self.ds.optimizer, "cur_scale", 1.0) or 1.0),
             "skipped": self.ds.skipped_steps > skipped_before,
         }
+        if self._compile_pending:
+            self._compile_pending = False
+            out["compile_s"] = compile_seconds()  # this process's torch.compile time so far
+        return out
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: list[dict]) -> float:
@@ -297,14 +314,14 @@ class Engine:
         1.457). Gradients are already averaged over data parallel, so every DP rank agrees."""
         from megatron.core import parallel_state as ps
 
-        squares = torch.zeros((), dtype=torch.float32, device=self.device)
         tp_rank = ps.get_tensor_model_parallel_rank()
-        for p in self.ds.module.parameters():
-            if p.grad is None or getattr(p, "ds_pipe_replicated", False):
-                continue
-            if tp_rank > 0 and not getattr(p, "tensor_model_parallel", False):
-                continue
-            squares += p.grad.detach().float().pow(2).sum()
+        grads = [p.grad.detach() for p in self.ds.module.parameters()
+                 if p.grad is not None and not getattr(p, "ds_pipe_replicated", False)
+                 and (tp_rank == 0 or getattr(p, "tensor_model_parallel", False))]
+        # One multi-tensor kernel for all the per-tensor norms, not one reduction per tensor.
+        norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32) if grads else []
+        squares = torch.stack(norms).square().sum() if norms else \
+            torch.zeros((), dtype=torch.float32, device=self.device)
         group = ps.get_model_parallel_group()
         if group.size() > 1:
             dist.all_reduce(squares, group=group)
@@ -323,9 +340,8 @@ class Engine:
             if max_norm > 0 and torch.isfinite(norm):
                 coef = max_norm / (norm + 1e-6)
                 if coef < 1.0:
-                    for p in ds.module.parameters():
-                        if p.grad is not None:
-                            p.grad.detach().mul_(coef)
+                    torch._foreach_mul_([p.grad.detach() for p in ds.module.parameters()
+                                         if p.grad is not None], coef)
 
         ds.clip_fp32_gradients = clip_and_record
 
@@ -357,6 +373,15 @@ class Engine:
 
         optimizer.overflow = False
         optimizer.step = step_if_finite
+
+    def _no_allreduce_alone(self) -> None:
+        """Data-parallel size 1 on the plain path (ZeRO 0, torch's optimizer, no pipeline):
+        DeepSpeed would still flatten every gradient into buckets, all-reduce them over a group
+        of one and copy them back after each backward. Nothing to average: skip it. Wrappers
+        (ZeRO 1-3, bf16/fp16) keep their own reduction, which also moves their gradients."""
+        if self.dims.dp == 1 and not self.pipeline and \
+                isinstance(self.ds.optimizer, torch.optim.Optimizer):
+            self.ds.enable_backward_allreduce = False
 
     def _sp_hooks(self, module: torch.nn.Module) -> None:
         """Sequence parallel: replicated parameters see s/tp tokens per rank, so their grads

@@ -1,13 +1,20 @@
 """Autoregressive decoding with a KV cache, for one prompt or a batch, at any TP size.
 
-Batched prompts follow the original (reference §4.3): right-padded, decoding starts at the
-shortest prompt, rows whose prompt is longer are teacher-forced up to their own length, and every
-row uses positions 0..L-1. Padding lies to the right of every real token, so a causal model never
-attends to it: a batch gives the same tokens as its prompts one at a time.
+Batched prompts are right-padded; every row uses positions 0..L-1 of its own tokens, and
+padding lies to the right of every real token, so a causal model never attends to it: a batch
+gives the same tokens as its prompts one at a time. Two loops produce the same tokens:
 
-Under tensor parallelism every rank of the TP group runs the same loop: the vocab-parallel logits
-are all-gathered, the token is chosen from the full distribution and broadcast from TP rank 0, so
-all ranks stay in lockstep and greedy output equals TP=1's.
+- the fast path (default; ``decode.FastDecoder``): every prompt in one prefill, then each row
+  decodes at its own position (a per-row mask over the cache when the prompts' lengths differ),
+  with oneDNN-packed weights on CPU and greedy choice on the vocab shard;
+- the reference loop (``fast=False``, and always for ``static`` / ``compile`` / no cache): the
+  model's own forward, the prompts' common prefix first, longer rows teacher-forced to their
+  length as in the original (reference §4.3).
+
+Under tensor parallelism every rank of the TP group runs the same loop and stays in lockstep:
+greedy rows take the best (value, id) of each rank's vocab shard (no gather of the logits);
+sampled rows gather the vocab-parallel logits, draw, and take TP rank 0's draw. Greedy output
+equals TP=1's.
 
 The loop keeps its state on the device: the KV cache is allocated once for the longest row
 (prompt + new tokens) and written in place, tokens are chosen on the device for the whole batch
@@ -29,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megagpt.inference.decode import FastDecoder
 from megagpt.inference.sampling import (
     DEFAULT_NEW_TOKENS,
     SamplingParams,
@@ -79,11 +87,20 @@ class TextGenerator:
             stopped change nothing, so a larger value only trades wasted steps for fewer
             device-to-host syncs. Default: 1 on CPU (where the check is free and a wasted step
             is not), 8 on accelerators.
+        fast: decode with ``FastDecoder`` (megagpt/inference/decode.py): one prefill of all
+            prompts (ragged ones right-padded), steps with per-row positions, greedy argmax on
+            the vocab shard. Same tokens as the reference loop (``fast=False``: the model's
+            own forward, the common prefix first, longer prompts teacher-forced), which the
+            static / compiled step and ``use_cache=False`` always use.
+        prepack: the fast path multiplies by oneDNN-packed copies of the weights
+            (``decode.DecodeWeights``: up to 2x the weights' memory again, rebuilt when the
+            weights change). None: on CPU with fp32 weights; False for models too big to copy.
     """
 
     def __init__(self, model: torch.nn.Module, *, vocab_size: int, max_positions: int,
                  stop_ids: list[int], pad_id: int = 0, tp_group=None, tp_size: int = 1,
-                 static: bool = False, compile: bool = False, check_every: int | None = None):
+                 static: bool = False, compile: bool = False, check_every: int | None = None,
+                 fast: bool = True, prepack: bool | None = None):
         self.model = model
         self.vocab_size = vocab_size
         self.max_positions = max_positions
@@ -99,6 +116,9 @@ class TextGenerator:
         self.compile = compile
         self.check_every = check_every
         self._compiled = None
+        self.fast = fast
+        self.prepack = prepack
+        self._decoder: FastDecoder | None = None
 
     @property
     def device(self) -> torch.device:
@@ -153,9 +173,9 @@ class TextGenerator:
 
     def _decode_static(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One decoding step with static shapes: ids [b, 1] at slot ``cache.position`` (0-d
-        tensor) -> float32 logits [b, V]. The computation of ``GPTModel.forward`` for one token,
-        written against its blocks because ``forward`` takes the position offset as a Python int
-        (under torch.compile, one graph per position)."""
+        tensor) -> vocab-parallel logits [b, V/tp]. The computation of ``GPTModel.forward`` for
+        one token, written against its blocks because ``forward`` takes the position offset as a
+        Python int (under torch.compile, one graph per position)."""
         m = self.model
         pos = m.position.position_embeddings(cache.position)  # [h]
         h = (m.word(token) + pos).transpose(0, 1)  # [b, 1, h] -> [1, b, h]
@@ -164,8 +184,7 @@ class TextGenerator:
         # The tied output layer without ``WordEmbedding.logits``' region copy (an identity
         # without autograd, whose megatron-core helper warns: a graph break) and its masking of
         # padded rows (``_full_logits`` cuts them off).
-        local = F.linear(m.final_norm(h)[-1], m.word.word_embeddings.weight)  # [b, V/tp]
-        return self._full_logits(local)  # -> [b, V]
+        return F.linear(m.final_norm(h)[-1], m.word.word_embeddings.weight)  # [b, V/tp]
 
     def _static_step(self):
         if not self.compile:
@@ -175,6 +194,17 @@ class TextGenerator:
             self._compiled = torch.compile(self._decode_static, fullgraph=True, dynamic=False,
                                            mode=mode)
         return self._compiled
+
+    def _use_fast(self, use_cache: bool) -> bool:
+        return self.fast and use_cache and not self.static and hasattr(self.model, "final_norm")
+
+    def decoder(self) -> FastDecoder:
+        """The fast path's decoder over this generator's model (made once; its weight copies
+        follow the model's parameters)."""
+        if self._decoder is None or self._decoder.model is not self.model:
+            self._decoder = FastDecoder(self.model, tp_group=self.tp_group, tp_size=self.tp_size,
+                                        prepack=self.prepack)
+        return self._decoder
 
     @torch.no_grad()
     def steps(self, prompts: list[list[int]], params: SamplingParams, limits: list[int],
@@ -190,48 +220,124 @@ class TextGenerator:
         params.check(self.vocab_size)
         if any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt: give at least one token")
+        if len(limits) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(limits)} limits")
         device = self.device
         b = len(prompts)
         total = max(limits)
         host = torch.full((b, total), self.pad_id, dtype=torch.long)
         for i, p in enumerate(prompts):
             host[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-        tokens = host.to(device)
-        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        loop = self._fast_loop if self._use_fast(use_cache) else self._reference_loop
+        self.model.eval()
+        yield from loop(host.to(device), [len(p) for p in prompts], limits, params,
+                        None if keys is None else torch.tensor(keys, dtype=torch.long,
+                                                               device=device), use_cache)
+
+    def _seen_mask(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """[b, V] presence of each token in each row's prompt, for the repetition penalty."""
+        filled = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0) \
+            < lengths.unsqueeze(1)
+        return torch.zeros(tokens.shape[0], self.vocab_size, device=tokens.device).scatter_add_(
+            1, tokens.clamp(0, self.vocab_size - 1), filled.float()) > 0  # padding: +0
+
+    def _choose(self, local: torch.Tensor, params: SamplingParams, key_t, step, seen,
+                dec: FastDecoder | None) -> torch.Tensor:
+        """Next ids [b] from vocab-parallel logits [b, V/tp] (the same on every TP rank)."""
+        if params.greedy and seen is None and dec is not None:
+            return dec.greedy(local, self.vocab_size)  # no gather of the full logits
+        last = self._full_logits(local)
+        if seen is not None:
+            last = penalise_seen(last, seen, params.repetition_penalty)
+        return self._agree(sample(last, params, key_t, step))
+
+    def _fast_loop(self, tokens: torch.Tensor, prompt_lengths: list[int], limits: list[int],
+                   params: SamplingParams, key_t, use_cache: bool) -> Iterator[DecodeState]:
+        """``FastDecoder``: every prompt in one prefill (right-padded), then every row decodes
+        at its own position (all rows share it when the prompts have one length)."""
+        device = tokens.device
+        b, total = tokens.shape
+        dec = self.decoder()
+        uniform = len(set(prompt_lengths)) == 1
+        longest = max(prompt_lengths)
+        lengths = torch.tensor(prompt_lengths, device=device)
         limit_t = torch.tensor(limits, device=device)
         stop = torch.tensor(self.stop_ids, dtype=torch.long, device=device)
-        key_t = None if keys is None else torch.tensor(keys, dtype=torch.long, device=device)
+        done = torch.zeros(b, dtype=torch.bool, device=device)
+        ends = lengths.clone()
+        seen = (self._seen_mask(tokens, lengths) if params.repetition_penalty != 1.0 else None)
+        check_every = self.check_every or (1 if device.type == "cpu" else 8)
+        cache = dec.new_cache(b, total, zeroed=not uniform)
+        dec.begin()
+        local = dec.prefill(tokens[:, :longest], None if uniform else lengths, cache)
+        # pos: where each row's next token goes (a host int when shared; the device tensor
+        # ``pos_t`` is also the sampler's step, per row)
+        pos_t = lengths.clone()
+        steps = max(lim - n for lim, n in zip(limits, prompt_lengths))
+        rows = torch.arange(b, device=device).unsqueeze(1)  # [b, 1]
+        for t in range(steps):
+            chosen = self._choose(local, params, key_t, pos_t, seen, dec)
+            active = ~done
+            slot = pos_t.clamp(max=total - 1).unsqueeze(1)  # [b, 1]; done rows may run past
+            if uniform:
+                tokens[:, longest + t] = torch.where(active, chosen, tokens[:, longest + t])
+            else:
+                tokens[rows, slot] = torch.where(active, chosen, tokens.gather(1, slot)[:, 0]
+                                                 ).unsqueeze(1)
+            grew = active
+            if stop.numel():
+                stopped = active & torch.isin(chosen, stop)
+                grew = active & ~stopped
+                done = done | stopped
+            ends = torch.where(grew, pos_t + 1, ends)
+            done = done | (grew & (limit_t <= pos_t + 1))
+            if seen is not None:
+                idx = chosen.clamp(0, self.vocab_size - 1).unsqueeze(1)  # [b, 1]
+                seen.scatter_(1, idx, seen.gather(1, idx) | grew.unsqueeze(1))
+            yield DecodeState(tokens, ends, done)
+            if t + 1 == steps or ((t + 1) % check_every == 0 and bool(done.all())):
+                return
+            if uniform:
+                local = dec.step(chosen, longest + t, cache)
+            else:
+                local = dec.step(chosen, slot[:, 0], cache, span=min(longest + t + 1, total))
+            pos_t += 1
+
+    def _reference_loop(self, tokens: torch.Tensor, prompt_lengths: list[int],
+                        limits: list[int], params: SamplingParams, key_t, use_cache: bool
+                        ) -> Iterator[DecodeState]:
+        """The model's own forward: the prompts' common prefix in one pass, then one token at a
+        time for every row (rows whose prompt is longer are teacher-forced to their length)."""
+        device = tokens.device
+        b, total = tokens.shape
+        lengths = torch.tensor(prompt_lengths, device=device)
+        limit_t = torch.tensor(limits, device=device)
+        stop = torch.tensor(self.stop_ids, dtype=torch.long, device=device)
         pad = torch.full((b,), self.pad_id, dtype=torch.long, device=device)
         done = torch.zeros(b, dtype=torch.bool, device=device)
         ends = lengths.clone()
-        seen = None  # [b, V] presence of each token in each row, for the repetition penalty
-        if params.repetition_penalty != 1.0:
-            filled = torch.arange(total, device=device).unsqueeze(0) < lengths.unsqueeze(1)
-            seen = torch.zeros(b, self.vocab_size, device=device).scatter_add_(
-                1, tokens.clamp(0, self.vocab_size - 1), filled.float()) > 0  # padding: +0
+        seen = (self._seen_mask(tokens, lengths) if params.repetition_penalty != 1.0 else None)
         cache = KVCache(self.num_layers, total, static=self.static) if use_cache else None
         check_every = self.check_every or (1 if device.type == "cpu" else 8)
-        pos = int(min(len(p) for p in prompts))
+        pos = int(min(prompt_lengths))
         start = pos
         pos_t = torch.tensor(pos, device=device)  # the sampler's step, kept on the device
-        self.model.eval()
         while pos < total:
             if cache is None:
-                last = self._full_logits(self.model(tokens[:, :pos])[-1])  # [b, V]
+                last = self.model(tokens[:, :pos])[-1]  # [b, V/tp]
             elif cache.length == 0:  # the prompts' common prefix in one pass
-                last = self._full_logits(self.model(tokens[:, :pos], kv_cache=cache)[-1])
+                last = self.model(tokens[:, :pos], kv_cache=cache)[-1]
                 if self.static:
                     cache.begin_static(device)
             elif self.static:
                 last = self._static_step()(tokens[:, pos - 1:pos], cache)
                 cache.position.add_(1)
             else:
-                last = self._full_logits(self.model(tokens[:, pos - 1:pos], kv_cache=cache)[-1])
+                last = self.model(tokens[:, pos - 1:pos], kv_cache=cache)[-1]
             in_prompt = lengths > pos
             active = ~done & ~in_prompt
-            if seen is not None:
-                last = penalise_seen(last, seen, params.repetition_penalty)
-            chosen = self._agree(torch.where(active, sample(last, params, key_t, pos_t), pad))
+            chosen = torch.where(active, self._choose(last, params, key_t, pos_t, seen, None),
+                                 pad)
             tokens[:, pos] = torch.where(in_prompt, tokens[:, pos], chosen)
             stopped = active & torch.isin(chosen, stop)
             grew = active & ~stopped

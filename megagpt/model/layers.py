@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megagpt.config.schema import ModelConfig
+from megagpt.model.fused import bias_dropout_add, bias_gelu, vocab_cross_entropy
 from megagpt.model.rng import TensorParallelRNG, forked_rng
 from megagpt.parallel.regions import (
     reduce_scatter_to_sequence,
@@ -29,20 +30,37 @@ def _tp_size(mp: ModelParallelConfig) -> int:
     return mp.tensor_model_parallel_size
 
 
+def _single_rank(layer: nn.Module) -> bool:
+    """True when the layer's tensor-parallel group is this rank alone (TP = 1)."""
+    return layer.tp_group is None or layer.tp_group.size() == 1
+
+
 def column_linear(layer: tensor_parallel.ColumnParallelLinear, x: torch.Tensor
                   ) -> torch.Tensor:
     """A column-parallel linear (bias added, output left split).
 
     Sequence parallel: our device-agnostic gather + linear (megatron-core's allocates on CUDA).
-    Without autograd (generation, evaluation) the forward is a plain F.linear on the local shard:
-    megatron-core's autograd wrapper only matters for the backward, and its per-call overhead
-    dominates one-token decoding steps."""
+    At TP = 1, and without autograd (generation, evaluation), the forward is a plain F.linear on
+    the local shard: megatron-core's autograd wrapper is the same matmul there, adds the bias in
+    a separate kernel (F.linear folds it into the GEMM) and costs a Python call that dominates
+    one-token decoding steps and that ``torch.compile`` would have to trace."""
     if layer.sequence_parallel:
         return sequence_parallel_linear(x, layer.weight, layer.bias, layer.tp_group)
-    if torch.is_grad_enabled():
-        out, _ = layer(x)
-        return out
-    return F.linear(x, layer.weight, layer.bias)
+    out, bias = column_linear_apart(layer, x)
+    return out if bias is None else out + bias
+
+
+def column_linear_apart(layer: tensor_parallel.ColumnParallelLinear, x: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``column_linear`` with the bias returned apart where it cannot be folded into the GEMM
+    (tensor parallel with autograd, sequence parallel), for a fused bias + activation; None
+    when the output already holds it."""
+    if layer.sequence_parallel:
+        return sequence_parallel_linear(x, layer.weight, None, layer.tp_group), layer.bias
+    if torch.is_grad_enabled() and not _single_rank(layer):
+        out, bias = layer(x)  # built with skip_bias_add=True: the bias comes back apart
+        return (out, bias) if layer.skip_bias_add else (out, None)
+    return F.linear(x, layer.weight, layer.bias), None
 
 
 def row_linear(layer: tensor_parallel.RowParallelLinear, x: torch.Tensor
@@ -52,7 +70,7 @@ def row_linear(layer: tensor_parallel.RowParallelLinear, x: torch.Tensor
     parallel: a reduce-scatter to this rank's sequence chunk)."""
     if layer.sequence_parallel:
         return reduce_scatter_to_sequence(F.linear(x, layer.weight), layer.tp_group), layer.bias
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() and not _single_rank(layer):
         return layer(x)
     out = F.linear(x, layer.weight)
     if layer.tp_group is not None and layer.tp_group.size() > 1:
@@ -238,6 +256,16 @@ class SelfAttention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=self.attention_dropout,
                                                   is_causal=causal)
 
+    @torch.compiler.disable
+    def _core_eager(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                    dropout_seed: int | None) -> torch.Tensor:
+        """The attention core where it forks the RNG or is checkpointed: always eager, so a
+        compiled layer (``train.compile``) breaks its graph here and the dropout masks and the
+        recompute are exactly the eager ones."""
+        if self.recompute_core and self.training:
+            return checkpoint(self._core, q, k, v, causal, dropout_seed, use_reentrant=False)
+        return self._core(q, k, v, causal, dropout_seed)
+
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0,
                 dropout_seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``dropout_seed``: the attention-dropout seed drawn by the layer (None: no dropout)."""
@@ -263,14 +291,18 @@ class SelfAttention(nn.Module):
                     mask = torch.arange(k.shape[2], device=q.device).unsqueeze(0) <= q_pos
                     ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
                     return self._out(ctx, s, b)
-        if self.recompute_core and self.training:
-            ctx = checkpoint(self._core, q, k, v, causal, dropout_seed, use_reentrant=False)
+        if dropout_seed is None and not (self.recompute_core and self.training):
+            ctx = self._core(q, k, v, causal, None)
         else:
-            ctx = self._core(q, k, v, causal, dropout_seed)
+            ctx = self._core_eager(q, k, v, causal, dropout_seed)
         return self._out(ctx, s, b)
 
     def _out(self, ctx: torch.Tensor, s: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx = ctx.permute(2, 0, 1, 3).reshape(s, b, -1)  # [b, nh, s, hd] -> [s, b, nh*hd]
+        # [b, nh, s, hd] -> [s, b, nh*hd]. No copy on the flash/efficient kernels: q is a
+        # permuted view of the [s, b, nh, hd] projection and their output keeps q's layout, so
+        # the permute gives back a contiguous [s, b, nh, hd] (the math kernel, taken with
+        # attention dropout on CPU, returns [b, nh, s, hd] and the reshape copies there).
+        ctx = ctx.permute(2, 0, 1, 3).reshape(s, b, -1)
         return row_linear(self.dense, ctx)  # -> ([s, b, h], bias [h])
 
 
@@ -278,9 +310,10 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
         super().__init__()
         self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
+        # skip_bias_add: where the bias cannot join the GEMM it joins the GELU (bias_gelu).
         self.dense_h_to_4h = tensor_parallel.ColumnParallelLinear(
             cfg.hidden_size, cfg.ffn, config=mp, init_method=nn.init.zeros_, bias=True,
-            gather_output=False)
+            gather_output=False, skip_bias_add=True)
         self.dense_4h_to_h = tensor_parallel.RowParallelLinear(
             cfg.ffn, cfg.hidden_size, config=mp, init_method=nn.init.zeros_, bias=True,
             input_is_parallel=True, skip_bias_add=True)
@@ -288,8 +321,8 @@ class MLP(nn.Module):
         _mark_partitioned(self.dense_4h_to_h.weight, 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = column_linear(self.dense_h_to_4h, x)  # [s, b, h] -> [s, b, 4h/tp]
-        h = F.gelu(h, approximate=self.approximate)
+        h, bias = column_linear_apart(self.dense_h_to_4h, x)  # [s, b, h] -> [s, b, 4h/tp]
+        h = bias_gelu(h, bias, self.approximate)
         return row_linear(self.dense_4h_to_h, h)  # -> ([s, b, h], bias)
 
 
@@ -314,6 +347,7 @@ class DecoderLayer(nn.Module):
                                                      dtype=mp.params_dtype)
         self.mlp = MLP(cfg, mp)
         self.dropout = cfg.dropout
+        self._compiled = None  # torch.compile'd ``_forward`` (compile_forward)
         if mp.sequence_parallel:
             # Under sequence parallelism each TP rank sees s/tp tokens, so the grads of these
             # replicated parameters are partial sums: mark them for the engine's TP all-reduce.
@@ -322,20 +356,29 @@ class DecoderLayer(nn.Module):
                       self.attention.dense.bias, self.mlp.dense_4h_to_h.bias):
                 p.sequence_parallel = True
 
-    def _residual_dropout(self, x: torch.Tensor, seed: int | None) -> torch.Tensor:
+    def _residual(self, out: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor,
+                  seed: int | None) -> torch.Tensor:
+        """x + dropout(out + bias), fused (``bias_dropout_add``)."""
         if seed is None:  # replicated region: the default stream, the same on every TP rank
-            return F.dropout(x, p=self.dropout, training=self.training)
-        with forked_rng(seed, x.device):  # sequence parallel: this rank's own chunk
-            return F.dropout(x, p=self.dropout, training=self.training)
+            return bias_dropout_add(out, bias, x, self.dropout, self.training)
+        return self._residual_forked(out, bias, x, seed)
+
+    @torch.compiler.disable
+    def _residual_forked(self, out: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor,
+                         seed: int) -> torch.Tensor:
+        """Sequence parallel: this rank's own chunk draws from the TP-region stream; eager
+        under ``train.compile`` (a graph break) so the forked generator is the eager one."""
+        with forked_rng(seed, x.device):
+            return bias_dropout_add(out, bias, x, self.dropout, self.training)
 
     def _forward(self, x: torch.Tensor, kv_cache: KVCache | None,
                  seeds: tuple[int | None, int | None, int | None]) -> torch.Tensor:
         attn_seed, seed1, seed2 = seeds
         out, bias = self.attention(self.input_layernorm(x), kv_cache, self.layer_number,
                                    attn_seed)
-        x = x + self._residual_dropout(out + bias, seed1)
+        x = self._residual(out, bias, x, seed1)
         out, bias = self.mlp(self.post_attention_layernorm(x))
-        return x + self._residual_dropout(out + bias, seed2)
+        return self._residual(out, bias, x, seed2)
 
     def _dropout_seeds(self) -> tuple[int | None, int | None, int | None]:
         """TP-region seeds of this call, drawn before any checkpointing so a recompute reuses
@@ -348,13 +391,22 @@ class DecoderLayer(nn.Module):
             return attn, self.rng.next_seed(), self.rng.next_seed()
         return attn, None, None
 
+    def compile_forward(self, **kwargs) -> None:
+        """Run training forwards through ``torch.compile`` (``train.compile``; see
+        ``megagpt.model.compile``). Generation and evaluation (a KV cache, or eval mode) stay
+        eager; the parts that fork the RNG or checkpoint run eagerly inside (graph breaks)."""
+        self._compiled = torch.compile(self._forward, **kwargs)
+
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         seeds = self._dropout_seeds()
+        fn = self._forward
+        if self._compiled is not None and self.training and kv_cache is None:
+            fn = self._compiled
         if self.recompute_full and self.training and torch.is_grad_enabled():
             # Non-reentrant checkpointing restores the default RNG state and the TP-region seeds
             # are arguments, so the recompute draws the same dropout masks.
-            return checkpoint(self._forward, x, None, seeds, use_reentrant=False)
-        return self._forward(x, kv_cache, seeds)
+            return checkpoint(fn, x, None, seeds, use_reentrant=False)
+        return fn(x, kv_cache, seeds)
 
 
 class FinalNorm(nn.Module):
@@ -378,8 +430,14 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor 
 
     An all-zero mask gives 0 (not NaN), so a micro-batch of padding cannot poison a step.
     """
+    from megatron.core import parallel_state
+
     labels_sb = labels.transpose(0, 1).contiguous()  # [b, s] -> [s, b]
-    ce = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels_sb)  # [s, b]
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
+    start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1] if tp > 1 else 0
+    # In the logits' dtype: the chunked loss upcasts a chunk at a time (fused.py).
+    ce = vocab_cross_entropy(logits, labels_sb, start, group)  # [s, b]
     if loss_mask is None:
         return ce.mean()
     mask = loss_mask.transpose(0, 1).to(ce.dtype)  # [b, s] -> [s, b]

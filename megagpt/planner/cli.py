@@ -78,7 +78,7 @@ def print_plan(plan: Plan, shape: ClusterShape) -> None:
     print(f"\nlayout: {plan.layout.describe()}")
     print(f"memory per GPU by stage (GiB; {shape.gpu.memory_gib:g} available):")
     print(f"  {'stage':>5} {'params':>14} {'weights':>8} {'grads':>8} {'optim':>8} "
-          f"{'activ.':>8} {'logits':>8} {'buffers':>8} {'total':>8}")
+          f"{'flat':>8} {'activ.':>8} {'logits':>8} {'buffers':>8} {'work':>8} {'total':>8}")
     shown = plan.memory if len(plan.memory) <= 4 else [plan.memory[0], plan.peak,
                                                         plan.memory[-1]]
     seen = set()
@@ -88,8 +88,9 @@ def print_plan(plan: Plan, shape: ClusterShape) -> None:
         seen.add(b.stage)
         g = b.as_gib()
         print(f"  {b.stage:>5} {b.params:>14,} {g['weights']:>8.2f} {g['grads']:>8.2f} "
-              f"{g['optimizer']:>8.2f} {g['activations']:>8.2f} {g['logits']:>8.2f} "
-              f"{g['buffers']:>8.2f} {g['total']:>8.2f}")
+              f"{g['optimizer']:>8.2f} {g['flat']:>8.2f} {g['activations']:>8.2f} "
+              f"{g['logits']:>8.2f} {g['buffers']:>8.2f} {g['workspace']:>8.2f} "
+              f"{g['total']:>8.2f}")
     print(f"step time: {t.step_s:.3f} s = compute {t.compute_s:.3f} + bubble {t.bubble_s:.3f} "
           f"+ TP comm {t.tp_comm_s:.3f} + PP comm {t.pp_comm_s:.3f} + DP comm "
           f"{t.dp_comm_s:.3f}")

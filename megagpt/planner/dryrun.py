@@ -125,9 +125,10 @@ def dry_run(cfg: Config, world_size: int) -> tuple[list[StageReport], list[str],
         extra = ("+embedding" if r.embedding else "") + ("+head" if r.head else "")
         rng = f"{r.layers.start}-{r.layers.stop - 1}"
         g = b.as_gib()
+        state = g['weights'] + g['grads'] + g['optimizer'] + g['flat']
         lines.append(
             f"{r.stage:>5} {rng:>11} {r.params_meta:>18,} {r.params_analytic:>14,} "
-            f"{g['weights'] + g['grads'] + g['optimizer']:>16.2f} GiB {g['activations']:>8.2f} "
+            f"{state:>16.2f} GiB {g['activations']:>8.2f} "
             f"GiB {g['logits']:>5.2f} GiB {g['total']:>5.2f} GiB {extra}")
     ok = all(r.params_meta == r.params_analytic for r in reports) and unique == total
     lines += [

@@ -24,14 +24,19 @@ CUDA_RESERVE_BYTES = 2 * GIB
 ZERO_BUCKET_ELEMENTS = 50_000_000
 # DeepSpeed's own default, which ZeRO 3 keeps (megagpt sets buckets for stages 1 and 2 only).
 ZERO3_BUCKET_ELEMENTS = 500_000_000
+# Elements of fp32 work per chunk of megagpt.model.fused's vocab cross entropy, restated (the
+# model package imports torch and megatron-core; tests/unit/planner checks the two agree).
+LOSS_CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 25}
 
 ASSUMPTIONS = [
-    ("params/grads/optimizer: mixed precision keeps 16-bit weights (2 B) and 12 B of fp32 master "
-    "weights + Adam m, v per parameter; fp32 training keeps 4 B weights and 12 B of optimizer "
-    "state (Adam m, v + the fp32 partition DeepSpeed's ZeRO optimizer copies; 8 B at ZeRO 0). "
-    "Gradients are accumulated over micro-batches in fp32 for bf16 (4 B; megagpt.engine), in "
-    "the training dtype otherwise. ZeRO 1 divides optimizer state by DP, ZeRO 2 also the "
-    "gradient accumulator, ZeRO 3 also weights; bf16 at ZeRO 0 runs as DeepSpeed stage 1."),
+    ("model state per DeepSpeed 0.19 optimizer wrapper (the one the engine runs: bf16 at ZeRO 0 "
+    "and any DP=1 run follow megagpt.engine.ds_config's rule), B per parameter n of a stage: "
+    "plain fp32 (stage 0, torch AdamW) 4 weights + 4 grads + 8 Adam m, v (its all-reduce "
+    "copies come after the backward's peak); BF16_Optimizer (bf16 at stage 1) 2 flat bf16 "
+    "weights + 2 bf16 .grad + a full flat fp32 gradient accumulator (4) + fp32 master and "
+    "m, v over DP (12/DP); ZeRO 1 (stage_1_and_2) weights + .grad in the accumulation dtype "
+    "+ a fp32 averaged-gradient partition, master, m, v (16/DP); ZeRO 2 the same without "
+    ".grad; ZeRO 3 weights, fp32 gradient partition, master, m, v all over DP."),
     ("activations per layer and micro-batch (Korthikanti et al. 2022, arXiv 2205.05198 eq. 1-3, "
     "written for any activation width p bytes): s*b*h*[(4p + 2m)/(t if SP else 1) + "
     "(4p + 2p*ffn/h)/t] + a*s^2*b*(p + m_a*(1 + p))/t, with m = 1 B dropout masks (0 when "
@@ -41,13 +46,22 @@ ASSUMPTIONS = [
     ("recompute: selective drops the s^2 term; full keeps only each layer's input (p*s*b*h, /t "
     "with SP) plus one layer's full activations during its backward."),
     ("pipeline: DeepSpeed's 1F1B schedule keeps min(PP - stage, micro-batches) micro-batches of "
-    "activations in flight on each stage; without pipelining one micro-batch is live."),
-    "logits on the last stage: s*b*V_padded/t * (p + 4 fp32 softmax + 4 fp32 upcast if p < 4).",
+    "activations in flight on each stage; without pipelining one micro-batch is live. The last "
+    "stage also keeps the previous micro-batch's logits until the next step replaces them."),
+    ("logits on the last stage, at the loss's backward (megagpt.model.fused): s*b*V_padded/t "
+    f"* 2p (saved logits + their gradient) + one fp32 chunk of "
+    f"{LOSS_CHUNK_ELEMENTS['cuda']:.0e} elements on a GPU (two for 16-bit logits: the upcast "
+    "copy and the softmax)."),
     (f"buffers: {CUDA_RESERVE_BYTES / GIB:.0f} GiB per GPU for CUDA context, NCCL and allocator "
-    f"slack; DeepSpeed's contiguous gradient buckets of {ZERO_BUCKET_ELEMENTS:.0e} elements "
-    "(allocated whole on a GPU): ZeRO 1 one in the accumulation dtype, ZeRO 2 two 16-bit ones "
-    "(overlap_comm double-buffers) plus the fp32 copy of one that bf16 reduces; ZeRO 3 "
-    f"min({ZERO3_BUCKET_ELEMENTS:.0e}, stage params)."),
+    f"slack; DeepSpeed's reduce buckets, allocated whole whatever the model size (on CPU too): "
+    f"ZeRO 1 one of {ZERO_BUCKET_ELEMENTS:.0e} elements in the accumulation dtype (two under "
+    "the pipeline engine), ZeRO 2 two "
+    f"in the parameter dtype (overlap_comm), ZeRO 3 DeepSpeed's default {ZERO3_BUCKET_ELEMENTS:.0e}"
+    " in the accumulation dtype (megagpt.engine sets no stage-3 bucket size)."),
+    ("checked on CPU against torch's allocator peak (tools/probe_memory.py, "
+    "bench/planner_memory.py: tiny and mini sizes, ZeRO 0-3, PP 1-2, TP 1-2, fp32 and bf16, "
+    "BENCHMARKS-planner.md), on a GPU against torch.cuda.max_memory_allocated "
+    "(bench/train_step.py)."),
 ]
 
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -61,30 +75,6 @@ def deepspeed_stage(precision: str, zero_stage: int, dp: int) -> int:
     (bf16 at 0 runs 1; DP=1 runs 0, or 1 for bf16): the engine's own rule, which imports
     neither DeepSpeed nor megatron-core."""
     return effective_zero_stage(precision, zero_stage, dp)
-
-
-def zero_buffer_bytes(precision: str, zero_stage: int, params: int, *, cuda: bool,
-                      dp: int) -> float:
-    """DeepSpeed's gradient bucket bytes on a GPU holding ``params`` parameters.
-
-    ZeRO 1/2 allocate ``ZERO_BUCKET_ELEMENTS`` per buffer whatever the model size (on a GPU
-    the caching allocator holds all of it; on CPU only the touched ``params`` elements become
-    resident). ZeRO 1 reduces once per step from one bucket in the accumulation dtype; ZeRO 2
-    reduces every micro-batch from two 16-bit buckets (one filling while the other is reduced,
-    ``overlap_comm``) and, for bf16, casts the bucket in flight to fp32 for the reduction.
-    """
-    z = deepspeed_stage(precision, zero_stage, dp)
-    if z == 0:
-        return 0.0
-    if z == 3:
-        return min(ZERO3_BUCKET_ELEMENTS, params) * BYTES[precision]
-    bucket = ZERO_BUCKET_ELEMENTS if cuda else min(ZERO_BUCKET_ELEMENTS, params)
-    if z == 1:
-        return bucket * GRAD_BYTES[precision]
-    out = 2 * bucket * BYTES[precision]
-    if GRAD_BYTES[precision] != BYTES[precision]:
-        out += bucket * GRAD_BYTES[precision]
-    return out
 
 
 def padded_vocab_size(vocab: int, tp: int, multiple: int = 128) -> int:
@@ -211,6 +201,74 @@ def in_flight(pp: int, stage: int, micro_batches: int) -> int:
     return max(1, min(pp - stage, micro_batches))
 
 
+# -- model state per DeepSpeed optimizer wrapper ---------------------------------------------
+
+def optimizer_wrapper(precision: str, zero_stage: int, dp: int) -> str:
+    """Which DeepSpeed optimizer path runs (``deepspeed_stage`` first): "plain" (stage 0: torch's
+    AdamW stepped on the parameters), "fp16" (stage 0 fp16: DeepSpeed's FP16_Optimizer),
+    "bf16" (stage 1 bf16: BF16_Optimizer, which DeepSpeed picks for fp32 accumulation),
+    "zero12" (stage_1_and_2.py's DeepSpeedZeroOptimizer) or "zero3" (stage3.py)."""
+    z = deepspeed_stage(precision, zero_stage, dp)
+    if z == 0:
+        return "fp16" if precision == "fp16" else "plain"
+    if z == 1 and precision == "bf16":
+        return "bf16"
+    return "zero12" if z in (1, 2) else "zero3"
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """Bytes of one rank's model state under one optimizer wrapper (see ``model_state``)."""
+
+    weights: float  # the parameters the forward reads (16-bit or fp32; ZeRO 3: a DP shard)
+    grads: float  # gradients as the backward writes them (param.grad or DeepSpeed's partition)
+    optimizer: float  # Adam's two fp32 moments
+    flat: float  # DeepSpeed's own copies: fp32 master partition, flat fp32 gradient buffers
+    buffers: float  # communication buckets (reduce / all-gather), allocated whole
+    workspace: float  # transient at the step's peak: flattened all-reduce copies, gathers
+
+
+def model_state(precision: str, zero_stage: int, n: int, dp: int, *, pipeline: bool
+                ) -> ModelState:
+    """Model-state bytes of a rank holding ``n`` parameters, read from DeepSpeed 0.19's code
+    (``ASSUMPTIONS``) and checked against allocator peaks (tools/probe_memory.py):
+
+    - plain: weights and fp32 grads (4 B), Adam m, v (8 B); with DP > 1 DeepSpeed's
+      flattened all-reduce copies (``buffered_allreduce_fallback``) come after the backward,
+      when the activations are gone, so they do not raise the peak.
+    - bf16 (BF16_Optimizer): the parameters become views of one flat bf16 buffer (2 B), the
+      backward writes bf16 ``.grad`` (2 B) that it adds into a full flat fp32 accumulator
+      (``fp32_groups_gradients_flat``, 4 B), the fp32 master is this rank's DP partition
+      (4 B / DP), the moments likewise (8 B / DP).
+    - zero12: flat 16-bit (or fp32) weights; ZeRO 1 keeps ``.grad`` (the accumulation dtype)
+      and a fp32 partition of the averaged gradients (4 B / DP), ZeRO 2 only the partition;
+      the fp32 master partition (4 B / DP, a copy even in fp32), moments 8 B / DP; buckets of
+      ``ZERO_BUCKET_ELEMENTS``: ZeRO 1 one in the accumulation dtype (two under the pipeline
+      engine), ZeRO 2 two (``overlap_comm``) in the parameter dtype.
+    - zero3: weights, fp32 gradient partition (``grad_partitions_flat_buffer``), master and
+      moments all / DP; DeepSpeed's default 5e8-element reduce bucket in the accumulation dtype
+      (megagpt sets bucket sizes for stages 1 and 2 only).
+    """
+    d = dp
+    p, g = BYTES[precision], GRAD_BYTES[precision]
+    wrapper = optimizer_wrapper(precision, zero_stage, dp)
+    if wrapper == "plain":
+        return ModelState(p * n, g * n, 8 * n, 0.0, 0.0, 0.0)
+    if wrapper == "fp16":  # FP16_Optimizer: fp32 master and fp32 gradients of every parameter
+        return ModelState(p * n, p * n, 8 * n, 8 * n, 0.0, 0.0)
+    if wrapper == "bf16":
+        return ModelState(p * n, p * n, 8 * n / d, 4 * n / d + g * n, 0.0, 0.0)
+    if wrapper == "zero12":
+        z = deepspeed_stage(precision, zero_stage, dp)
+        grads = (g * n + 4 * n / d) if z == 1 else 4 * n / d
+        # ZeRO 1 under the pipeline engine: its reduce_gradients(pipeline_parallel=True) adds
+        # a second bucket, since the backward runs outside the ZeRO optimizer's hooks.
+        bucket = ZERO_BUCKET_ELEMENTS * (g * (2 if pipeline else 1) if z == 1 else 2 * p)
+        return ModelState(p * n, grads, 8 * n / d, 4 * n / d, bucket, 0.0)
+    return ModelState(p * n / d, g * n / d, 8 * n / d, 4 * n / d, ZERO3_BUCKET_ELEMENTS * g,
+                      0.0)
+
+
 # -- the breakdown ----------------------------------------------------------------------------
 
 @dataclass
@@ -222,18 +280,34 @@ class MemoryBreakdown:
     optimizer: float
     activations: float
     logits: float
-    buffers: float
+    buffers: float  # communication buckets + the CUDA reserve
+    flat: float = 0.0  # DeepSpeed's fp32 master partition and flat gradient buffers
+    workspace: float = 0.0  # transients at the peak: all-reduce copies, kept pipeline outputs
 
     @property
     def total(self) -> float:
-        return (self.weights + self.grads + self.optimizer + self.activations + self.logits
-                + self.buffers)
+        return (self.weights + self.grads + self.optimizer + self.flat + self.activations
+                + self.logits + self.buffers + self.workspace)
 
     def as_gib(self) -> dict[str, float]:
         out = {f.name: getattr(self, f.name) / GIB for f in fields(self)
                if f.name not in ("stage", "params")}
         out["total"] = self.total / GIB
         return out
+
+
+def logits_bytes(m: ModelConfig, seq: int, micro: int, tp: int, precision: str, *,
+                 cuda: bool = True) -> float:
+    """Peak bytes of one micro-batch's output layer and loss on one TP rank, at the loss's
+    backward (``megagpt.model.fused.vocab_cross_entropy``): the logits the loss saved and their
+    gradient, s*b*V_padded/t elements each in the training dtype, plus one chunk of rows worked
+    in fp32 (the upcast copy of 16-bit logits and the softmax; fp32 logits need no copy)."""
+    p = BYTES[precision]
+    vocab = padded_vocab_size(m.vocab_size, tp) // tp
+    rows = seq * micro
+    chunk_rows = min(rows, max(1, LOSS_CHUNK_ELEMENTS["cuda" if cuda else "cpu"] // vocab))
+    chunk = chunk_rows * vocab * 4 * (1 if p == 4 else 2)
+    return rows * vocab * 2 * p + chunk
 
 
 def memory_per_stage(m: ModelConfig, layout: Layout, *, precision: str, global_batch: int,
@@ -250,17 +324,11 @@ def memory_per_stage(m: ModelConfig, layout: Layout, *, precision: str, global_b
     seq = seq or m.seq_length
     t, d = layout.tp, layout.dp
     p = BYTES[precision]
-    z = deepspeed_stage(precision, layout.zero_stage, d)
-    w_b, g_b = p, GRAD_BYTES[precision]
-    o_b = 12 if (p < 4 or z >= 1) else 8
     micro_batches = global_batch // (layout.micro_batch * d)
-    padded = padded_vocab_size(m.vocab_size, t)
     out = []
     for st in stage_parameters(m, t, layout.pp):
         n = st.params
-        weights = n * w_b / (d if z >= 3 else 1)
-        grads = n * g_b / (d if z >= 2 else 1)
-        optimizer = n * o_b / (d if z >= 1 else 1)
+        state = model_state(precision, layout.zero_stage, n, d, pipeline=layout.pp > 1)
         per_layer = activation_bytes_per_layer(
             m, seq, layout.micro_batch, t, sp=layout.sequence_parallel,
             recompute=layout.recompute, act_bytes=p, flash=flash)
@@ -272,13 +340,18 @@ def memory_per_stage(m: ModelConfig, layout: Layout, *, precision: str, global_b
         if st.embedding:  # embedding output (+ its dropout mask), per in-flight micro-batch
             acts += live * seq * layout.micro_batch * m.hidden_size * (
                 p + (1 if m.dropout > 0 else 0)) / (t if layout.sequence_parallel else 1)
-        logits = 0.0
-        if st.head:
-            logits = seq * layout.micro_batch * padded / t * (p + 4 + (4 if p < 4 else 0))
-        buffers = (CUDA_RESERVE_BYTES if cuda else 0.0) + zero_buffer_bytes(
-            precision, layout.zero_stage, n, cuda=cuda, dp=d)
-        out.append(MemoryBreakdown(st.stage, n, weights, grads, optimizer, acts, logits,
-                                   buffers))
+        logits = logits_bytes(m, seq, layout.micro_batch, t, precision,
+                              cuda=cuda) if st.head else 0.0
+        workspace = state.workspace
+        if st.head and layout.pp > 1:
+            # DeepSpeed's pipeline engine keeps the last stage's last loss (``engine.loss``)
+            # and with it the logits its graph saved, until the next step replaces it
+            # (measured: one more set of logits live at the next step's peak, whatever the
+            # micro-batch count).
+            workspace += seq * layout.micro_batch * padded_vocab_size(m.vocab_size, t) / t * p
+        buffers = (CUDA_RESERVE_BYTES if cuda else 0.0) + state.buffers
+        out.append(MemoryBreakdown(st.stage, n, state.weights, state.grads, state.optimizer,
+                                   acts, logits, buffers, state.flat, workspace))
     return out
 
 

@@ -403,7 +403,8 @@ class Trainer:
         cache = cfg.data.cache_dir or os.path.join(self.run_dir, "data_cache")
         self.train_ds, self.valid_ds, _ = build_gpt_datasets(
             cfg.data.paths, cfg.data.weights or None, cfg.data.split, seq,
-            (planned, n_valid, 0), cfg.train.seed, cache)
+            (planned, n_valid, 0), cfg.train.seed, cache,
+            weights_schedule=cfg.data.weights_schedule or None)
         if n_valid == 0:
             self.valid_ds = None
 
@@ -462,6 +463,10 @@ class Trainer:
             watchdog.mark("train_step")
             out = self.engine.train_step(batches)  # its loss is a host float: the GPU is done
             window.pause(tokens=gb * seq)
+            if "compile_s" in out:  # train.compile: this first step built the graphs
+                log0(f"torch.compile: {out['compile_s']:.1f} s compiling the decoder layers "
+                     f"(in step {st.step + 1}, counted in its tokens/s window)")
+                self.metrics.log({"step": st.step + 1, "compile_s": out["compile_s"]})
             st.step += 1
             st.consumed_samples += gb
             window_losses.append(out["loss"])
@@ -596,6 +601,17 @@ class Trainer:
         self.metrics.log({"step": self.state.step, "valid_loss": loss, "valid_ppl": ppl,
                           "valid_samples": len(batches) * micro * self.dims.dp})
         log0(f"validation at step {self.state.step} | loss {loss:.4f} | ppl {ppl:.2f}")
+        if self.cfg.train.eval_tasks:  # lm-eval tasks beside validation (megagpt.evaluation)
+            from megagpt.evaluation.training import run_eval_tasks
+
+            found = run_eval_tasks(
+                self.engine.module, self.tokenizer, tasks=self.cfg.train.eval_tasks,
+                limit=self.cfg.train.eval_tasks_limit, vocab_size=self.cfg.model.vocab_size,
+                max_positions=self.cfg.model.max_position_embeddings,
+                tp_group=parallel.tp_group(), tp_size=self.dims.tp, step=self.state.step,
+                log=self.metrics.log, batch_size=self.cfg.train.micro_batch_size)
+            log0(f"eval tasks at step {self.state.step} | " + ", ".join(
+                f"{k.removeprefix('eval/')} {v:.4f}" for k, v in found.items()))
         return loss
 
     def save(self) -> None:

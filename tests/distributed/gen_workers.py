@@ -14,10 +14,11 @@ def generate_ids(directory: str, prompts: list[str], options: dict) -> dict:
     params = make_params(options.pop("top_k", None), options.pop("top_p", None),
                          options.pop("temperature", None))
     out = pipe.generator.generate(ids, params, **options)
+    single = pipe.generator.generate(ids[:1], params, **options)  # one-row steps
     texts = pipe(prompts, top_k=1, max_new_tokens=8)
     tp = pipe.generator.tp_size
     parallel.destroy()
-    return {"ids": out, "texts": [t["text"] for t in texts], "tp": tp}
+    return {"ids": out, "single": single, "texts": [t["text"] for t in texts], "tp": tp}
 
 
 def finetune_run(config: str, overrides: list[str]) -> dict:

@@ -1,4 +1,5 @@
-"""Tensor-parallel generation (gloo, CPU): TP=2 gives TP=1's greedy tokens."""
+"""Tensor-parallel generation (gloo, CPU): TP=2 gives TP=1's greedy tokens, for a ragged batch
+and for one prompt (the one-row path)."""
 
 from __future__ import annotations
 
@@ -23,5 +24,6 @@ def test_tp2_greedy_equals_tp1(model_dir):
     assert one[0]["tp"] == 1 and two[0]["tp"] == 2
     assert two[0]["ids"] == two[1]["ids"], "both TP ranks must return the same tokens"
     assert two[0]["ids"] == one[0]["ids"]
+    assert two[0]["single"] == two[1]["single"] == one[0]["single"] == one[0]["ids"][:1]
     assert two[0]["texts"] == one[0]["texts"]
     assert all(len(r[0]) > 4 for r in one[0]["ids"])

@@ -85,3 +85,30 @@ def test_builder_failure_reaches_the_waiting_ranks(prefix, tmp_path):
     assert results[0]["error"] == "RuntimeError: disk full"
     assert "rank 0 failed to build the gpt-index cache" in results[1]["error"]
     assert "disk full" in results[1]["error"]
+
+
+def test_weights_schedule_index_is_built_once_and_shared(tmp_path):
+    """data.weights_schedule under 2 ranks: one build, and the two ranks' micro-batches
+    together are exactly the blend a single process makes (the same sample order for DP 1
+    and DP 2)."""
+    from megagpt.data import build_gpt_datasets
+
+    rng = np.random.default_rng(1)
+    prefixes = []
+    for k in range(2):
+        prefixes.append(str(tmp_path / f"ds{k}"))
+        with IndexedDatasetWriter(prefixes[-1], np.dtype(np.uint16)) as w:
+            for _ in range(60):
+                w.add_document(rng.integers(1, 1000, rng.integers(5, 80)))
+    schedule = [{"tokens": 0, "weights": [1, 0]}, {"tokens": 16 * 400, "weights": [0, 1]}]
+    results = launcher.run_distributed(
+        "tests.distributed.data.workers_data:build_scheduled", 2, timeout=120,
+        prefixes=prefixes, cache_dir=str(tmp_path / "cache"), schedule=schedule,
+        num_samples=400,
+    )
+    assert sorted(r["builds"] for r in results) == [0, 1]
+    single, _, _ = build_gpt_datasets(prefixes, None, "1", 16, (400, 0, 0), 5, None,
+                                      weights_schedule=schedule)
+    seen = {**results[0]["samples"], **results[1]["samples"]}
+    assert sorted(int(i) for i in seen) == list(range(400))
+    assert [seen[i] for i in sorted(seen, key=int)] == single.dataset_index.tolist()

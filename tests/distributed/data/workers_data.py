@@ -43,3 +43,27 @@ def build_indices(
     dist.barrier()  # every rank got here: nobody was left waiting
     dist.destroy_process_group()
     return result
+
+
+def build_scheduled(prefixes: list[str], cache_dir: str, schedule: list, num_samples: int) -> dict:
+    """build_gpt_datasets with data.weights_schedule on every rank (rank 0 builds the blend
+    index, the other waits and loads it); report which dataset each sample of this rank's
+    micro-batches comes from, as the trainer's sampler would hand them out."""
+    from megagpt.data import DistributedBatchSampler, blending, build_gpt_datasets
+
+    dist.init_process_group("gloo")
+    builds = []
+    real = blending.build_schedule_index
+
+    def counting(*args, **kwargs):
+        builds.append(1)
+        return real(*args, **kwargs)
+
+    blending.build_schedule_index = counting
+    train, _, _ = build_gpt_datasets(prefixes, None, "1", 16, (num_samples, 0, 0), 5, cache_dir,
+                                     weights_schedule=schedule)
+    sampler = DistributedBatchSampler(len(train), 0, 4, dist.get_rank(), dist.get_world_size())
+    samples = {i: int(train.dataset_index[i]) for batch in sampler for i in batch}
+    dist.barrier()
+    dist.destroy_process_group()
+    return {"builds": len(builds), "samples": samples}

@@ -4,12 +4,14 @@ model, refusals. (Logits parity with megagpt: tests/distributed/test_convert.py.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from megagpt.checkpoint import hf
 from megagpt.checkpoint.canonical import CheckpointError, qkv_interleaved_to_blocks
+from tests.unit.checkpoint.conftest import random_state, small_config
 
 
 def test_export_layout_in_transformers(tmp_path, cfg, state):
@@ -65,3 +67,26 @@ def test_refusals(tmp_path, cfg, state):
     with pytest.raises(CheckpointError, match=r"c_attn.weight' has shape \[90, 32\], the model "
                        r"expects 96 QKV outputs"):
         hf.read(str(tmp_path / "hf"))
+
+
+BERT_VOCAB = (Path(__file__).resolve().parents[3].parent / "shared" / "data" / "vocab"
+              / "bert-chinese" / "vocab.txt")
+
+
+def test_export_names_the_end_of_document_token_of_a_bert_vocabulary(tmp_path):
+    """HF's eos/bos is the tokenizer's end-of-document id whatever its family (here BERT's
+    [SEP]); it was null, and lm-eval's `hf` model then fails to score continuations."""
+    if not BERT_VOCAB.exists():
+        pytest.skip(f"shared vocabulary not found at {BERT_VOCAB}")
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    vocab = tmp_path / "tok"
+    vocab.mkdir()
+    (vocab / "vocab.txt").write_bytes(BERT_VOCAB.read_bytes())
+    big = small_config(vocab_size=21128)
+    hf.write(str(tmp_path / "hf"), big, random_state(big), tokenizer=str(vocab))
+    sep = BERT_VOCAB.read_text(encoding="utf-8").splitlines().index("[SEP]")
+    conf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert conf["eos_token_id"] == conf["bos_token_id"] == sep
+    assert GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).config.eos_token_id == sep
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "hf")).eos_token_id == sep

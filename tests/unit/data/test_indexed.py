@@ -123,3 +123,43 @@ def test_pickling_sends_the_prefix_not_the_tokens(tmp_path, data):
     blob = pickle.dumps(ds)
     assert len(blob) < 1000
     np.testing.assert_array_equal(pickle.loads(blob)[19], ds[19])
+
+
+@pytest.mark.parametrize("copy_file_range", [True, False])
+def test_shards_merge_into_the_same_bytes_as_one_writer(tmp_path, monkeypatch, copy_file_range,
+                                                        megatron_indexed):
+    """Parallel preprocessing's path (ShardWriter parts + append_shard) against plain writes,
+    with the index streamed in blocks smaller than the dataset."""
+    from megagpt.data import indexed
+
+    if not copy_file_range:
+        monkeypatch.delattr(os, "copy_file_range", raising=False)  # the portable fallback
+    docs = _random_docs(25600, 40)
+    with IndexedDatasetWriter(str(tmp_path / "one"), np.uint16, vocab_size=25600) as w:
+        for d in docs:
+            w.add_document(d)
+    monkeypatch.setattr(indexed, "_INDEX_BLOCK", 7)
+    with IndexedDatasetWriter(str(tmp_path / "merged"), np.uint16, vocab_size=25600) as w:
+        w.add_document(docs[0])  # a plain write before the shards
+        for part, start in enumerate(range(1, 40, 13)):
+            with indexed.ShardWriter(str(tmp_path / f"shard{part}"), np.uint16) as shard:
+                chunk = docs[start:start + 13]
+                shard.add_documents(np.concatenate(chunk), [len(d) for d in chunk])
+            w.append_shard(shard.close())
+    for ext in (".bin", ".idx", ".vocab.json"):
+        assert (tmp_path / f"merged{ext}").read_bytes() == (tmp_path / f"one{ext}").read_bytes()
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        f"{name}{ext}" for name in ("one", "merged") for ext in (".bin", ".idx", ".vocab.json"))
+    theirs = megatron_indexed.IndexedDataset(str(tmp_path / "merged"))
+    assert [theirs[i].tolist() for i in range(40)] == [d.tolist() for d in docs]
+
+
+def test_shard_of_another_dtype_is_refused(tmp_path):
+    from megagpt.data.indexed import ShardWriter
+
+    with ShardWriter(str(tmp_path / "s"), np.int32) as shard:
+        shard.add_documents(np.array([1, 2]), [2])
+    with pytest.raises(ValueError, match="dtype"):
+        with IndexedDatasetWriter(str(tmp_path / "out"), np.uint16) as w:
+            w.append_shard(shard.close())
+    assert not (tmp_path / "out.idx").exists()

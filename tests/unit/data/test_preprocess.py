@@ -125,6 +125,73 @@ def test_output_is_identical_for_any_worker_count(tmp_path, tokenizer_dir, wiki_
     assert outputs[0] == outputs[1] == outputs[2]
 
 
+def _awkward_jsonl(path, texts) -> str:
+    """jsonl with a byte-order mark, blank lines, CRLF endings and no final newline."""
+    lines = [json.dumps({"text": t}, ensure_ascii=False).encode() for t in texts]
+    body = b"\xef\xbb\xbf" + lines[0] + b"\n\n"
+    for i, line in enumerate(lines[1:]):
+        body += line + (b"\r\n" if i % 3 == 0 else b"\n") + (b"  \n" if i % 7 == 0 else b"")
+    path.write_bytes(body.rstrip(b"\r\n"))
+    return str(path)
+
+
+def test_workers_reading_their_own_byte_ranges_write_the_same_bytes(
+    tmp_path, tokenizer_dir, wiki_texts
+):
+    src = _awkward_jsonl(tmp_path / "in.jsonl", wiki_texts[:120])
+    text = tmp_path / "in.txt"
+    text.write_text("".join(t.replace("\n", " ") + "\n" for t in wiki_texts[120:160]),
+                    encoding="utf-8")
+    packed = tmp_path / "in.jsonl.gz"  # not splittable: records read by the main process
+    with gzip.open(packed, "wb") as f:
+        f.write(Path(src).read_bytes())
+    inputs = [src, text, packed]
+    outputs = []
+    for workers, range_bytes in ((1, None), (2, 3000), (3, 777), (2, None)):
+        prefix, stats = _run(tmp_path, inputs, tokenizer_dir, f"w{workers}r{range_bytes}",
+                             workers=workers, append_eod=True, chunk_docs=5,
+                             range_bytes=range_bytes)
+        outputs.append(tuple(Path(prefix + ext).read_bytes() for ext in (".bin", ".idx")))
+        assert stats.documents == 120 + 40 + 120
+        if workers > 1:
+            assert 1 <= len(stats.worker_cpu_seconds) <= workers
+    assert all(out == outputs[0] for out in outputs[1:])
+    assert not [n for n in os.listdir(tmp_path) if ".tmp." in n]  # shards removed
+
+
+def test_main_process_does_not_read_splittable_inputs(tmp_path, tokenizer_dir, wiki_texts,
+                                                      monkeypatch):
+    """With workers, a jsonl file is read by the workers, range by range, not by the main
+    process (which on a small machine would compete with them for a core)."""
+    src = _jsonl(tmp_path / "in.jsonl", wiki_texts[:40])
+    expected, _ = _run(tmp_path, [src], tokenizer_dir, "one")
+
+    def refuse(spec):
+        raise AssertionError(f"main process read {spec.path}")
+
+    monkeypatch.setattr(preprocess_module, "iter_raw_records", refuse)
+    prefix, stats = _run(tmp_path, [src], tokenizer_dir, "two", workers=2, range_bytes=4096)
+    assert _docs(prefix) == _docs(expected)
+    assert stats.main_cpu_seconds >= 0 and len(stats.worker_cpu_seconds) == 2
+
+
+def test_line_numbers_count_the_lines_of_earlier_ranges(tmp_path, tokenizer_dir):
+    good = [json.dumps({"text": f"第{i}篇文档，内容。"}, ensure_ascii=False) for i in range(300)]
+    lines = good[:100] + [""] * 5 + good[100:200] + ["{bad one"] + good[200:] + ["{bad two"]
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    _, stats = _run(tmp_path, [src], tokenizer_dir, "skip", workers=2, range_bytes=500,
+                    skip_bad_lines=True)
+    assert stats.documents == 300
+    assert stats.skipped_examples == [f"{src}:206: malformed JSON (Expecting property name "
+                                      "enclosed in double quotes at column 2)",
+                                      f"{src}:307: malformed JSON (Expecting property name "
+                                      "enclosed in double quotes at column 2)"]
+    with pytest.raises(DataError, match=r"in\.jsonl:206: malformed JSON"):
+        _run(tmp_path, [src], tokenizer_dir, workers=3, range_bytes=300)
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "skip.bin", "skip.idx", "skip.vocab.json"]
+
+
 BAD_RECORDS = [
     ("malformed-json", b'{"text": "unterminated\n', "malformed JSON"),
     ("invalid-utf8", b'{"text": "\xe4\xb8"}\n', "invalid UTF-8"),
@@ -208,24 +275,27 @@ def test_existing_output_needs_overwrite(tmp_path, tokenizer_dir, data):
 
 
 @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, MemoryError])
+@pytest.mark.parametrize(("workers", "method"), [(1, "add_documents"), (2, "append_shard")])
 def test_interrupt_mid_write_leaves_no_dataset(
-    tmp_path, tokenizer_dir, wiki_texts, monkeypatch, interrupt, data
+    tmp_path, tokenizer_dir, wiki_texts, monkeypatch, interrupt, data, workers, method
 ):
     src = _jsonl(tmp_path / "in.jsonl", wiki_texts[:50])
     old = data.write_dataset(tmp_path / "out", [[7, 7, 7]])
     before = Path(old + ".idx").read_bytes()
     calls = {"n": 0}
-    original = indexed_module.IndexedDatasetWriter.add_documents
+    original = getattr(indexed_module.IndexedDatasetWriter, method)
 
-    def flaky(self, tokens, lengths):
+    def flaky(self, *args):
         calls["n"] += 1
         if calls["n"] == 3:
             raise interrupt()
-        return original(self, tokens, lengths)
+        return original(self, *args)
 
-    monkeypatch.setattr(indexed_module.IndexedDatasetWriter, "add_documents", flaky)
+    monkeypatch.setattr(indexed_module.IndexedDatasetWriter, method, flaky)
     with pytest.raises(interrupt):
-        _run(tmp_path, [src], tokenizer_dir, workers=2, chunk_docs=5, overwrite=True)
+        _run(tmp_path, [src], tokenizer_dir, workers=workers, chunk_docs=5, range_bytes=4096,
+             overwrite=True)
+    assert calls["n"] == 3
     # The previous dataset is untouched and no temporary file is left behind.
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "out.bin", "out.idx"]
     assert Path(old + ".idx").read_bytes() == before

@@ -53,7 +53,7 @@ def test_kv_cache_is_allocated_once_for_the_longest_row(gen, ids, monkeypatch):
             return out
 
     monkeypatch.setattr(generate_mod, "KVCache", Spy)
-    gen.generate(ids, GREEDY, max_new_tokens=12)
+    twin(gen, fast=False).generate(ids, GREEDY, max_new_tokens=12)  # the reference loop
     (cache,) = made
     longest = max(len(p) for p in ids) + 12
     assert cache.allocations == gen.num_layers  # once per layer, never regrown

@@ -9,11 +9,15 @@ import pytest
 from megagpt.config import from_name, parameter_count
 from megagpt.planner.memory import (
     CUDA_RESERVE_BYTES,
+    LOSS_CHUNK_ELEMENTS,
     Layout,
     activation_bytes_per_layer,
     in_flight,
     layer_params_per_rank,
+    logits_bytes,
     memory_per_stage,
+    model_state,
+    optimizer_wrapper,
     padded_vocab_size,
     stage_parameters,
 )
@@ -81,34 +85,87 @@ def test_pipeline_in_flight_micro_batches():
 
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
 def test_model_state_per_zero_stage(zero):
-    # gpt3-175b, TP8 PP8 DP16, bf16: 2 B weights, 12 B optimizer per parameter, gradients
-    # accumulated in fp32 (4 B, DeepSpeed's grad_accum_dtype as megagpt.engine sets it).
-    # ZeRO 1 divides the optimizer by DP=16, ZeRO 2 also the gradients, ZeRO 3 also the
-    # weights; bf16 at ZeRO 0 runs as DeepSpeed stage 1, so it counts as ZeRO 1.
+    # gpt3-175b, TP8 PP8 DP16, bf16, what DeepSpeed 0.19 allocates per optimizer wrapper:
+    # bf16 at ZeRO 0/1 runs BF16_Optimizer (flat bf16 weights and .grad, a full flat fp32
+    # gradient accumulator, fp32 master + moments / DP); ZeRO 2 stage_1_and_2 (fp32 gradient
+    # partition, two bf16 buckets); ZeRO 3 everything / DP and a 5e8-element fp32 bucket.
     lay = Layout(tp=8, pp=8, dp=16, micro_batch=1, zero_stage=zero)
     stages = memory_per_stage(M175, lay, precision="bf16", global_batch=3072, flash=True)
     n = stages[1].params
     assert n == 12 * layer_params_per_rank(M175, 8)
     b = stages[1]
     assert b.weights == 2 * n / (16 if zero >= 3 else 1)
-    assert b.grads == 4 * n / (16 if zero >= 2 else 1)
-    assert b.optimizer == 12 * n / 16
-    # DeepSpeed's contiguous buckets of 5e7 elements, allocated whole on a GPU: ZeRO 1 one
-    # fp32 accumulation bucket; ZeRO 2 two bf16 buckets (overlap_comm) + the fp32 copy of one
-    # that is reduced; ZeRO 3 DeepSpeed's default 5e8-element bucket.
-    bucket = {0: 4 * 5e7, 1: 4 * 5e7, 2: 2 * 2 * 5e7 + 4 * 5e7, 3: 2 * min(5e8, n)}[zero]
+    assert b.optimizer == 8 * n / 16
+    grads = {0: 2 * n, 1: 2 * n, 2: 4 * n / 16, 3: 4 * n / 16}[zero]
+    flat = {0: 4 * n / 16 + 4 * n, 1: 4 * n / 16 + 4 * n, 2: 4 * n / 16, 3: 4 * n / 16}[zero]
+    assert (b.grads, b.flat) == (grads, flat)
+    bucket = {0: 0, 1: 0, 2: 2 * 2 * 5e7, 3: 4 * 5e8}[zero]
     assert b.buffers == CUDA_RESERVE_BYTES + bucket
 
 
-def test_zero2_holds_less_than_zero1_but_its_buckets_are_counted():
-    # gpt3-1.3b on 8 GPUs: ZeRO 1 keeps a full fp32 gradient accumulator (4 B/param), ZeRO 2
-    # only its 1/8 shard but two extra 16-bit buckets for overlapping the reduction.
-    m = from_name("gpt3-1.3b")
-    z1, z2 = (memory_per_stage(m, Layout(1, 1, 8, 1, zero_stage=z), precision="bf16",
-                               global_batch=1024)[0] for z in (1, 2))
-    n = z1.params
-    assert z1.grads - z2.grads == pytest.approx(4 * n * 7 / 8)
-    assert z2.buffers - z1.buffers == pytest.approx(2 * 2 * 5e7)
+def test_optimizer_wrapper_follows_the_engine_rule():
+    assert optimizer_wrapper("fp32", 3, 1) == "plain"  # DP=1: nothing to partition
+    assert optimizer_wrapper("bf16", 0, 1) == "bf16"
+    assert optimizer_wrapper("bf16", 0, 8) == "bf16"  # bf16 at ZeRO 0 runs stage 1
+    assert optimizer_wrapper("fp32", 1, 8) == "zero12"
+    assert optimizer_wrapper("bf16", 2, 8) == "zero12"
+    assert optimizer_wrapper("fp32", 3, 2) == "zero3"
+    assert optimizer_wrapper("fp16", 0, 2) == "fp16"
+
+
+def test_zero_buckets_are_allocated_whole_whatever_the_model_size():
+    # stage_1_and_2 allocates reduce_bucket_size elements per bucket and stage3 its default
+    # 5e8, even for a model of 0.3M parameters (measured on CPU by tools/probe_memory.py).
+    n = parameter_count(TINY)
+    z1 = model_state("fp32", 1, n, 2, pipeline=False)
+    z2 = model_state("fp32", 2, n, 2, pipeline=False)
+    z3 = model_state("bf16", 3, n, 2, pipeline=False)
+    assert (z1.buffers, z2.buffers, z3.buffers) == (4 * 5e7, 2 * 4 * 5e7, 4 * 5e8)
+    # ZeRO 1 keeps a full fp32 .grad plus the averaged partition; ZeRO 2 only the partition.
+    assert z1.grads - z2.grads == 4 * n
+
+
+def test_zero1_under_the_pipeline_engine_holds_a_second_bucket():
+    # stage_1_and_2.reduce_gradients(pipeline_parallel=True) appends a bucket of its own.
+    n = parameter_count(TINY)
+    alone = model_state("fp32", 1, n, 2, pipeline=False)
+    piped = model_state("fp32", 1, n, 2, pipeline=True)
+    assert piped.buffers - alone.buffers == 4 * 5e7
+    # ZeRO 2 never runs under the pipeline engine; its buckets do not depend on it.
+    assert model_state("bf16", 2, n, 2, pipeline=False).buffers == 2 * 2 * 5e7
+
+
+def test_plain_path_is_the_same_with_data_parallel():
+    # DeepSpeed's flattened all-reduce copies come after the backward, past the peak.
+    n = parameter_count(TINY)
+    assert model_state("fp32", 0, n, 1, pipeline=False) == \
+        model_state("fp32", 0, n, 4, pipeline=False)
+
+
+def test_pipeline_last_stage_keeps_the_last_loss_logits():
+    lay = Layout(tp=1, pp=2, dp=1, micro_batch=2, zero_stage=1)
+    first, last = memory_per_stage(TINY, lay, precision="fp32", global_batch=4, cuda=False)
+    assert first.logits == 0 and first.workspace == 0
+    assert last.logits == logits_bytes(TINY, 32, 2, 1, "fp32", cuda=False)
+    assert last.workspace == 32 * 2 * 1024 * 4  # the fp32 logits the kept loss graph saved
+
+
+def test_logits_at_the_loss_backward():
+    # saved logits + their gradient in the training dtype, and one fp32 chunk of rows (two
+    # for bf16: the upcast copy and the softmax); gpt3-tiny: 64 rows of 1024 fit one chunk.
+    assert logits_bytes(TINY, 32, 2, 1, "fp32", cuda=False) == 64 * 1024 * (2 * 4 + 4)
+    assert logits_bytes(TINY, 32, 2, 2, "bf16", cuda=False) == 64 * 512 * (2 * 2 + 2 * 4)
+    # gpt3-175b on a GPU: 2048 rows of 25600/8, chunks of 2**25 elements hold them all.
+    assert logits_bytes(M175, 2048, 1, 8, "bf16") == 2048 * 3200 * (2 * 2 + 2 * 4)
+    # On CPU a chunk is 2**20 elements: 327 rows of 3200.
+    assert logits_bytes(M175, 2048, 1, 8, "bf16", cuda=False) == \
+        2048 * 3200 * 2 * 2 + 327 * 3200 * 4 * 2
+
+
+def test_loss_chunk_matches_the_model():
+    from megagpt.model import fused
+
+    assert fused._CHUNK_ELEMENTS == LOSS_CHUNK_ELEMENTS
 
 
 def test_activation_total_of_a_stage_by_hand():
@@ -119,7 +176,7 @@ def test_activation_total_of_a_stage_by_hand():
     sbh = 2048 * 12288
     assert st0.activations == pytest.approx(12 * 8 * 34 * sbh / 8 + 8 * 3 * sbh / 8)
     last = memory_per_stage(M175, lay, precision="bf16", global_batch=3072)[-1]
-    assert last.logits == pytest.approx(2048 * 25600 / 8 * (2 + 4 + 4))
+    assert last.logits == pytest.approx(2048 * 25600 / 8 * (2 * 2 + 2 * 4))
     assert last.activations == pytest.approx(12 * 1 * 34 * sbh / 8)
 
 
@@ -127,9 +184,10 @@ def test_fp32_counts_four_byte_weights_and_grads():
     n = parameter_count(TINY)
     lay = Layout(tp=1, pp=1, dp=2, micro_batch=1, zero_stage=1)
     (b,) = memory_per_stage(TINY, lay, precision="fp32", global_batch=8, cuda=False)
-    # ZeRO 1 at DP=2: fp32 master + moments sharded; on CPU only the touched part of the
-    # gradient bucket (n elements) is resident.
-    assert (b.weights, b.grads, b.optimizer, b.buffers) == (4 * n, 4 * n, 12 * n / 2, 4 * n)
+    # ZeRO 1 at DP=2: fp32 .grad and the averaged fp32 partition, master + moments sharded, one
+    # whole fp32 bucket (on CPU too: the allocator holds all of it).
+    assert (b.weights, b.grads, b.optimizer, b.flat, b.buffers) == (
+        4 * n, 4 * n + 4 * n / 2, 8 * n / 2, 4 * n / 2, 4 * 5e7)
 
 
 def test_zero_at_data_parallel_size_1_is_stage_0():
@@ -138,7 +196,7 @@ def test_zero_at_data_parallel_size_1_is_stage_0():
     n = parameter_count(TINY)
     lay = Layout(tp=1, pp=1, dp=1, micro_batch=1, zero_stage=1)
     (b,) = memory_per_stage(TINY, lay, precision="fp32", global_batch=8, cuda=False)
-    assert (b.weights, b.grads, b.optimizer, b.buffers) == (4 * n, 4 * n, 8 * n, 0)
+    assert (b.weights, b.grads, b.optimizer, b.flat, b.buffers) == (4 * n, 4 * n, 8 * n, 0, 0)
 
 
 def test_unknown_precision_is_an_error():

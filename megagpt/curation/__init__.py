@@ -1,0 +1,1 @@
+"""Data curation before tokenisation: ``megagpt clean`` (filters, deduplication, report)."""

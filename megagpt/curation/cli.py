@@ -1,0 +1,104 @@
+"""``megagpt clean``: argument parsing only (the work is in :mod:`megagpt.curation.pipeline`).
+
+``megagpt/cli.py`` registers it with :func:`add_clean_parser`. User errors raise
+:class:`megagpt.data.errors.DataError`; the top-level CLI prints one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from megagpt.data.readers import FORMATS, make_input_spec
+
+
+def add_clean_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``clean`` on ``subparsers``."""
+    p = subparsers.add_parser(
+        "clean",
+        help="filter and deduplicate raw Chinese text into jsonl shards (before preprocess)",
+        description="Normalise, filter (character-based, for Chinese), remove exact and near "
+        "duplicates (MinHash + LSH) and write OUTPUT/part-*.jsonl, duplicates.jsonl and "
+        "report.json/report.md. Rerunning an interrupted command resumes it.",
+    )
+    p.add_argument("--input", nargs="+", metavar="FILE",
+                   help="input files, read in order: .jsonl, .txt, .csv, each optionally .gz")
+    p.add_argument("--input-format", choices=("auto",) + FORMATS, default="auto",
+                   help="input format; auto: from the file suffix")
+    p.add_argument("--json-key", default="text", help="jsonl key holding the document text")
+    p.add_argument("--csv-column", default="text", help="csv column holding the document text")
+    p.add_argument("--blank-line-separated", action="store_true",
+                   help="plain text: documents are separated by blank lines "
+                   "(default: one document per line)")
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip and count malformed / non-UTF-8 / keyless / empty records "
+                   "instead of stopping at the first one")
+    p.add_argument("--output", metavar="DIR", help="output directory")
+    p.add_argument("--config", metavar="YAML", help="clean config (see --print-config)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.KEY=VALUE", help="override one config key, e.g. "
+                   "--set dedup.threshold=0.7 (repeatable)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1); "
+                   "the output is the same for any value")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard an earlier (finished or unfinished) clean in DIR")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the effective config as commented YAML and exit")
+    p.set_defaults(func=run_clean)
+    return p
+
+
+def run_clean(args: argparse.Namespace) -> int:
+    """Run ``megagpt clean`` from parsed arguments; returns the exit code."""
+    from megagpt.curation.config import load_clean_config, render_yaml
+    from megagpt.data.errors import DataError
+
+    cfg = load_clean_config(args.config, args.overrides)
+    if args.print_config:
+        print(render_yaml(cfg), end="")
+        return 0
+    if not args.input or not args.output:
+        raise DataError("--input and --output are required (or --print-config)")
+    specs = [make_input_spec(path, args.input_format, args.json_key, args.csv_column,
+                             args.blank_line_separated) for path in args.input]
+    from megagpt.curation.pipeline import clean
+
+    report = clean(specs, args.output, cfg, workers=args.workers,
+                   skip_bad_lines=args.skip_bad_lines, overwrite=args.overwrite,
+                   progress=not args.no_progress)
+    j = report.to_json()
+    d = j["documents"]
+    removed = ", ".join(f"{k} {v['documents']}" for k, v in j["filters"].items()
+                        if v["documents"])
+    print(f"wrote {args.output}: {d['written']:,} of {d['records']:,} documents in "
+          f"{len(j['shards'])} shard(s); removed {d['removed']:,}"
+          + (f" ({removed})" if removed else "") + f"; bad skipped {d['bad_skipped']:,}; "
+          f"report in {args.output}/report.md")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point (``python -m megagpt.curation.cli clean ...``) with the CLI's
+    error convention; it skips importing the other subcommands (torch, the model)."""
+    import sys
+
+    from megagpt.errors import MegagptError
+
+    parser = argparse.ArgumentParser(prog="megagpt")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_clean_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except MegagptError as exc:
+        print(f"megagpt clean: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("megagpt clean: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""Evaluation: perplexity / bits per character on datasets, lm-evaluation-harness tasks.
+
+``megagpt eval`` (``megagpt.evaluation.cli``), the lm-eval model ``megagpt``
+(``megagpt.evaluation.harness``, needs ``pip install -e ".[eval]"``) and the periodic task
+evaluation of pretraining (``megagpt.evaluation.training``). Names are imported on first use,
+so ``import megagpt`` never imports lm-eval.
+"""
+
+_EXPORTS = {
+    "EvalError": "megagpt.evaluation.model",
+    "Scorer": "megagpt.evaluation.model",
+    "load_scorer": "megagpt.evaluation.model",
+    "perplexity": "megagpt.evaluation.perplexity",
+    "require_lm_eval": "megagpt.evaluation.model",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'megagpt.evaluation' has no attribute {name!r}")

@@ -1,0 +1,333 @@
+"""Continuous batching: one scheduler thread owns the model and decodes every live request in
+one loop; a request joins and leaves between steps.
+
+Layout:
+
+- ``Sequence``: one completion being generated (a request with ``n`` copies of ``p`` prompts
+  is ``n * p`` sequences), with its sampling options, key, limit and text state.
+- ``Executor``: the model operations (prefill a row, decode all active rows, move a row). It
+  runs on every tensor-parallel rank; the forward's collectives keep the ranks together.
+- ``Engine``: the scheduler (rank 0 only). It admits waiting sequences into free rows (prefill:
+  the prompt through the model with a plain ``KVCache``, copied into the row of a ``SlotCache``),
+  runs one decode step for all active rows (each at its own position), samples every row's next
+  token, hands new text to the request's sink and frees the rows of finished sequences. Under
+  tensor parallelism each operation is broadcast to the other ranks before it runs
+  (``follow`` is their loop).
+
+Sampling reuses ``megagpt.inference.sampling``: a sampled row's draw depends only on its key
+and position (``TextGenerator.keys_for``), so the same seed gives the same text whoever shares
+the batch, and greedy rows give one-at-a-time ``TextGenerator`` tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megagpt.inference.generate import TextGenerator
+from megagpt.inference.sampling import SamplingParams, penalise_seen, sample
+from megagpt.model import KVCache
+from megagpt.serving.cache import SlotCache
+from megagpt.serving.text import CompletionText
+
+log = logging.getLogger(__name__)
+
+# Followers wait in a broadcast for the next operation; an idle scheduler sends one this often
+# so that a quiet server never runs into the process group's collective timeout.
+HEARTBEAT_S = 30.0
+
+
+@dataclass
+class Event:
+    """What a sink receives: new ``text`` of choice ``index``; ``finish_reason`` ("stop",
+    "length" or "error") and ``tokens`` (generated count) on the last event of the choice."""
+
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+    tokens: int = 0
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One completion: ``prompt`` ids, decoded up to ``limit`` total tokens (prompt included).
+
+    ``sink`` is called from the scheduler thread with each ``Event`` (it must not block);
+    ``cancel()`` (any thread) makes the scheduler drop the sequence at its next step.
+    """
+
+    prompt: list[int]
+    params: SamplingParams
+    limit: int
+    text: CompletionText
+    sink: Callable[[Event], None]
+    index: int = 0
+    key: int | None = None
+    generated: list[int] = field(default_factory=list)
+    row: int = -1
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.generated)
+
+    @property
+    def last(self) -> int:
+        return self.generated[-1] if self.generated else self.prompt[-1]
+
+
+class Executor:
+    """The model operations of the serving loop, identical on every tensor-parallel rank.
+
+    Operations are tuples (so that they can be broadcast as they are):
+    ``("prefill", row, ids)`` -> logits [1, V]; ``("decode", tokens, positions)`` -> logits
+    [rows, V] (row r feeds ``tokens[r]`` at ``positions[r]``); ``("move", src, dst, length)``;
+    ``("idle",)``; ``("stop",)``.
+    """
+
+    def __init__(self, generator: TextGenerator, slots: int):
+        self.model = generator.model
+        self.vocab_size = generator.vocab_size
+        self.tp_group = generator.tp_group
+        self.tp_size = generator.tp_size
+        self.num_layers = generator.num_layers
+        self.max_length = generator.max_positions
+        self.device = generator.device
+        self.cache = SlotCache(self.num_layers, slots, self.max_length)
+        # Vocab-parallel [b, V_padded/tp] -> float32 [b, V_true], gathered over TP.
+        self._full_logits = generator._full_logits
+
+    @torch.no_grad()
+    def run(self, op: tuple) -> torch.Tensor | None:
+        kind = op[0]
+        if kind == "prefill":
+            _, row, ids = op
+            tokens = torch.tensor([ids], dtype=torch.long, device=self.device)  # [1, n]
+            prefill = KVCache(self.num_layers, len(ids))
+            last = self.model(tokens, kv_cache=prefill)[-1]  # [1, V/tp]
+            self.cache.store(row, prefill, len(ids))
+            return self._full_logits(last)
+        if kind == "decode":
+            _, ids, positions = op
+            return self._decode(torch.tensor(ids, dtype=torch.long, device=self.device),
+                                torch.tensor(positions, dtype=torch.long, device=self.device),
+                                max(positions) + 1)
+        if kind == "move":
+            _, src, dst, length = op
+            self.cache.move(src, dst, length)
+            return None
+        if kind in ("idle", "stop"):
+            return None
+        raise ValueError(f"unknown serving operation {kind!r}")
+
+    def _decode(self, ids: torch.Tensor, positions: torch.Tensor, span: int) -> torch.Tensor:
+        """One token per active row: ids [rows] at positions [rows] -> float32 logits [rows, V].
+        ``GPTModel.forward`` for one token (as ``TextGenerator._decode_static``), with a
+        position per row instead of one offset for the batch."""
+        m = self.model
+        self.cache.begin_step(positions, span)
+        pos = m.position.position_embeddings(positions)  # [rows, h]
+        h = (m.word(ids.unsqueeze(1)) + pos.unsqueeze(1)).transpose(0, 1)  # [rows,1,h]->[1,rows,h]
+        for layer in m.layers:
+            h = layer(h, self.cache)
+        local = F.linear(m.final_norm(h)[-1], m.word.word_embeddings.weight)  # [rows, V/tp]
+        return self._full_logits(local)
+
+    def broadcast(self, op: tuple | None) -> tuple:
+        """TP rank 0 sends ``op``; the others receive it (``op`` ignored there)."""
+        box = [op]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(self.tp_group, 0),
+                                   group=self.tp_group)
+        return box[0]
+
+
+def follow(executor: Executor) -> None:
+    """The loop of tensor-parallel ranks > 0: run what rank 0 broadcasts until ``stop``."""
+    while True:
+        op = executor.broadcast(None)
+        if op[0] == "stop":
+            return
+        executor.run(op)
+
+
+class Engine:
+    """The scheduler (TP rank 0): ``submit`` sequences from any thread; ``start``/``close``.
+
+    Args:
+        generator: the loaded ``TextGenerator`` (its model, vocab, stop ids, TP group).
+        max_batch: rows decoded together; further requests wait for a free row.
+    """
+
+    def __init__(self, generator: TextGenerator, max_batch: int = 16):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.generator = generator
+        self.max_batch = max_batch
+        self.executor = Executor(generator, max_batch)
+        self.stop_ids = set(generator.stop_ids)
+        self.waiting: queue.Queue[Sequence | None] = queue.Queue()
+        self.active: list[Sequence] = []
+        self.steps = 0  # decode steps run (for tests and the benchmark)
+        self.max_rows_seen = 0  # the most rows one decode step carried
+        self._closing = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- public ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="megagpt-serve-scheduler",
+                                        daemon=True)
+        self._thread.start()
+
+    def submit(self, sequences: list[Sequence]) -> None:
+        for s in sequences:
+            self.waiting.put(s)
+
+    def close(self) -> None:
+        """Stop the loop (and the followers); waiting and active sequences end with "error"."""
+        self._closing.set()
+        self.waiting.put(None)  # wake the loop
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+        else:
+            self._run(("stop",))
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- the loop -------------------------------------------------------------------------
+    def _run(self, op: tuple) -> torch.Tensor | None:
+        if self.executor.tp_size > 1:
+            self.executor.broadcast(op)
+        return self.executor.run(op)
+
+    def _loop(self) -> None:
+        try:
+            while not self._closing.is_set():
+                try:
+                    self._admit()
+                    if self.active:
+                        self._step()
+                except Exception as e:  # a bad step must not take the server down
+                    log.exception("serving step failed")
+                    for s in self.active:
+                        s.sink(Event(s.index, finish_reason="error", error=str(e)))
+                    self.active.clear()
+        finally:
+            for s in self.active:
+                s.sink(Event(s.index, finish_reason="error", error="the server is shutting down"))
+            while True:
+                try:
+                    s = self.waiting.get_nowait()
+                except queue.Empty:
+                    break
+                if s is not None:
+                    s.sink(Event(s.index, finish_reason="error",
+                                 error="the server is shutting down"))
+            self._run(("stop",))
+
+    def _admit(self) -> None:
+        """Move waiting sequences into free rows; block while there is nothing to do."""
+        while len(self.active) < self.max_batch and not self._closing.is_set():
+            try:
+                if self.active:
+                    s = self.waiting.get_nowait()
+                else:
+                    s = self.waiting.get(timeout=HEARTBEAT_S)
+            except queue.Empty:
+                if not self.active:
+                    self._run(("idle",))
+                    continue
+                return
+            if s is None or s.cancelled:
+                continue
+            s.row = len(self.active)
+            try:
+                logits = self._run(("prefill", s.row, s.prompt))
+            except Exception as e:  # not yet active: the loop's handler would not tell it
+                s.sink(Event(s.index, finish_reason="error", error=str(e)))
+                raise
+            self.active.append(s)
+            token = self._sample(logits, [s], [len(s.prompt)])[0]
+            if self._advance(s, token):
+                self._release([s])
+
+    def _step(self) -> None:
+        gone = [s for s in self.active if s.cancelled]  # their clients left: no event
+        if gone:
+            self._release(gone)
+            if not self.active:
+                return
+        rows = self.active
+        logits = self._run(("decode", [s.last for s in rows], [s.length - 1 for s in rows]))
+        self.steps += 1
+        self.max_rows_seen = max(self.max_rows_seen, len(rows))
+        tokens = self._sample(logits, rows, [s.length for s in rows])
+        done = [s for s, t in zip(list(rows), tokens) if self._advance(s, t)]
+        if done:
+            self._release(done)
+
+    def _sample(self, logits: torch.Tensor, rows: list[Sequence], steps: list[int]
+                ) -> list[int]:
+        """Next token of each row; rows are grouped by sampling options (``sample`` takes one
+        set per call), each row drawing with its own key at its own position."""
+        groups: dict[SamplingParams, list[int]] = {}
+        for i, s in enumerate(rows):
+            groups.setdefault(s.params, []).append(i)
+        out = [0] * len(rows)
+        device = logits.device
+        for params, idx in groups.items():
+            part = logits[torch.tensor(idx, device=device)] if len(idx) < len(rows) else logits
+            if params.repetition_penalty != 1.0:
+                seen = torch.zeros_like(part, dtype=torch.bool)  # [g, V]
+                for j, i in enumerate(idx):
+                    seen[j, torch.tensor(rows[i].prompt + rows[i].generated, device=device)] = True
+                part = penalise_seen(part, seen, params.repetition_penalty)
+            keys = None
+            if not params.greedy:
+                keys = torch.tensor([rows[i].key for i in idx], dtype=torch.long, device=device)
+            step = torch.tensor([steps[i] for i in idx], dtype=torch.long, device=device)
+            for i, t in zip(idx, sample(part, params, keys, step).tolist()):
+                out[i] = t
+        return out
+
+    def _advance(self, s: Sequence, token: int) -> bool:
+        """Take ``token`` for ``s``; send its new text; True when ``s`` is finished."""
+        if token in self.stop_ids:
+            return self._finish(s, "stop")
+        s.generated.append(token)
+        delta, stopped = s.text.advance(s.generated)
+        if delta:
+            s.sink(Event(s.index, delta))
+        if stopped:
+            return self._finish(s, "stop")
+        if s.length >= s.limit:
+            return self._finish(s, "length")
+        return False
+
+    def _finish(self, s: Sequence, reason: str) -> bool:
+        s.sink(Event(s.index, s.text.finish(), finish_reason=reason, tokens=len(s.generated)))
+        return True
+
+    def _release(self, done: list[Sequence]) -> None:
+        """Free the rows of ``done``; the last active row moves into each freed row so that the
+        active rows stay 0..k-1."""
+        for s in sorted(done, key=lambda x: x.row, reverse=True):
+            last = self.active[-1]
+            if last is not s:
+                self._run(("move", last.row, s.row, min(last.length, self.executor.max_length)))
+                self.active[s.row] = last
+                last.row = s.row
+            self.active.pop()
+            s.row = -1

@@ -1,0 +1,92 @@
+"""The engine at data-parallel size 1 pays for nothing it does not use, and computes the same
+step: no gradient all-reduce over a group of one, fused AdamW, one multi-tensor grad norm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.unit.inference.conftest import _LocalGroup
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from megagpt import parallel
+    from megagpt.config import load_config, validate
+    from megagpt.engine import Engine, build_model
+    from megagpt.model import initialize_weights
+
+    cfg = load_config(None, ["model.name=gpt3-tiny", "model.num_layers=2", "model.dropout=0",
+                             "model.attention_dropout=0", "train.precision=fp32",
+                             "train.micro_batch_size=2", "train.global_batch_size=2",
+                             "optim.lr=1e-3", "optim.clip_grad=0.05"])
+    validate(cfg, 1, cuda=False, need_data=False)
+    with _LocalGroup():
+        device = torch.device("cpu")
+        module = build_model(cfg, parallel.dims(), device)
+        initialize_weights(module, cfg.model, 3, 0, 1)
+        yield Engine(cfg, module, parallel.dims(), device), cfg
+
+
+def _batch(cfg, seed):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, cfg.model.vocab_size, (2, 33), generator=g)
+    return [{"tokens": t[:, :-1], "labels": t[:, 1:], "loss_mask": torch.ones(2, 32)}]
+
+
+def test_plain_step_at_dp1_does_not_all_reduce_and_matches_torch(engine, monkeypatch):
+    """The step at DP=1 skips DeepSpeed's bucketed all-reduce (flatten, reduce over one rank,
+    copy back), yet equals a plain torch step: clip by the global norm, AdamW."""
+    eng, cfg = engine
+
+    def no_reduce(*a, **k):
+        raise AssertionError("gradients all-reduced over a data-parallel group of one")
+
+    monkeypatch.setattr(eng.ds, "allreduce_gradients", no_reduce)
+    params = list(eng.module.parameters())
+    batch = _batch(cfg, 0)
+    # The reference: the same loss and gradients, then clip and torch AdamW on copies.
+    loss = eng.module(batch[0]["tokens"], batch[0]["labels"], batch[0]["loss_mask"])
+    loss.backward()
+    ref = [p.detach().clone().requires_grad_() for p in params]
+    for p, r in zip(params, ref):
+        r.grad, p.grad = p.grad, None
+    norm = torch.nn.utils.clip_grad_norm_(ref, cfg.optim.clip_grad)
+    groups = [{"params": [r for p, r in zip(params, ref) if p.ndim >= 2],
+               "weight_decay": cfg.optim.weight_decay},
+              {"params": [r for p, r in zip(params, ref) if p.ndim < 2], "weight_decay": 0.0}]
+    torch.optim.AdamW(groups, lr=1e-3, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                      eps=cfg.optim.eps).step()
+    eng.set_lr(1e-3)
+    out = eng.train_step(batch)
+    assert out["loss"] == pytest.approx(float(loss), rel=1e-6)
+    assert out["grad_norm"] == pytest.approx(float(norm), rel=1e-5)
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-5, atol=1e-7)
+    assert eng.ds.optimizer.defaults["fused"]  # torch's fused AdamW on CPU too
+
+
+@pytest.mark.slow  # one inductor compile of the decoder layer
+def test_first_compiled_step_reports_its_compile_time():
+    """train.compile=always: the first step says how long torch.compile took (the trainer logs
+    it and writes it to metrics.jsonl); later steps do not."""
+    from megagpt import parallel
+    from megagpt.config import load_config, validate
+    from megagpt.engine import Engine, build_model
+    from megagpt.model import initialize_weights
+
+    cfg = load_config(None, ["model.name=gpt3-tiny", "model.num_layers=1", "model.dropout=0",
+                             "model.attention_dropout=0", "train.precision=fp32",
+                             "train.micro_batch_size=2", "train.global_batch_size=2",
+                             "optim.lr=1e-3", "train.compile=always"])
+    validate(cfg, 1, cuda=False, need_data=False)
+    with _LocalGroup():
+        torch._dynamo.reset()
+        device = torch.device("cpu")
+        module = build_model(cfg, parallel.dims(), device)
+        assert module.layers[0]._compiled is not None
+        initialize_weights(module, cfg.model, 3, 0, 1)
+        eng = Engine(cfg, module, parallel.dims(), device)
+        first, second = eng.train_step(_batch(cfg, 1)), eng.train_step(_batch(cfg, 2))
+    assert first["compile_s"] > 0
+    assert "compile_s" not in second

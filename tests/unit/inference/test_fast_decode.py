@@ -1,0 +1,192 @@
+"""The fast decoding path (megagpt/inference/decode.py): the reference loop's tokens and Hugging
+Face's, for one prompt, ragged batches, stop tokens and seeded sampling; weight packs that follow
+the model's parameters."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from megagpt.inference.decode import DecodeWeights, FastDecoder, prepack_available
+from megagpt.inference.generate import TextGenerator
+from megagpt.inference.sampling import make_params
+
+GREEDY = make_params(top_k=1)
+SAMPLED = make_params(top_p=0.9, temperature=1.3)
+PENALISED = make_params(top_k=1, repetition_penalty=2.0)
+PROMPTS = ["中华人民共和国", "床前明月光，疑是地上霜。", "北京", "举头望明月，低头思故乡"]
+
+
+@pytest.fixture(scope="module")
+def gen(pipe):
+    return pipe.generator
+
+
+@pytest.fixture(scope="module")
+def ids(pipe):
+    out = [pipe.tokenizer.encode(p) for p in PROMPTS]
+    assert len({len(p) for p in out}) > 2  # ragged
+    return out
+
+
+def twin(gen, model=None, **kw) -> TextGenerator:
+    """Another generator (over the same model unless given) with other loop options."""
+    kw.setdefault("stop_ids", [])
+    return TextGenerator(model or gen.model, vocab_size=gen.vocab_size,
+                         max_positions=gen.max_positions, pad_id=gen.pad_id, **kw)
+
+
+def test_the_pipeline_decodes_with_the_fast_path(gen):
+    assert gen._use_fast(True) and not gen._use_fast(False)
+    assert not twin(gen, static=True)._use_fast(True)
+
+
+@pytest.mark.parametrize("prepack", [False, True], ids=["plain", "prepacked"])
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED, PENALISED],
+                         ids=["greedy", "sampled", "penalised"])
+def test_fast_path_gives_the_reference_tokens(gen, ids, params, prepack):
+    if prepack and not prepack_available(gen.model.word.word_embeddings.weight):
+        pytest.skip("oneDNN prepacked linear not available")
+    fast, ref = twin(gen, prepack=prepack), twin(gen, fast=False)
+    # batch 1, then a ragged batch (one prefill, per-row positions)
+    for batch in ([ids[1]], ids):
+        assert fast.generate(batch, params, max_new_tokens=14, seed=3) == ref.generate(
+            batch, params, max_new_tokens=14, seed=3)
+
+
+def test_ragged_batch_equals_one_at_a_time_with_stop_tokens(gen, ids):
+    free = twin(gen)
+    first = free.generate(ids, GREEDY, max_new_tokens=12)
+    stops = [first[0][0][len(ids[0]) + 2], first[2][0][len(ids[2]) + 4]]
+    stopping = twin(gen, stop_ids=stops)
+    batch = stopping.generate(ids, GREEDY, max_new_tokens=12)
+    assert batch == [stopping.generate([p], GREEDY, max_new_tokens=12)[0] for p in ids]
+    assert batch == twin(gen, stop_ids=stops, fast=False).generate(ids, GREEDY,
+                                                                   max_new_tokens=12)
+    assert len(batch[0][0]) < len(ids[0]) + 12  # the stop really cut a row
+
+
+def test_seeded_sample_does_not_depend_on_batch_companions(gen, ids):
+    fast = twin(gen)
+    alone = fast.generate([ids[2]], SAMPLED, max_new_tokens=10, seed=11)[0]
+    crowd = fast.generate([ids[0], ids[2], ids[3]], SAMPLED, max_new_tokens=10, seed=11)[1]
+    assert alone == crowd
+    assert alone != fast.generate([ids[2]], SAMPLED, max_new_tokens=10, seed=12)[0]
+
+
+def test_row_limits_differ_in_a_ragged_batch(gen, ids):
+    """max_length counts the prompt: rows stop at different steps; nothing past a row's limit."""
+    fast, ref = twin(gen), twin(gen, fast=False)
+    limit = max(len(p) for p in ids) + 3
+    out = fast.generate(ids, GREEDY, max_length=limit)
+    assert [len(r[0]) for r in out] == [limit] * len(ids)
+    assert out == ref.generate(ids, GREEDY, max_length=limit)
+
+
+def _load_bench():
+    path = Path(__file__).resolve().parents[3] / "bench" / "generate.py"
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@torch.no_grad()
+def test_greedy_tokens_equal_hugging_face_generate(gen, ids, tiny_model_dir):
+    hf = _load_bench().to_gpt2(tiny_model_dir)
+    fast = twin(gen)
+    # one prompt; a batch of 3 (of equal length: HF would need left padding)
+    for batch in ([ids[0]], [ids[1]], [p[:7] for p in (ids[0], ids[1], ids[3])]):
+        x = torch.tensor(batch)
+        theirs = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                             max_new_tokens=16, min_new_tokens=16, eos_token_id=None,
+                             pad_token_id=0).tolist()
+        assert [r[0] for r in fast.generate(batch, GREEDY, max_new_tokens=16)] == theirs
+
+
+@contextlib.contextmanager
+def _restored(model):
+    """The model's weights are put back afterwards (these tests change them)."""
+    saved = [p.detach().clone() for p in model.parameters()]
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for p, v in zip(model.parameters(), saved):
+                p.copy_(v.to(p.dtype))
+        model.eval()
+
+
+@pytest.mark.parametrize("how", ["optimizer", "data"])
+def test_packed_weights_follow_a_training_step(gen, ids, how):
+    """A fine-tuning loop that samples between optimizer steps must decode with the current
+    weights: a torch optimizer updates parameters in place (version counter), DeepSpeed's bf16
+    path through ``.data`` (no version counter)."""
+    with _restored(gen.model) as model:
+        fast = twin(gen)
+        before = fast.generate([ids[1]], GREEDY, max_new_tokens=10)
+        if how == "optimizer":
+            model.train()
+            opt = torch.optim.SGD(model.parameters(), lr=50.0)
+            loss = model(torch.tensor([ids[1]])).float().logsumexp(-1).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        else:
+            with torch.no_grad():
+                gen_ = torch.Generator().manual_seed(0)
+                for layer in model.layers:
+                    for w in (layer.attention.query_key_value.weight,
+                              layer.mlp.dense_h_to_4h.weight, layer.mlp.dense_4h_to_h.weight):
+                        w.data.copy_(torch.randn(w.shape, generator=gen_) * 0.5)
+        after = fast.generate([ids[1]], GREEDY, max_new_tokens=10)
+        assert after == twin(gen, fast=False).generate([ids[1]], GREEDY, max_new_tokens=10)
+        assert after != before
+    assert fast.generate([ids[1]], GREEDY, max_new_tokens=10) == before  # restored weights
+
+
+def test_packs_are_reused_while_the_weights_do_not_change(gen, ids, monkeypatch):
+    from megagpt.inference import decode
+
+    if not prepack_available(gen.model.word.word_embeddings.weight):
+        pytest.skip("oneDNN prepacked linear not available")
+    calls = []
+    real = decode._pack
+    monkeypatch.setattr(decode, "_pack", lambda w, rows: calls.append(rows) or real(w, rows))
+    fast = twin(gen, prepack=True)
+    fast.generate([ids[0]], GREEDY, max_new_tokens=4)
+    built = len(calls)
+    fast.generate([ids[1]], GREEDY, max_new_tokens=4)
+    assert built > 0 and len(calls) == built
+
+
+def test_prepack_refused_where_unavailable(gen):
+    with _restored(gen.model) as model:
+        model.to(torch.float16)
+        with pytest.raises(ValueError, match="prepack=True needs oneDNN"):
+            FastDecoder(model, prepack=True)
+        assert FastDecoder(model).weights.prepack is False
+        model.to(torch.float32)
+    assert isinstance(FastDecoder(gen.model).weights, DecodeWeights)
+
+
+def test_fast_cache_is_allocated_once_and_written_in_place(gen, ids, monkeypatch):
+    made = []
+    real = FastDecoder.new_cache
+
+    def spy(self, *a, **kw):
+        made.append(real(self, *a, **kw))
+        return made[-1]
+
+    monkeypatch.setattr(FastDecoder, "new_cache", spy)
+    fast = twin(gen)
+    pointers = set()
+    for _ in fast.steps(ids, GREEDY, [len(p) + 12 for p in ids]):
+        pointers.add(tuple(k.data_ptr() for k in made[0].keys))
+    (cache,) = made
+    assert cache.max_length == max(len(p) for p in ids) + 12
+    assert len(pointers) == 1

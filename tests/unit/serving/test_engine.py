@@ -1,0 +1,106 @@
+"""The scheduler itself: requests join and leave between steps, and a client that goes away
+frees its row."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+
+from megagpt.inference.sampling import SamplingParams
+from megagpt.serving.app import Service
+
+GREEDY = SamplingParams(top_k=1, top_p=0.0)
+
+
+def submit(server, pipe, prompt: str, new_tokens: int, log: list, done: threading.Event):
+    """One greedy sequence on the test server's engine; its events go to ``log``."""
+    service = Service(server.engine, pipe.tokenizer, "tiny")
+    ids = pipe.tokenizer.encode(prompt)
+
+    def sink(event):
+        log.append((prompt, event, server.engine.steps))
+        if event.finish_reason:
+            done.set()
+
+    (seq,) = service.sequences([ids], [len(ids) + new_tokens], GREEDY, 1, None, (), sink)
+    server.engine.submit([seq])
+    return seq
+
+
+def test_a_request_joins_and_leaves_while_another_decodes(server, pipe):
+    log: list = []
+    long_done, short_done = threading.Event(), threading.Event()
+    long = submit(server, pipe, "床前明月光", 40, log, long_done)
+    while len(long.generated) < 5:  # the long request is decoding
+        time.sleep(0.005)
+    short = submit(server, pipe, "北京", 3, log, short_done)
+    assert short_done.wait(60) and long_done.wait(60)
+    finished = [(p, steps) for p, e, steps in log if e.finish_reason]
+    # The short one joined mid-decode and finished first, while the long one went on.
+    assert [p for p, _ in finished] == ["北京", "床前明月光"]
+    assert finished[0][1] < finished[1][1]
+    assert len(long.generated) == 40 and len(short.generated) == 3
+    assert long.row == short.row == -1 and not server.engine.active
+
+
+def test_a_client_that_leaves_frees_its_row(server, monkeypatch):
+    executor = server.engine.executor
+    run, decodes = executor.run, []
+
+    def slow_run(op):  # 20 ms per step: the request would take > 1 s to finish
+        if op[0] == "decode":
+            decodes.append(len(op[1]))
+            time.sleep(0.02)
+        return run(op)
+
+    monkeypatch.setattr(executor, "run", slow_run)
+    with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60,
+                      json={"prompt": "春眠不觉晓", "max_tokens": 55, "stream": True,
+                            "temperature": 0}) as r:
+        first = next(r.iter_lines())
+        assert first.startswith("data: ")
+    # The connection closed after one chunk: the sequence is dropped, not decoded to the end.
+    deadline = time.monotonic() + 30
+    while server.engine.active and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not server.engine.active
+    assert len(decodes) < 30, "the abandoned request was decoded on"
+    assert httpx.get(f"{server.url}/health").json()["active"] == 0
+
+
+def test_sixteen_sequences_give_one_at_a_time_tokens(server, pipe):
+    """Token for token (not only text): 16 greedy sequences of different prompt and output
+    lengths through 4 rows equal TextGenerator's one-at-a-time greedy decoding."""
+    from tests.unit.serving.test_server import PROMPTS
+
+    log: list = []
+    events = [threading.Event() for _ in PROMPTS]
+    lengths = [3 + (i * 7) % 17 for i in range(len(PROMPTS))]
+    seqs = [submit(server, pipe, p, n, log, e) for p, n, e in zip(PROMPTS, lengths, events)]
+    assert all(e.wait(120) for e in events)
+    for prompt, n, seq in zip(PROMPTS, lengths, seqs):
+        ids = pipe.tokenizer.encode(prompt)
+        (want,) = pipe.generator.generate([ids], GREEDY, max_new_tokens=n)[0]
+        assert seq.generated == want[len(ids):], prompt
+
+
+def test_a_failing_step_is_a_500_and_the_loop_goes_on(server, monkeypatch):
+    executor = server.engine.executor
+    run, failed = executor.run, []
+
+    def failing_run(op):  # the first decode step fails (as an out-of-memory would)
+        if op[0] == "decode" and not failed:
+            failed.append(op)
+            raise RuntimeError("injected step failure")
+        return run(op)
+
+    monkeypatch.setattr(executor, "run", failing_run)
+    body = {"prompt": "北京", "max_tokens": 5, "temperature": 0}
+    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 500, r.text
+    assert "injected step failure" in r.json()["error"]["message"] and failed
+    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"]
+    assert server.engine.alive and not server.engine.active
