@@ -35,6 +35,8 @@ SIDECAR_NAME = "megagpt_tokenizer.json"
 EOD_TOKEN = "<|endoftext|>"
 SEP_TOKEN = "<sep>"
 PAD_TOKEN = "<pad>"
+# New pieces per sequence sent to the encoder (see JiebaBPETokenizer._encode_cached).
+_MISS_GROUP = 4096
 _PIECE_CACHE_SIZE = 1_000_000  # distinct jieba pieces kept per process (~100-200 MB at most)
 
 
@@ -137,9 +139,18 @@ class JiebaBPETokenizer(Tokenizer):
             cache.clear()  # bounded memory; the next batches refill it with the common words
             missing = {p for pieces in docs for p in pieces}
         if missing:
+            # New pieces go through the encoder as a few long pre-tokenized sequences, not one
+            # tiny sequence each (half the cost when a worker's cache is filling: every piece
+            # is still normalised and BPE-encoded on its own); ``word_ids`` says which piece
+            # each id came from. A piece that encodes to nothing gets [].
             new = list(missing)
-            encoded = self._tok.encode_batch([[p] for p in new], is_pretokenized=True)
-            cache.update(zip(new, (e.ids for e in encoded)))
+            groups = [new[i:i + _MISS_GROUP] for i in range(0, len(new), _MISS_GROUP)]
+            for group, enc in zip(groups, self._tok.encode_batch(groups, is_pretokenized=True)):
+                found: list[list[int]] = [[] for _ in group]
+                for token, word in zip(enc.ids, enc.word_ids):
+                    if word is not None:
+                        found[word].append(token)
+                cache.update(zip(group, found))
         get = cache.__getitem__
         return [list(itertools.chain.from_iterable(map(get, pieces))) for pieces in docs]
 
