@@ -6,6 +6,8 @@ evaluation of pretraining (``megagpt.evaluation.training``). Names are imported 
 so ``import megagpt`` never imports lm-eval.
 """
 
+from megagpt.lazy import lazy_getattr
+
 _EXPORTS = {
     "EvalError": "megagpt.evaluation.model",
     "Scorer": "megagpt.evaluation.model",
@@ -17,9 +19,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'megagpt.evaluation' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

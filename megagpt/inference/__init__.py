@@ -3,6 +3,8 @@
 Names are imported on first use, so `megagpt.inference.cli` (and `megagpt --help`) stay light.
 """
 
+from megagpt.lazy import lazy_getattr
+
 _EXPORTS = {
     "DecodeState": "megagpt.inference.generate",
     "TextGenerator": "megagpt.inference.generate",
@@ -17,9 +19,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'megagpt.inference' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

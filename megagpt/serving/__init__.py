@@ -5,6 +5,8 @@ when a server starts; the engine and cache need torch alone. Names are imported 
 so building the ``megagpt`` parser (which registers ``serve``) does not import torch.
 """
 
+from megagpt.lazy import lazy_getattr
+
 _EXPORTS = {
     "SlotCache": "megagpt.serving.cache",
     "Engine": "megagpt.serving.engine",
@@ -17,9 +19,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'megagpt.serving' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
