@@ -133,18 +133,23 @@ _COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "
                       "suffix", "logit_bias"}
 
 
+def _check_object(body, accepted: frozenset | set) -> None:
+    """A request body is a JSON object of known fields; RequestError names the first other."""
+    if not isinstance(body, dict):
+        raise RequestError(f"the request body must be a JSON object, got {_type_name(body)}")
+    unknown = sorted(set(body) - accepted)
+    if unknown:
+        raise RequestError(f"unknown field '{unknown[0]}'; accepted: "
+                           f"{', '.join(sorted(accepted))}", unknown[0])
+
+
 def parse_completion(body, model_name: str, vocab_size: int) -> CompletionRequest:
     """Check a completions body; RequestError names the first bad field.
 
     OpenAI's defaults apply (max_tokens 16, temperature 1, top_p 1); ``temperature: 0`` or
     ``top_k: 1`` is greedy decoding.
     """
-    if not isinstance(body, dict):
-        raise RequestError(f"the request body must be a JSON object, got {_type_name(body)}")
-    unknown = sorted(set(body) - _COMPLETION_FIELDS)
-    if unknown:
-        raise RequestError(f"unknown field '{unknown[0]}'; accepted: "
-                           f"{', '.join(sorted(_COMPLETION_FIELDS))}", unknown[0])
+    _check_object(body, _COMPLETION_FIELDS)
     model = body.get("model")
     if model is not None and model != model_name:
         raise RequestError(f"the model '{model}' does not exist; this server serves "
@@ -222,12 +227,7 @@ _GENERATE_FIELDS = {"text", "max_length", "max_new_tokens", "top_k", "top_p", "t
 def parse_generate(body, vocab_size: int) -> GenerateRequest:
     """Check a ``/generate`` body: ``{"text": str or [str], ...}`` with the pipeline's options
     and defaults (nucleus p=0.9, T=1, prompt + 100 tokens)."""
-    if not isinstance(body, dict):
-        raise RequestError(f"the request body must be a JSON object, got {_type_name(body)}")
-    unknown = sorted(set(body) - _GENERATE_FIELDS)
-    if unknown:
-        raise RequestError(f"unknown field '{unknown[0]}'; accepted: "
-                           f"{', '.join(sorted(_GENERATE_FIELDS))}", unknown[0])
+    _check_object(body, _GENERATE_FIELDS)
     text = body.get("text")
     if text is None:
         raise RequestError("'text' is required", "text")
