@@ -206,6 +206,7 @@ class FinetuneTrainer(Trainer):
                         if k in record)
         log0(f"evaluation at step {self.state.step} (epoch {record['epoch']:.2f}) | loss "
              f"{loss:.4f} | ppl {record['valid_ppl']:.2f} over {int(tokens)} tokens{extra}")
+        self.run_eval_tasks()
         return loss
 
     @torch.no_grad()

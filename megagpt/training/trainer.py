@@ -601,18 +601,24 @@ class Trainer:
         self.metrics.log({"step": self.state.step, "valid_loss": loss, "valid_ppl": ppl,
                           "valid_samples": len(batches) * micro * self.dims.dp})
         log0(f"validation at step {self.state.step} | loss {loss:.4f} | ppl {ppl:.2f}")
-        if self.cfg.train.eval_tasks:  # lm-eval tasks beside validation (megagpt.evaluation)
-            from megagpt.evaluation.training import run_eval_tasks
-
-            found = run_eval_tasks(
-                self.engine.module, self.tokenizer, tasks=self.cfg.train.eval_tasks,
-                limit=self.cfg.train.eval_tasks_limit, vocab_size=self.cfg.model.vocab_size,
-                max_positions=self.cfg.model.max_position_embeddings,
-                tp_group=parallel.tp_group(), tp_size=self.dims.tp, step=self.state.step,
-                log=self.metrics.log, batch_size=self.cfg.train.micro_batch_size)
-            log0(f"eval tasks at step {self.state.step} | " + ", ".join(
-                f"{k.removeprefix('eval/')} {v:.4f}" for k, v in found.items()))
+        self.run_eval_tasks()
         return loss
+
+    def run_eval_tasks(self) -> None:
+        """``train.eval_tasks``: lm-eval tasks beside validation (megagpt.evaluation), logged
+        as ``eval/<task>/<metric>`` at this step; pretraining and fine-tuning alike."""
+        if not self.cfg.train.eval_tasks:
+            return
+        from megagpt.evaluation.training import run_eval_tasks
+
+        found = run_eval_tasks(
+            self.engine.module, self.tokenizer, tasks=self.cfg.train.eval_tasks,
+            limit=self.cfg.train.eval_tasks_limit, vocab_size=self.cfg.model.vocab_size,
+            max_positions=self.cfg.model.max_position_embeddings,
+            tp_group=parallel.tp_group(), tp_size=self.dims.tp, step=self.state.step,
+            log=self.metrics.log, batch_size=self.cfg.train.micro_batch_size)
+        log0(f"eval tasks at step {self.state.step} | " + ", ".join(
+            f"{k.removeprefix('eval/')} {v:.4f}" for k, v in found.items()))
 
     def save(self) -> None:
         """Checkpoint this step (``megagpt.checkpoint.training`` writes and commits it)."""

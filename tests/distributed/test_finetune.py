@@ -154,3 +154,18 @@ def test_src_tgt_csv_under_tensor_parallel_scores_bleu_and_rouge(setup, tmp_path
     assert [r["step"] for r in ev] == [3]
     assert ev[-1]["valid_generated"] == 6
     assert 0.0 <= ev[-1]["valid_bleu"] <= 100.0 and 0.0 <= ev[-1]["valid_rouge_l"] <= 100.0
+
+
+def test_eval_tasks_run_at_each_fine_tuning_evaluation(setup, tmp_path):
+    """train.eval_tasks is not a pretraining-only key: fine-tuning logs the task beside its
+    validation perplexity (it was silently ignored)."""
+    pytest.importorskip("lm_eval")
+    run = tmp_path / "run"
+    cfg = recipe(tmp_path / "ft.yaml", setup, run)
+    run_distributed(FT, 1, config=str(cfg),
+                    overrides=["train.steps=1", "train.eval_tasks=[megagpt_zh_mc]",
+                               "train.eval_tasks_limit=4"])
+    tasks = [r for r in records(run) if "eval/megagpt_zh_mc/acc" in r]
+    # At the start (eval_at_start) and where the run stops, with each validation.
+    assert [r["step"] for r in tasks] == [r["step"] for r in evals(run)] == [0, 1]
+    assert 0.0 <= tasks[0]["eval/megagpt_zh_mc/acc"] <= 1.0
