@@ -86,7 +86,7 @@ def build(data: Path, tmp: Path, copies: int, junk: int, seed: int = 0):
 
 
 def run_clean(inputs, out: Path, workers: int, env=None, extra=()):
-    cmd = [sys.executable, "-m", "megagpt.curation.cli", "clean", "--input", *map(str, inputs),
+    cmd = [sys.executable, "-m", "megagpt.cli", "clean", "--input", *map(str, inputs),
            "--output", str(out), "--workers", str(workers), "--no-progress", *extra]
     for s in SETS:
         cmd += ["--set", s]

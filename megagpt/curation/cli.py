@@ -50,6 +50,17 @@ def add_clean_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_clean(args: argparse.Namespace) -> int:
     """Run ``megagpt clean`` from parsed arguments; returns the exit code."""
+    try:
+        return _run_clean(args)
+    except KeyboardInterrupt:
+        import sys
+
+        # The journal keeps what was committed: say so before megagpt.cli reports the ^C.
+        print("megagpt clean: rerun the same command to resume", file=sys.stderr)
+        raise
+
+
+def _run_clean(args: argparse.Namespace) -> int:
     from megagpt.curation.config import load_clean_config, render_yaml
     from megagpt.data.errors import DataError
 
@@ -75,30 +86,3 @@ def run_clean(args: argparse.Namespace) -> int:
           + (f" ({removed})" if removed else "") + f"; bad skipped {d['bad_skipped']:,}; "
           f"report in {args.output}/report.md")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point (``python -m megagpt.curation.cli clean ...``) with the CLI's
-    error convention; it skips importing the other subcommands (torch, the model)."""
-    import sys
-
-    from megagpt.errors import MegagptError
-
-    parser = argparse.ArgumentParser(prog="megagpt")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    add_clean_parser(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except MegagptError as exc:
-        print(f"megagpt clean: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("megagpt clean: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())

@@ -89,8 +89,7 @@ def test_byte_identical_for_1_and_2_workers(tmp_path, wiki_docs):
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, wiki_docs):
     files, _ = _corpus(tmp_path, wiki_docs)
     sets = ["output.chunk_docs=5", "output.commit_chunks=2", "output.shard_bytes=15000"]
-    # the standalone entry point: megagpt.cli would import torch for other subcommands
-    cmd = [sys.executable, "-m", "megagpt.curation.cli", "clean", "--input", *map(str, files),
+    cmd = [sys.executable, "-m", "megagpt.cli", "clean", "--input", *map(str, files),
            "--no-progress", "--workers", "2"] + [a for s in sets for a in ("--set", s)]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     subprocess.run(cmd + ["--output", str(tmp_path / "ref")], env=env, check=True,
