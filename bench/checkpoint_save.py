@@ -55,29 +55,44 @@ def main() -> None:
 
     device = parallel.resolve_device("auto")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    cfg = load_config(None, [f"model.name={args.size}", f"model.seq_length={args.seq}",
-                             "model.dropout=0", "model.attention_dropout=0",
-                             f"train.precision={args.precision}",
-                             f"train.micro_batch_size={args.micro}",
-                             f"train.global_batch_size={args.micro}", "optim.lr=1e-4",
-                             "checkpoint.keep_last=1"])
+    cfg = load_config(
+        None,
+        [
+            f"model.name={args.size}",
+            f"model.seq_length={args.seq}",
+            "model.dropout=0",
+            "model.attention_dropout=0",
+            f"train.precision={args.precision}",
+            f"train.micro_batch_size={args.micro}",
+            f"train.global_batch_size={args.micro}",
+            "optim.lr=1e-4",
+            "checkpoint.keep_last=1",
+        ],
+    )
     validate(cfg, 1, cuda=device.type == "cuda", need_data=False)
-    print(f"# bench/checkpoint_save.py  {time.strftime('%Y-%m-%d %H:%M')}  "
-          f"{platform.processor() or platform.machine()} {os.cpu_count()} CPUs  device={device}"
-          f"  torch {torch.__version__}  threads={torch.get_num_threads()}  {args.size} "
-          f"seq={args.seq} micro={args.micro} {args.precision}  load "
-          f"{os.getloadavg()[0]:.1f}", flush=True)
-    dims = parallel.initialize(cfg.parallel, device)
+    print(
+        f"# bench/checkpoint_save.py  {time.strftime('%Y-%m-%d %H:%M')}  "
+        f"{platform.processor() or platform.machine()} {os.cpu_count()} CPUs  device={device}"
+        f"  torch {torch.__version__}  threads={torch.get_num_threads()}  {args.size} "
+        f"seq={args.seq} micro={args.micro} {args.precision}  load "
+        f"{os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+    ctx = parallel.initialize(cfg.parallel, device)
     root = Path(args.dir or tempfile.mkdtemp(prefix="megagpt-ckpt-bench-"))
     try:
-        module = build_model(cfg, dims, device)
+        module = build_model(cfg, ctx.dims, device)
         initialize_weights(module, cfg.model, 1, 0, 1)
-        engine = Engine(cfg, module, dims, device)
+        engine = Engine(cfg, module, ctx)
         gen = torch.Generator().manual_seed(0)
-        tokens = torch.randint(0, cfg.model.vocab_size, (args.micro, args.seq + 1),
-                               generator=gen)
-        batch = [{"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
-                  "loss_mask": torch.ones(args.micro, args.seq)}]
+        tokens = torch.randint(0, cfg.model.vocab_size, (args.micro, args.seq + 1), generator=gen)
+        batch = [
+            {
+                "tokens": tokens[:, :-1],
+                "labels": tokens[:, 1:],
+                "loss_mask": torch.ones(args.micro, args.seq),
+            }
+        ]
         steps = []
         for i in range(args.warmup + args.iters):
             start = time.perf_counter()
@@ -85,8 +100,7 @@ def main() -> None:
             sync()
             if i >= args.warmup:
                 steps.append(time.perf_counter() - start)
-        ckpts = training.TrainingCheckpoints(str(root), cfg.checkpoint,
-                                             engine.checkpoint_state())
+        ckpts = training.TrainingCheckpoints(str(root), cfg.checkpoint, engine.checkpoint_state())
         commits: list[float] = []
         commit = training.commit
 
@@ -110,8 +124,11 @@ def main() -> None:
         for _ in range(args.saves):
             sync()
             start = time.perf_counter()
-            copy = [state.optim.get(p, kind).detach().float().to("cpu", copy=True)
-                    for _, p, _, _ in state.params(True) for kind in training.reshard.KINDS]
+            copy = [
+                state.optim.get(p, kind).detach().float().to("cpu", copy=True)
+                for _, p, _, _ in state.params(True)
+                for kind in training.reshard.KINDS
+            ]
             sync()
             snaps.append(time.perf_counter() - start)
             del copy
@@ -122,13 +139,19 @@ def main() -> None:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
     step, save, com, snap = (statistics.median(x) for x in (steps, saves, commits, snaps))
-    print(f"{'size':<10} {'params':>8} {'ckpt MiB':>9} {'step s':>7} {'save s':>7} "
-          f"{'commit s':>8} {'host copy s':>11} {'save/step':>9} {'MiB/s':>7}")
-    print(f"{args.size:<10} {n_params / 1e6:>7.1f}M {size / 2**20:>9.0f} {step:>7.3f} "
-          f"{save:>7.3f} {com:>8.3f} {snap:>11.3f} {save / step:>9.2f} "
-          f"{size / 2**20 / save:>7.0f}")
-    print(f"# saves (s): {', '.join(f'{s:.3f}' for s in saves)}; steps (s): "
-          f"{', '.join(f'{s:.3f}' for s in steps)}; load {os.getloadavg()[0]:.1f}")
+    print(
+        f"{'size':<10} {'params':>8} {'ckpt MiB':>9} {'step s':>7} {'save s':>7} "
+        f"{'commit s':>8} {'host copy s':>11} {'save/step':>9} {'MiB/s':>7}"
+    )
+    print(
+        f"{args.size:<10} {n_params / 1e6:>7.1f}M {size / 2**20:>9.0f} {step:>7.3f} "
+        f"{save:>7.3f} {com:>8.3f} {snap:>11.3f} {save / step:>9.2f} "
+        f"{size / 2**20 / save:>7.0f}"
+    )
+    print(
+        f"# saves (s): {', '.join(f'{s:.3f}' for s in saves)}; steps (s): "
+        f"{', '.join(f'{s:.3f}' for s in steps)}; load {os.getloadavg()[0]:.1f}"
+    )
 
 
 if __name__ == "__main__":

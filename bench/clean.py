@@ -48,8 +48,8 @@ def _load(path: Path) -> list[str]:
 
 def _jaccard(a: str, b: str, n: int = 5) -> float:
     a, b = normalized_key(a), normalized_key(b)
-    sa = {a[i:i + n] for i in range(len(a) - n + 1)}
-    sb = {b[i:i + n] for i in range(len(b) - n + 1)}
+    sa = {a[i : i + n] for i in range(len(a) - n + 1)}
+    sb = {b[i : i + n] for i in range(len(b) - n + 1)}
     return len(sa & sb) / max(len(sa | sb), 1)
 
 
@@ -57,8 +57,9 @@ def build(data: Path, tmp: Path, copies: int, junk: int, seed: int = 0):
     rng = random.Random(seed)
     files = [data / "laws.jsonl", data / "wiki_cmrc2018.jsonl"]
     docs = {str(f): _load(f) for f in files}
-    pool = [(str(f), i) for f in files for i in range(len(docs[str(f)]))
-            if len(docs[str(f)][i]) >= 300]
+    pool = [
+        (str(f), i) for f in files for i in range(len(docs[str(f)])) if len(docs[str(f)][i]) >= 300
+    ]
     planted, truth, kinds = [], {}, {}
     for k, (f, i) in enumerate(rng.sample(pool, copies)):
         edit = EDITS[k % len(EDITS)]
@@ -86,8 +87,20 @@ def build(data: Path, tmp: Path, copies: int, junk: int, seed: int = 0):
 
 
 def run_clean(inputs, out: Path, workers: int, env=None, extra=()):
-    cmd = [sys.executable, "-m", "megagpt.cli", "clean", "--input", *map(str, inputs),
-           "--output", str(out), "--workers", str(workers), "--no-progress", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "megagpt.cli",
+        "clean",
+        "--input",
+        *map(str, inputs),
+        "--output",
+        str(out),
+        "--workers",
+        str(workers),
+        "--no-progress",
+        *extra,
+    ]
     for s in SETS:
         cmd += ["--set", s]
     return cmd, dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
@@ -126,13 +139,14 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()}")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        inputs, docs, truth, kinds, junk_kinds = build(Path(args.data), tmp, args.copies,
-                                                       args.junk)
+        inputs, docs, truth, kinds, junk_kinds = build(Path(args.data), tmp, args.copies, args.junk)
         planted_docs = _load(inputs[2])
         size = sum(p.stat().st_size for p in inputs)
         records = sum(len(v) for v in docs.values()) + len(planted_docs)
-        print(f"inputs: {records} documents, {size / 1e6:.1f} MB; planted {len(truth)} near "
-              f"copies, {len(junk_kinds)} junk")
+        print(
+            f"inputs: {records} documents, {size / 1e6:.1f} MB; planted {len(truth)} near "
+            f"copies, {len(junk_kinds)} junk"
+        )
 
         # -- throughput, 1 vs 2 workers, interleaved ---------------------------------
         runs = {}
@@ -142,8 +156,10 @@ def main() -> None:
             runs.setdefault(workers, []).append((wall, cpu, out))
         for w, rs in runs.items():
             wall = min(r[0] for r in rs)
-            print(f"workers {w}: best wall {wall:.1f}s, {records / wall:.0f} docs/s, "
-                  f"{size / 1e6 / wall:.2f} MB/s; CPU {min(r[1] for r in rs):.1f}s")
+            print(
+                f"workers {w}: best wall {wall:.1f}s, {records / wall:.0f} docs/s, "
+                f"{size / 1e6 / wall:.2f} MB/s; CPU {min(r[1] for r in rs):.1f}s"
+            )
         ratio = min(r[0] for r in runs[1]) / min(r[0] for r in runs[2])
         print(f"speed-up 2 vs 1 workers (wall): {ratio:.2f}x")
         ref = runs[1][0][2]
@@ -195,15 +211,20 @@ def main() -> None:
         pair_j.sort()
         n = max(len(pair_j), 1)
         exact = sum(x["kind"] == "exact" for x in removed.values())
-        print(f"duplicates removed: {len(removed)} ({exact} exact); precision (exact "
-              "Jaccard of the removed/kept pair >= 0.8): "
-              f"{sum(j >= 0.8 for j in pair_j) / n:.3f}, >= 0.7: "
-              f"{sum(j >= 0.7 for j in pair_j) / n:.3f}; lowest pairs: "
-              f"{[round(j, 3) for j in pair_j[:5]]}")
-        planted_removed = sum(1 for k in removed if k.startswith(planted_path)
-                              and int(k.rsplit(":", 1)[1]) in truth)
-        print(f"  of which planted copies: {planted_removed}; not planted (duplicates already "
-              f"in the corpora): {len(removed) - planted_removed}")
+        print(
+            f"duplicates removed: {len(removed)} ({exact} exact); precision (exact "
+            "Jaccard of the removed/kept pair >= 0.8): "
+            f"{sum(j >= 0.8 for j in pair_j) / n:.3f}, >= 0.7: "
+            f"{sum(j >= 0.7 for j in pair_j) / n:.3f}; lowest pairs: "
+            f"{[round(j, 3) for j in pair_j[:5]]}"
+        )
+        planted_removed = sum(
+            1 for k in removed if k.startswith(planted_path) and int(k.rsplit(":", 1)[1]) in truth
+        )
+        print(
+            f"  of which planted copies: {planted_removed}; not planted (duplicates already "
+            f"in the corpora): {len(removed) - planted_removed}"
+        )
         should, found, per_edit, missed = 0, 0, {}, []
         for line, orig in truth.items():
             j = _jaccard(text_of(docs, planted_docs, orig), planted_docs[line - 1])
@@ -219,11 +240,15 @@ def main() -> None:
                 if not hit:
                     missed.append((kinds[line], round(j, 3)))
         all_found = sum(v[0] for v in per_edit.values())
-        print(f"recall on planted copies with exact Jaccard >= 0.8: {found}/{should} = "
-              f"{found / max(should, 1):.3f}; on all planted copies: {all_found}/{len(truth)} = "
-              f"{all_found / len(truth):.3f}; missed (edit, exact Jaccard): {missed}")
-        print("recall per edit (all planted / Jaccard >= 0.8): "
-              + ", ".join(f"{k} {a}/{b} / {c}/{d}" for k, (a, b, c, d) in per_edit.items()))
+        print(
+            f"recall on planted copies with exact Jaccard >= 0.8: {found}/{should} = "
+            f"{found / max(should, 1):.3f}; on all planted copies: {all_found}/{len(truth)} = "
+            f"{all_found / len(truth):.3f}; missed (edit, exact Jaccard): {missed}"
+        )
+        print(
+            "recall per edit (all planted / Jaccard >= 0.8): "
+            + ", ".join(f"{k} {a}/{b} / {c}/{d}" for k, (a, b, c, d) in per_edit.items())
+        )
 
         # -- backends ---------------------------------------------------------------
         texts = [t for v in docs.values() for t in v] + planted_docs
@@ -232,8 +257,10 @@ def main() -> None:
             h = MinHasher(backend=backend)
             t = time.process_time()
             sigs[backend] = [h.signature(x) for x in texts]
-            print(f"backend {backend}: {time.process_time() - t:.2f} CPU s for {len(texts)} "
-                  "signatures")
+            print(
+                f"backend {backend}: {time.process_time() - t:.2f} CPU s for {len(texts)} "
+                "signatures"
+            )
         n_base = sum(len(v) for v in docs.values())
         for backend, ss in sigs.items():
             index = LSHIndex(128, 0.8)
@@ -244,21 +271,26 @@ def main() -> None:
                 r = index.query(s)
                 if r is not None:
                     hits[k + 1] = r[0]
-            good = sum(1 for line, i in hits.items()
-                       if _jaccard(texts[i], planted_docs[line - 1]) >= 0.8)
-            should = [line for line, orig in truth.items()
-                      if _jaccard(text_of(docs, planted_docs, orig), planted_docs[line - 1]) >= 0.8]
-            print(f"backend {backend}: planted.jsonl against the corpora: {len(hits)} hits, "
-                  f"{good} with exact Jaccard >= 0.8 (precision {good / max(len(hits), 1):.3f}); "
-                  f"planted copies (Jaccard >= 0.8) hit: {sum(x in hits for x in should)}"
-                  f"/{len(should)}")
+            good = sum(
+                1 for line, i in hits.items() if _jaccard(texts[i], planted_docs[line - 1]) >= 0.8
+            )
+            should = [
+                line
+                for line, orig in truth.items()
+                if _jaccard(text_of(docs, planted_docs, orig), planted_docs[line - 1]) >= 0.8
+            ]
+            print(
+                f"backend {backend}: planted.jsonl against the corpora: {len(hits)} hits, "
+                f"{good} with exact Jaccard >= 0.8 (precision {good / max(len(hits), 1):.3f}); "
+                f"planted copies (Jaccard >= 0.8) hit: {sum(x in hits for x in should)}"
+                f"/{len(should)}"
+            )
 
         # -- resume after SIGKILL at 90% ---------------------------------------------------
         chunks = sum(-(-len(v) // 64) for v in docs.values()) + -(-len(planted_docs) // 64)
         out = tmp / "killed"
         cmd, env = run_clean(inputs, out, 2)
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         journal = out / ".clean-state" / "journal.jsonl"
         at = 0
         while proc.poll() is None:
@@ -276,9 +308,11 @@ def main() -> None:
         proc.wait()
         killed = proc.returncode == -signal.SIGKILL
         res = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        print(f"resume: killed={killed} at work unit {at}/{chunks}; rerun rc {res.returncode} "
-              f"({res.stderr.strip().splitlines()[0] if res.stderr.strip() else ''}); output "
-              f"equal to uninterrupted: {outputs(out) == outputs(ref)}")
+        print(
+            f"resume: killed={killed} at work unit {at}/{chunks}; rerun rc {res.returncode} "
+            f"({res.stderr.strip().splitlines()[0] if res.stderr.strip() else ''}); output "
+            f"equal to uninterrupted: {outputs(out) == outputs(ref)}"
+        )
     print(f"load average after: {os.getloadavg()}")
 
 

@@ -71,15 +71,25 @@ def to_gpt2(directory: str):
     t = load_tensors(directory)
     h, nh, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim
     hf_cfg = GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=cfg.max_position_embeddings, n_embd=h,
-        n_layer=cfg.num_layers, n_head=nh, n_inner=cfg.ffn,
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.max_position_embeddings,
+        n_embd=h,
+        n_layer=cfg.num_layers,
+        n_head=nh,
+        n_inner=cfg.ffn,
         activation_function="gelu_new" if cfg.activation == "gelu_tanh" else "gelu",
-        layer_norm_epsilon=cfg.layernorm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        tie_word_embeddings=True)
-    sd = {"transformer.wte.weight": t["embedding.word.word_embeddings.weight"],
-          "transformer.wpe.weight": t["embedding.position.position_embeddings.weight"],
-          "transformer.ln_f.weight": t["final_norm.final_layernorm.weight"],
-          "transformer.ln_f.bias": t["final_norm.final_layernorm.bias"]}
+        layer_norm_epsilon=cfg.layernorm_eps,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=True,
+    )
+    sd = {
+        "transformer.wte.weight": t["embedding.word.word_embeddings.weight"],
+        "transformer.wpe.weight": t["embedding.position.position_embeddings.weight"],
+        "transformer.ln_f.weight": t["final_norm.final_layernorm.weight"],
+        "transformer.ln_f.bias": t["final_norm.final_layernorm.bias"],
+    }
     for i in range(cfg.num_layers):
         p, q = f"layers.{i}.", f"transformer.h.{i}."
         qkv_w = t[p + "attention.query_key_value.weight"]  # [nh*3*hd, h], per-head q|k|v
@@ -87,20 +97,22 @@ def to_gpt2(directory: str):
         # [nh, 3, hd, h] -> [3, nh, hd, h] -> [3h, h]: all-Q | all-K | all-V rows
         qkv_w = qkv_w.view(nh, 3, hd, h).transpose(0, 1).reshape(3 * h, h)
         qkv_b = qkv_b.view(nh, 3, hd).transpose(0, 1).reshape(3 * h)
-        sd.update({
-            q + "ln_1.weight": t[p + "input_layernorm.weight"],
-            q + "ln_1.bias": t[p + "input_layernorm.bias"],
-            q + "attn.c_attn.weight": qkv_w.t().contiguous(),  # Conv1D: [in, out]
-            q + "attn.c_attn.bias": qkv_b,
-            q + "attn.c_proj.weight": t[p + "attention.dense.weight"].t().contiguous(),
-            q + "attn.c_proj.bias": t[p + "attention.dense.bias"],
-            q + "ln_2.weight": t[p + "post_attention_layernorm.weight"],
-            q + "ln_2.bias": t[p + "post_attention_layernorm.bias"],
-            q + "mlp.c_fc.weight": t[p + "mlp.dense_h_to_4h.weight"].t().contiguous(),
-            q + "mlp.c_fc.bias": t[p + "mlp.dense_h_to_4h.bias"],
-            q + "mlp.c_proj.weight": t[p + "mlp.dense_4h_to_h.weight"].t().contiguous(),
-            q + "mlp.c_proj.bias": t[p + "mlp.dense_4h_to_h.bias"],
-        })
+        sd.update(
+            {
+                q + "ln_1.weight": t[p + "input_layernorm.weight"],
+                q + "ln_1.bias": t[p + "input_layernorm.bias"],
+                q + "attn.c_attn.weight": qkv_w.t().contiguous(),  # Conv1D: [in, out]
+                q + "attn.c_attn.bias": qkv_b,
+                q + "attn.c_proj.weight": t[p + "attention.dense.weight"].t().contiguous(),
+                q + "attn.c_proj.bias": t[p + "attention.dense.bias"],
+                q + "ln_2.weight": t[p + "post_attention_layernorm.weight"],
+                q + "ln_2.bias": t[p + "post_attention_layernorm.bias"],
+                q + "mlp.c_fc.weight": t[p + "mlp.dense_h_to_4h.weight"].t().contiguous(),
+                q + "mlp.c_fc.bias": t[p + "mlp.dense_h_to_4h.bias"],
+                q + "mlp.c_proj.weight": t[p + "mlp.dense_4h_to_h.weight"].t().contiguous(),
+                q + "mlp.c_proj.bias": t[p + "mlp.dense_4h_to_h.bias"],
+            }
+        )
     model = GPT2LMHeadModel(hf_cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]  # tied to wte
@@ -125,8 +137,9 @@ def prompts(tokenizer, n: int, length: int) -> list[list[int]]:
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def timed_pair(ours, theirs, repeats: int, clock=time.perf_counter
-               ) -> tuple[float, object, float, object]:
+def timed_pair(
+    ours, theirs, repeats: int, clock=time.perf_counter
+) -> tuple[float, object, float, object]:
     """Best times and results of two functions, run alternately (ours, theirs, ours, ...) after
     one warm-up each, so that a change in machine load hits both sides alike."""
     ours(), theirs()  # warm-up
@@ -144,31 +157,68 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="megagpt model directory (default: a random --size model)")
     ap.add_argument("--size", default="gpt3-base", help="registered size for the random model")
-    ap.add_argument("--tokenizer", help="tokenizer for the random model (default: trained on "
-                    "200 wiki articles, vocab 4096)")
+    ap.add_argument(
+        "--tokenizer",
+        help="tokenizer for the random model (default: trained on 200 wiki articles, vocab 4096)",
+    )
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2, help="timed runs (best kept)")
-    ap.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
-                    help="wall: elapsed time; cpu: this process's CPU time (steadier on a "
-                    "shared machine with --threads 1; meaningless on CUDA)")
-    ap.add_argument("--compile", action="store_true",
-                    help="megagpt decodes with the static step under torch.compile (the "
-                    "warm-up run compiles; compile time is printed, not timed)")
-    ap.add_argument("--lengths", default="",
-                    help="comma-separated new-token counts (e.g. 32,256,1024): also time one "
-                    "prompt at each, to show the cost per token does not grow with the length")
+    ap.add_argument(
+        "--clock",
+        default="wall",
+        choices=sorted(CLOCKS),
+        help="wall: elapsed time; cpu: this process's CPU time (steadier on a "
+        "shared machine with --threads 1; meaningless on CUDA)",
+    )
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="megagpt decodes with the static step under torch.compile (the "
+        "warm-up run compiles; compile time is printed, not timed)",
+    )
+    ap.add_argument(
+        "--lengths",
+        default="",
+        help="comma-separated new-token counts (e.g. 32,256,1024): also time one "
+        "prompt at each, to show the cost per token does not grow with the length",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    ap.add_argument("--no-ragged", dest="ragged", action="store_false",
-                    help="skip the batch of prompts of different lengths")
-    ap.add_argument("--reference", action="store_true",
-                    help="megagpt decodes with the reference loop (TextGenerator(fast=False): "
-                    "the model's own forward) instead of the fast path")
+    ap.add_argument(
+        "--no-ragged",
+        dest="ragged",
+        action="store_false",
+        help="skip the batch of prompts of different lengths",
+    )
+    ap.add_argument(
+        "--reference",
+        action="store_true",
+        help="megagpt decodes with the reference loop (TextGenerator(fast=False): "
+        "the model's own forward) instead of the fast path",
+    )
+    ap.add_argument(
+        "--speculate",
+        type=int,
+        default=None,
+        help="megagpt's guessed tokens per pass in greedy decoding (n-gram drafts; "
+        "0 = one token per pass; default: the library's default)",
+    )
+    ap.add_argument(
+        "--hf-lookup",
+        type=int,
+        default=10,
+        help="also time HF generate with prompt_lookup_num_tokens=N (HF's own "
+        "n-gram speculation; batch 1 only) as a second peer; 0 = skip",
+    )
     ap.add_argument("--output", help="write a markdown report here")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
-                    help="weights and activations on both sides")
+    ap.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="weights and activations on both sides",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -196,19 +246,69 @@ def main() -> int:
         gen.static = gen.compile = True
     if args.reference:
         gen.fast = False
+    if args.speculate is not None:
+        gen.speculate = args.speculate
     device = next(gen.model.parameters()).device
-    hf = to_gpt2(directory).to(device=device,
-                               dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    hf = to_gpt2(directory).to(
+        device=device, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    )
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     ids = prompts(pipe.tokenizer, args.prompts, args.prompt_tokens)
     greedy = make_params(top_k=1)
     n = args.new_tokens
     rows = []
 
+    passes = {"tokens": 0, "passes": 0, "guessed": 0, "kept": 0}
+
     def ours(batch, n=n):
         out = [c[0] for c in gen.generate(batch, greedy, max_new_tokens=n)]
         sync()
+        st = gen.last_stats if gen.speculate else {}
+        passes["tokens"] += n
+        passes["passes"] += st.get("passes", n)
+        passes["guessed"] += st.get("guessed", 0)
+        passes["kept"] += st.get("kept", 0)
         return out
+
+    def lookup_row(label, batches, n=n):
+        """HF generate with prompt lookup (batch 1 only) against megagpt, same protocol."""
+
+        @torch.no_grad()
+        def hf_lookup(batch):
+            x = torch.tensor(batch, device=device)
+            out = hf.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                do_sample=False,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                eos_token_id=None,
+                pad_token_id=0,
+                use_cache=True,
+                prompt_lookup_num_tokens=args.hf_lookup,
+            )
+            sync()
+            return out.tolist()
+
+        t_ours, out_ours, t_hf, out_hf = timed_pair(
+            lambda: [r for x in batches for r in ours(x)],
+            lambda: [r for x in batches for r in hf_lookup(x)],
+            args.repeats,
+            CLOCKS[args.clock],
+        )
+        tokens = n * sum(len(x) for x in batches)
+        same = out_ours == out_hf
+        print(
+            f"{label}, HF with prompt lookup ({args.hf_lookup}): megagpt "
+            f"{tokens / t_ours:.1f} tok/s | HF {tokens / t_hf:.1f} tok/s | identical: {same}",
+            flush=True,
+        )
+        return (
+            label + f", vs HF with `prompt_lookup_num_tokens={args.hf_lookup}`",
+            tokens / t_ours,
+            tokens / t_hf,
+            same,
+        )
 
     @torch.no_grad()
     def theirs(batch, n=n):
@@ -216,47 +316,74 @@ def main() -> int:
         # padding is cut from the returned rows.
         width = max(len(p) for p in batch)
         x = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch],
-                            device=device)
-        out = hf.generate(x, attention_mask=mask, do_sample=False,
-                          max_new_tokens=n, min_new_tokens=n, eos_token_id=None,
-                          pad_token_id=0, use_cache=True)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        out = hf.generate(
+            x,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            eos_token_id=None,
+            pad_token_id=0,
+            use_cache=True,
+        )
         sync()
-        return [row[width - len(p):] for p, row in zip(batch, out.tolist())]
+        return [row[width - len(p) :] for p, row in zip(batch, out.tolist())]
 
     # Ragged: the same passages cut to lengths from prompt-tokens/2 up (megagpt: one right-padded
     # prefill, per-row positions; HF: left padding and an attention mask).
     step = max(1, args.prompt_tokens // (2 * max(1, len(ids) - 1)))
     ragged = [p[: args.prompt_tokens // 2 + i * step] for i, p in enumerate(ids)]
-    cases = [("one prompt at a time (batch 1)", [[p] for p in ids]),
-             (f"one batch of {len(ids)}", [ids])]
+    cases = [
+        ("one prompt at a time (batch 1)", [[p] for p in ids]),
+        (f"one batch of {len(ids)}", [ids]),
+    ]
     if args.ragged and len(ids) > 1:
-        cases.append((f"one batch of {len(ids)}, prompts of {len(ragged[0])}-"
-                      f"{len(ragged[-1])} tokens", [ragged]))
+        cases.append(
+            (
+                f"one batch of {len(ids)}, prompts of {len(ragged[0])}-{len(ragged[-1])} tokens",
+                [ragged],
+            )
+        )
     for label, batches in cases:
         if args.compile:  # one graph per batch size (dynamic=False): compile outside the timing
             start = time.perf_counter()
             ours(batches[0])
-            print(f"compile for batch {len(batches[0])}: {time.perf_counter() - start:.1f} s",
-                  flush=True)
+            print(
+                f"compile for batch {len(batches[0])}: {time.perf_counter() - start:.1f} s",
+                flush=True,
+            )
         t_ours, out_ours, t_hf, out_hf = timed_pair(
             lambda b=batches: [r for x in b for r in ours(x)],
-            lambda b=batches: [r for x in b for r in theirs(x)], args.repeats,
-            CLOCKS[args.clock])
+            lambda b=batches: [r for x in b for r in theirs(x)],
+            args.repeats,
+            CLOCKS[args.clock],
+        )
         tokens = n * len(ids)
         same = out_ours == out_hf
         rows.append((label, tokens / t_ours, tokens / t_hf, same))
-        print(f"{label}: megagpt {tokens / t_ours:.1f} tok/s | HF generate {tokens / t_hf:.1f} "
-              f"tok/s | identical greedy tokens: {same}", flush=True)
+        print(
+            f"{label}: megagpt {tokens / t_ours:.1f} tok/s | HF generate {tokens / t_hf:.1f} "
+            f"tok/s | identical greedy tokens: {same}",
+            flush=True,
+        )
+        if args.hf_lookup and all(len(x) == 1 for x in batches) and not args.reference:
+            rows.append(lookup_row(label, batches))
     length_rows = []
     for m in [int(x) for x in args.lengths.split(",") if x.strip()]:
         t_ours, out_ours, t_hf, out_hf = timed_pair(
-            lambda m=m: ours(ids[:1], m), lambda m=m: theirs(ids[:1], m), args.repeats,
-            CLOCKS[args.clock])
+            lambda m=m: ours(ids[:1], m),
+            lambda m=m: theirs(ids[:1], m),
+            args.repeats,
+            CLOCKS[args.clock],
+        )
         same = out_ours == out_hf
         length_rows.append((m, m / t_ours, m / t_hf, same))
-        print(f"{m} new tokens, batch 1: megagpt {m / t_ours:.1f} tok/s | HF generate "
-              f"{m / t_hf:.1f} tok/s | identical greedy tokens: {same}", flush=True)
+        print(
+            f"{m} new tokens, batch 1: megagpt {m / t_ours:.1f} tok/s | HF generate "
+            f"{m / t_hf:.1f} tok/s | identical greedy tokens: {same}",
+            flush=True,
+        )
 
     import transformers
 
@@ -269,21 +396,29 @@ def main() -> int:
         "",
         f"Produced by `python bench/generate.py {' '.join(sys.argv[1:])}`.",
         "",
-        (f"- model: {cfg.name or 'custom'} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, "
-         f"{cfg.num_heads} heads, vocab {cfg.vocab_size}; {params / 1e6:.1f}M parameters), "
-         f"{args.dtype} on {device}, random weights (speed does not depend on them)"
-         f"{'; megagpt compiled (static decode step, torch.compile)' if args.compile else ''}"
-         f"{'; megagpt reference loop (fast=False)' if args.reference else ''}"),
-        (f"- prompts: {len(ids)} passages of {corpus_texts()[0]} of {args.prompt_tokens} "
-         f"tokens; greedy, exactly {n} new tokens each, KV cache on both sides; best of "
-         f"{args.repeats} timed runs after a warm-up, megagpt and HF alternating, "
-         f"{args.clock} clock"),
-        (f"- machine: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}"
-         f" ({platform.processor() or platform.machine()}), torch "
-         f"{torch.__version__} with {torch.get_num_threads()} threads, transformers "
-         f"{transformers.__version__}; same process, same run; load average (1/5/15 min) "
-         f"{'/'.join(f'{x:.1f}' for x in load_before)} before, "
-         f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())} after"),
+        (
+            f"- model: {cfg.name or 'custom'} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+            f"{cfg.num_heads} heads, vocab {cfg.vocab_size}; {params / 1e6:.1f}M parameters), "
+            f"{args.dtype} on {device}, "
+            f"{'weights of ' + args.model if args.model else 'random weights'} (plain decoding's "
+            f"speed does not depend on them; speculation's does: see the guesses kept below)"
+            f"{'; megagpt compiled (static decode step, torch.compile)' if args.compile else ''}"
+            f"{'; megagpt reference loop (fast=False)' if args.reference else ''}"
+        ),
+        (
+            f"- prompts: {len(ids)} passages of {corpus_texts()[0]} of {args.prompt_tokens} "
+            f"tokens; greedy, exactly {n} new tokens each, KV cache on both sides; best of "
+            f"{args.repeats} timed runs after a warm-up, megagpt and HF alternating, "
+            f"{args.clock} clock"
+        ),
+        (
+            f"- machine: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}"
+            f" ({platform.processor() or platform.machine()}), torch "
+            f"{torch.__version__} with {torch.get_num_threads()} threads, transformers "
+            f"{transformers.__version__}; same process, same run; load average (1/5/15 min) "
+            f"{'/'.join(f'{x:.1f}' for x in load_before)} before, "
+            f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())} after"
+        ),
         "",
         "| decoding | megagpt pipeline (tok/s) | HF generate (tok/s) | ratio | same tokens |",
         "|---|---|---|---|---|",
@@ -292,14 +427,32 @@ def main() -> int:
         lines.append(f"| {label} | {a:.1f} | {b:.1f} | {a / b:.2f} | {'yes' if same else 'no'} |")
     if length_rows:
         first = length_rows[0][1]
-        lines += ["", f"Length sweep: one prompt of {args.prompt_tokens} tokens, batch 1, same "
-                  "protocol. A cost per token that does not grow with the length keeps tok/s "
-                  "flat.", "",
-                  "| new tokens | megagpt (tok/s) | vs the shortest | HF generate (tok/s) | ratio "
-                  "| same tokens |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"Length sweep: one prompt of {args.prompt_tokens} tokens, batch 1, same "
+            "protocol. A cost per token that does not grow with the length keeps tok/s "
+            "flat.",
+            "",
+            "| new tokens | megagpt (tok/s) | vs the shortest | HF generate (tok/s) | ratio "
+            "| same tokens |",
+            "|---|---|---|---|---|---|",
+        ]
         for m, a, b, same in length_rows:
-            lines.append(f"| {m} | {a:.1f} | {a / first:.2f} | {b:.1f} | {a / b:.2f} | "
-                         f"{'yes' if same else 'no'} |")
+            lines.append(
+                f"| {m} | {a:.1f} | {a / first:.2f} | {b:.1f} | {a / b:.2f} | "
+                f"{'yes' if same else 'no'} |"
+            )
+    if gen.speculate and passes["passes"]:
+        lines += [
+            "",
+            (
+                f"megagpt speculation (guessed tokens per pass <= {gen.speculate}): "
+                f"{passes['tokens'] / passes['passes']:.2f} tokens per row and pass over "
+                f"all timed and warm-up calls; {passes['kept']:,} of "
+                f"{passes['guessed']:,} guesses kept "
+                f"({passes['kept'] / max(passes['guessed'], 1):.0%})."
+            ),
+        ]
     text = "\n".join(lines) + "\n"
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")

@@ -31,22 +31,31 @@ from tools.probe_memory import MIB, ProbeLayout, compare, launch  # noqa: E402
 # (tp, pp, dp, zero): DP=1 rows run DeepSpeed's DP=1 rule whatever the ZeRO key (fp32: ZeRO 0,
 # bf16: the BF16_Optimizer), so one of them per TP x PP; DP=2 rows cover ZeRO 0-3 (PP=2: 0-1).
 LAYOUTS = [
-    (1, 1, 1, 1), (2, 1, 1, 1), (1, 2, 1, 1), (2, 2, 1, 1),
-    *[(1, 1, 2, z) for z in range(4)], *[(2, 1, 2, z) for z in range(4)],
-    *[(1, 2, 2, z) for z in range(2)], *[(2, 2, 2, z) for z in range(2)],
+    (1, 1, 1, 1),
+    (2, 1, 1, 1),
+    (1, 2, 1, 1),
+    (2, 2, 1, 1),
+    *[(1, 1, 2, z) for z in range(4)],
+    *[(2, 1, 2, z) for z in range(4)],
+    *[(1, 2, 2, z) for z in range(2)],
+    *[(2, 2, 2, z) for z in range(2)],
 ]
 
 
-def grid(sizes: list[str], precisions: list[str], micro: int, accum: int,
-         max_world: int) -> list[ProbeLayout]:
+def grid(
+    sizes: list[str], precisions: list[str], micro: int, accum: int, max_world: int
+) -> list[ProbeLayout]:
     """Every layout of the grid with ``tp * pp * dp <= max_world``."""
-    return [ProbeLayout(size, prec, tp, pp, dp, z, micro, accum)
-            for size in sizes for prec in precisions for tp, pp, dp, z in LAYOUTS
-            if tp * pp * dp <= max_world]
+    return [
+        ProbeLayout(size, prec, tp, pp, dp, z, micro, accum)
+        for size in sizes
+        for prec in precisions
+        for tp, pp, dp, z in LAYOUTS
+        if tp * pp * dp <= max_world
+    ]
 
 
-def run(layouts: list[ProbeLayout], save: Path | None = None, fresh: bool = False
-        ) -> list[dict]:
+def run(layouts: list[ProbeLayout], save: Path | None = None, fresh: bool = False) -> list[dict]:
     """Measure ``layouts`` (one launch per world size, or per layout when ``fresh``) and
     compare each with the planner; ``save`` receives the results so far after each world size
     (a long grid keeps them)."""
@@ -57,8 +66,7 @@ def run(layouts: list[ProbeLayout], save: Path | None = None, fresh: bool = Fals
         for lay, ranks in zip(batch, measured, strict=True):
             results.append(compare(lay, ranks))
             r = results[-1]
-            print(f"# measured {r['layout']}: ratio {r['ratio']:.3f}", file=sys.stderr,
-                  flush=True)
+            print(f"# measured {r['layout']}: ratio {r['ratio']:.3f}", file=sys.stderr, flush=True)
         if save is not None:
             save.write_text(json.dumps(results, indent=1))
     order = {lay.name(): i for i, lay in enumerate(layouts)}
@@ -67,17 +75,34 @@ def run(layouts: list[ProbeLayout], save: Path | None = None, fresh: bool = Fals
 
 def table(results: list[dict], markdown: bool) -> str:
     """The results as a fixed-width or Markdown table."""
-    head = ["layout", "DeepSpeed", "planner MiB", "measured MiB", "planner/measured",
-            "w/o buckets", "worst stage"]
-    rows = [[r["layout"], f"stage {r['ds_stage']} {r['optimizer']}", f"{r['planned'] / MIB:.2f}",
-             f"{r['measured'] / MIB:.2f}", f"{r['ratio']:.3f}", f"{r['without_buckets']:.3f}",
-             f"{r['worst_stage_ratio'] * 100:.1f} %"] for r in results]
+    head = [
+        "layout",
+        "DeepSpeed",
+        "planner MiB",
+        "measured MiB",
+        "planner/measured",
+        "w/o buckets",
+        "worst stage",
+    ]
+    rows = [
+        [
+            r["layout"],
+            f"stage {r['ds_stage']} {r['optimizer']}",
+            f"{r['planned'] / MIB:.2f}",
+            f"{r['measured'] / MIB:.2f}",
+            f"{r['ratio']:.3f}",
+            f"{r['without_buckets']:.3f}",
+            f"{r['worst_stage_ratio'] * 100:.1f} %",
+        ]
+        for r in results
+    ]
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
     widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
-    return "\n".join("  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True))
-                     for row in [head, *rows])
+    return "\n".join(
+        "  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)) for row in [head, *rows]
+    )
 
 
 def main() -> None:
@@ -87,24 +112,28 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=2, help="micro-batch size")
     ap.add_argument("--accum", type=int, default=2, help="micro-batches per step")
     ap.add_argument("--max-world", type=int, default=8, help="skip layouts with more ranks")
-    ap.add_argument("--fresh", action="store_true",
-                    help="new processes for every layout (slower: a process that ran other "
-                    "layouts can miscount a block freed on a gloo thread, see "
-                    "tools/probe_memory.py)")
+    ap.add_argument(
+        "--fresh",
+        action="store_true",
+        help="new processes for every layout (slower: a process that ran other "
+        "layouts can miscount a block freed on a gloo thread, see "
+        "tools/probe_memory.py)",
+    )
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--json", type=Path, help="also write every rank's figures here")
     a = ap.parse_args()
     start = time.time()
     load = os.getloadavg()
-    results = run(grid(a.sizes, a.precisions, a.micro, a.accum, a.max_world), a.json,
-                  a.fresh)
+    results = run(grid(a.sizes, a.precisions, a.micro, a.accum, a.max_world), a.json, a.fresh)
     print(table(results, a.markdown))
     worst = max(abs(r["ratio"] - 1) for r in results)
     rest = max(abs(r["without_buckets"] - 1) for r in results)
-    print(f"\n# {len(results)} layouts; largest |planner/measured - 1| = {worst * 100:.1f} % "
-          f"({rest * 100:.1f} % without the ZeRO buckets); "
-          f"load average {load[0]:.2f} -> {os.getloadavg()[0]:.2f}; "
-          f"{time.time() - start:.0f} s")
+    print(
+        f"\n# {len(results)} layouts; largest |planner/measured - 1| = {worst * 100:.1f} % "
+        f"({rest * 100:.1f} % without the ZeRO buckets); "
+        f"load average {load[0]:.2f} -> {os.getloadavg()[0]:.2f}; "
+        f"{time.time() - start:.0f} s"
+    )
 
 
 if __name__ == "__main__":

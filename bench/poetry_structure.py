@@ -34,8 +34,9 @@ def keeps_structure(prompt: str, text: str, lines: int) -> bool:
     width = len(_HAN.findall(prompt))
     rest = text.removeprefix(prompt)
     got = _LINE.findall(rest)[:lines]
-    return len(got) == lines and all(len(_HAN.findall(g)) == width and len(g) == width + 1
-                                     for g in got)
+    return len(got) == lines and all(
+        len(_HAN.findall(g)) == width and len(g) == width + 1 for g in got
+    )
 
 
 def main() -> int:
@@ -51,8 +52,10 @@ def main() -> int:
 
     from megagpt import pipeline
 
-    poems = [json.loads(x)["text1"] for x in
-             Path(args.test).read_text(encoding="utf-8").splitlines()[: args.poems]]
+    poems = [
+        json.loads(x)["text1"]
+        for x in Path(args.test).read_text(encoding="utf-8").splitlines()[: args.poems]
+    ]
     prompts = [first_line(p) for p in poems]
     pipe = pipeline("text-generation", model=args.model, device="cpu")
     outs = pipe(prompts, max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=16)
@@ -60,8 +63,17 @@ def main() -> int:
     share = sum(ok) / len(ok)
     for o in outs[: args.show]:
         print("  " + o["text"].replace("\n", " ")[:80])
-    print(json.dumps({"model": args.model, "poems": len(ok), "lines": args.lines,
-                      "keeps_structure": round(share, 4)}, ensure_ascii=False))
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "poems": len(ok),
+                "lines": args.lines,
+                "keeps_structure": round(share, 4),
+            },
+            ensure_ascii=False,
+        )
+    )
     return 0
 
 

@@ -177,7 +177,8 @@ def run_children(jobs: list[tuple[str, str, str, int]]) -> tuple[float, list[dic
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _CHILD, str(ROOT), *map(str, job)],
-            stdout=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
         for job in jobs
     ]
@@ -227,40 +228,57 @@ def scaling(args, tok_dir: str, tmp: str) -> None:
         for workers in runs:
             r = run_child(str(args.input), tok_dir, os.path.join(tmp, f"s{workers}"), workers)
             runs[workers].append(r)
-            print(f"  {workers} worker(s): {r['seconds']:.2f}s wall, main cpu "
-                  f"{r['main_cpu']:.2f}s, worker cpu {[round(c, 2) for c in r['worker_cpu']]}"
-                  f", load {loadavg()}", flush=True)
+            print(
+                f"  {workers} worker(s): {r['seconds']:.2f}s wall, main cpu "
+                f"{r['main_cpu']:.2f}s, worker cpu {[round(c, 2) for c in r['worker_cpu']]}"
+                f", load {loadavg()}",
+                flush=True,
+            )
         if halves:
-            wall, rs = run_children([(h, tok_dir, os.path.join(tmp, f"h{k}"), 1)
-                                     for k, h in enumerate(halves)])
+            wall, rs = run_children(
+                [(h, tok_dir, os.path.join(tmp, f"h{k}"), 1) for k, h in enumerate(halves)]
+            )
             control.append({"seconds": wall, "cpu": [r["main_cpu"] for r in rs]})
-            print(f"  control, 2 independent 1-worker halves: {wall:.2f}s wall, cpu "
-                  f"{[round(r['main_cpu'], 2) for r in rs]}, load {loadavg()}", flush=True)
+            print(
+                f"  control, 2 independent 1-worker halves: {wall:.2f}s wall, cpu "
+                f"{[round(r['main_cpu'], 2) for r in rs]}, load {loadavg()}",
+                flush=True,
+            )
     print(f"load average after: {loadavg()}")
     one = min(runs[1], key=lambda r: r["seconds"])
-    print(f"\n{'workers':>7s} {'best s':>7s} {'tokens/s':>11s} {'speed-up':>8s} "
-          f"{'main cpu s':>10s} {'worker cpu s':>20s} {'sum cpu s':>9s}")
+    print(
+        f"\n{'workers':>7s} {'best s':>7s} {'tokens/s':>11s} {'speed-up':>8s} "
+        f"{'main cpu s':>10s} {'worker cpu s':>20s} {'sum cpu s':>9s}"
+    )
     for workers, rs in runs.items():
         b = min(rs, key=lambda r: r["seconds"])
         cpu = b["main_cpu"] + sum(b["worker_cpu"])
-        print(f"{workers:7d} {b['seconds']:7.2f} {b['tokens'] / b['seconds']:11,.0f} "
-              f"{one['seconds'] / b['seconds']:7.2f}x {b['main_cpu']:10.2f} "
-              f"{str([round(c, 2) for c in b['worker_cpu']]):>20s} {cpu:9.2f}")
+        print(
+            f"{workers:7d} {b['seconds']:7.2f} {b['tokens'] / b['seconds']:11,.0f} "
+            f"{one['seconds'] / b['seconds']:7.2f}x {b['main_cpu']:10.2f} "
+            f"{str([round(c, 2) for c in b['worker_cpu']]):>20s} {cpu:9.2f}"
+        )
     if control:
         c = min(control, key=lambda r: r["seconds"])
-        print(f"control {c['seconds']:7.2f} {'':>11s} {one['seconds'] / c['seconds']:7.2f}x "
-              f"{'':>10s} {str([round(x, 2) for x in c['cpu']]):>20s} {sum(c['cpu']):9.2f}")
+        print(
+            f"control {c['seconds']:7.2f} {'':>11s} {one['seconds'] / c['seconds']:7.2f}x "
+            f"{'':>10s} {str([round(x, 2) for x in c['cpu']]):>20s} {sum(c['cpu']):9.2f}"
+        )
     b = min(runs[args.workers], key=lambda r: r["seconds"])
     ideal = (one["main_cpu"]) / max(max(b["worker_cpu"] or [0]), b["main_cpu"], 1e-9)
-    print(f"CPU-time bound on the speed-up (1-worker CPU / busiest process with "
-          f"{args.workers}): {ideal:.2f}x")
+    print(
+        f"CPU-time bound on the speed-up (1-worker CPU / busiest process with "
+        f"{args.workers}): {ideal:.2f}x"
+    )
 
 
 def memory(args, tok_dir: str, tmp: str) -> None:
     source = Path(args.input).read_bytes()
     print(f"load average before: {loadavg()}")
-    print(f"\n{'input MB':>8s} {'documents':>10s} {'seconds':>8s} {'peak RSS tree MB':>16s} "
-          f"{'main max RSS MB':>15s}")
+    print(
+        f"\n{'input MB':>8s} {'documents':>10s} {'seconds':>8s} {'peak RSS tree MB':>16s} "
+        f"{'main max RSS MB':>15s}"
+    )
     for mb in (int(x) for x in args.memory.split(",")):
         path = os.path.join(tmp, f"big{mb}.jsonl")
         with open(path, "wb") as f:
@@ -278,9 +296,11 @@ def memory(args, tok_dir: str, tmp: str) -> None:
             for ext in (".bin", ".idx", ".vocab.json"):
                 if os.path.exists(os.path.join(tmp, "m" + ext)):
                     os.unlink(os.path.join(tmp, "m" + ext))
-        print(f"{mb:8d} {r['documents']:10,d} {r['seconds']:8.1f} "
-              f"{r['peak_tree_rss'] / 2**20:16.0f} {r['maxrss_main_kb'] / 1024:15.0f}",
-              flush=True)
+        print(
+            f"{mb:8d} {r['documents']:10,d} {r['seconds']:8.1f} "
+            f"{r['peak_tree_rss'] / 2**20:16.0f} {r['maxrss_main_kb'] / 1024:15.0f}",
+            flush=True,
+        )
     print(f"load average after: {loadavg()}")
 
 
@@ -296,10 +316,17 @@ def main() -> int:
         default=2,
         help="runs per configuration; the fastest is reported (noisy machines)",
     )
-    parser.add_argument("--scaling", action="store_true",
-                        help="only: 1 worker vs --workers, wall and CPU time per process")
-    parser.add_argument("--memory", default=None, metavar="MB,MB,...",
-                        help="only: peak RSS of the process tree for inputs of these sizes")
+    parser.add_argument(
+        "--scaling",
+        action="store_true",
+        help="only: 1 worker vs --workers, wall and CPU time per process",
+    )
+    parser.add_argument(
+        "--memory",
+        default=None,
+        metavar="MB,MB,...",
+        help="only: peak RSS of the process tree for inputs of these sizes",
+    )
     args = parser.parse_args()
 
     if args.scaling or args.memory:
@@ -309,9 +336,11 @@ def main() -> int:
                 tok_dir = os.path.join(tmp, "tok")
                 wiki = make_input_spec(str(SHARED / "corpus" / "wiki_cmrc2018.jsonl"))
                 train_tokenizer(iter_documents([wiki]), tok_dir, vocab_size=25600)
-            print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} "
-                  f"cores, Python {platform.python_version()}, "
-                  f"{time.strftime('%Y-%m-%d %H:%M %Z')}; input {args.input}")
+            print(
+                f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} "
+                f"cores, Python {platform.python_version()}, "
+                f"{time.strftime('%Y-%m-%d %H:%M %Z')}; input {args.input}"
+            )
             if args.scaling:
                 scaling(args, tok_dir, tmp)
             if args.memory:

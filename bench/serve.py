@@ -85,9 +85,25 @@ class Server:
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(k, None)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "megagpt.cli", "serve", "--model", model, "--port",
-             str(self.port), "--max-batch", str(max_batch), "--device", "cpu", "--log-level",
-             "warning"], env=env, cwd=ROOT)
+            [
+                sys.executable,
+                "-m",
+                "megagpt.cli",
+                "serve",
+                "--model",
+                model,
+                "--port",
+                str(self.port),
+                "--max-batch",
+                str(max_batch),
+                "--device",
+                "cpu",
+                "--log-level",
+                "warning",
+            ],
+            env=env,
+            cwd=ROOT,
+        )
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -116,8 +132,10 @@ def run_level(server: Server, prompts: list[str], clients: int, new_tokens: int)
         done = tokens = 0
         with httpx.Client(timeout=600) as http:
             for prompt in prompts[c::clients]:
-                r = http.post(f"{server.url}/v1/completions", json={
-                    "prompt": prompt, "max_tokens": new_tokens, "temperature": 0})
+                r = http.post(
+                    f"{server.url}/v1/completions",
+                    json={"prompt": prompt, "max_tokens": new_tokens, "temperature": 0},
+                )
                 r.raise_for_status()
                 tokens += r.json()["usage"]["completion_tokens"]
                 done += 1
@@ -128,8 +146,14 @@ def run_level(server: Server, prompts: list[str], clients: int, new_tokens: int)
         results = list(pool.map(client, range(clients)))
     wall, cpu = time.perf_counter() - t0, server.cpu_seconds() - cpu0
     requests, tokens = sum(r[0] for r in results), sum(r[1] for r in results)
-    return {"requests": requests, "tokens": tokens, "wall_s": wall, "req_s": requests / wall,
-            "tok_s": tokens / wall, "cpu_per_ktok": 1000 * cpu / max(tokens, 1)}
+    return {
+        "requests": requests,
+        "tokens": tokens,
+        "wall_s": wall,
+        "req_s": requests / wall,
+        "tok_s": tokens / wall,
+        "cpu_per_ktok": 1000 * cpu / max(tokens, 1),
+    }
 
 
 def best(runs: list[dict]) -> dict:
@@ -148,8 +172,12 @@ def main() -> int:
     ap.add_argument("--prompt-chars", type=int, default=24, help="characters of each prompt")
     ap.add_argument("--clients", default="1,4,16", help="concurrency levels")
     ap.add_argument("--max-batch", type=int, default=16, help="rows of the batching server")
-    ap.add_argument("--repeats", type=int, default=2, help="runs per level and server (best "
-                    "kept; the servers' order alternates)")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="runs per level and server (best kept; the servers' order alternates)",
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each server")
     ap.add_argument("--output", help="write a markdown report here")
     args = ap.parse_args()
@@ -157,7 +185,7 @@ def main() -> int:
     docs = corpus()
     tmp = tempfile.TemporaryDirectory()
     model = args.model or random_model_dir(args.size, Path(tmp.name), docs)
-    prompts = [d[: args.prompt_chars] for d in docs[300:300 + args.requests]]
+    prompts = [d[: args.prompt_chars] for d in docs[300 : 300 + args.requests]]
     levels = [int(x) for x in args.clients.split(",")]
     load_before = os.getloadavg()
     batched, serial = Server(model, args.max_batch, args.threads), Server(model, 1, args.threads)
@@ -173,17 +201,21 @@ def main() -> int:
                     runs[tag].append(run_level(server, prompts, clients, args.new_tokens))
             b, s = (best(runs[t]) for t in ("b", "s"))
             rows.append((clients, b, s))
-            print(f"clients {clients:>2}: batched {b['req_s']:.2f} req/s {b['tok_s']:.1f} tok/s "
-                  f"| one-at-a-time {s['req_s']:.2f} req/s {s['tok_s']:.1f} tok/s | ratio "
-                  f"{b['tok_s'] / s['tok_s']:.2f}x wall, "
-                  f"{s['cpu_per_ktok'] / b['cpu_per_ktok']:.2f}x CPU/token", flush=True)
+            print(
+                f"clients {clients:>2}: batched {b['req_s']:.2f} req/s {b['tok_s']:.1f} tok/s "
+                f"| one-at-a-time {s['req_s']:.2f} req/s {s['tok_s']:.1f} tok/s | ratio "
+                f"{b['tok_s'] / s['tok_s']:.2f}x wall, "
+                f"{s['cpu_per_ktok'] / b['cpu_per_ktok']:.2f}x CPU/token",
+                flush=True,
+            )
     finally:
         batched.close()
         serial.close()
     load_after = os.getloadavg()
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     lines = [
-        "# Serving benchmark (`megagpt serve`)", "",
+        "# Serving benchmark (`megagpt serve`)",
+        "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         f"- machine: {platform.machine()} CPU, {os.cpu_count()} cores, no GPU "
         f"({platform.python_version()}, torch {__import__('torch').__version__}); shared with "
@@ -195,23 +227,30 @@ def main() -> int:
         "runs per level, the two servers' order alternating",
         f"- load average (1/5/15 min) before: {'/'.join(f'{x:.1f}' for x in load_before)}, "
         f"after: {'/'.join(f'{x:.1f}' for x in load_after)}",
-        "- batched: `--max-batch " f"{args.max_batch}` (continuous batching); one-at-a-time: "
-        "`--max-batch 1` (same server, one request decoded at a time)", "",
+        "- batched: `--max-batch "
+        f"{args.max_batch}` (continuous batching); one-at-a-time: "
+        "`--max-batch 1` (same server, one request decoded at a time)",
+        "",
         "| clients | batched req/s | batched tok/s | one-at-a-time req/s | one-at-a-time tok/s "
         "| ratio (wall) | server CPU s / 1k tok (batched, one) | ratio (CPU) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for clients, b, s in rows:
-        lines.append(f"| {clients} | {b['req_s']:.2f} | {b['tok_s']:.1f} | {s['req_s']:.2f} | "
-                     f"{s['tok_s']:.1f} | {b['tok_s'] / s['tok_s']:.2f}x | "
-                     f"{b['cpu_per_ktok']:.2f}, {s['cpu_per_ktok']:.2f} | "
-                     f"{s['cpu_per_ktok'] / b['cpu_per_ktok']:.2f}x |")
+        lines.append(
+            f"| {clients} | {b['req_s']:.2f} | {b['tok_s']:.1f} | {s['req_s']:.2f} | "
+            f"{s['tok_s']:.1f} | {b['tok_s'] / s['tok_s']:.2f}x | "
+            f"{b['cpu_per_ktok']:.2f}, {s['cpu_per_ktok']:.2f} | "
+            f"{s['cpu_per_ktok'] / b['cpu_per_ktok']:.2f}x |"
+        )
     lines += [
-        "", "Reading: wall figures are what the clients saw (requests and generated tokens per "
+        "",
+        "Reading: wall figures are what the clients saw (requests and generated tokens per "
         "second over the level); the CPU column is the server process's user + system time per "
         "1000 generated tokens, steadier than wall time on a loaded machine. With one client "
         "both servers run the same code (one active row), so their ratio there shows the "
         "noise of the machine, not a cost of batching; with 4 and 16 clients the batching "
-        "server decodes up to that many requests per forward, the other one at a time."]
+        "server decodes up to that many requests per forward, the other one at a time.",
+    ]
     report = "\n".join(lines) + "\n"
     print(report)
     if args.output:

@@ -42,9 +42,12 @@ CPU_AUTO_MICRO = 4
 T = TypeVar("T")
 
 
-def largest_that_fits(candidates: Iterable[int], attempt: Callable[[int], T],
-                      is_oom: Callable[[BaseException], bool],
-                      cleanup: Callable[[], None] = lambda: None) -> tuple[int, T, list[int]]:
+def largest_that_fits(
+    candidates: Iterable[int],
+    attempt: Callable[[int], T],
+    is_oom: Callable[[BaseException], bool],
+    cleanup: Callable[[], None] = lambda: None,
+) -> tuple[int, T, list[int]]:
     """Run ``attempt(c)`` for each candidate, largest first, until one does not run out of
     memory; returns that candidate, its result and the candidates that did not fit.
 
@@ -72,8 +75,9 @@ def is_cuda_oom(e: BaseException) -> bool:
     if isinstance(e, torch.OutOfMemoryError):
         return True
     text = str(e)
-    return isinstance(e, RuntimeError) and ("out of memory" in text.lower()
-                                            or "CUBLAS_STATUS_ALLOC_FAILED" in text)
+    return isinstance(e, RuntimeError) and (
+        "out of memory" in text.lower() or "CUBLAS_STATUS_ALLOC_FAILED" in text
+    )
 
 
 def free_cuda() -> None:
@@ -87,12 +91,20 @@ def free_cuda() -> None:
 def hf_model(cfg, device, dtype):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    hc = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_position_embeddings,
-                    n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads,
-                    n_inner=cfg.ffn, activation_function="gelu_new"
-                    if cfg.activation == "gelu_tanh" else "gelu",
-                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                    layer_norm_epsilon=cfg.layernorm_eps, tie_word_embeddings=True)
+    hc = GPT2Config(
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.max_position_embeddings,
+        n_embd=cfg.hidden_size,
+        n_layer=cfg.num_layers,
+        n_head=cfg.num_heads,
+        n_inner=cfg.ffn,
+        activation_function="gelu_new" if cfg.activation == "gelu_tanh" else "gelu",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        layer_norm_epsilon=cfg.layernorm_eps,
+        tie_word_embeddings=True,
+    )
     hc._attn_implementation = "sdpa"  # the same attention kernel megagpt uses
     return GPT2LMHeadModel(hc).to(device=device, dtype=dtype)
 
@@ -104,10 +116,17 @@ def megagpt_config(size: str, args, micro: int, device, compile_mode: str):
     """The trainer's config for this benchmark's shape (validated as the trainer does)."""
     from megagpt.config import load_config, validate
 
-    overrides = [f"model.name={size}", f"model.seq_length={args.seq}", "model.dropout=0",
-                 "model.attention_dropout=0", f"train.precision={args.precision}",
-                 f"train.micro_batch_size={micro}", f"train.compile={compile_mode}",
-                 f"train.global_batch_size={micro * args.accum}", "optim.lr=1e-4"]
+    overrides = [
+        f"model.name={size}",
+        f"model.seq_length={args.seq}",
+        "model.dropout=0",
+        "model.attention_dropout=0",
+        f"train.precision={args.precision}",
+        f"train.micro_batch_size={micro}",
+        f"train.compile={compile_mode}",
+        f"train.global_batch_size={micro * args.accum}",
+        "optim.lr=1e-4",
+    ]
     if args.zero is not None:
         overrides.append(f"parallel.zero_stage={args.zero}")
     cfg = load_config(None, overrides)
@@ -115,7 +134,7 @@ def megagpt_config(size: str, args, micro: int, device, compile_mode: str):
     return cfg
 
 
-def build_megagpt(size: str, args, micro: int, device, compile_mode: str, dims) -> dict:
+def build_megagpt(size: str, args, micro: int, device, compile_mode: str, ctx) -> dict:
     """The trainer's engine for ``size`` at ``micro`` (``train.compile=compile_mode``) and
     its global batch of random tokens (seeded: every side gets the same)."""
     import torch
@@ -126,17 +145,29 @@ def build_megagpt(size: str, args, micro: int, device, compile_mode: str, dims) 
 
     cfg = megagpt_config(size, args, micro, device, compile_mode)
     tf32 = configure_matmul_precision(device, cfg.train.tf32)  # as the trainer; HF runs under it
-    module = build_model(cfg, dims, device)
+    module = build_model(cfg, ctx.dims, device)
     initialize_weights(module, cfg.model, 1, 0, 1)
-    engine = Engine(cfg, module, dims, device)
+    engine = Engine(cfg, module, ctx)
     gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, cfg.model.vocab_size, (micro * args.accum, args.seq + 1),
-                           generator=gen)
-    batch = [{"tokens": tokens[i:i + micro, :-1], "labels": tokens[i:i + micro, 1:],
-              "loss_mask": torch.ones(micro, args.seq)}
-             for i in range(0, micro * args.accum, micro)]
-    return {"cfg": cfg, "engine": engine, "step": lambda: engine.train_step(batch),
-            "zero": deepspeed_zero_stage(cfg, 1), "tokens": tokens, "tf32": tf32}
+    tokens = torch.randint(
+        0, cfg.model.vocab_size, (micro * args.accum, args.seq + 1), generator=gen
+    )
+    batch = [
+        {
+            "tokens": tokens[i : i + micro, :-1],
+            "labels": tokens[i : i + micro, 1:],
+            "loss_mask": torch.ones(micro, args.seq),
+        }
+        for i in range(0, micro * args.accum, micro)
+    ]
+    return {
+        "cfg": cfg,
+        "engine": engine,
+        "step": lambda: engine.train_step(batch),
+        "zero": deepspeed_zero_stage(cfg, 1),
+        "tokens": tokens,
+        "tf32": tf32,
+    }
 
 
 def build_hf(cfg, tokens, micro: int, device, dtype):
@@ -145,8 +176,10 @@ def build_hf(cfg, tokens, micro: int, device, dtype):
 
     hf = hf_model(cfg.model, device, dtype)
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=device.type == "cuda")
-    xs = [(tokens[i:i + micro, :-1].to(device), tokens[i:i + micro, 1:].to(device))
-          for i in range(0, tokens.shape[0], micro)]
+    xs = [
+        (tokens[i : i + micro, :-1].to(device), tokens[i : i + micro, 1:].to(device))
+        for i in range(0, tokens.shape[0], micro)
+    ]
 
     def hf_step():
         for x, y in xs:
@@ -193,15 +226,14 @@ def run_size(size: str, args, micro: int, device, sync, dtype) -> dict:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    dims = parallel.initialize(megagpt_config(size, args, micro, device, "never").parallel,
-                               device)
+    ctx = parallel.initialize(megagpt_config(size, args, micro, device, "never").parallel, device)
     try:
-        eager = build_megagpt(size, args, micro, device, "never", dims)
+        eager = build_megagpt(size, args, micro, device, "never", ctx)
         steps = {"megagpt": eager.pop("step")}
         warm = {"megagpt": warm_up(steps["megagpt"], args.warmup, sync)}
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         if args.compile:
-            steps["compiled"] = build_megagpt(size, args, micro, device, "always", dims)["step"]
+            steps["compiled"] = build_megagpt(size, args, micro, device, "always", ctx)["step"]
         steps["HF"] = build_hf(eager["cfg"], eager["tokens"], micro, device, dtype)
         before = compile_seconds()
         for name in steps.keys() - {"megagpt"}:
@@ -222,8 +254,14 @@ def planner_bytes(cfg, zero: int) -> float:
     from megagpt.planner.memory import CUDA_RESERVE_BYTES, Layout, memory_per_stage, peak_stage
 
     layout = replace(Layout.from_config(cfg, 1), zero_stage=zero)  # the stage DeepSpeed runs
-    stages = memory_per_stage(cfg.model, layout, precision=cfg.train.precision,
-                              global_batch=cfg.train.global_batch_size, flash=True, cuda=True)
+    stages = memory_per_stage(
+        cfg.model,
+        layout,
+        precision=cfg.train.precision,
+        global_batch=cfg.train.global_batch_size,
+        flash=True,
+        cuda=True,
+    )
     return peak_stage(stages).total - CUDA_RESERVE_BYTES
 
 
@@ -231,20 +269,40 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", nargs="+", default=["gpt3-mini", "gpt3-base"])
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--micro", default="auto",
-                    help=f"micro-batch size, or auto: the largest of {list(MICRO_CANDIDATES)} "
-                    f"that fits on CUDA, {CPU_AUTO_MICRO} on CPU")
-    ap.add_argument("--accum", type=int, default=1,
-                    help="micro-batches per optimizer step (the global batch is micro x accum)")
-    ap.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=None,
-                    help="parallel.zero_stage (default: the config default, as the trainer)")
+    ap.add_argument(
+        "--micro",
+        default="auto",
+        help=f"micro-batch size, or auto: the largest of {list(MICRO_CANDIDATES)} "
+        f"that fits on CUDA, {CPU_AUTO_MICRO} on CPU",
+    )
+    ap.add_argument(
+        "--accum",
+        type=int,
+        default=1,
+        help="micro-batches per optimizer step (the global batch is micro x accum)",
+    )
+    ap.add_argument(
+        "--zero",
+        type=int,
+        choices=[0, 1, 2, 3],
+        default=None,
+        help="parallel.zero_stage (default: the config default, as the trainer)",
+    )
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--no-compile", dest="compile", action="store_false",
-                    help="skip the compiled megagpt side (train.compile=always)")
-    ap.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
-                    help="wall time, or process CPU time (a shared machine; with --threads 1)")
+    ap.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        help="skip the compiled megagpt side (train.compile=always)",
+    )
+    ap.add_argument(
+        "--clock",
+        default="wall",
+        choices=sorted(CLOCKS),
+        help="wall time, or process CPU time (a shared machine; with --threads 1)",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
     if args.micro != "auto" and not args.micro.isdigit():
@@ -263,14 +321,18 @@ def main() -> None:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     gpu = f"  {torch.cuda.get_device_name(device)}" if cuda else ""
-    print(f"# bench/train_step.py  {time.strftime('%Y-%m-%d %H:%M')}  "
-          f"{platform.processor() or platform.machine()} {os.cpu_count()} CPUs  device={device}"
-          f"{gpu}  torch {torch.__version__}  threads={torch.get_num_threads()}  "
-          f"precision={args.precision}  accum={args.accum}  clock={args.clock}  "
-          f"load {os.getloadavg()[0]:.1f}")
-    head = (f"{'size':<10} {'seq':>5} {'micro':>5} {'ZeRO':>4} {'megagpt tok/s':>14} "
-            f"{'compiled tok/s':>14} {'HF tok/s':>10} {'eager/HF':>8} {'comp/HF':>7} "
-            f"{'compile s':>9} {'TFLOP/s':>8} {'MFU':>6}")
+    print(
+        f"# bench/train_step.py  {time.strftime('%Y-%m-%d %H:%M')}  "
+        f"{platform.processor() or platform.machine()} {os.cpu_count()} CPUs  device={device}"
+        f"{gpu}  torch {torch.__version__}  threads={torch.get_num_threads()}  "
+        f"precision={args.precision}  accum={args.accum}  clock={args.clock}  "
+        f"load {os.getloadavg()[0]:.1f}"
+    )
+    head = (
+        f"{'size':<10} {'seq':>5} {'micro':>5} {'ZeRO':>4} {'megagpt tok/s':>14} "
+        f"{'compiled tok/s':>14} {'HF tok/s':>10} {'eager/HF':>8} {'comp/HF':>7} "
+        f"{'compile s':>9} {'TFLOP/s':>8} {'MFU':>6}"
+    )
     if cuda:
         head += f" {'peak GiB':>8} {'planner GiB':>11} {'plan/peak':>9}"
     print(head, flush=True)
@@ -280,43 +342,60 @@ def main() -> None:
         candidates = list(MICRO_CANDIDATES) if cuda else [CPU_AUTO_MICRO]
     for size in args.sizes:
         micro, ours, too_big = largest_that_fits(
-            candidates, lambda m, s=size: run_size(s, args, m, device, sync, dtype),
-            is_cuda_oom if cuda else (lambda e: False), free_cuda)
+            candidates,
+            lambda m, s=size: run_size(s, args, m, device, sync, dtype),
+            is_cuda_oom if cuda else (lambda e: False),
+            free_cuda,
+        )
         if too_big:
-            print(f"# {size}: micro {too_big} ran out of memory (all sides in memory at once)",
-                  flush=True)
+            print(
+                f"# {size}: micro {too_big} ran out of memory (all sides in memory at once)",
+                flush=True,
+            )
         cfg = ours["cfg"]
         n_tok = micro * args.accum * args.seq
         tps = {name: n_tok / statistics.median(t) for name, t in ours["times"].items()}
         best = max(tps.get("compiled", 0.0), tps["megagpt"])
         fpt = flops_per_token(cfg.model, padded_vocab_size(cfg.model.vocab_size, 1), args.seq)
         tflops = fpt * best / 1e12
-        peak = device_peak_tflops(device, args.precision, cfg.logging.peak_tflops,
-                                  tf32=ours["tf32"])
+        peak = device_peak_tflops(
+            device, args.precision, cfg.logging.peak_tflops, tf32=ours["tf32"]
+        )
         mfu = f"{tflops / peak:6.1%}" if peak else "   n/a"
         comp = tps.get("compiled")
-        comp_cols = (f"{comp:>14,.0f}", f"{comp / tps['HF']:>7.2f}",
-                     f"{ours['compile_s']:>9.1f}") if comp else (f"{'-':>14}", f"{'-':>7}",
-                                                                  f"{'-':>9}")
-        line = (f"{size:<10} {args.seq:>5} {micro:>5} {ours['zero']:>4} {tps['megagpt']:>14,.0f} "
-                f"{comp_cols[0]} {tps['HF']:>10,.0f} {tps['megagpt'] / tps['HF']:>8.2f} "
-                f"{comp_cols[1]} {comp_cols[2]} {tflops:>8.3f} {mfu}")
+        comp_cols = (
+            (f"{comp:>14,.0f}", f"{comp / tps['HF']:>7.2f}", f"{ours['compile_s']:>9.1f}")
+            if comp
+            else (f"{'-':>14}", f"{'-':>7}", f"{'-':>9}")
+        )
+        line = (
+            f"{size:<10} {args.seq:>5} {micro:>5} {ours['zero']:>4} {tps['megagpt']:>14,.0f} "
+            f"{comp_cols[0]} {tps['HF']:>10,.0f} {tps['megagpt'] / tps['HF']:>8.2f} "
+            f"{comp_cols[1]} {comp_cols[2]} {tflops:>8.3f} {mfu}"
+        )
         if cuda:
             pred = planner_bytes(cfg, ours["zero"])
-            line += (f" {ours['peak'] / 2**30:>8.2f} {pred / 2**30:>11.2f} "
-                     f"{pred / ours['peak']:>9.2f}")
+            line += (
+                f" {ours['peak'] / 2**30:>8.2f} {pred / 2**30:>11.2f} {pred / ours['peak']:>9.2f}"
+            )
         print(line, flush=True)
         del ours
         free_cuda()
-    print(f"# median of {args.iters} steps per side, sides alternating, after {args.warmup} "
-          "warm-up steps each; compile s: torch.compile time (dynamo + inductor, forward and "
-          f"backward) in the compiled side's warm-up; TFLOP/s and MFU of the faster megagpt "
-          f"side; load at the end {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"# median of {args.iters} steps per side, sides alternating, after {args.warmup} "
+        "warm-up steps each; compile s: torch.compile time (dynamo + inductor, forward and "
+        f"backward) in the compiled side's warm-up; TFLOP/s and MFU of the faster megagpt "
+        f"side; load at the end {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     if cuda:
-        print("# peak GiB: torch.cuda.max_memory_allocated over megagpt's eager warm-up steps "
-              "(reset per size, before the other sides are built); planner GiB: "
-              "megagpt.planner.memory's peak stage for the same layout and the ZeRO "
-              "stage DeepSpeed runs, minus its CUDA context/NCCL reserve", flush=True)
+        print(
+            "# peak GiB: torch.cuda.max_memory_allocated over megagpt's eager warm-up steps "
+            "(reset per size, before the other sides are built); planner GiB: "
+            "megagpt.planner.memory's peak stage for the same layout and the ZeRO "
+            "stage DeepSpeed runs, minus its CUDA context/NCCL reserve",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

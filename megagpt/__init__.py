@@ -2,6 +2,7 @@
 
 import warnings
 
+# The one version number: pyproject.toml reads it into the package metadata (a dynamic version).
 __version__ = "0.1.0"
 
 # megatron-core warns at import that Transformer Engine / apex are absent; both are optional

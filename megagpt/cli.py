@@ -22,18 +22,24 @@ def _quiet() -> None:
 def cmd_models(args: argparse.Namespace) -> int:
     from megagpt.config.sizes import get_size, names, parameter_count
 
-    print(f"{'name':<11} {'layers':>6} {'heads':>5} {'d_model':>7} {'head_dim':>8} "
-          f"{'params':>10} {'LR':>8} {'batch tokens':>13} {'seqs':>5}  source")
+    print(
+        f"{'name':<11} {'layers':>6} {'heads':>5} {'d_model':>7} {'head_dim':>8} "
+        f"{'params':>10} {'LR':>8} {'batch tokens':>13} {'seqs':>5}  source"
+    )
     for n in names():
         s = get_size(n)
         m = s.model_config()
         count = parameter_count(m)
         shown = f"{count / 1e9:.3f}B" if count >= 1e8 else f"{count / 1e6:.2f}M"
-        print(f"{n:<11} {m.num_layers:>6} {m.num_heads:>5} {m.hidden_size:>7} {m.head_dim:>8} "
-              f"{shown:>10} {s.lr:>8.1e} {s.batch_tokens:>13,} {s.global_batch_sequences:>5}  "
-              f"{s.source}")
-    print("params: tied input/output embedding, vocab as listed by the size (25,600 for the "
-          "GPT-3 rows), 2048 learned positions.")
+        print(
+            f"{n:<11} {m.num_layers:>6} {m.num_heads:>5} {m.hidden_size:>7} {m.head_dim:>8} "
+            f"{shown:>10} {s.lr:>8.1e} {s.batch_tokens:>13,} {s.global_batch_sequences:>5}  "
+            f"{s.source}"
+        )
+    print(
+        "params: tied input/output embedding, vocab as listed by the size (25,600 for the "
+        "GPT-3 rows), 2048 learned positions."
+    )
     return 0
 
 
@@ -104,8 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="pretrain (single process or under torchrun/srun)")
     p.add_argument("--config", required=True, help="YAML recipe, e.g. configs/pretrain/tiny.yaml")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="dotted overrides, e.g. train.steps=100 parallel.tensor=2")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted overrides, e.g. train.steps=100 parallel.tensor=2",
+    )
     from megagpt.planner.cli import add_dry_run_options, add_plan_parser
 
     add_dry_run_options(p)
@@ -113,23 +123,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_parser(sub)
 
-    p = sub.add_parser("quickstart", help="tokenizer + preprocessing + a small CPU pretraining "
-                       "run on the bundled sample corpus")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="overrides for configs/pretrain/tiny.yaml")
+    p = sub.add_parser(
+        "quickstart",
+        help="tokenizer + preprocessing + a small CPU pretraining run on the bundled sample corpus",
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="overrides for configs/pretrain/tiny.yaml"
+    )
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("config-docs", help="print the config reference (from the field docs)")
     p.add_argument("--output", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_config_docs)
 
-    p = sub.add_parser("convert", help="convert checkpoints between training checkpoints (any "
-                       "TP/PP), model dirs, ModelScope GPT-3 and Hugging Face GPT-2")
+    p = sub.add_parser(
+        "convert",
+        help="convert checkpoints between training checkpoints (any "
+        "TP/PP), model dirs, ModelScope GPT-3 and Hugging Face GPT-2",
+    )
     p.add_argument("--input", required=True, help="checkpoint or model directory (kind detected)")
     p.add_argument("--output", required=True, help="directory to write")
     p.add_argument("--to", required=True, choices=("megagpt", "modelscope", "hf"))
-    p.add_argument("--tp", type=int, help="megagpt: training checkpoint for this TP size; "
-                   "modelscope: number of shards")
+    p.add_argument(
+        "--tp",
+        type=int,
+        help="megagpt: training checkpoint for this TP size; modelscope: number of shards",
+    )
     p.add_argument("--pp", type=int, help="megagpt: training checkpoint for this many stages")
     p.set_defaults(func=cmd_convert)
 
@@ -142,19 +161,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_generate_parser(sub)
 
-    p = sub.add_parser("finetune", help="fine-tune on src_txt / src_txt+tgt_txt jsonl or csv "
-                       "(single process or under torchrun)")
-    p.add_argument("--config", required=True, help="YAML recipe, e.g. "
-                   "configs/finetune/poetry.yaml")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="dotted overrides, e.g. finetune.init_from=runs/x/model train.steps=50")
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune on src_txt / src_txt+tgt_txt jsonl or csv "
+        "(single process or under torchrun)",
+    )
+    p.add_argument("--config", required=True, help="YAML recipe, e.g. configs/finetune/poetry.yaml")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted overrides, e.g. finetune.init_from=runs/x/model train.steps=50",
+    )
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("plot", help="loss, LR, grad norm, tokens/s and MFU curves of run "
-                       "directories (from metrics.jsonl) into one PNG")
+    p = sub.add_parser(
+        "plot",
+        help="loss, LR, grad norm, tokens/s and MFU curves of run "
+        "directories (from metrics.jsonl) into one PNG",
+    )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories to overlay")
-    p.add_argument("--out", metavar="FILE.png", help="output PNG (default: RUN_DIR/metrics.png "
-                   "for one run, ./metrics.png for several)")
+    p.add_argument(
+        "--out",
+        metavar="FILE.png",
+        help="output PNG (default: RUN_DIR/metrics.png for one run, ./metrics.png for several)",
+    )
     p.set_defaults(func=cmd_plot)
 
     from megagpt.curation.cli import add_clean_parser
@@ -173,8 +204,7 @@ def _error_line(command: str, e: BaseException) -> None:
     import os
 
     rank = os.environ.get("RANK")
-    tag = f" [rank {rank}]" if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" \
-        else ""
+    tag = f" [rank {rank}]" if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
     message = " ".join(str(e).split("\n")).strip() or type(e).__name__
     print(f"megagpt {command}: error:{tag} {message}", file=sys.stderr, flush=True)
 

@@ -25,14 +25,21 @@ def prepare(tokenizer_dir: str, prefix: str) -> None:
     if not (Path(tokenizer_dir) / "tokenizer.json").is_file():
         docs = (json.loads(line)["text"] for line in SAMPLE.read_text("utf-8").splitlines())
         tok = train_tokenizer(docs, tokenizer_dir, vocab_size=QUICKSTART_VOCAB)
-        print(f"[megagpt] trained tokenizer on {SAMPLE.name}: {tok.vocab_size} tokens -> "
-              f"{tokenizer_dir}", flush=True)
+        print(
+            f"[megagpt] trained tokenizer on {SAMPLE.name}: {tok.vocab_size} tokens -> "
+            f"{tokenizer_dir}",
+            flush=True,
+        )
     if not Path(prefix + ".idx").is_file():
         Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-        stats = preprocess([make_input_spec(str(SAMPLE))], tokenizer_dir, prefix,
-                           append_eod=True, progress=False)
-        print(f"[megagpt] indexed dataset {prefix}: {stats.documents} documents, "
-              f"{stats.tokens:,} tokens", flush=True)
+        stats = preprocess(
+            [make_input_spec(str(SAMPLE))], tokenizer_dir, prefix, append_eod=True, progress=False
+        )
+        print(
+            f"[megagpt] indexed dataset {prefix}: {stats.documents} documents, "
+            f"{stats.tokens:,} tokens",
+            flush=True,
+        )
 
 
 def run(overrides: list[str]) -> int:
@@ -40,11 +47,15 @@ def run(overrides: list[str]) -> int:
     from megagpt.training.trainer import train
 
     if not RECIPE.is_file():
-        raise ConfigError(f"{RECIPE} not found: run the quickstart from a clone of megagpt "
-                          "(pip install -e .)")
+        raise ConfigError(
+            f"{RECIPE} not found: run the quickstart from a clone of megagpt (pip install -e .)"
+        )
     cfg = load_config(RECIPE, overrides)
     prepare(cfg.data.tokenizer, cfg.data.paths[0])
     state = train(cfg)
-    print(f"[megagpt] quickstart done: {state.step} steps; run directory {cfg.run.dir} "
-          f"(config.yaml, metrics.jsonl, checkpoints/, model/)", flush=True)
+    print(
+        f"[megagpt] quickstart done: {state.step} steps; run directory {cfg.run.dir} "
+        f"(config.yaml, metrics.jsonl, checkpoints/, model/)",
+        flush=True,
+    )
     return 0

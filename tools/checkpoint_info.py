@@ -32,8 +32,11 @@ PROG = "checkpoint_info.py"
 
 def _files(root: Path) -> list[dict]:
     """Every file under ``root``: relative path and size, sorted."""
-    return [{"path": p.relative_to(root).as_posix(), "size": p.stat().st_size}
-            for p in sorted(root.rglob("*")) if p.is_file()]
+    return [
+        {"path": p.relative_to(root).as_posix(), "size": p.stat().st_size}
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    ]
 
 
 def _tensors(paths: list[Path]) -> dict:
@@ -106,20 +109,24 @@ def describe_training(path: str, *, verify: bool = False) -> dict:
     from megagpt.checkpoint import reshard
     from megagpt.checkpoint.canonical import CheckpointError
     from megagpt.checkpoint.manager import resolve_load
+    from megagpt.checkpoint.tags import read_latest
     from megagpt.config.schema import ModelConfig
 
     directory, tag = resolve_load(path)
     checkpoint = Path(directory) / tag
-    latest = Path(directory) / "latest"
     info: dict = {
-        "kind": "training", "path": str(checkpoint), "tag": tag,
-        "latest": latest.read_text(encoding="utf-8").strip() if latest.is_file() else None,
+        "kind": "training",
+        "path": str(checkpoint),
+        "tag": tag,
+        "latest": read_latest(directory),
         "checkpoints": sorted(p.name for p in Path(directory).glob("step_*") if p.is_dir()),
     }
     meta = reshard.read_meta(str(checkpoint))
     if meta is None:
-        raise CheckpointError(f"{checkpoint}: no {reshard.RECORD}/meta.json; not a megagpt "
-                              "training checkpoint, or one written before the layout-free record")
+        raise CheckpointError(
+            f"{checkpoint}: no {reshard.RECORD}/meta.json; not a megagpt "
+            "training checkpoint, or one written before the layout-free record"
+        )
     client = meta.get("client", {})
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     cfg = ModelConfig(**{k: v for k, v in meta["model"].items() if k in known})
@@ -128,9 +135,12 @@ def describe_training(path: str, *, verify: bool = False) -> dict:
     samples = client.get("consumed_samples", meta.get("engine", {}).get("global_samples"))
     record = reshard.record_path(str(checkpoint))
     info.update(
-        step=step, consumed_samples=samples,
+        step=step,
+        consumed_samples=samples,
         tokens=samples * cfg.seq_length if samples is not None else None,
-        adam_step=meta.get("adam_step"), layout=meta.get("layout", {}), model=model,
+        adam_step=meta.get("adam_step"),
+        layout=meta.get("layout", {}),
+        model=model,
         optimizer_state=[k for k in meta.get("kinds", []) if k != "param"],
         tensors=_tensors(sorted(record.glob("*.param.safetensors"))),
         tokenizer=_tokenizer(client.get("config", {}).get("data", {}).get("tokenizer")),
@@ -160,11 +170,15 @@ def describe_model_dir(path: str) -> dict:
         raise model_dir.ModelDirError(f"{root}: config.json but no *.safetensors weights")
     files = _files(root)
     return {
-        "kind": "model", "path": str(root), "model": _model(cfg),
+        "kind": "model",
+        "path": str(root),
+        "model": _model(cfg),
         "trained_steps": config.get("trained_steps"),
         "trained_tokens": config.get("trained_tokens"),
-        "tensors": _tensors(weights), "tokenizer": _tokenizer(model_dir.tokenizer_path(path)),
-        "files": files, "total_size": sum(f["size"] for f in files),
+        "tensors": _tensors(weights),
+        "tokenizer": _tokenizer(model_dir.tokenizer_path(path)),
+        "files": files,
+        "total_size": sum(f["size"] for f in files),
     }
 
 
@@ -183,8 +197,10 @@ def describe(path: str, *, verify: bool = False) -> dict:
         return describe_model_dir(path)
     if kind == "training":
         return describe_training(path, verify=verify)
-    raise CheckpointError(f"{path}: a {kind} checkpoint, not a megagpt one; convert it first: "
-                          f"megagpt convert --input {path} --output DIR --to megagpt")
+    raise CheckpointError(
+        f"{path}: a {kind} checkpoint, not a megagpt one; convert it first: "
+        f"megagpt convert --input {path} --output DIR --to megagpt"
+    )
 
 
 def _size(n: float) -> str:
@@ -202,36 +218,54 @@ def _count(n: int) -> str:
 def render(info: dict) -> str:
     """The human-readable report of ``describe``."""
     m = info["model"]["config"]
-    lines = [f"{info['path']}: "
-             + ("training checkpoint" if info["kind"] == "training" else "model directory")]
+    lines = [
+        f"{info['path']}: "
+        + ("training checkpoint" if info["kind"] == "training" else "model directory")
+    ]
 
     def row(key: str, value) -> None:
         lines.append(f"  {key:<16}{value}")
 
     if info["kind"] == "training":
         n = len(info["checkpoints"])
-        row("step", f"{info['step']} ({'latest' if info['latest'] == info['tag'] else 'not latest'}"
-            f"; {n} checkpoint{'s' if n != 1 else ''} here, latest: {info['latest']})")
+        row(
+            "step",
+            f"{info['step']} ({'latest' if info['latest'] == info['tag'] else 'not latest'}"
+            f"; {n} checkpoint{'s' if n != 1 else ''} here, latest: {info['latest']})",
+        )
         if info["consumed_samples"] is not None:
             row("trained", f"{info['consumed_samples']:,} samples = {info['tokens']:,} tokens")
         lay = info["layout"]
-        row("layout", f"TP {lay.get('tp')} x PP {lay.get('pp')} x DP {lay.get('dp')}, ZeRO "
-            f"{lay.get('zero_stage')}, {lay.get('precision')} (resumable at any layout)")
+        row(
+            "layout",
+            f"TP {lay.get('tp')} x PP {lay.get('pp')} x DP {lay.get('dp')}, ZeRO "
+            f"{lay.get('zero_stage')}, {lay.get('precision')} (resumable at any layout)",
+        )
     elif info.get("trained_steps") is not None:
         row("trained", f"{info['trained_steps']} steps, {info['trained_tokens']:,} tokens")
-    row("model", f"{m['name'] or 'custom'}: {m['num_layers']} layers, hidden {m['hidden_size']}, "
+    row(
+        "model",
+        f"{m['name'] or 'custom'}: {m['num_layers']} layers, hidden {m['hidden_size']}, "
         f"{m['num_heads']} heads, ffn {m['ffn_hidden_size'] or 4 * m['hidden_size']}, "
         f"seq {m['seq_length']}, positions {m['max_position_embeddings']}, "
-        f"vocab {m['vocab_size']}")
+        f"vocab {m['vocab_size']}",
+    )
     row("parameters", _count(info["model"]["parameters"]))
     t = info["tensors"]
     dtypes = ", ".join(sorted(t["dtypes"]))
     what = "master weights" if info["kind"] == "training" else "weights"
-    row("stored", f"{what} {dtypes}: {t['count']} tensors in {t['files']} file(s), "
-        f"{t['elements']:,} elements")
+    row(
+        "stored",
+        f"{what} {dtypes}: {t['count']} tensors in {t['files']} file(s), "
+        f"{t['elements']:,} elements",
+    )
     if info["kind"] == "training":
-        row("optimizer", ", ".join(info["optimizer_state"]) + f" (Adam step {info['adam_step']})"
-            if info["optimizer_state"] else "none (weights only)")
+        row(
+            "optimizer",
+            ", ".join(info["optimizer_state"]) + f" (Adam step {info['adam_step']})"
+            if info["optimizer_state"]
+            else "none (weights only)",
+        )
     tok = info["tokenizer"]
     if tok is None:
         row("tokenizer", "none recorded")
@@ -240,12 +274,20 @@ def render(info: dict) -> str:
     elif "error" in tok:
         row("tokenizer", f"{tok['path']} (unreadable: {tok['error']})")
     else:
-        row("tokenizer", f"{tok['path']} ({tok['family']}, vocab {tok['vocab_size']}, "
-            f"eod {tok['eod']})")
+        row(
+            "tokenizer",
+            f"{tok['path']} ({tok['family']}, vocab {tok['vocab_size']}, eod {tok['eod']})",
+        )
     man = info.get("manifest")
-    note = ("" if info["kind"] != "training" else "; no manifest (no checksums recorded)"
-            if man is None else f"; manifest: {man['error']}" if "error" in man
-            else f"; manifest with {man['checksum']} checksums")
+    note = (
+        ""
+        if info["kind"] != "training"
+        else "; no manifest (no checksums recorded)"
+        if man is None
+        else f"; manifest: {man['error']}"
+        if "error" in man
+        else f"; manifest with {man['checksum']} checksums"
+    )
     row("files", f"{len(info['files'])}, {_size(info['total_size'])}{note}")
     for f in info["files"]:
         crc = f.get("crc32") or ""
@@ -258,12 +300,19 @@ def render(info: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                epilog="See docs/tools.md.")
-    p.add_argument("path", metavar="PATH",
-                   help="run directory, checkpoints/ folder, step_* folder or model directory")
-    p.add_argument("--verify", action="store_true",
-                   help="re-read every file of a training checkpoint against its manifest")
+    p = argparse.ArgumentParser(
+        prog=PROG, description=__doc__.split("\n\n")[0], epilog="See docs/tools.md."
+    )
+    p.add_argument(
+        "path",
+        metavar="PATH",
+        help="run directory, checkpoints/ folder, step_* folder or model directory",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="re-read every file of a training checkpoint against its manifest",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
 

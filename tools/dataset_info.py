@@ -35,8 +35,11 @@ def _prefixes(path: str) -> list[str]:
     from megagpt.data.indexed import dataset_exists
 
     if os.path.isdir(path):
-        found = sorted(str(p.with_suffix("")) for p in Path(path).glob("*.idx")
-                       if dataset_exists(str(p.with_suffix(""))))
+        found = sorted(
+            str(p.with_suffix(""))
+            for p in Path(path).glob("*.idx")
+            if dataset_exists(str(p.with_suffix("")))
+        )
         if not found:
             raise DataError(f"{path}: a folder without any PREFIX.bin/PREFIX.idx dataset")
         return found
@@ -46,8 +49,9 @@ def _prefixes(path: str) -> list[str]:
     return [prefix]
 
 
-def describe(prefix: str, *, tokenizer=None, samples: int = 1, sample_tokens: int = 64,
-             scan: bool = True) -> dict:
+def describe(
+    prefix: str, *, tokenizer=None, samples: int = 1, sample_tokens: int = 64, scan: bool = True
+) -> dict:
     """Info on the dataset at ``prefix``; ``tokenizer`` (a megagpt Tokenizer) decodes samples.
 
     Raises:
@@ -62,17 +66,25 @@ def describe(prefix: str, *, tokenizer=None, samples: int = 1, sample_tokens: in
     lengths = np.asarray(ds.sequence_lengths, dtype=np.int64)
     docs = np.diff(np.asarray(ds.document_indices, dtype=np.int64))
     info: dict = {
-        "prefix": prefix, "documents": ds.num_documents, "sequences": len(ds),
-        "tokens": ds.num_tokens, "dtype": str(ds.dtype),
+        "prefix": prefix,
+        "documents": ds.num_documents,
+        "sequences": len(ds),
+        "tokens": ds.num_tokens,
+        "dtype": str(ds.dtype),
         "bytes": os.path.getsize(prefix + ".bin") + os.path.getsize(prefix + ".idx"),
         "sequences_per_document": {"max": int(docs.max())} if len(docs) else {},
     }
     if len(lengths):
         q = np.percentile(lengths, [50, 90, 99])
-        info["sequence_length"] = {"min": int(lengths.min()), "mean": float(lengths.mean()),
-                                   "p50": float(q[0]), "p90": float(q[1]), "p99": float(q[2]),
-                                   "max": int(lengths.max()),
-                                   "empty": int((lengths == 0).sum())}
+        info["sequence_length"] = {
+            "min": int(lengths.min()),
+            "mean": float(lengths.mean()),
+            "p50": float(q[0]),
+            "p90": float(q[1]),
+            "p99": float(q[2]),
+            "max": int(lengths.max()),
+            "empty": int((lengths == 0).sum()),
+        }
     record = vocab_record(prefix)
     if record is not None:
         info["vocab"] = dict(record, source=os.path.basename(prefix) + ".vocab.json")
@@ -83,17 +95,27 @@ def describe(prefix: str, *, tokenizer=None, samples: int = 1, sample_tokens: in
         if top is None:
             top = max_token_id(prefix)
         if top >= tokenizer.vocab_size:
-            raise DataError(f"{prefix}: token id {top} is outside the tokenizer's vocabulary of "
-                            f"{tokenizer.vocab_size}: the dataset was made with another "
-                            "tokenizer")
+            raise DataError(
+                f"{prefix}: token id {top} is outside the tokenizer's vocabulary of "
+                f"{tokenizer.vocab_size}: the dataset was made with another "
+                "tokenizer"
+            )
         info["tokenizer"] = {"family": tokenizer.family, "vocab_size": tokenizer.vocab_size}
-        picks = np.linspace(0, len(ds) - 1, num=min(samples, len(ds)), dtype=np.int64) \
-            if len(ds) and samples > 0 else []
+        picks = (
+            np.linspace(0, len(ds) - 1, num=min(samples, len(ds)), dtype=np.int64)
+            if len(ds) and samples > 0
+            else []
+        )
         info["samples"] = [
-            {"sequence": int(i), "tokens": int(lengths[i]),
-             "text": tokenizer.decode(ds.get(int(i), 0, min(sample_tokens, int(lengths[i])))
-                                      .tolist())}
-            for i in picks]
+            {
+                "sequence": int(i),
+                "tokens": int(lengths[i]),
+                "text": tokenizer.decode(
+                    ds.get(int(i), 0, min(sample_tokens, int(lengths[i]))).tolist()
+                ),
+            }
+            for i in picks
+        ]
     return info
 
 
@@ -103,15 +125,19 @@ def _count(n: int) -> str:
 
 def render(info: dict) -> str:
     """A readable summary of ``describe``'s dict."""
-    lines = [f"dataset    {info['prefix']}",
-             f"documents  {info['documents']:,}  (sequences {info['sequences']:,})",
-             f"tokens     {_count(info['tokens'])}  dtype {info['dtype']}, "
-             f"{info['bytes'] / 2**20:.1f} MiB on disk"]
+    lines = [
+        f"dataset    {info['prefix']}",
+        f"documents  {info['documents']:,}  (sequences {info['sequences']:,})",
+        f"tokens     {_count(info['tokens'])}  dtype {info['dtype']}, "
+        f"{info['bytes'] / 2**20:.1f} MiB on disk",
+    ]
     if "sequence_length" in info:
         s = info["sequence_length"]
-        lines.append(f"lengths    min {s['min']}, mean {s['mean']:.1f}, p50 {s['p50']:.0f}, "
-                     f"p90 {s['p90']:.0f}, p99 {s['p99']:.0f}, max {s['max']}"
-                     + (f"; {s['empty']} empty" if s["empty"] else ""))
+        lines.append(
+            f"lengths    min {s['min']}, mean {s['mean']:.1f}, p50 {s['p50']:.0f}, "
+            f"p90 {s['p90']:.0f}, p99 {s['p99']:.0f}, max {s['max']}"
+            + (f"; {s['empty']} empty" if s["empty"] else "")
+        )
     if "vocab" in info:
         v = info["vocab"]
         size = f"vocab_size {v['vocab_size']:,}, " if "vocab_size" in v else ""
@@ -128,13 +154,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("path", nargs="+", help="dataset prefix, .bin/.idx file, or folder")
     parser.add_argument("--tokenizer", help="tokenizer folder/file: decode samples, check ids")
-    parser.add_argument("--sample", type=int, default=1, metavar="N",
-                        help="decoded samples, spread over the dataset (default 1)")
-    parser.add_argument("--sample-tokens", type=int, default=64, metavar="T",
-                        help="tokens decoded per sample (default 64)")
-    parser.add_argument("--no-scan", action="store_true",
-                        help="without PREFIX.vocab.json, do not scan the tokens for the "
-                        "largest id")
+    parser.add_argument(
+        "--sample",
+        type=int,
+        default=1,
+        metavar="N",
+        help="decoded samples, spread over the dataset (default 1)",
+    )
+    parser.add_argument(
+        "--sample-tokens",
+        type=int,
+        default=64,
+        metavar="T",
+        help="tokens decoded per sample (default 64)",
+    )
+    parser.add_argument(
+        "--no-scan",
+        action="store_true",
+        help="without PREFIX.vocab.json, do not scan the tokens for the largest id",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
     try:
@@ -145,9 +183,17 @@ def main(argv: list[str] | None = None) -> int:
             from megagpt.data.tokenizer import build_tokenizer
 
             tokenizer = build_tokenizer(args.tokenizer)
-        infos = [describe(p, tokenizer=tokenizer, samples=args.sample,
-                          sample_tokens=args.sample_tokens, scan=not args.no_scan)
-                 for path in args.path for p in _prefixes(path)]
+        infos = [
+            describe(
+                p,
+                tokenizer=tokenizer,
+                samples=args.sample,
+                sample_tokens=args.sample_tokens,
+                scan=not args.no_scan,
+            )
+            for path in args.path
+            for p in _prefixes(path)
+        ]
     except (MegagptError, FileNotFoundError) as e:
         print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

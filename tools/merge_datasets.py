@@ -58,7 +58,8 @@ def _open(prefix: str) -> indexed.IndexedDataset:
     if not np.array_equal(ds.document_indices, np.arange(n + 1)):
         raise DataError(
             f"{prefix}: {n} sequences in {ds.num_documents} documents (sentence-split?); only "
-            "datasets with one sequence per document can be merged")
+            "datasets with one sequence per document can be merged"
+        )
     expected = np.zeros(n, np.int64)
     if n:
         np.cumsum(ds.sequence_lengths[:-1], dtype=np.int64, out=expected[1:])
@@ -79,14 +80,17 @@ def _vocab_size(prefixes: list[str]) -> int | None:
     sizes = {r["vocab_size"] for r in records.values()}
     if len(sizes) > 1:
         listing = ", ".join(f"{p}: {r['vocab_size']}" for p, r in records.items())
-        raise DataError(f"inputs were made with tokenizers of different sizes ({listing}); "
-                        "their token ids mean different tokens: preprocess them with one "
-                        "tokenizer")
+        raise DataError(
+            f"inputs were made with tokenizers of different sizes ({listing}); "
+            "their token ids mean different tokens: preprocess them with one "
+            "tokenizer"
+        )
     return sizes.pop()
 
 
-def merge(inputs: list[str], output_prefix: str, *, overwrite: bool = False,
-          log=print) -> tuple[int, int]:
+def merge(
+    inputs: list[str], output_prefix: str, *, overwrite: bool = False, log=print
+) -> tuple[int, int]:
     """Concatenate the datasets ``inputs`` (prefixes, in order) into ``output_prefix``.
 
     Returns:
@@ -103,16 +107,19 @@ def merge(inputs: list[str], output_prefix: str, *, overwrite: bool = False,
     for p in prefixes:
         if os.path.abspath(p) == out_abs:
             raise DataError(f"--output-prefix {output_prefix} is also an input; write elsewhere")
-    if not overwrite and (os.path.exists(indexed.bin_path(output_prefix))
-                          or os.path.exists(indexed.idx_path(output_prefix))):
-        raise DataError(f"{output_prefix}.bin/.idx already exist; pass --overwrite to replace "
-                        "them")
+    if not overwrite and (
+        os.path.exists(indexed.bin_path(output_prefix))
+        or os.path.exists(indexed.idx_path(output_prefix))
+    ):
+        raise DataError(f"{output_prefix}.bin/.idx already exist; pass --overwrite to replace them")
     datasets = [_open(p) for p in prefixes]
     dtypes = {ds.dtype for ds in datasets}
     if len(dtypes) > 1:
         listing = ", ".join(f"{ds.prefix}: {ds.dtype}" for ds in datasets)
-        raise DataError(f"inputs store tokens in different dtypes ({listing}); they were made "
-                        "with different tokenizers and cannot be merged")
+        raise DataError(
+            f"inputs store tokens in different dtypes ({listing}); they were made "
+            "with different tokenizers and cannot be merged"
+        )
     dtype = dtypes.pop()
     vocab = _vocab_size(prefixes)
     kwargs = {"vocab_size": vocab} if vocab is not None else {}
@@ -124,8 +131,7 @@ def merge(inputs: list[str], output_prefix: str, *, overwrite: bool = False,
             while start < len(lengths):
                 # As many whole documents as fit in a chunk (at least one).
                 base = int(ends[start - 1]) if start else 0
-                stop = max(start + 1,
-                           int(np.searchsorted(ends, base + CHUNK_TOKENS, side="right")))
+                stop = max(start + 1, int(np.searchsorted(ends, base + CHUNK_TOKENS, side="right")))
                 total = int(ends[stop - 1]) - base
                 # Sequences lie back to back (checked in _open): one read covers the chunk.
                 tokens = np.array(ds.get(start, 0, total)) if total else np.zeros(0, dtype)
@@ -138,11 +144,17 @@ def merge(inputs: list[str], output_prefix: str, *, overwrite: bool = False,
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", nargs="+", required=True, metavar="PREFIX_OR_DIR",
-                   help="dataset prefixes (or directories of datasets, taken in name order), "
-                        "merged in the order given")
-    p.add_argument("--output-prefix", required=True, metavar="PREFIX",
-                   help="writes PREFIX.bin and PREFIX.idx")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="PREFIX_OR_DIR",
+        help="dataset prefixes (or directories of datasets, taken in name order), "
+        "merged in the order given",
+    )
+    p.add_argument(
+        "--output-prefix", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     return p
 

@@ -52,52 +52,94 @@ TOKENIZER_TYPES = {
 UNSUPPORTED = {
     "BertWordPieceCase": "megagpt's WordPiece tokenizer lower-cases; use BertWordPieceLowerCase",
     "GPT2BPETokenizer": "megagpt has no GPT-2 vocab.json + merges.txt BPE; train a jieba-BPE "
-                        "tokenizer with `megagpt tokenizer train` and pass JiebaBPETokenizer",
+    "tokenizer with `megagpt tokenizer train` and pass JiebaBPETokenizer",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=PROG, description=__doc__.split("\n\n")[0].splitlines()[0],
+        prog=PROG,
+        description=__doc__.split("\n\n")[0].splitlines()[0],
         epilog="Output: PREFIX_<key>_document.bin/.idx for each --json-keys entry. "
-               "See docs/tools.md.")
+        "See docs/tools.md.",
+    )
     g = p.add_argument_group("input data")
-    g.add_argument("--input", required=True, nargs="+", metavar="FILE",
-                   help="input files (.jsonl, also .txt/.csv; optionally .gz), read in order")
-    g.add_argument("--json-keys", nargs="+", default=["text"], metavar="KEY",
-                   help="jsonl keys (csv columns) to tokenize, one dataset each "
-                        "(default: text)")
-    g.add_argument("--split-sentences", action="store_true",
-                   help="not supported (megagpt writes one sequence per document)")
-    g.add_argument("--keep-newlines", action="store_true",
-                   help="ignored (only meaningful with --split-sentences)")
+    g.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        metavar="FILE",
+        help="input files (.jsonl, also .txt/.csv; optionally .gz), read in order",
+    )
+    g.add_argument(
+        "--json-keys",
+        nargs="+",
+        default=["text"],
+        metavar="KEY",
+        help="jsonl keys (csv columns) to tokenize, one dataset each (default: text)",
+    )
+    g.add_argument(
+        "--split-sentences",
+        action="store_true",
+        help="not supported (megagpt writes one sequence per document)",
+    )
+    g.add_argument(
+        "--keep-newlines",
+        action="store_true",
+        help="ignored (only meaningful with --split-sentences)",
+    )
     g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-type", metavar="TYPE",
-                   help=f"one of {', '.join(TOKENIZER_TYPES)} (default: from the file given)")
+    g.add_argument(
+        "--tokenizer-type",
+        metavar="TYPE",
+        help=f"one of {', '.join(TOKENIZER_TYPES)} (default: from the file given)",
+    )
     g.add_argument("--vocab-file", metavar="PATH", help="tokenizer.json or vocab.txt")
-    g.add_argument("--tokenizer-model", metavar="PATH",
-                   help="SentencePiece .model, or a tokenizer.json / megagpt tokenizer folder")
+    g.add_argument(
+        "--tokenizer-model",
+        metavar="PATH",
+        help="SentencePiece .model, or a tokenizer.json / megagpt tokenizer folder",
+    )
     g.add_argument("--merge-file", metavar="PATH", help="not supported (GPT-2 BPE merges)")
-    g.add_argument("--append-eod", action="store_true",
-                   help="end every document with the tokenizer's end-of-document token")
+    g.add_argument(
+        "--append-eod",
+        action="store_true",
+        help="end every document with the tokenizer's end-of-document token",
+    )
     g.add_argument("--lang", help="ignored (sentence-splitting language)")
-    g.add_argument("--segmenter", choices=("jieba", "rjieba"),
-                   help="megagpt: Chinese word segmenter (default: the tokenizer's own)")
+    g.add_argument(
+        "--segmenter",
+        choices=("jieba", "rjieba"),
+        help="megagpt: Chinese word segmenter (default: the tokenizer's own)",
+    )
     g = p.add_argument_group("output data")
-    g.add_argument("--output-prefix", required=True, metavar="PREFIX",
-                   help="writes PREFIX_<key>_document.bin/.idx")
-    g.add_argument("--dataset-impl", help="ignored: megatron-core reads only the mmap format, "
-                   "which is what is written")
-    g.add_argument("--overwrite", action="store_true",
-                   help="megagpt: replace existing output (refused otherwise)")
+    g.add_argument(
+        "--output-prefix",
+        required=True,
+        metavar="PREFIX",
+        help="writes PREFIX_<key>_document.bin/.idx",
+    )
+    g.add_argument(
+        "--dataset-impl",
+        help="ignored: megatron-core reads only the mmap format, which is what is written",
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="megagpt: replace existing output (refused otherwise)",
+    )
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    g.add_argument("--partitions", type=int, default=1,
-                   help="ignored: --workers parallelises one ordered pass")
+    g.add_argument(
+        "--partitions", type=int, default=1, help="ignored: --workers parallelises one ordered pass"
+    )
     g.add_argument("--log-interval", type=int, help="ignored: a progress bar reports the rate")
     g.add_argument("--keep-sequential-samples", action="store_true", help="ignored")
-    g.add_argument("--skip-bad-lines", action="store_true",
-                   help="megagpt: skip and count malformed records instead of stopping")
+    g.add_argument(
+        "--skip-bad-lines",
+        action="store_true",
+        help="megagpt: skip and count malformed records instead of stopping",
+    )
     g.add_argument("--no-progress", action="store_true", help="megagpt: no progress bar")
     return p
 
@@ -106,13 +148,17 @@ def _notes(args: argparse.Namespace) -> list[str]:
     """One line per accepted-but-ignored Megatron flag."""
     notes = []
     if args.dataset_impl is not None:
-        notes.append(f"--dataset-impl {args.dataset_impl} ignored: writing the mmap format "
-                     "(the only one megatron-core reads)")
+        notes.append(
+            f"--dataset-impl {args.dataset_impl} ignored: writing the mmap format "
+            "(the only one megatron-core reads)"
+        )
     if args.log_interval is not None:
         notes.append("--log-interval ignored: the progress bar reports docs/s and tokens/s")
     if args.partitions != 1:
-        notes.append(f"--partitions {args.partitions} ignored: --workers {args.workers} "
-                     "processes share one ordered pass")
+        notes.append(
+            f"--partitions {args.partitions} ignored: --workers {args.workers} "
+            "processes share one ordered pass"
+        )
     if args.keep_sequential_samples:
         notes.append("--keep-sequential-samples ignored: documents keep their input order")
     if args.keep_newlines:
@@ -130,13 +176,23 @@ def resolve_tokenizer(args: argparse.Namespace) -> str:
     if kind in UNSUPPORTED:
         raise DataError(f"--tokenizer-type {kind}: {UNSUPPORTED[kind]}")
     if kind is not None and kind not in TOKENIZER_TYPES:
-        raise DataError(f"--tokenizer-type {kind} is not supported by megagpt; use one of "
-                        f"{', '.join(TOKENIZER_TYPES)}")
-    given = [(flag, v) for flag, v in (("--tokenizer-model", args.tokenizer_model),
-                                       ("--vocab-file", args.vocab_file)) if v]
+        raise DataError(
+            f"--tokenizer-type {kind} is not supported by megagpt; use one of "
+            f"{', '.join(TOKENIZER_TYPES)}"
+        )
+    given = [
+        (flag, v)
+        for flag, v in (
+            ("--tokenizer-model", args.tokenizer_model),
+            ("--vocab-file", args.vocab_file),
+        )
+        if v
+    ]
     if not given:
-        raise DataError("no tokenizer: pass --vocab-file (tokenizer.json, vocab.txt) or "
-                        "--tokenizer-model (SentencePiece .model)")
+        raise DataError(
+            "no tokenizer: pass --vocab-file (tokenizer.json, vocab.txt) or "
+            "--tokenizer-model (SentencePiece .model)"
+        )
     if len(given) > 1:
         raise DataError("pass one of --tokenizer-model and --vocab-file, not both")
     flag, path = given[0]
@@ -159,8 +215,10 @@ def run(args: argparse.Namespace, log=lambda msg: print(msg, file=sys.stderr)) -
     from megagpt.data.readers import make_input_spec
 
     if args.split_sentences:
-        raise DataError("--split-sentences is not supported: megagpt writes one sequence per "
-                        "document (GPT pretraining); drop the flag")
+        raise DataError(
+            "--split-sentences is not supported: megagpt writes one sequence per "
+            "document (GPT pretraining); drop the flag"
+        )
     for note in _notes(args):
         log(f"note: {note}")
     tokenizer = resolve_tokenizer(args)
@@ -168,10 +226,18 @@ def run(args: argparse.Namespace, log=lambda msg: print(msg, file=sys.stderr)) -
         # A csv input reads the same name as its column.
         specs = [make_input_spec(path, "auto", key, key) for path in args.input]
         prefix = output_prefix(args.output_prefix, key)
-        stats = preprocess(specs, tokenizer, prefix, workers=args.workers,
-                           append_eod=args.append_eod, skip_bad_lines=args.skip_bad_lines,
-                           segmenter=args.segmenter, overwrite=args.overwrite,
-                           progress=not args.no_progress, log=log)
+        stats = preprocess(
+            specs,
+            tokenizer,
+            prefix,
+            workers=args.workers,
+            append_eod=args.append_eod,
+            skip_bad_lines=args.skip_bad_lines,
+            segmenter=args.segmenter,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            log=log,
+        )
         print(stats.summary(prefix))
     return 0
 

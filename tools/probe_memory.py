@@ -72,24 +72,34 @@ class ProbeLayout:
 
     def name(self) -> str:
         seq = f" seq{self.seq}" if self.seq else ""
-        return (f"{self.size.removeprefix('gpt3-')} {self.precision} TP{self.tp} PP{self.pp} "
-                f"DP{self.dp} Z{self.zero} mb{self.micro}x{self.accum}{seq}")
+        return (
+            f"{self.size.removeprefix('gpt3-')} {self.precision} TP{self.tp} PP{self.pp} "
+            f"DP{self.dp} Z{self.zero} mb{self.micro}x{self.accum}{seq}"
+        )
 
     def overrides(self) -> list[str]:
         """The config keys of this run (dropout off: masks are modelled, but the quickstart
         sizes train with it off and the planner's grid compares like with like)."""
-        out = [f"model.name={self.size}", "model.dropout=0", "model.attention_dropout=0",
-               f"train.precision={self.precision}", f"parallel.tensor={self.tp}",
-               f"parallel.pipeline={self.pp}", f"parallel.zero_stage={self.zero}",
-               f"train.micro_batch_size={self.micro}",
-               f"train.global_batch_size={self.micro * self.accum * self.dp}",
-               "optim.schedule=constant", "optim.lr=1e-4"]
+        out = [
+            f"model.name={self.size}",
+            "model.dropout=0",
+            "model.attention_dropout=0",
+            f"train.precision={self.precision}",
+            f"parallel.tensor={self.tp}",
+            f"parallel.pipeline={self.pp}",
+            f"parallel.zero_stage={self.zero}",
+            f"train.micro_batch_size={self.micro}",
+            f"train.global_batch_size={self.micro * self.accum * self.dp}",
+            "optim.schedule=constant",
+            "optim.lr=1e-4",
+        ]
         if self.seq:
             out += [f"model.seq_length={self.seq}"]
         return out
 
 
 # -- one rank ---------------------------------------------------------------------------------
+
 
 def _allocation_events(prof) -> list[tuple[int, int, int]]:
     """(time ns, bytes, address) of every CPU allocation (bytes > 0) and free (< 0), in the
@@ -175,8 +185,9 @@ def _live_at(allocs: list[tuple[int, int]], t: int) -> int:
 
 
 def _peak_in(allocs: list[tuple[int, int]], start: int, end: int) -> int:
-    return max((total for ts, total in allocs if start <= ts <= end),
-               default=_live_at(allocs, start))
+    return max(
+        (total for ts, total in allocs if start <= ts <= end), default=_live_at(allocs, start)
+    )
 
 
 def _rendezvous_port(directory: str, index: int) -> int:
@@ -214,24 +225,33 @@ def measure_rank(layout: dict, port: int) -> dict:
     world = parallel.world_size_from_env()
     device = torch.device("cpu")
     validate(cfg, world, cuda=False, need_data=False)
-    dims = parallel.initialize(cfg.parallel, device)
+    ctx = parallel.initialize(cfg.parallel, device)
+    dims = ctx.dims
     seq, micro = cfg.model.seq_length, cfg.train.micro_batch_size
     gen = torch.Generator().manual_seed(0)
     steps = []
     for _ in range(2):  # the same tokens on every rank; each DP rank takes its share
-        data = torch.randint(0, cfg.model.vocab_size, (lay.micro * lay.accum, seq + 1),
-                             generator=gen)
-        steps.append([{"tokens": data[i:i + micro, :-1], "labels": data[i:i + micro, 1:],
-                       "loss_mask": torch.ones(micro, seq)}
-                      for i in range(0, lay.micro * lay.accum, micro)])
+        data = torch.randint(
+            0, cfg.model.vocab_size, (lay.micro * lay.accum, seq + 1), generator=gen
+        )
+        steps.append(
+            [
+                {
+                    "tokens": data[i : i + micro, :-1],
+                    "labels": data[i : i + micro, 1:],
+                    "loss_mask": torch.ones(micro, seq),
+                }
+                for i in range(0, lay.micro * lay.accum, micro)
+            ]
+        )
     torch.manual_seed(0)
     marks = ("probe/build", "probe/engine", "probe/step1", "probe/step2")
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         with record_function(marks[0]):
             module = build_model(cfg, dims, device)
-            initialize_weights(module, cfg.model, 0, parallel.tp_rank(), dims.tp)
+            initialize_weights(module, cfg.model, 0, ctx.tp_rank, dims.tp)
         with record_function(marks[1]):
-            engine = Engine(cfg, module, dims, device)
+            engine = Engine(cfg, module, ctx)
         for mark, batch in zip(marks[2:], steps, strict=True):
             # Garbage in reference cycles (autograd graphs, DeepSpeed closures) is freed when
             # Python's collector happens to run; collecting here makes the figures repeatable.
@@ -243,21 +263,30 @@ def measure_rank(layout: dict, port: int) -> dict:
     if os.environ.get("PROBE_DETAIL"):
         s2_ = _ranges(prof, {marks[3]})[marks[3]]
         t_peak = max((x for x in allocs if s2_[0] <= x[0] <= s2_[1]), key=lambda x: x[1])[0]
-        detail = {"at_peak": _live_blocks(prof, t_peak)[:40],
-                  "after": _live_blocks(prof, s2_[1])[:40]}
+        detail = {
+            "at_peak": _live_blocks(prof, t_peak)[:40],
+            "after": _live_blocks(prof, s2_[1])[:40],
+        }
     at = _ranges(prof, set(marks))
     build_end, engine_end = at[marks[0]][1], at[marks[1]][1]
     s1, s2 = at[marks[2]], at[marks[3]]
     before2 = _live_at(allocs, s2[0])
     peak = max(_peak_in(allocs, *s1), _peak_in(allocs, *s2))
     out = {
-        "layout": layout, "rank": dist_rank(), "stage": parallel.pp_rank(),
-        "tp_rank": parallel.tp_rank(), "dp_rank": parallel.dp_rank(),
+        "layout": layout,
+        "rank": dist_rank(),
+        "stage": ctx.pp_rank,
+        "tp_rank": ctx.tp_rank,
+        "dp_rank": ctx.dp_rank,
         "ds_stage": deepspeed_zero_stage(cfg, world),
         "optimizer": type(engine.ds.optimizer).__name__,
-        "weights": _live_at(allocs, build_end), "after_init": _live_at(allocs, engine_end),
-        "after_step": before2, "peak": peak, "step_peak": _peak_in(allocs, *s2),
-        "build_peak": _peak_in(allocs, at[marks[0]][0], engine_end), **detail,
+        "weights": _live_at(allocs, build_end),
+        "after_init": _live_at(allocs, engine_end),
+        "after_step": before2,
+        "peak": peak,
+        "step_peak": _peak_in(allocs, *s2),
+        "build_peak": _peak_in(allocs, at[marks[0]][0], engine_end),
+        **detail,
     }
     del engine, module, prof
     gc.collect()
@@ -311,13 +340,36 @@ def launch(layouts: list[ProbeLayout], timeout: float = 600.0) -> list[list[dict
         args = json.dumps({"layouts": [lay.__dict__ for lay in layouts], "rendezvous": tmp})
         procs = []
         for rank in range(world):
-            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                       OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+            env = dict(
+                os.environ,
+                RANK=str(rank),
+                WORLD_SIZE=str(world),
+                LOCAL_RANK=str(rank),
+                LOCAL_WORLD_SIZE=str(world),
+                MASTER_ADDR="127.0.0.1",
+                OMP_NUM_THREADS="1",
+                WANDB_MODE="disabled",
+            )
             log = open(Path(tmp) / f"rank{rank}.log", "w")
-            procs.append((subprocess.Popen(
-                [sys.executable, "-c", _BOOT, str(ROOT), args, str(Path(tmp) / f"{rank}.json")],
-                env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log))
+            procs.append(
+                (
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-c",
+                            _BOOT,
+                            str(ROOT),
+                            args,
+                            str(Path(tmp) / f"{rank}.json"),
+                        ],
+                        env=env,
+                        cwd=ROOT,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    ),
+                    log,
+                )
+            )
         failed = []
         try:
             for rank, (p, log) in enumerate(procs):
@@ -343,6 +395,7 @@ def launch(layouts: list[ProbeLayout], timeout: float = 600.0) -> list[list[dict
 
 # -- the planner's side -----------------------------------------------------------------------
 
+
 def planner_stages(lay: ProbeLayout):
     """The planner's per-stage breakdowns for ``lay`` on CPU (no CUDA reserve, no flash)."""
     from megagpt.config import load_config
@@ -350,8 +403,14 @@ def planner_stages(lay: ProbeLayout):
 
     cfg = load_config(None, lay.overrides())
     layout = Layout.from_config(cfg, lay.world)
-    return memory_per_stage(cfg.model, layout, precision=cfg.train.precision,
-                            global_batch=cfg.train.global_batch_size, flash=False, cuda=False)
+    return memory_per_stage(
+        cfg.model,
+        layout,
+        precision=cfg.train.precision,
+        global_batch=cfg.train.global_batch_size,
+        flash=False,
+        cuda=False,
+    )
 
 
 def compare(lay: ProbeLayout, ranks: list[dict]) -> dict:
@@ -367,21 +426,34 @@ def compare(lay: ProbeLayout, ranks: list[dict]) -> dict:
     # buckets (5e7-5e8 elements whatever the model) would otherwise hide at tiny shapes.
     bucket = stages[worst["stage"]].buffers
     rest = (stages[worst["stage"]].total - bucket) / (worst["peak"] - bucket)
-    return {"layout": lay.name(), "measured": worst["peak"], "planned": planned,
-            "ratio": planned / worst["peak"], "without_buckets": rest,
-            "optimizer": worst["optimizer"],
-            "ds_stage": worst["ds_stage"], "stages": per_stage,
-            "worst_stage_ratio": max(abs(v["planned"] / v["measured"] - 1)
-                                     for v in per_stage.values()),
-            "ranks": ranks, "breakdown": {k: v for k, v in vars(stages[worst["stage"]]).items()}}
+    return {
+        "layout": lay.name(),
+        "measured": worst["peak"],
+        "planned": planned,
+        "ratio": planned / worst["peak"],
+        "without_buckets": rest,
+        "optimizer": worst["optimizer"],
+        "ds_stage": worst["ds_stage"],
+        "stages": per_stage,
+        "worst_stage_ratio": max(abs(v["planned"] / v["measured"] - 1) for v in per_stage.values()),
+        "ranks": ranks,
+        "breakdown": {k: v for k, v in vars(stages[worst["stage"]]).items()},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="gpt3-tiny")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    for key, default in (("tp", 1), ("pp", 1), ("dp", 1), ("zero", 1), ("micro", 2),
-                         ("accum", 2), ("seq", 0)):
+    for key, default in (
+        ("tp", 1),
+        ("pp", 1),
+        ("dp", 1),
+        ("zero", 1),
+        ("micro", 2),
+        ("accum", 2),
+        ("seq", 0),
+    ):
         ap.add_argument(f"--{key}", type=int, default=default)
     ap.add_argument("--json", action="store_true", help="print the full result as JSON")
     a = ap.parse_args(argv)
@@ -392,11 +464,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"{result['layout']}: DeepSpeed stage {result['ds_stage']} ({result['optimizer']})")
     for r in result["ranks"]:
-        print(f"  rank {r['rank']} (stage {r['stage']}): weights {r['weights'] / MIB:.2f} MiB, "
-              f"after init {r['after_init'] / MIB:.2f}, after a step {r['after_step'] / MIB:.2f},"
-              f" peak {r['peak'] / MIB:.2f}")
-    print(f"  planner {result['planned'] / MIB:.2f} MiB, measured {result['measured'] / MIB:.2f}"
-          f" MiB, ratio {result['ratio']:.3f}")
+        print(
+            f"  rank {r['rank']} (stage {r['stage']}): weights {r['weights'] / MIB:.2f} MiB, "
+            f"after init {r['after_init'] / MIB:.2f}, after a step {r['after_step'] / MIB:.2f},"
+            f" peak {r['peak'] / MIB:.2f}"
+        )
+    print(
+        f"  planner {result['planned'] / MIB:.2f} MiB, measured {result['measured'] / MIB:.2f}"
+        f" MiB, ratio {result['ratio']:.3f}"
+    )
     return 0
 
 

@@ -176,7 +176,8 @@ EOF
 mkdir -p "$WORK/stub"
 make_stub torch "$TORCH_STUB+stub" "$WORK/stub"
 
-# The test extra's requirements, minus what the GPU node has or does not need (ruff: a linter).
+# The test extra's requirements, minus what the GPU node has or does not need (ruff, mypy and
+# its stubs: the checks .ci/run makes before the tests, not needed to run tests/gpu).
 mapfile -t EXTRA_REQS < <("$PY" - "$MEGAGPT_WHL" <<'EOF'
 import sys, zipfile
 from email.parser import Parser
@@ -187,7 +188,8 @@ with zipfile.ZipFile(sys.argv[1]) as z:
 for line in msg.get_all("Requires-Dist") or []:
     r = Requirement(line)
     if r.marker and r.marker.evaluate({"extra": "test"}) and \
-            not r.marker.evaluate({"extra": ""}) and r.name not in ("transformers", "ruff"):
+            not r.marker.evaluate({"extra": ""}) and \
+            r.name not in ("transformers", "ruff", "mypy", "types-PyYAML"):
         r.marker = None
         print(r)
 EOF

@@ -22,7 +22,8 @@ import torch
 
 from megagpt.checkpoint import hf, manifest, model_dir, modelscope, reshard
 from megagpt.checkpoint.canonical import CheckpointError, check_heads, check_tensors
-from megagpt.checkpoint.manager import resolve_load, tag_for
+from megagpt.checkpoint.manager import resolve_load
+from megagpt.checkpoint.tags import tag_for, write_latest
 from megagpt.config.schema import ModelConfig
 
 KINDS = ("training", "megagpt", "modelscope", "hf")
@@ -60,7 +61,8 @@ def detect(path: str) -> str:
         f"{path}: not a checkpoint megagpt knows: expected a training run/checkpoint ('latest' "
         "or step_* folder), a megagpt model directory (config.json with format "
         "megagpt-model), a ModelScope GPT-3 directory (pytorch_model.bin or "
-        "model/mp_rank_XX_model_states.pt) or a Hugging Face GPT-2 directory")
+        "model/mp_rank_XX_model_states.pt) or a Hugging Face GPT-2 directory"
+    )
 
 
 def read(path: str) -> Source:
@@ -79,8 +81,10 @@ def read(path: str) -> Source:
     checkpoint = str(Path(directory) / tag)
     problems = manifest.verify(checkpoint, distributed=False)
     if problems:
-        raise CheckpointError(f"checkpoint {checkpoint} is damaged: {problems[0]}"
-                              + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        raise CheckpointError(
+            f"checkpoint {checkpoint} is damaged: {problems[0]}"
+            + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+        )
     record = reshard.Record(checkpoint)
     tensors = record.state("param")
     check_tensors(tensors, record.model, checkpoint)
@@ -109,8 +113,9 @@ def write_training(directory: str, src: Source, tp: int, pp: int) -> str:
     """A training checkpoint for layout (tp, pp); returns its tagged folder."""
     check_heads(src.cfg, "--tp", tp)
     if pp > src.cfg.num_layers:
-        raise CheckpointError(f"--pp {pp}: more pipeline stages than the {src.cfg.num_layers} "
-                              "decoder layers")
+        raise CheckpointError(
+            f"--pp {pp}: more pipeline stages than the {src.cfg.num_layers} decoder layers"
+        )
     states = {"param": src.tensors}
     adam_step, engine = 0, {}
     if src.record is not None:
@@ -122,37 +127,45 @@ def write_training(directory: str, src: Source, tp: int, pp: int) -> str:
     client = src.client or {"step": 0, "consumed_samples": 0}
     tag = tag_for(int(client.get("step", 0)))
     out = Path(directory)
-    reshard.write_record(str(out / tag), states, src.cfg, tp=tp, pp=pp, adam_step=adam_step,
-                         client=client, engine=engine)
+    reshard.write_record(
+        str(out / tag),
+        states,
+        src.cfg,
+        tp=tp,
+        pp=pp,
+        adam_step=adam_step,
+        client=client,
+        engine=engine,
+    )
     manifest.write(str(out / tag), distributed=False)  # before `latest`, as a run's commit does
-    tmp = out / "latest.tmp"
-    tmp.write_text(tag + "\n", encoding="utf-8")
-    tmp.replace(out / "latest")
+    write_latest(out, tag)
     return str(out / tag)
 
 
-def convert(input: str, output: str, to: str, tp: int | None = None,
-            pp: int | None = None) -> str:
+def convert(input: str, output: str, to: str, tp: int | None = None, pp: int | None = None) -> str:
     """Convert ``input`` into ``to`` (megagpt / modelscope / hf) at ``output``; returns a
     one-line summary."""
     if to == "hf" and (tp or pp):
         raise CheckpointError("--to hf takes no --tp/--pp: a Hugging Face model is unsharded")
     if to == "modelscope" and pp:
-        raise CheckpointError("--to modelscope: ModelScope checkpoints have no pipeline "
-                              "stages; use --tp for the number of shards")
+        raise CheckpointError(
+            "--to modelscope: ModelScope checkpoints have no pipeline "
+            "stages; use --tp for the number of shards"
+        )
     src = read(input)
     Path(output).mkdir(parents=True, exist_ok=True)
     if to == "megagpt" and (tp or pp):
         where = write_training(output, src, tp or 1, pp or 1)
         moments = "with" if src.record is not None else "without"
-        return (f"{src.kind} {input} -> training checkpoint {where} (TP={tp or 1}, "
-                f"PP={pp or 1}, {moments} optimizer state)")
+        return (
+            f"{src.kind} {input} -> training checkpoint {where} (TP={tp or 1}, "
+            f"PP={pp or 1}, {moments} optimizer state)"
+        )
     if to == "megagpt":
         write_model_dir(output, src)
         return f"{src.kind} {input} -> megagpt model directory {output}"
     if to == "modelscope":
-        shards = modelscope.write(output, src.cfg, src.tensors, tp=tp or 1,
-                                  tokenizer=src.tokenizer)
+        shards = modelscope.write(output, src.cfg, src.tensors, tp=tp or 1, tokenizer=src.tokenizer)
         return f"{src.kind} {input} -> ModelScope 1.3B+ layout {output} ({len(shards)} shards)"
     if to == "hf":
         hf.write(output, src.cfg, src.tensors, tokenizer=src.tokenizer)
@@ -169,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
     try:
         print(convert(args.input, args.output, args.to, args.tp, args.pp))
-    except (CheckpointError, model_dir.ModelDirError, FileNotFoundError) as e:
+    except (CheckpointError, FileNotFoundError) as e:
         print(f"megagpt convert: error: {e}", file=sys.stderr)
         return 2
     return 0

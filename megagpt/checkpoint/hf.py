@@ -86,17 +86,29 @@ def config_json(cfg: ModelConfig, tokenizer: str | None = None) -> dict:
     """transformers GPT2Config fields for ``cfg``."""
     eod = _end_id(tokenizer)
     return {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-        "vocab_size": cfg.vocab_size, "n_positions": cfg.max_position_embeddings,
-        "n_ctx": cfg.max_position_embeddings, "n_embd": cfg.hidden_size,
-        "n_layer": cfg.num_layers, "n_head": cfg.num_heads, "n_inner": cfg.ffn,
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.max_position_embeddings,
+        "n_ctx": cfg.max_position_embeddings,
+        "n_embd": cfg.hidden_size,
+        "n_layer": cfg.num_layers,
+        "n_head": cfg.num_heads,
+        "n_inner": cfg.ffn,
         "activation_function": _ACT_OUT[cfg.activation],
-        "layer_norm_epsilon": cfg.layernorm_eps, "initializer_range": cfg.init_std,
-        "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
-        "attn_pdrop": cfg.attention_dropout, "scale_attn_weights": True,
-        "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": True, "use_cache": True, "bos_token_id": eod,
-        "eos_token_id": eod, "torch_dtype": "float32",
+        "layer_norm_epsilon": cfg.layernorm_eps,
+        "initializer_range": cfg.init_std,
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.attention_dropout,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "bos_token_id": eod,
+        "eos_token_id": eod,
+        "torch_dtype": "float32",
     }
 
 
@@ -125,19 +137,32 @@ def to_hf(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch
     return out
 
 
-def write(directory: str, cfg: ModelConfig, tensors: dict[str, torch.Tensor], *,
-          tokenizer: str | None = None) -> None:
+def write(
+    directory: str,
+    cfg: ModelConfig,
+    tensors: dict[str, torch.Tensor],
+    *,
+    tokenizer: str | None = None,
+) -> None:
     """Export a GPT2LMHeadModel directory: config.json, model.safetensors, tokenizer files."""
     check_tensors(tensors, cfg, "Hugging Face export")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     save_file(to_hf(tensors, cfg), str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config_json(cfg, tokenizer), indent=2) + "\n",
-                                     encoding="utf-8")
-    (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": config_json(cfg, tokenizer)["bos_token_id"],
-         "eos_token_id": config_json(cfg, tokenizer)["eos_token_id"]}, indent=2) + "\n",
-        encoding="utf-8")
+    (out / "config.json").write_text(
+        json.dumps(config_json(cfg, tokenizer), indent=2) + "\n", encoding="utf-8"
+    )
+    (out / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token_id": config_json(cfg, tokenizer)["bos_token_id"],
+                "eos_token_id": config_json(cfg, tokenizer)["eos_token_id"],
+            },
+            indent=2,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     if tokenizer:
         _write_tokenizer(out, Path(tokenizer), cfg)
 
@@ -151,46 +176,64 @@ def _write_tokenizer(out: Path, src: Path, cfg: ModelConfig) -> None:
         # The jieba pre-segmentation of the ModelScope 1.3B+ tokenizer lives in Python
         # (megagpt.data), not in tokenizer.json: the fast tokenizer gives the same ids on
         # pre-segmented text only.
-        conf = {"tokenizer_class": "PreTrainedTokenizerFast",
-                "model_max_length": cfg.max_position_embeddings}
+        conf = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": cfg.max_position_embeddings,
+        }
         eod = _special_id(str(out / "tokenizer.json"), "<|endoftext|>")
         if eod is not None:
             conf.update(eos_token="<|endoftext|>", bos_token="<|endoftext|>")
     elif "vocab.txt" in names:
         # [SEP] ends a document in this family (megagpt.data.tokenizer.BertTokenizer).
-        conf = {"tokenizer_class": "BertTokenizer", "do_lower_case": True,
-                "model_max_length": cfg.max_position_embeddings,
-                "eos_token": "[SEP]", "bos_token": "[SEP]"}
+        conf = {
+            "tokenizer_class": "BertTokenizer",
+            "do_lower_case": True,
+            "model_max_length": cfg.max_position_embeddings,
+            "eos_token": "[SEP]",
+            "bos_token": "[SEP]",
+        }
     else:
         return
-    (out / "tokenizer_config.json").write_text(json.dumps(conf, indent=2) + "\n",
-                                               encoding="utf-8")
+    (out / "tokenizer_config.json").write_text(json.dumps(conf, indent=2) + "\n", encoding="utf-8")
 
 
 # -- import -------------------------------------------------------------------------------
+
 
 def model_config(config: dict, source: str) -> ModelConfig:
     """ModelConfig from a GPT2Config dict; refuses variants megagpt does not compute."""
     act = config.get("activation_function", "gelu_new")
     if act not in _ACT_IN:
-        raise CheckpointError(f"{source}: activation_function={act!r} is not supported "
-                              f"(supported: {', '.join(_ACT_IN)})")
-    for key, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                    ("add_cross_attention", False)):
+        raise CheckpointError(
+            f"{source}: activation_function={act!r} is not supported "
+            f"(supported: {', '.join(_ACT_IN)})"
+        )
+    for key, ok in (
+        ("scale_attn_weights", True),
+        ("scale_attn_by_inverse_layer_idx", False),
+        ("add_cross_attention", False),
+    ):
         if config.get(key, ok) != ok:
-            raise CheckpointError(f"{source}: {key}={config[key]!r} is not the GPT-3 attention "
-                                  f"megagpt implements (needs {ok})")
+            raise CheckpointError(
+                f"{source}: {key}={config[key]!r} is not the GPT-3 attention "
+                f"megagpt implements (needs {ok})"
+            )
     h = int(config.get("n_embd", 768))
     n_pos = int(config.get("n_positions", 1024))
     cfg = ModelConfig(
-        num_layers=int(config.get("n_layer", 12)), num_heads=int(config.get("n_head", 12)),
-        hidden_size=h, ffn_hidden_size=int(config.get("n_inner") or 4 * h),
-        max_position_embeddings=n_pos, seq_length=min(2048, n_pos),
-        vocab_size=int(config.get("vocab_size", 50257)), activation=_ACT_IN[act],
+        num_layers=int(config.get("n_layer", 12)),
+        num_heads=int(config.get("n_head", 12)),
+        hidden_size=h,
+        ffn_hidden_size=int(config.get("n_inner") or 4 * h),
+        max_position_embeddings=n_pos,
+        seq_length=min(2048, n_pos),
+        vocab_size=int(config.get("vocab_size", 50257)),
+        activation=_ACT_IN[act],
         layernorm_eps=float(config.get("layer_norm_epsilon", 1e-5)),
         dropout=float(config.get("resid_pdrop", 0.1)),
         attention_dropout=float(config.get("attn_pdrop", 0.1)),
-        init_std=float(config.get("initializer_range", 0.02)))
+        init_std=float(config.get("initializer_range", 0.02)),
+    )
     check_heads(cfg, source)
     return cfg
 
@@ -204,8 +247,9 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as e:  # SafetensorError carries no file name
-        raise CheckpointError(safetensors_problem(path)
-                              or f"{path}: not a readable safetensors file ({e})") from None
+        raise CheckpointError(
+            safetensors_problem(path) or f"{path}: not a readable safetensors file ({e})"
+        ) from None
 
 
 def _load_weights(p: Path) -> dict[str, torch.Tensor]:
@@ -222,8 +266,9 @@ def _load_weights(p: Path) -> dict[str, torch.Tensor]:
     if (p / "pytorch_model.bin").is_file():
         sd = torch_load_weights(p / "pytorch_model.bin")
         return {k: v for k, v in sd.items() if torch.is_tensor(v)}
-    raise CheckpointError(f"{p}: no model.safetensors, model.safetensors.index.json or "
-                          "pytorch_model.bin")
+    raise CheckpointError(
+        f"{p}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
+    )
 
 
 def read(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], str | None]:
@@ -240,28 +285,33 @@ def read(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], str | None]:
         sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
     head = sd.pop("lm_head.weight", None)
     if head is not None and "wte.weight" in sd and not torch.equal(head, sd["wte.weight"]):
-        raise CheckpointError(f"{source}: lm_head.weight differs from transformer.wte.weight; "
-                              "megagpt ties the output layer to the word embedding")
-    want = {_hf_name(n)[0][len("transformer."):]: n for n in expected_shapes(cfg)}
+        raise CheckpointError(
+            f"{source}: lm_head.weight differs from transformer.wte.weight; "
+            "megagpt ties the output layer to the word embedding"
+        )
+    want = {_hf_name(n)[0][len("transformer.") :]: n for n in expected_shapes(cfg)}
     tensors = {}
     for key, t in sd.items():
         if key.endswith(_IGNORED):
             continue
         if key not in want:
-            raise CheckpointError(f"{source}: unexpected tensor {key!r} with shape "
-                                  f"{list(t.shape)} (not a GPT2LMHeadModel parameter of this "
-                                  "config)")
+            raise CheckpointError(
+                f"{source}: unexpected tensor {key!r} with shape "
+                f"{list(t.shape)} (not a GPT2LMHeadModel parameter of this "
+                "config)"
+            )
         name = want[key]
         if _hf_name(name)[1]:
             t = t.t()
         if "attention.query_key_value" in name:
             want_rows = 3 * cfg.hidden_size
             if t.shape[0] != want_rows:
-                raise CheckpointError(f"{source}: tensor {key!r} has shape {list(t.shape)}, "
-                                      f"the model expects {want_rows} QKV outputs")
+                raise CheckpointError(
+                    f"{source}: tensor {key!r} has shape {list(t.shape)}, "
+                    f"the model expects {want_rows} QKV outputs"
+                )
             t = qkv_blocks_to_interleaved(t, cfg.num_heads)
         tensors[name] = t.contiguous()
     check_tensors(tensors, cfg, source)
     tok = next((str(p / n) for n in ("tokenizer.json", "vocab.txt") if (p / n).is_file()), None)
     return cfg, tensors, tok
-

@@ -1,50 +1,71 @@
-"""Training checkpoints in a run directory: save, find the latest, prune.
+"""Training checkpoints in a run directory: commit, find the one to resume, prune.
 
-Layout::
+Layout (tags and ``latest``: ``tags.py``)::
 
-    <run.dir>/checkpoints/step_0000100/   one checkpoint (every rank's shards, see reshard.py)
+    <run.dir>/checkpoints/step_0000100/   one checkpoint: the layout-free record (safetensors +
+                                          JSON, see reshard.py) and the RNG streams, written by
+                                          training.py; DeepSpeed's native files (pickles) too
+                                          only with checkpoint.native
     <run.dir>/checkpoints/step_0000100/manifest.json   size and CRC-32 of each file
     <run.dir>/checkpoints/latest          the tag of the newest COMPLETE checkpoint
 
-The manifest, then ``latest``, are written last, atomically, after every rank has finished
-writing: a crash while saving leaves the previous checkpoint as the one a restart resumes from.
-A resume verifies the manifest; when the newest checkpoint is damaged it says which file and
-falls back to the newest intact one (``checkpoint.require_latest`` demands the newest or nothing).
+``training.py`` writes a checkpoint's files; this module commits it: the manifest, then
+``latest``, written last, atomically, after every rank has finished writing, so a crash while
+saving leaves the previous checkpoint as the one a restart resumes from. A resume verifies the
+manifest; when the newest checkpoint is damaged it says which file and falls back to the newest
+intact one (``checkpoint.require_latest`` demands the newest or nothing). Which files a resume
+then reads (the record; DeepSpeed's pickles only with ``checkpoint.trust_pickle``) is
+``training.py``'s decision.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch.distributed as dist
 
 from megagpt.checkpoint import manifest
 from megagpt.checkpoint.canonical import CheckpointError
+from megagpt.checkpoint.tags import (
+    LATEST,
+    checkpoint_dir,
+    is_tag,
+    order,
+    read_latest,
+    tag_for,
+    write_latest,
+)
 
-_TAG = re.compile(r"^step_(\d{7,})$")
+__all__ = [
+    "checkpoint_dir",
+    "commit",
+    "latest_tag",
+    "resolve_load",
+    "resume_tag",
+    "tag_for",
+    "verify_or_raise",
+]
 
-
-def checkpoint_dir(run_dir: str) -> str:
-    return os.path.join(run_dir, "checkpoints")
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:07d}"
+T = TypeVar("T")
 
 
 def latest_tag(directory: str) -> str | None:
-    """Tag named by ``directory/latest``, or None when there is no complete checkpoint."""
-    path = Path(directory) / "latest"
+    """Tag named by ``directory/latest``, or None when there is no complete checkpoint.
+
+    Raises CheckpointError when ``latest`` exists but names no checkpoint folder."""
+    path = Path(directory) / LATEST
     if not path.is_file():
         return None
-    tag = path.read_text(encoding="utf-8").strip()
+    tag = read_latest(directory) or ""
     if not tag or not (Path(directory) / tag).is_dir():
         raise CheckpointError(
             f"{path} names checkpoint {tag!r}, which does not exist in {directory}; "
-            "remove the file to start fresh or restore the checkpoint")
+            "remove the file to start fresh or restore the checkpoint"
+        )
     return tag
 
 
@@ -53,9 +74,11 @@ def resolve_load(path: str) -> tuple[str, str]:
     tagged checkpoint folder."""
     p = Path(path)
     for directory in (p / "checkpoints", p):
-        if (directory / "latest").is_file():
-            return str(directory), latest_tag(str(directory))
-    if _TAG.match(p.name) and p.is_dir():
+        if (directory / LATEST).is_file():
+            tag = latest_tag(str(directory))
+            assert tag is not None  # the file exists: latest_tag returns a tag or raises
+            return str(directory), tag
+    if is_tag(p.name) and p.is_dir():
         return str(p.parent), p.name
     raise CheckpointError(f"checkpoint.load={path!r}: no 'latest' file and not a step_* folder")
 
@@ -71,14 +94,12 @@ def commit(directory: str, tag: str, keep_last: int) -> None:
         dist.barrier()
     manifest.write(str(Path(directory) / tag))  # collective; before `latest` names the tag
     if not dist.is_initialized() or dist.get_rank() == 0:
-        tmp = Path(directory) / "latest.tmp"
-        tmp.write_text(tag + "\n", encoding="utf-8")
-        os.replace(tmp, Path(directory) / "latest")
-        tags = sorted(d.name for d in Path(directory).iterdir() if _TAG.match(d.name))
+        write_latest(directory, tag)
+        tags = sorted((d.name for d in Path(directory).iterdir() if is_tag(d.name)), key=order)
         # Folders newer than the committed tag are leftovers of a save that crashed (their step
         # was never committed); older ones beyond keep_last are pruned.
-        stale = [t for t in tags if t > tag]
-        kept = [t for t in tags if t <= tag]
+        stale = [t for t in tags if order(t) > order(tag)]
+        kept = [t for t in tags if order(t) <= order(tag)]
         for old in stale + kept[:-keep_last]:
             shutil.rmtree(Path(directory) / old, ignore_errors=True)
     if dist.is_initialized():
@@ -90,16 +111,20 @@ def _summary(problems: list[str]) -> str:
     return problems[0] + more
 
 
-def _shared(obj):
-    """Rank 0's ``obj`` on every rank (one reading of the shared folder, so all ranks agree)."""
+def _shared(obj: T | None) -> T:
+    """Rank 0's ``obj`` on every rank (one reading of the shared folder, so all ranks agree);
+    the other ranks pass None."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
+        assert obj is not None, "a single process is rank 0: it passes its own object"
         return obj
-    box = [obj]
+    box: list[Any] = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
-def resume_tag(directory: str, *, require_latest: bool = False, log=print) -> str | None:
+def resume_tag(
+    directory: str, *, require_latest: bool = False, log: Callable[[str], object] = print
+) -> str | None:
     """The checkpoint a run resumes from: ``latest`` when it verifies, else the newest intact
     older one; None when the run has none.
 
@@ -111,17 +136,22 @@ def resume_tag(directory: str, *, require_latest: bool = False, log=print) -> st
     damaged, or when no checkpoint is intact.
     """
     root = Path(directory)
-    listing = None
+    listing: tuple[str | None, list[str]] | None = None
     if not dist.is_initialized() or dist.get_rank() == 0:
-        latest = None
-        if (root / "latest").is_file():
-            latest = (root / "latest").read_text(encoding="utf-8").strip() or None
-        tags = sorted((d.name for d in root.iterdir() if _TAG.match(d.name) and d.is_dir()),
-                      reverse=True) if root.is_dir() else []
+        latest = read_latest(root)
+        tags = (
+            sorted(
+                (d.name for d in root.iterdir() if is_tag(d.name) and d.is_dir()),
+                key=order,
+                reverse=True,
+            )
+            if root.is_dir()
+            else []
+        )
         if latest is None:
             candidates = [t for t in tags if manifest.has_manifest(str(root / t))]
         else:
-            candidates = [latest] + [t for t in tags if t < latest]
+            candidates = [latest] + [t for t in tags if order(t) < order(latest)]
         listing = (latest, candidates)
     latest, candidates = _shared(listing)
     if not candidates:
@@ -141,13 +171,15 @@ def resume_tag(directory: str, *, require_latest: bool = False, log=print) -> st
                 f"checkpoint {root / tag} is damaged: {_summary(problems)}; "
                 "checkpoint.require_latest=true demands the newest checkpoint: restore that "
                 "file, or set checkpoint.require_latest=false to resume from the newest intact "
-                "one")
+                "one"
+            )
         log(f"checkpoint {root / tag} is damaged: {_summary(problems)}; trying the one before")
     if chosen is None:
         raise CheckpointError(
             f"no intact checkpoint in {root}: "
             + "; ".join(f"{t}: {_summary(p)}" for t, p in damaged)
-            + " (restore the files, or move the folder away to start afresh)")
+            + " (restore the files, or move the folder away to start afresh)"
+        )
     if damaged:
         if not dist.is_initialized() or dist.get_rank() == 0:
             for tag, _ in damaged:
@@ -155,13 +187,13 @@ def resume_tag(directory: str, *, require_latest: bool = False, log=print) -> st
                     aside = root / f"{tag}.damaged"
                     shutil.rmtree(aside, ignore_errors=True)
                     os.replace(root / tag, aside)
-            tmp = root / "latest.tmp"
-            tmp.write_text(chosen + "\n", encoding="utf-8")
-            os.replace(tmp, root / "latest")
+            write_latest(root, chosen)
         if dist.is_initialized():
             dist.barrier()
-        log(f"falling back to {root / chosen}; the damaged checkpoints were renamed to "
-            f"{', '.join(t + '.damaged' for t, _ in damaged)}")
+        log(
+            f"falling back to {root / chosen}; the damaged checkpoints were renamed to "
+            f"{', '.join(t + '.damaged' for t, _ in damaged)}"
+        )
     return chosen
 
 
@@ -172,4 +204,5 @@ def verify_or_raise(directory: str, tag: str) -> None:
     if problems:
         raise CheckpointError(
             f"checkpoint {Path(directory) / tag} is damaged: {_summary(problems)}; restore it "
-            "or point checkpoint.load at an older step_* folder")
+            "or point checkpoint.load at an older step_* folder"
+        )

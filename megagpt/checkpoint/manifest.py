@@ -30,6 +30,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch.distributed as dist
 
@@ -38,6 +39,10 @@ VERSION = 1
 MANIFEST = "manifest.json"
 META = "layout_free/meta.json"
 _BLOCK = 8 << 20
+
+T = TypeVar("T")
+# A file to check: (path relative to the checkpoint, its manifest entry or None: structure only)
+Entry = tuple[str, "dict | None"]
 
 
 def crc32(path: str | Path) -> str:
@@ -55,11 +60,13 @@ def _distributed(flag: bool | None) -> bool:
     return flag and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _broadcast(obj, distributed: bool):
-    """Rank 0's ``obj`` on every rank (one listing of a shared folder, so all ranks agree)."""
+def _broadcast(obj: T | None, distributed: bool) -> T:
+    """Rank 0's ``obj`` on every rank (one listing of a shared folder, so all ranks agree); the
+    other ranks pass None."""
     if not distributed:
+        assert obj is not None, "a single process is rank 0: it passes its own object"
         return obj
-    box = [obj]
+    box: list[Any] = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
@@ -77,13 +84,16 @@ def _share(items: list, distributed: bool) -> list:
     """This rank's round-robin share of ``items`` (all of them in one process)."""
     if not distributed:
         return items
-    return items[dist.get_rank()::dist.get_world_size()]
+    return items[dist.get_rank() :: dist.get_world_size()]
 
 
 def _listing(checkpoint: Path) -> list[str]:
     """Files of a checkpoint folder, relative POSIX paths, without the manifest and temp files."""
-    return sorted(p.relative_to(checkpoint).as_posix() for p in checkpoint.rglob("*")
-                  if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp"))
+    return sorted(
+        p.relative_to(checkpoint).as_posix()
+        for p in checkpoint.rglob("*")
+        if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp")
+    )
 
 
 def write(checkpoint: str, distributed: bool | None = None) -> None:
@@ -94,16 +104,21 @@ def write(checkpoint: str, distributed: bool | None = None) -> None:
     """
     distributed = _distributed(distributed)
     root = Path(checkpoint)
-    files = _broadcast(_listing(root) if not distributed or dist.get_rank() == 0 else None,
-                       distributed)
-    mine = [(rel, os.path.getsize(root / rel), crc32(root / rel))
-            for rel in _share(files, distributed)]
+    files = _broadcast(
+        _listing(root) if not distributed or dist.get_rank() == 0 else None, distributed
+    )
+    mine = [
+        (rel, os.path.getsize(root / rel), crc32(root / rel)) for rel in _share(files, distributed)
+    ]
     entries = _gather(mine, distributed)
     if distributed and dist.get_rank() != 0:
         return
-    manifest = {"format": FORMAT, "version": VERSION, "checksum": "crc32",
-                "files": {rel: {"size": size, "crc32": crc}
-                          for rel, size, crc in sorted(entries)}}
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "checksum": "crc32",
+        "files": {rel: {"size": size, "crc32": crc} for rel, size, crc in sorted(entries)},
+    }
     tmp = root / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, root / MANIFEST)
@@ -127,8 +142,9 @@ def safetensors_problem(path: str | Path) -> str | None:
             return f"{path}: truncated ({size} bytes; its header alone needs {8 + n})"
         try:
             header = json.loads(f.read(n))
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
-                      default=0)
+            end = max(
+                (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
+            )
         except (ValueError, KeyError, TypeError, IndexError):
             return f"{path}: not a safetensors file (unreadable header)"
     if size != 8 + n + end:
@@ -165,31 +181,34 @@ def verify(checkpoint: str, distributed: bool | None = None) -> list[str]:
     """
     distributed = _distributed(distributed)
     root = Path(checkpoint)
-    if not distributed or dist.get_rank() == 0:
-        if not root.is_dir():
-            plan: object = [f"{root} does not exist"]
-        elif has_manifest(checkpoint):
-            try:
-                m = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
-                if m.get("format") != FORMAT:
-                    raise ValueError(f"format {m.get('format')!r}, expected {FORMAT!r}")
-                plan = sorted(m["files"].items())
-            except (ValueError, KeyError, AttributeError) as e:
-                plan = [f"{root / MANIFEST}: unreadable ({e})"]
-        else:
-            files = set(_listing(root))
-            # Without a record, DeepSpeed's native files may be all there is: whether those may
-            # be read (checkpoint.trust_pickle) is the engine's decision, not a damage.
-            native_only = any("/" not in rel and rel.endswith(".pt") for rel in files)
-            if not native_only:
-                files.add(META)
-            plan = [(rel, None) for rel in sorted(files)
-                    if rel == META or rel.endswith(".safetensors")]
-    else:
-        plan = None
-    plan = _broadcast(plan, distributed)
-    if plan and isinstance(plan[0], str):
-        return plan
-    mine = [p for rel, entry in _share(plan, distributed)
-            if (p := _check_entry(root, rel, entry)) is not None]
+    plan = _plan(root) if not distributed or dist.get_rank() == 0 else None
+    problems, entries = _broadcast(plan, distributed)
+    if problems:
+        return problems
+    mine = [
+        p
+        for rel, entry in _share(entries, distributed)
+        if (p := _check_entry(root, rel, entry)) is not None
+    ]
     return sorted(_gather(mine, distributed))
+
+
+def _plan(root: Path) -> tuple[list[str], list[Entry]]:
+    """(problems found before reading any file, the files to check) of a checkpoint folder."""
+    if not root.is_dir():
+        return [f"{root} does not exist"], []
+    if has_manifest(str(root)):
+        try:
+            m = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+            if m.get("format") != FORMAT:
+                raise ValueError(f"format {m.get('format')!r}, expected {FORMAT!r}")
+            return [], sorted(m["files"].items())
+        except (ValueError, KeyError, AttributeError) as e:
+            return [f"{root / MANIFEST}: unreadable ({e})"], []
+    files = set(_listing(root))
+    # Without a record, DeepSpeed's native files may be all there is: whether those may
+    # be read (checkpoint.trust_pickle) is the engine's decision, not a damage.
+    native_only = any("/" not in rel and rel.endswith(".pt") for rel in files)
+    if not native_only:
+        files.add(META)
+    return [], [(rel, None) for rel in sorted(files) if rel == META or rel.endswith(".safetensors")]

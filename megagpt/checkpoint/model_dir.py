@@ -9,7 +9,9 @@ Layout::
 
 Tensors are keyed by canonical parameter names (``layers.3.mlp.dense_h_to_4h.weight``, see
 ``megagpt.model.init.canonical_parameters``), unsharded, with the word embedding cut to the true
-vocabulary. Loading pads and slices them for any TP/PP layout.
+vocabulary. Loading pads and slices them for any TP/PP layout (the rules of ``canonical.py``).
+Every fault raises ``CheckpointError`` (also importable as ``ModelDirError``) naming the file or
+tensor.
 """
 
 from __future__ import annotations
@@ -18,26 +20,26 @@ import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from megagpt.checkpoint.canonical import CheckpointError, gather_shards, local_shard, unpad_vocab
 from megagpt.config.schema import ModelConfig
-from megagpt.errors import MegagptError
 from megagpt.model.init import canonical_parameters, full_shape
 
 FORMAT = "megagpt-model"
 VERSION = 1
-WORD_EMBEDDING = "embedding.word.word_embeddings.weight"
 
-
-class ModelDirError(MegagptError, ValueError):
-    """A model directory that cannot be read or does not fit the model; names file/tensor."""
+# The one checkpoint error class; the old name stays for code that catches it.
+ModelDirError = CheckpointError
 
 
 def is_model_dir(path: str) -> bool:
+    """True when ``path`` holds a ``config.json`` of format ``megagpt-model``."""
     p = Path(path) / "config.json"
     if not p.is_file():
         return False
@@ -53,15 +55,15 @@ def read_config(directory: str) -> ModelConfig:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ModelDirError(f"{path} does not exist: not a megagpt model directory") from None
+        raise CheckpointError(f"{path} does not exist: not a megagpt model directory") from None
     except ValueError as e:
-        raise ModelDirError(f"{path}: not valid JSON ({e})") from None
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if meta.get("format") != FORMAT:
-        raise ModelDirError(f"{path}: format is {meta.get('format')!r}, expected {FORMAT!r}")
+        raise CheckpointError(f"{path}: format is {meta.get('format')!r}, expected {FORMAT!r}")
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = set(meta["model"]) - known
     if unknown:
-        raise ModelDirError(f"{path}: unknown model keys {sorted(unknown)}")
+        raise CheckpointError(f"{path}: unknown model keys {sorted(unknown)}")
     return ModelConfig(**meta["model"])
 
 
@@ -72,11 +74,13 @@ def tokenizer_path(directory: str) -> str | None:
 
 
 def write_config(directory: str, cfg: ModelConfig, extra: dict | None = None) -> None:
+    """Write ``directory/config.json`` for ``cfg`` (plus the keys of ``extra``)."""
     Path(directory).mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "version": VERSION, "model": dataclasses.asdict(cfg)}
     meta.update(extra or {})
-    (Path(directory) / "config.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False)
-                                                 + "\n", encoding="utf-8")
+    (Path(directory) / "config.json").write_text(
+        json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
 
 
 def copy_tokenizer(directory: str, source: str) -> None:
@@ -90,8 +94,13 @@ def copy_tokenizer(directory: str, source: str) -> None:
 
 
 @torch.no_grad()
-def full_tensors(module: torch.nn.Module, cfg: ModelConfig, tp_group=None,
-                 tp_size: int = 1, getter=None) -> dict[str, torch.Tensor]:
+def full_tensors(
+    module: torch.nn.Module,
+    cfg: ModelConfig,
+    tp_group: dist.ProcessGroup | None = None,
+    tp_size: int = 1,
+    getter: Callable[[torch.nn.Parameter], torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """Unsharded CPU copies of this stage's parameters, by canonical name.
 
     ``getter(p)`` returns the value to save for parameter ``p`` (the engine passes one that
@@ -106,19 +115,22 @@ def full_tensors(module: torch.nn.Module, cfg: ModelConfig, tp_group=None,
         if dim is not None:
             parts = [torch.empty_like(t) for _ in range(tp_size)]
             dist.all_gather(parts, t.contiguous(), group=tp_group)
-            t = torch.cat(parts, dim=dim)
-        if name == WORD_EMBEDDING:
-            t = t[: cfg.vocab_size]
+            t = gather_shards(name, parts, dim, "this model")
+        t = unpad_vocab(name, t, cfg.vocab_size)
         out[name] = t.float().cpu().contiguous() if t.dtype != torch.float32 else t.cpu().clone()
     return out
 
 
-def save_tensors(directory: str, tensors: dict[str, torch.Tensor], shard: int = 0,
-                 num_shards: int = 1) -> str:
+def save_tensors(
+    directory: str, tensors: dict[str, torch.Tensor], shard: int = 0, num_shards: int = 1
+) -> str:
     """Write one shard of the weights (``num_shards`` = pipeline stages); returns its file."""
     Path(directory).mkdir(parents=True, exist_ok=True)
-    name = ("model.safetensors" if num_shards == 1
-            else f"model-{shard + 1:05d}-of-{num_shards:05d}.safetensors")
+    name = (
+        "model.safetensors"
+        if num_shards == 1
+        else f"model-{shard + 1:05d}-of-{num_shards:05d}.safetensors"
+    )
     tmp = Path(directory) / (name + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, Path(directory) / name)
@@ -136,7 +148,8 @@ def write_index(directory: str, num_shards: int) -> None:
             for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
                 weight_map[key] = name
     (Path(directory) / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": weight_map}, indent=1) + "\n", encoding="utf-8")
+        json.dumps({"weight_map": weight_map}, indent=1) + "\n", encoding="utf-8"
+    )
 
 
 def load_tensors(directory: str) -> dict[str, torch.Tensor]:
@@ -146,7 +159,7 @@ def load_tensors(directory: str) -> dict[str, torch.Tensor]:
         return _load_file(d / "model.safetensors")
     index = d / "model.safetensors.index.json"
     if not index.is_file():
-        raise ModelDirError(f"{d}: no model.safetensors or model.safetensors.index.json")
+        raise CheckpointError(f"{d}: no model.safetensors or model.safetensors.index.json")
     files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     out: dict[str, torch.Tensor] = {}
     for f in files:
@@ -155,43 +168,39 @@ def load_tensors(directory: str) -> dict[str, torch.Tensor]:
 
 
 def _load_file(path: Path) -> dict[str, torch.Tensor]:
-    """One safetensors file; a truncated or foreign file raises ModelDirError naming it (weights
+    """One safetensors file; a truncated or foreign file raises CheckpointError naming it (weights
     are only ever read as safetensors here: no pickle is opened)."""
     from megagpt.checkpoint.manifest import safetensors_problem
 
     if not path.is_file():
-        raise ModelDirError(f"{path} is missing")
+        raise CheckpointError(f"{path} is missing")
     try:
         return load_file(str(path))
     except Exception as e:  # SafetensorError and friends carry no file name
-        raise ModelDirError(safetensors_problem(path)
-                            or f"{path}: not a readable safetensors file ({e})") from None
+        raise CheckpointError(
+            safetensors_problem(path) or f"{path}: not a readable safetensors file ({e})"
+        ) from None
 
 
 @torch.no_grad()
-def load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], cfg: ModelConfig,
-              tp_rank: int = 0, tp_size: int = 1, *, source: str = "weights") -> None:
+def load_into(
+    module: torch.nn.Module,
+    tensors: dict[str, torch.Tensor],
+    cfg: ModelConfig,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    *,
+    source: str = "weights",
+) -> None:
     """Copy full tensors into a (possibly sharded) model or pipeline stage.
 
     Every local parameter must be present with the right full shape; a mismatch raises
-    ModelDirError naming the tensor and both shapes. Extra tensors belonging to other pipeline
-    stages are ignored.
+    CheckpointError naming the tensor, ``source`` and both shapes. Extra tensors belonging to
+    other pipeline stages are ignored.
     """
     for name, p in canonical_parameters(module):
-        if name not in tensors:
-            raise ModelDirError(f"{source}: missing tensor {name!r} (expected shape "
-                                f"{full_shape(p, tp_size)[0]})")
-        t = tensors[name]
         shape, dim = full_shape(p, tp_size)
-        if name == WORD_EMBEDDING:
-            if t.shape[0] != cfg.vocab_size or list(t.shape[1:]) != shape[1:]:
-                raise ModelDirError(f"{source}: tensor {name!r} has shape {list(t.shape)}, "
-                                    f"expected [{cfg.vocab_size}, {shape[1]}] (vocab x hidden)")
-            pad = torch.zeros(shape[0] - t.shape[0], *t.shape[1:], dtype=t.dtype)
-            t = torch.cat([t, pad], dim=0)
-        elif list(t.shape) != shape:
-            raise ModelDirError(f"{source}: tensor {name!r} has shape {list(t.shape)}, "
-                                f"the model expects {shape}")
-        if dim is not None:
-            t = t.chunk(tp_size, dim=dim)[tp_rank]
+        if name not in tensors:
+            raise CheckpointError(f"{source}: missing tensor {name!r} (expected shape {shape})")
+        t = local_shard(name, tensors[name], shape, dim, cfg.vocab_size, tp_rank, tp_size, source)
         p.copy_(t.to(dtype=p.dtype, device=p.device))

@@ -1,8 +1,9 @@
 """The layout-free record inside every training checkpoint: resume under any TP / PP / DP / ZeRO.
 
-Written in ``<run.dir>/checkpoints/step_XXXXXXX/`` by ``megagpt.checkpoint.training`` (beside
-``rng/``, the per-rank RNG streams, and DeepSpeed's own files when ``checkpoint.native`` is
-set)::
+Every checkpoint is this record (safetensors and JSON, no pickle): it is the whole of the
+model and optimizer state a resume needs. ``megagpt.checkpoint.training`` writes it in
+``<run.dir>/checkpoints/step_XXXXXXX/``, beside ``rng/`` (the per-rank RNG streams) and, only
+when ``checkpoint.native`` is set, DeepSpeed's own files::
 
     layout_free/meta.json                              saved layout, model config, Adam step,
                                                        engine counters, client state (JSON)
@@ -14,16 +15,17 @@ set)::
 Each file is written by the data-parallel rank 0 of its (tp, pp) rank and holds that rank's
 local TENSOR-PARALLEL shard of every parameter of its pipeline stage, by canonical name (so ZeRO
 partitions are already gathered); its safetensors metadata records each tensor's partition dim.
-Reading concatenates the TP shards of a tensor (whatever TP saved them), cuts the word embedding
+Reading gathers the TP shards of a tensor (whatever TP saved them), cuts the word embedding
 to the true vocabulary, and cuts out the reader's own shard: the reader's layout never needs to
 match the writer's. Which pipeline stage held a tensor does not matter either: the reader indexes
-every file by tensor name.
+every file by tensor name. The padding, splitting and gathering rules are ``canonical.py``'s.
 
-DeepSpeed's native files (``checkpoint.native``) are pickles: they are read only for a
-same-layout resume with ``checkpoint.trust_pickle`` (``training.py`` decides), never by this
-module.
-The cost of writing them is disk: a checkpoint holds the model and optimizer state twice.
-This module never imports deepspeed; the engine passes accessors.
+DeepSpeed's native files (``checkpoint.native``, off by default) are pickles, and this module
+never reads them. ``training.py`` hands them to DeepSpeed instead of this record only with
+``checkpoint.trust_pickle`` and when the record is absent or was saved with the very layout
+(TP, PP, DP, ZeRO stage, precision) of the resuming run. Writing them costs disk: the
+checkpoint then holds the model and optimizer state twice.
+This module never imports deepspeed; ``training.py`` passes the engine's accessors.
 """
 
 from __future__ import annotations
@@ -32,19 +34,23 @@ import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megagpt.checkpoint.canonical import (
-    WORD,
     CheckpointError,
     expected_shapes,
+    gather_shards,
+    local_shard,
+    pad_vocab,
     partition_dim,
     split_for_tp,
+    unpad_vocab,
 )
 from megagpt.config.schema import ModelConfig
 from megagpt.model.gpt import padded_vocab_size
@@ -92,10 +98,20 @@ def json_client_state(client: dict) -> dict:
 
 # -- writing ------------------------------------------------------------------------------
 
-def save_shards(checkpoint: str, params: list[tuple[str, torch.nn.Parameter, int | None]],
-                get: Callable[[torch.nn.Parameter, str], torch.Tensor], *, tp_rank: int,
-                tp: int, pp_rank: int, pp: int, write: bool) -> None:
-    """Write this (tp, pp) rank's shard files of the record (engine side).
+
+def save_shards(
+    checkpoint: str,
+    params: list[tuple[str, torch.nn.Parameter, int | None]],
+    get: Callable[[torch.nn.Parameter, str], torch.Tensor],
+    *,
+    tp_rank: int,
+    tp: int,
+    pp_rank: int,
+    pp: int,
+    write: bool,
+) -> None:
+    """Write this (tp, pp) rank's shard files of the record (a running job; ``training.py``
+    passes the engine's parameters and optimizer accessors).
 
     ``params`` are (canonical name, parameter, partition dim); ``get(p, kind)`` returns the local
     TP shard of kind ``param``/``exp_avg``/``exp_avg_sq``. ``get`` may be collective over data
@@ -112,20 +128,47 @@ def save_shards(checkpoint: str, params: list[tuple[str, torch.nn.Parameter, int
             if write:
                 tensors[name] = t.detach().float().cpu().contiguous()
         if write:
-            _write(folder / _file(tp_rank, pp_rank, kind), tensors,
-                   {"format": FORMAT, "kind": kind, "tp_rank": tp_rank, "tp": tp,
-                    "pp_rank": pp_rank, "pp": pp, "partition": partition})
+            _write(
+                folder / _file(tp_rank, pp_rank, kind),
+                tensors,
+                {
+                    "format": FORMAT,
+                    "kind": kind,
+                    "tp_rank": tp_rank,
+                    "tp": tp,
+                    "pp_rank": pp_rank,
+                    "pp": pp,
+                    "partition": partition,
+                },
+            )
 
 
-def save_meta(checkpoint: str, *, layout: dict, model: ModelConfig, adam_step: int,
-              engine: dict, client: dict, kinds: Iterable[str] = KINDS) -> None:
+def save_meta(
+    checkpoint: str,
+    *,
+    layout: dict,
+    model: ModelConfig,
+    adam_step: int,
+    engine: dict,
+    client: dict,
+    kinds: Iterable[str] = KINDS,
+) -> None:
     """Write ``meta.json`` of the record (one rank)."""
     folder = record_path(checkpoint)
     folder.mkdir(parents=True, exist_ok=True)
-    _write_meta(folder, {"format": FORMAT, "version": VERSION, "layout": layout,
-                         "model": dataclasses.asdict(model), "adam_step": int(adam_step),
-                         "engine": engine, "client": json_client_state(client),
-                         "kinds": list(kinds)})
+    _write_meta(
+        folder,
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "layout": layout,
+            "model": dataclasses.asdict(model),
+            "adam_step": int(adam_step),
+            "engine": engine,
+            "client": json_client_state(client),
+            "kinds": list(kinds),
+        },
+    )
 
 
 def stage_names(cfg: ModelConfig, stage: int, stages: int) -> list[str]:
@@ -144,9 +187,17 @@ def stage_names(cfg: ModelConfig, stage: int, stages: int) -> list[str]:
     return out
 
 
-def write_record(checkpoint: str, states: dict[str, dict[str, torch.Tensor]], cfg: ModelConfig,
-                 *, tp: int, pp: int, adam_step: int = 0, client: dict | None = None,
-                 engine: dict | None = None) -> None:
+def write_record(
+    checkpoint: str,
+    states: dict[str, dict[str, torch.Tensor]],
+    cfg: ModelConfig,
+    *,
+    tp: int,
+    pp: int,
+    adam_step: int = 0,
+    client: dict | None = None,
+    engine: dict | None = None,
+) -> None:
     """Write a whole record offline for layout (tp, pp) from full canonical tensors.
 
     ``states`` maps kind -> canonical state; ``param`` is required, the Adam moments optional
@@ -160,27 +211,40 @@ def write_record(checkpoint: str, states: dict[str, dict[str, torch.Tensor]], cf
             names = stage_names(cfg, stage, pp)
             per_rank: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
             for name in names:
-                t = state[name].float()
-                if name == WORD:
-                    t = torch.cat([t, t.new_zeros(padded - t.shape[0], t.shape[1])])
-                for r, shard in enumerate(split_for_tp(name, t, tp)):
-                    per_rank[r][name] = shard.contiguous()
-            partition = {n: (-1 if partition_dim(n) is None else partition_dim(n))
-                         for n in names}
+                t = pad_vocab(name, state[name].float(), padded, checkpoint)
+                for r, shard in enumerate(split_for_tp(name, t, tp, checkpoint)):
+                    per_rank[r][name] = shard.contiguous()  # safetensors saves no views
+            partition = {n: (-1 if partition_dim(n) is None else partition_dim(n)) for n in names}
             for r in range(tp):
-                _write(folder / _file(r, stage, kind), per_rank[r],
-                       {"format": FORMAT, "kind": kind, "tp_rank": r, "tp": tp,
-                        "pp_rank": stage, "pp": pp, "partition": partition})
-    save_meta(checkpoint, layout={"tp": tp, "pp": pp, "dp": None, "zero_stage": None,
-                                  "precision": "fp32"},
-              model=cfg, adam_step=adam_step, engine=engine or {}, client=client or {},
-              kinds=list(states))
+                _write(
+                    folder / _file(r, stage, kind),
+                    per_rank[r],
+                    {
+                        "format": FORMAT,
+                        "kind": kind,
+                        "tp_rank": r,
+                        "tp": tp,
+                        "pp_rank": stage,
+                        "pp": pp,
+                        "partition": partition,
+                    },
+                )
+    save_meta(
+        checkpoint,
+        layout={"tp": tp, "pp": pp, "dp": None, "zero_stage": None, "precision": "fp32"},
+        model=cfg,
+        adam_step=adam_step,
+        engine=engine or {},
+        client=client or {},
+        kinds=list(states),
+    )
 
 
 # -- reading ------------------------------------------------------------------------------
 
+
 @contextlib.contextmanager
-def _open(path: Path):
+def _open(path: Path) -> Iterator[Any]:
     """``safe_open`` whose failures (truncated or foreign file) name the file."""
     from megagpt.checkpoint.manifest import safetensors_problem
 
@@ -214,11 +278,15 @@ class Record:
         meta = read_meta(checkpoint)
         if meta is None:
             native = sorted(Path(checkpoint).glob("*.pt")) if Path(checkpoint).is_dir() else []
-            hint = (f"; {native[0].name} is a DeepSpeed native file (a pickle, which megagpt "
-                    "never reads outside a same-layout resume with checkpoint.trust_pickle=true)"
-                    if native else "")
-            raise CheckpointError(f"{checkpoint}: no layout-free record ({RECORD}/meta.json)"
-                                  + hint)
+            hint = (
+                f"; {native[0].name} is a DeepSpeed native file (a pickle, which megagpt "
+                "reads only to resume a run with checkpoint.trust_pickle=true)"
+                if native
+                else ""
+            )
+            raise CheckpointError(
+                f"{checkpoint}: no layout-free record ({RECORD}/meta.json)" + hint
+            )
         self.meta = meta
         self.folder = record_path(checkpoint)
         self.model = ModelConfig(**meta["model"])
@@ -231,16 +299,19 @@ class Record:
                 for r in range(lay["tp"]):
                     f = self.folder / _file(r, stage, kind)
                     if not f.is_file():
-                        raise CheckpointError(f"{f} is missing: the record of {checkpoint} was "
-                                              f"saved with TP={lay['tp']} PP={lay['pp']} and "
-                                              "needs one file per (tp, pp) rank")
+                        raise CheckpointError(
+                            f"{f} is missing: the record of {checkpoint} was "
+                            f"saved with TP={lay['tp']} PP={lay['pp']} and "
+                            "needs one file per (tp, pp) rank"
+                        )
                     with _open(f) as h:
                         part = json.loads(h.metadata()["partition"])
                         stored = h.keys()  # safe_open handles are not iterable
                         for name in stored:
                             dim = part.get(name, -1)
                             self._index.setdefault(name, {}).setdefault(kind, {}).setdefault(
-                                stage, {})[r] = (f, None if dim < 0 else dim)
+                                stage, {}
+                            )[r] = (f, None if dim < 0 else dim)
 
     @property
     def names(self) -> list[str]:
@@ -266,37 +337,25 @@ class Record:
                     raise CheckpointError(f"{f}: cannot read tensor {name!r} ({e})") from None
             if dim is None:
                 break
-        t = parts[0] if dim is None else torch.cat(parts, dim=dim)
-        if name == WORD:
-            t = t[: self.model.vocab_size]
-        return t
+        # The dim recorded in the files, not today's rule: the files say how they were cut.
+        t = gather_shards(name, parts, dim, f"{self.folder} ({kind})")
+        return unpad_vocab(name, t, self.model.vocab_size)
 
     def state(self, kind: str = "param") -> dict[str, torch.Tensor]:
         """Every full tensor of ``kind``, by canonical name."""
         return {name: self.full(name, kind) for name in self.names}
 
 
-def local_shard(name: str, full: torch.Tensor, shape: list[int], dim: int | None,
-                vocab_size: int, tp_rank: int, tp: int, source: str) -> torch.Tensor:
-    """This rank's shard of full tensor ``name`` for a parameter of full ``shape`` (padded
-    vocabulary for the word embedding); a mismatch names the tensor and both shapes."""
-    if name == WORD:
-        if list(full.shape) != [vocab_size, shape[1]]:
-            raise CheckpointError(f"{source}: tensor {name!r} has shape {list(full.shape)}, the "
-                                  f"model expects [{vocab_size}, {shape[1]}] (vocab x hidden)")
-        full = torch.cat([full, full.new_zeros(shape[0] - vocab_size, shape[1])])
-    elif list(full.shape) != shape:
-        raise CheckpointError(f"{source}: tensor {name!r} has shape {list(full.shape)}, the "
-                              f"model expects {shape}")
-    if dim is not None and tp > 1:
-        full = full.chunk(tp, dim=dim)[tp_rank]
-    return full
-
-
-def load_shards(record: Record, params: list[tuple[str, torch.nn.Parameter, list[int],
-                                                   int | None]],
-                set_: Callable[[torch.nn.Parameter, str, torch.Tensor], None], *,
-                vocab_size: int, tp_rank: int, tp: int, kinds: Iterable[str] = KINDS) -> None:
+def load_shards(
+    record: Record,
+    params: list[tuple[str, torch.nn.Parameter, list[int], int | None]],
+    set_: Callable[[torch.nn.Parameter, str, torch.Tensor], None],
+    *,
+    vocab_size: int,
+    tp_rank: int,
+    tp: int,
+    kinds: Iterable[str] = KINDS,
+) -> None:
     """Set every local parameter (and Adam moments present in the record) from ``record``.
 
     ``params`` are (canonical name, parameter, full shape, partition dim) of this rank.
@@ -304,12 +363,18 @@ def load_shards(record: Record, params: list[tuple[str, torch.nn.Parameter, list
     wanted = set(record.names)
     for name, _, shape, _ in params:
         if name not in wanted:
-            raise CheckpointError(f"{record.folder}: missing tensor {name!r} (the model expects "
-                                  f"shape {shape})")
+            raise CheckpointError(
+                f"{record.folder}: missing tensor {name!r} (the model expects shape {shape})"
+            )
     for kind in kinds:
         if not record.has(kind):
             continue
         for name, p, shape, dim in params:
             full = record.full(name, kind)
-            set_(p, kind, local_shard(name, full, shape, dim, vocab_size, tp_rank, tp,
-                                      f"{record.folder} ({kind})"))
+            set_(
+                p,
+                kind,
+                local_shard(
+                    name, full, shape, dim, vocab_size, tp_rank, tp, f"{record.folder} ({kind})"
+                ),
+            )

@@ -30,16 +30,22 @@ import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from megagpt import parallel
 from megagpt.checkpoint import reshard
 from megagpt.checkpoint.canonical import CheckpointError
 from megagpt.checkpoint.manager import commit, tag_for
+from megagpt.checkpoint.tags import read_latest
 from megagpt.config.schema import CheckpointConfig, ModelConfig
+from megagpt.parallel.context import ParallelContext
+
+if TYPE_CHECKING:  # the engine's types, named here only for the checker
+    from megagpt.engine.optim_state import OptimizerState
+    from megagpt.model.rng import TensorParallelRNG
 
 # (canonical name, parameter, full TP-unsharded shape, partition dim) of this rank
 LocalParam = tuple[str, torch.nn.Parameter, list[int], "int | None"]
@@ -54,20 +60,23 @@ class EngineState:
     ``optim`` is the engine's ``OptimizerState`` adapter (``materialize``, ``get``, ``set``,
     ``refresh_low_precision``, ``adam_step``, ``set_adam_step``); ``counters`` / ``set_counters``
     the DeepSpeed step counters and loss scale; ``dropout_rng`` the TP-region dropout stream;
-    ``save_native`` / ``load_native`` DeepSpeed's own checkpoint files (pickles)."""
+    ``save_native`` / ``load_native`` DeepSpeed's own checkpoint files (pickles); ``parallel``
+    this rank's place in the layout (which shards and RNG file it writes and reads)."""
 
     params: Callable[[bool], Iterable[LocalParam]]
-    optim: object
+    optim: OptimizerState
     counters: Callable[[], dict]
     set_counters: Callable[[dict], None]
     layout: dict
     model: ModelConfig
-    dropout_rng: object
+    dropout_rng: TensorParallelRNG
     save_native: Callable[[str, str, dict], None]
     load_native: Callable[[str, str], "dict | None"]
+    parallel: ParallelContext
 
 
 # -- RNG streams ----------------------------------------------------------------------------
+
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
@@ -81,30 +90,36 @@ def _rng_file(checkpoint: str, pp: int, tp: int) -> str:
     return os.path.join(checkpoint, "rng", f"pp{pp:03d}-tp{tp:03d}.pt")
 
 
-def _save_rng(checkpoint: str, tp_region: torch.Tensor) -> None:
+def _save_rng(checkpoint: str, tp_region: torch.Tensor, ctx: ParallelContext) -> None:
     """This rank's RNG streams, as plain tensors and lists (readable with weights_only=True).
 
     Every data-parallel rank of a (pp, tp) position draws the same streams (same seed, same
     dropout shapes), so DP rank 0 writes them and any DP size can read them back."""
-    if parallel.dp_rank() != 0:
+    if not ctx.writes_shards:
         return
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # legacy=True (the default) returns the tuple form; numpy's stubs also allow a dict.
+    kind, keys, pos, has_gauss, gauss = cast(
+        "tuple[str, np.ndarray, int, int, float]", np.random.get_state(legacy=True)
+    )
     version, state, gauss_next = random.getstate()
-    blob = {"torch": torch.get_rng_state(),
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-            "python": [version, list(state), gauss_next], "tp_region": tp_region}
+    blob = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": [version, list(state), gauss_next],
+        "tp_region": tp_region,
+    }
     if torch.cuda.is_available():
         blob["cuda"] = torch.cuda.get_rng_state()
-    path = _rng_file(checkpoint, parallel.pp_rank(), parallel.tp_rank())
+    path = _rng_file(checkpoint, ctx.pp_rank, ctx.tp_rank)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save(blob, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
-def _load_rng(checkpoint: str, tp_region) -> bool:
+def _load_rng(checkpoint: str, tp_region: TensorParallelRNG, ctx: ParallelContext) -> bool:
     """Restore this rank's RNG streams saved by ``_save_rng`` (the TP-region dropout stream into
     ``tp_region``); False when none fit (another TP/PP layout, or an older checkpoint)."""
-    path = _rng_file(checkpoint, parallel.pp_rank(), parallel.tp_rank())
+    path = _rng_file(checkpoint, ctx.pp_rank, ctx.tp_rank)
     if not os.path.isfile(path):
         return False
     try:
@@ -114,14 +129,19 @@ def _load_rng(checkpoint: str, tp_region) -> bool:
     if "tp_region" in blob:
         tp_region.set_state(blob["tp_region"])
     kind, keys, pos, has_gauss, gauss = blob["numpy"]
-    _set_rng_state({"torch": blob["torch"],
-                    "numpy": (kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss),
-                    "python": (blob["python"][0], tuple(blob["python"][1]), blob["python"][2]),
-                    **({"cuda": blob["cuda"]} if "cuda" in blob else {})})
+    _set_rng_state(
+        {
+            "torch": blob["torch"],
+            "numpy": (kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss),
+            "python": (blob["python"][0], tuple(blob["python"][1]), blob["python"][2]),
+            **({"cuda": blob["cuda"]} if "cuda" in blob else {}),
+        }
+    )
     return True
 
 
 # -- the checkpoint -------------------------------------------------------------------------
+
 
 @dataclass
 class Loaded:
@@ -147,29 +167,40 @@ class TrainingCheckpoints:
         commit it (manifest, ``latest``, pruning). Collective; returns the tag.
 
         ``client`` is the JSON-safe state of the caller (step, samples consumed, config)."""
+        e = self.engine
         tag = tag_for(step)
         folder = os.path.join(self.directory, tag)
         # A folder of this tag that `latest` does not name is a leftover (a save that crashed
         # before its commit): start it empty, so the manifest lists exactly this save's files.
-        latest = Path(self.directory) / "latest"
-        committed = latest.is_file() and latest.read_text(encoding="utf-8").strip() == tag
-        if dist.get_rank() == 0 and Path(folder).exists() and not committed:
+        committed = read_latest(self.directory) == tag
+        if e.parallel.rank == 0 and Path(folder).exists() and not committed:
             shutil.rmtree(folder)
         dist.barrier()
-        e = self.engine
         if self.cfg.native:
             e.save_native(self.directory, tag, client)
         os.makedirs(folder, exist_ok=True)
         e.optim.materialize()
         reshard.save_shards(
-            folder, [(n, p, d) for n, p, _, d in e.params(True)], e.optim.get,
-            tp_rank=parallel.tp_rank(), tp=e.layout["tp"], pp_rank=parallel.pp_rank(),
-            pp=e.layout["pp"], write=parallel.dp_rank() == 0)
-        if dist.get_rank() == 0:
-            reshard.save_meta(folder, layout=e.layout, model=e.model,
-                              adam_step=e.optim.adam_step(), engine=e.counters(), client=client)
+            folder,
+            [(n, p, d) for n, p, _, d in e.params(True)],
+            e.optim.get,
+            tp_rank=e.parallel.tp_rank,
+            tp=e.layout["tp"],
+            pp_rank=e.parallel.pp_rank,
+            pp=e.layout["pp"],
+            write=e.parallel.writes_shards,
+        )
+        if e.parallel.rank == 0:
+            reshard.save_meta(
+                folder,
+                layout=e.layout,
+                model=e.model,
+                adam_step=e.optim.adam_step(),
+                engine=e.counters(),
+                client=client,
+            )
         dist.barrier()
-        _save_rng(folder, e.dropout_rng.get_state())
+        _save_rng(folder, e.dropout_rng.get_state(), e.parallel)
         commit(self.directory, tag, self.cfg.keep_last)
         return tag
 
@@ -190,8 +221,9 @@ class TrainingCheckpoints:
         meta = reshard.read_meta(path)
         # DeepSpeed writes its files (mp_rank_XX_model_states.pt, *_optim_states.pt, ...) at the
         # top of the tag folder; megagpt's own .pt files (rng/) are one level down.
-        native = sorted(f for f in os.listdir(path) if f.endswith(".pt")) \
-            if os.path.isdir(path) else []
+        native = (
+            sorted(f for f in os.listdir(path) if f.endswith(".pt")) if os.path.isdir(path) else []
+        )
         trust = self.cfg.trust_pickle
         if meta is None and not (native and trust):
             if native:
@@ -200,9 +232,11 @@ class TrainingCheckpoints:
                     f"and no layout-free record ({reshard.RECORD}/meta.json). Reading it can run "
                     "code stored in the file; megagpt reads weights only with safetensors or "
                     "torch.load(weights_only=True). If you wrote this checkpoint yourself, set "
-                    "checkpoint.trust_pickle=true to load it with DeepSpeed")
+                    "checkpoint.trust_pickle=true to load it with DeepSpeed"
+                )
             raise CheckpointError(
-                f"{path}: no layout-free record ({reshard.RECORD}/meta.json is missing)")
+                f"{path}: no layout-free record ({reshard.RECORD}/meta.json is missing)"
+            )
         if native and trust and (meta is None or meta["layout"] == e.layout):
             source = "DeepSpeed native files (checkpoint.trust_pickle)"
             client = e.load_native(directory, tag)
@@ -211,19 +245,27 @@ class TrainingCheckpoints:
         else:
             source = "layout-free record" + (
                 f" (DeepSpeed's {', '.join(native)} not read: checkpoint.trust_pickle is off)"
-                if native and not trust else "")
+                if native and not trust
+                else ""
+            )
+            assert meta is not None  # no record and no trusted native files raised above
             record = reshard.Record(path)
             e.optim.materialize()
-            reshard.load_shards(record, list(e.params(False)), e.optim.set,
-                                vocab_size=e.model.vocab_size, tp_rank=parallel.tp_rank(),
-                                tp=e.layout["tp"])
+            reshard.load_shards(
+                record,
+                list(e.params(False)),
+                e.optim.set,
+                vocab_size=e.model.vocab_size,
+                tp_rank=e.parallel.tp_rank,
+                tp=e.layout["tp"],
+            )
             e.optim.refresh_low_precision()
             e.optim.set_adam_step(int(meta["adam_step"]))
             e.set_counters(meta.get("engine", {}))
             dist.barrier()
             client = dict(meta.get("client", {}))
         self.loaded_from = source
-        restored = _load_rng(path, e.dropout_rng)
+        restored = _load_rng(path, e.dropout_rng, e.parallel)
         if not restored and "rng" in client:
             # DeepSpeed native files of an older megagpt carried the streams in their client
             # state (saved before the rng/ files existed).

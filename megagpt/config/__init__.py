@@ -13,11 +13,31 @@ from megagpt.config.schema import (
     TrainConfig,
 )
 from megagpt.config.sizes import from_name, get_size, parameter_count
-from megagpt.config.validate import data_parallel_size, grad_accumulation_steps, validate
+from megagpt.config.validate import (
+    accumulation_steps,
+    data_parallel_size,
+    grad_accumulation_steps,
+    validate,
+)
 
 __all__ = [
-    "CheckpointConfig", "Config", "ConfigError", "DataConfig", "LoggingConfig", "ModelConfig",
-    "OptimConfig", "ParallelConfig", "RunConfig", "TrainConfig", "data_parallel_size",
-    "dump_yaml", "from_name", "get_size", "grad_accumulation_steps", "load_config",
-    "parameter_count", "validate",
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ParallelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "accumulation_steps",
+    "data_parallel_size",
+    "dump_yaml",
+    "from_name",
+    "get_size",
+    "grad_accumulation_steps",
+    "load_config",
+    "parameter_count",
+    "validate",
 ]

@@ -9,9 +9,13 @@ from dataclasses import field
 from typing import Any
 
 
-def doc(default: Any, text: str, *, choices: tuple | None = None) -> Any:
-    """A dataclass field with a default and a one-line description (and optional choices)."""
-    meta = {"doc": text}
+def doc(default: Any, text: str, *, choices: tuple[Any, ...] | None = None) -> Any:
+    """A dataclass field with a default and a one-line description (and optional choices).
+
+    Returns a ``dataclasses.field``; typed ``Any`` so that ``x: int = doc(0, "...")`` checks, as
+    ``field()`` itself is typed.
+    """
+    meta: dict[str, Any] = {"doc": text}
     if choices is not None:
         meta["choices"] = choices
     if isinstance(default, (list, dict)):

@@ -26,8 +26,8 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _line_map(node: yaml.Node, prefix: str, out: dict[str, int]) -> None:
-    """Record the 1-based line of every dotted key in a composed YAML mapping."""
+def _line_map(node: yaml.Node | None, prefix: str, out: dict[str, int]) -> None:
+    """Record the 1-based line of every dotted key in a composed YAML mapping (None: empty)."""
     if not isinstance(node, yaml.MappingNode):
         return
     for key_node, value_node in node.value:
@@ -38,9 +38,12 @@ def _line_map(node: yaml.Node, prefix: str, out: dict[str, int]) -> None:
 
 def _coerce(value: Any, typ: Any, key: str, where: str) -> Any:
     """Check ``value`` against a field type; ints are accepted where floats are expected."""
+
     def bad(expected: str) -> ConfigError:
-        return ConfigError(f"{where}: key '{key}' must be {expected}, got {value!r} "
-                           f"({type(value).__name__})")
+        return ConfigError(
+            f"{where}: key '{key}' must be {expected}, got {value!r} ({type(value).__name__})"
+        )
+
     if typ is bool:
         if not isinstance(value, bool):
             raise bad("true or false")
@@ -80,8 +83,10 @@ def _apply(cfg: Config, dotted: str, value: Any, where: str) -> None:
     if len(parts) != 2 or parts[0] not in sections:
         hint = difflib.get_close_matches(parts[0], sections, n=1)
         extra = f" (did you mean '{hint[0]}'?)" if hint and hint[0] != parts[0] else ""
-        raise ConfigError(f"{where}: unknown key '{dotted}'{extra}; keys are SECTION.FIELD with "
-                          f"SECTION one of {', '.join(sorted(sections))}")
+        raise ConfigError(
+            f"{where}: unknown key '{dotted}'{extra}; keys are SECTION.FIELD with "
+            f"SECTION one of {', '.join(sorted(sections))}"
+        )
     section = getattr(cfg, parts[0])
     hints = _hints(type(section))
     if parts[1] not in hints:
@@ -128,8 +133,9 @@ def load_yaml(path: str | Path) -> list[tuple[str, Any, str]]:
 def parse_override(text: str) -> tuple[str, Any]:
     """``"optim.lr=3e-4"`` -> ("optim.lr", 0.0003); the value is parsed as YAML."""
     if "=" not in text:
-        raise ConfigError(f"command line: override {text!r} must look like KEY=VALUE, "
-                          "e.g. train.steps=100")
+        raise ConfigError(
+            f"command line: override {text!r} must look like KEY=VALUE, e.g. train.steps=100"
+        )
     key, raw = text.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
@@ -173,9 +179,12 @@ def _resolve_size(cfg: Config, where: str) -> None:
         size = get_size(cfg.model.name)
     except KeyError as e:
         raise ConfigError(f"{where}: {e.args[0]}") from None
-    base = size.model_config()
-    keep = {"dropout": cfg.model.dropout, "attention_dropout": cfg.model.attention_dropout}
-    cfg.model = dataclasses.replace(base, **keep)
+    # The size fixes the architecture; the dropouts are training choices and stay as given.
+    cfg.model = dataclasses.replace(
+        size.model_config(),
+        dropout=cfg.model.dropout,
+        attention_dropout=cfg.model.attention_dropout,
+    )
     cfg.optim.lr = size.lr
     cfg.train.global_batch_size = size.global_batch_sequences
 

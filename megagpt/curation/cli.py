@@ -20,30 +20,58 @@ def add_clean_parser(subparsers) -> argparse.ArgumentParser:
         "duplicates (MinHash + LSH) and write OUTPUT/part-*.jsonl, duplicates.jsonl and "
         "report.json/report.md. Rerunning an interrupted command resumes it.",
     )
-    p.add_argument("--input", nargs="+", metavar="FILE",
-                   help="input files, read in order: .jsonl, .txt, .csv, each optionally .gz")
-    p.add_argument("--input-format", choices=("auto",) + FORMATS, default="auto",
-                   help="input format; auto: from the file suffix")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        metavar="FILE",
+        help="input files, read in order: .jsonl, .txt, .csv, each optionally .gz",
+    )
+    p.add_argument(
+        "--input-format",
+        choices=("auto",) + FORMATS,
+        default="auto",
+        help="input format; auto: from the file suffix",
+    )
     p.add_argument("--json-key", default="text", help="jsonl key holding the document text")
     p.add_argument("--csv-column", default="text", help="csv column holding the document text")
-    p.add_argument("--blank-line-separated", action="store_true",
-                   help="plain text: documents are separated by blank lines "
-                   "(default: one document per line)")
-    p.add_argument("--skip-bad-lines", action="store_true",
-                   help="skip and count malformed / non-UTF-8 / keyless / empty records "
-                   "instead of stopping at the first one")
+    p.add_argument(
+        "--blank-line-separated",
+        action="store_true",
+        help="plain text: documents are separated by blank lines (default: one document per line)",
+    )
+    p.add_argument(
+        "--skip-bad-lines",
+        action="store_true",
+        help="skip and count malformed / non-UTF-8 / keyless / empty records "
+        "instead of stopping at the first one",
+    )
     p.add_argument("--output", metavar="DIR", help="output directory")
     p.add_argument("--config", metavar="YAML", help="clean config (see --print-config)")
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="SECTION.KEY=VALUE", help="override one config key, e.g. "
-                   "--set dedup.threshold=0.7 (repeatable)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1); "
-                   "the output is the same for any value")
-    p.add_argument("--overwrite", action="store_true",
-                   help="discard an earlier (finished or unfinished) clean in DIR")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config key, e.g. --set dedup.threshold=0.7 (repeatable)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes (default 1); the output is the same for any value",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard an earlier (finished or unfinished) clean in DIR",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--print-config", action="store_true",
-                   help="print the effective config as commented YAML and exit")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the effective config as commented YAML and exit",
+    )
     p.set_defaults(func=run_clean)
     return p
 
@@ -70,19 +98,31 @@ def _run_clean(args: argparse.Namespace) -> int:
         return 0
     if not args.input or not args.output:
         raise DataError("--input and --output are required (or --print-config)")
-    specs = [make_input_spec(path, args.input_format, args.json_key, args.csv_column,
-                             args.blank_line_separated) for path in args.input]
+    specs = [
+        make_input_spec(
+            path, args.input_format, args.json_key, args.csv_column, args.blank_line_separated
+        )
+        for path in args.input
+    ]
     from megagpt.curation.pipeline import clean
 
-    report = clean(specs, args.output, cfg, workers=args.workers,
-                   skip_bad_lines=args.skip_bad_lines, overwrite=args.overwrite,
-                   progress=not args.no_progress)
+    report = clean(
+        specs,
+        args.output,
+        cfg,
+        workers=args.workers,
+        skip_bad_lines=args.skip_bad_lines,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
     j = report.to_json()
     d = j["documents"]
-    removed = ", ".join(f"{k} {v['documents']}" for k, v in j["filters"].items()
-                        if v["documents"])
-    print(f"wrote {args.output}: {d['written']:,} of {d['records']:,} documents in "
-          f"{len(j['shards'])} shard(s); removed {d['removed']:,}"
-          + (f" ({removed})" if removed else "") + f"; bad skipped {d['bad_skipped']:,}; "
-          f"report in {args.output}/report.md")
+    removed = ", ".join(f"{k} {v['documents']}" for k, v in j["filters"].items() if v["documents"])
+    print(
+        f"wrote {args.output}: {d['written']:,} of {d['records']:,} documents in "
+        f"{len(j['shards'])} shard(s); removed {d['removed']:,}"
+        + (f" ({removed})" if removed else "")
+        + f"; bad skipped {d['bad_skipped']:,}; "
+        f"report in {args.output}/report.md"
+    )
     return 0

@@ -45,14 +45,20 @@ class NormalizeConfig:
 
     unicode_form: str = _f("NFKC", "Unicode normalisation: NFKC, NFC or none")
     halfwidth_punctuation: bool = _f(
-        False, "also map full-width punctuation (，！？：；（）) to ASCII; NFKC does this by "
-        "itself, so by default those characters are kept as written")
+        False,
+        "also map full-width punctuation (，！？：；（）) to ASCII; NFKC does this by "
+        "itself, so by default those characters are kept as written",
+    )
     traditional_to_simplified: bool = _f(
-        False, "convert traditional to simplified characters with OpenCC t2s "
-        "(needs pip install -e \".[data]\")")
+        False,
+        "convert traditional to simplified characters with OpenCC t2s "
+        '(needs pip install -e ".[data]")',
+    )
     max_invalid_fraction: float = _f(
-        0.01, "drop a document whose share of control / format / private-use characters and "
-        "U+FFFD exceeds this; below it they are deleted")
+        0.01,
+        "drop a document whose share of control / format / private-use characters and "
+        "U+FFFD exceeds this; below it they are deleted",
+    )
 
 
 @dataclass
@@ -67,28 +73,34 @@ class FilterConfig:
     max_chars: int = _f(1_000_000, "drop documents with more non-whitespace characters")
     min_cjk_fraction: float = _f(0.3, "drop documents whose share of CJK ideographs is lower")
     max_symbol_fraction: float = _f(
-        0.1, "drop documents whose share of symbols (Unicode S*, and #*@&%_\\|~^) is higher")
+        0.1, "drop documents whose share of symbols (Unicode S*, and #*@&%_\\|~^) is higher"
+    )
     max_digit_fraction: float = _f(0.25, "drop documents whose share of digits 0-9 is higher")
-    max_latin_fraction: float = _f(
-        0.4, "drop documents whose share of Latin letters is higher")
+    max_latin_fraction: float = _f(0.4, "drop documents whose share of Latin letters is higher")
     max_dup_line_fraction: float = _f(
-        0.3, "Gopher: drop if the share of non-blank lines repeating an earlier line is higher")
+        0.3, "Gopher: drop if the share of non-blank lines repeating an earlier line is higher"
+    )
     max_dup_line_char_fraction: float = _f(
-        0.2, "Gopher: drop if the share of characters in repeated lines is higher")
+        0.2, "Gopher: drop if the share of characters in repeated lines is higher"
+    )
     top_ngram: dict = _f(
         {2: 0.3, 3: 0.25, 4: 0.25},
         "Gopher top n-gram share over characters: {n: limit}; drop if the most frequent "
         "character n-gram covers more than the limit of the characters (highest on the shared "
-        "wiki/laws corpora: 0.22/0.16/0.22)")
+        "wiki/laws corpora: 0.22/0.16/0.22)",
+    )
     dup_ngram: dict = _f(
         {10: 0.8, 20: 0.7},
         "Gopher duplicate n-gram share over characters: {n: limit}; drop if the characters "
         "covered by character n-grams occurring more than once exceed the limit (legal text "
-        "repeats phrases: highest on the shared laws corpus 0.70/0.58)")
+        "repeats phrases: highest on the shared laws corpus 0.70/0.58)",
+    )
     boilerplate_patterns: list = _f(
-        DEFAULT_BOILERPLATE, "regular expressions (Python re) of boilerplate lines to delete")
+        DEFAULT_BOILERPLATE, "regular expressions (Python re) of boilerplate lines to delete"
+    )
     boilerplate_max_line_chars: int = _f(
-        80, "only lines this short (non-whitespace characters) are boilerplate candidates")
+        80, "only lines this short (non-whitespace characters) are boilerplate candidates"
+    )
 
 
 @dataclass
@@ -98,14 +110,17 @@ class DedupConfig:
     exact: bool = _f(True, "drop documents whose normalised text equals an earlier kept one")
     near: bool = _f(True, "drop near-duplicates of earlier kept documents (MinHash + LSH)")
     threshold: float = _f(
-        0.8, "estimated Jaccard similarity of character shingles at which a document is a "
-        "near-duplicate")
+        0.8,
+        "estimated Jaccard similarity of character shingles at which a document is a "
+        "near-duplicate",
+    )
     shingle_chars: int = _f(5, "shingle size in characters (letters, digits, CJK only)")
     num_perm: int = _f(128, "MinHash permutations (signature length; 4 bytes each per doc)")
     seed: int = _f(1, "MinHash seed; the same seed gives the same output")
     backend: str = _f(
-        "numpy", "signature backend: numpy (ours; chosen by measurement, BENCHMARKS-clean.md) "
-        "or datasketch")
+        "numpy",
+        "signature backend: numpy (ours; chosen by measurement, BENCHMARKS-clean.md) or datasketch",
+    )
 
 
 @dataclass
@@ -117,7 +132,8 @@ class OutputConfig:
     shard_bytes: int = _f(256 << 20, "start a new part-NNNNN.jsonl after this many bytes")
     chunk_docs: int = _f(256, "documents per work unit sent to a worker")
     commit_chunks: int = _f(
-        16, "make progress durable (the resume point) every this many work units")
+        16, "make progress durable (the resume point) every this many work units"
+    )
     examples: int = _f(3, "examples per filter kept in the report")
 
 
@@ -194,11 +210,19 @@ def validate(cfg: CleanConfig, where: str = "config") -> None:
         return DataError(f"{where}: key '{key}' {msg}")
 
     if cfg.normalize.unicode_form.upper() not in ("NFKC", "NFC", "NONE"):
-        raise bad("normalize.unicode_form", f"must be NFKC, NFC or none, got "
-                  f"{cfg.normalize.unicode_form!r}")
+        raise bad(
+            "normalize.unicode_form",
+            f"must be NFKC, NFC or none, got {cfg.normalize.unicode_form!r}",
+        )
     f = cfg.filters
-    for name in ("min_cjk_fraction", "max_symbol_fraction", "max_digit_fraction",
-                 "max_latin_fraction", "max_dup_line_fraction", "max_dup_line_char_fraction"):
+    for name in (
+        "min_cjk_fraction",
+        "max_symbol_fraction",
+        "max_digit_fraction",
+        "max_latin_fraction",
+        "max_dup_line_fraction",
+        "max_dup_line_char_fraction",
+    ):
         if not 0.0 <= getattr(f, name) <= 1.0:
             raise bad(f"filters.{name}", f"must be within [0, 1], got {getattr(f, name)}")
     if not 0.0 <= cfg.normalize.max_invalid_fraction <= 1.0:
@@ -272,8 +296,10 @@ def render_yaml(cfg: CleanConfig | None = None) -> str:
     import json
 
     cfg = cfg or CleanConfig()
-    out = ["# megagpt clean configuration (defaults). Pass with --config FILE;",
-           "# override single keys with --set section.key=value."]
+    out = [
+        "# megagpt clean configuration (defaults). Pass with --config FILE;",
+        "# override single keys with --set section.key=value.",
+    ]
     for sec in dataclasses.fields(cfg):
         obj = getattr(cfg, sec.name)
         out.append("")

@@ -60,8 +60,9 @@ class MinHasher:
 
     _BLOCK = 2048  # shingles per block: bounds the [block, num_perm] uint64 temporary to 2 MiB
 
-    def __init__(self, num_perm: int = 128, shingle_chars: int = 5, seed: int = 1,
-                 backend: str = "numpy") -> None:
+    def __init__(
+        self, num_perm: int = 128, shingle_chars: int = 5, seed: int = 1, backend: str = "numpy"
+    ) -> None:
         self.num_perm = num_perm
         self.n = shingle_chars
         self.seed = seed
@@ -73,8 +74,9 @@ class MinHasher:
             except ImportError as exc:
                 from megagpt.data.errors import DataError
 
-                raise DataError('dedup.backend datasketch needs datasketch: '
-                                'pip install -e ".[data]"') from exc
+                raise DataError(
+                    'dedup.backend datasketch needs datasketch: pip install -e ".[data]"'
+                ) from exc
             self._ds = MinHash(num_perm=num_perm, seed=seed)  # permutations built once
 
     def signature(self, text: str) -> np.ndarray:
@@ -89,7 +91,7 @@ class MinHasher:
         shingles = np.unique(shingles)
         sig = np.full(self.num_perm, np.iinfo(np.uint64).max, dtype=np.uint64)
         for start in range(0, len(shingles), self._BLOCK):
-            block = shingles[start:start + self._BLOCK, None]  # [block, 1]
+            block = shingles[start : start + self._BLOCK, None]  # [block, 1]
             sig = np.minimum(sig, (block * self.a + self.b).min(axis=0))  # [num_perm]
         return (sig >> np.uint64(32)).astype(np.uint32)
 
@@ -97,15 +99,20 @@ class MinHasher:
         from datasketch import MinHash
 
         n = min(self.n, max(len(key), 1))
-        shingles = {key[i:i + n].encode("utf-8") for i in range(len(key) - n + 1)}
-        m = MinHash(num_perm=self.num_perm, seed=self.seed, permutations=self._ds.permutations,
-                    scheme=self._ds.scheme)  # reuse the permutations: built once
+        shingles = {key[i : i + n].encode("utf-8") for i in range(len(key) - n + 1)}
+        m = MinHash(
+            num_perm=self.num_perm,
+            seed=self.seed,
+            permutations=self._ds.permutations,
+            scheme=self._ds.scheme,
+        )  # reuse the permutations: built once
         m.update_batch(list(shingles))
         return m.hashvalues.astype(np.uint32)
 
 
-def optimal_bands(threshold: float, num_perm: int,
-                  false_negative_weight: float = 0.9) -> tuple[int, int]:
+def optimal_bands(
+    threshold: float, num_perm: int, false_negative_weight: float = 0.9
+) -> tuple[int, int]:
     """``(bands, rows)`` with ``bands * rows <= num_perm`` minimising the weighted areas of
     false positives (below ``threshold``) and false negatives (above) of the candidate
     probability ``1 - (1 - s**rows)**bands``.
@@ -119,7 +126,7 @@ def optimal_bands(threshold: float, num_perm: int,
     best, best_cost = (1, num_perm), np.inf
     for bands in range(1, num_perm + 1):
         for rows in range(1, num_perm // bands + 1):
-            p = 1.0 - (1.0 - s ** rows) ** bands
+            p = 1.0 - (1.0 - s**rows) ** bands
             fp = np.trapezoid(np.where(s < threshold, p, 0.0), s)
             fn = np.trapezoid(np.where(s >= threshold, 1.0 - p, 0.0), s)
             cost = (1.0 - false_negative_weight) * fp + false_negative_weight * fn
@@ -141,8 +148,9 @@ class LSHIndex:
         self.bands, self.rows = optimal_bands(threshold, num_perm)
         rng = np.random.default_rng(seed + 1)
         # [bands, rows] odd multipliers: band key = sum(value * multiplier) mod 2**64
-        self._mult = rng.integers(1, 2**63, size=(self.bands, self.rows),
-                                  dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        self._mult = rng.integers(
+            1, 2**63, size=(self.bands, self.rows), dtype=np.uint64
+        ) * np.uint64(2) + np.uint64(1)
         self._tables: list[dict[int, int | list[int]]] = [{} for _ in range(self.bands)]
         self._sigs = np.empty((1024, num_perm), dtype=np.uint32)
         self.size = 0

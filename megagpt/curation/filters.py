@@ -25,8 +25,18 @@ import numpy as np
 
 from megagpt.curation.config import FilterConfig, NormalizeConfig
 
-FILTER_REASONS = ("invalid-chars", "length", "cjk", "symbols", "digits", "latin", "dup-lines",
-                  "dup-line-chars", "top-ngram", "dup-ngram")
+FILTER_REASONS = (
+    "invalid-chars",
+    "length",
+    "cjk",
+    "symbols",
+    "digits",
+    "latin",
+    "dup-lines",
+    "dup-line-chars",
+    "top-ngram",
+    "dup-ngram",
+)
 
 # C0/C1 controls except \t and \n; zero-width and bidi format characters; BOM; private use
 # (BMP and planes 15-16); non-characters. \r is handled before (\r\n and \r become \n).
@@ -48,8 +58,12 @@ def codepoints(text: str) -> np.ndarray:
 
 
 def _is_cjk(cp: np.ndarray) -> np.ndarray:
-    return (((cp >= 0x4E00) & (cp <= 0x9FFF)) | ((cp >= 0x3400) & (cp <= 0x4DBF))
-            | ((cp >= 0x20000) & (cp <= 0x323AF)) | ((cp >= 0xF900) & (cp <= 0xFAFF)))
+    return (
+        ((cp >= 0x4E00) & (cp <= 0x9FFF))
+        | ((cp >= 0x3400) & (cp <= 0x4DBF))
+        | ((cp >= 0x20000) & (cp <= 0x323AF))
+        | ((cp >= 0xF900) & (cp <= 0xFAFF))
+    )
 
 
 _SYMBOL_TABLE: np.ndarray | None = None
@@ -89,10 +103,18 @@ def shares(text: str) -> Shares:
         return Shares(0, 0.0, 0.0, 0.0, 0.0)
     bmp = cp[cp < 0x10000]
     symbols = int(_symbol_table()[bmp].sum()) + int(((cp >= 0x1F000) & (cp < 0x1FB00)).sum())
-    latin = ((cp >= 0x41) & (cp <= 0x5A)) | ((cp >= 0x61) & (cp <= 0x7A)) \
+    latin = (
+        ((cp >= 0x41) & (cp <= 0x5A))
+        | ((cp >= 0x61) & (cp <= 0x7A))
         | ((cp >= 0xC0) & (cp <= 0x24F) & (cp != 0xD7) & (cp != 0xF7))
-    return Shares(n, float(_is_cjk(cp).sum()) / n, symbols / n,
-                  float(((cp >= 0x30) & (cp <= 0x39)).sum()) / n, float(latin.sum()) / n)
+    )
+    return Shares(
+        n,
+        float(_is_cjk(cp).sum()) / n,
+        symbols / n,
+        float(((cp >= 0x30) & (cp <= 0x39)).sum()) / n,
+        float(latin.sum()) / n,
+    )
 
 
 def ngram_hashes(cp: np.ndarray, n: int) -> np.ndarray:
@@ -107,7 +129,7 @@ def ngram_hashes(cp: np.ndarray, n: int) -> np.ndarray:
     h = np.zeros(count, dtype=np.uint64)
     wide = cp.astype(np.uint64)
     for k in range(n):  # wrapping uint64 arithmetic is the intended modulus 2**64
-        h = h * np.uint64(0x100000001B3) + wide[k:k + count]
+        h = h * np.uint64(0x100000001B3) + wide[k : k + count]
     h ^= h >> np.uint64(30)
     h *= np.uint64(0xBF58476D1CE4E5B9)
     h ^= h >> np.uint64(27)
@@ -186,8 +208,11 @@ class Cleaner:
         self.norm = norm
         self.cfg = filters
         self.form = norm.unicode_form.upper()
-        self.boilerplate = (re.compile("|".join(f"(?:{p})" for p in filters.boilerplate_patterns))
-                            if filters.boilerplate_patterns else None)
+        self.boilerplate = (
+            re.compile("|".join(f"(?:{p})" for p in filters.boilerplate_patterns))
+            if filters.boilerplate_patterns
+            else None
+        )
         self._t2s = None
         if norm.traditional_to_simplified:
             try:

@@ -74,7 +74,10 @@ def _init_worker(cfg: CleanConfig, specs: list[InputSpec], skip_bad: bool, in_po
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C
     d = cfg.dedup
     _STATE.update(
-        cleaner=Cleaner(cfg.normalize, cfg.filters), specs=specs, skip=skip_bad, cfg=cfg,
+        cleaner=Cleaner(cfg.normalize, cfg.filters),
+        specs=specs,
+        skip=skip_bad,
+        cfg=cfg,
         hasher=MinHasher(d.num_perm, d.shingle_chars, d.seed, d.backend) if d.near else None,
     )
 
@@ -88,8 +91,9 @@ def _process(chunk: _Chunk) -> _Result:
     error = None
     for line, raw in zip(chunk.lines, chunk.raws):
         report.records += 1
-        report.input_bytes += len(raw.encode("utf-8", "surrogateescape")) \
-            if isinstance(raw, str) else len(raw or b"")
+        report.input_bytes += (
+            len(raw.encode("utf-8", "surrogateescape")) if isinstance(raw, str) else len(raw or b"")
+        )
         try:
             doc = parse_record(spec, line, raw)
         except BadRecordError as exc:
@@ -146,19 +150,32 @@ def _run_ordered(chunks: Iterator[_Chunk], workers: int, initargs: tuple) -> Ite
         finally:
             _STATE.clear()
         return
-    yield from ordered_map(_process, chunks, workers, initializer=_init_worker,
-                           initargs=initargs + (True,),
-                           died="a clean worker died (killed for memory?); progress up to the "
-                           "last commit is kept: rerun the same command to resume")
+    yield from ordered_map(
+        _process,
+        chunks,
+        workers,
+        initializer=_init_worker,
+        initargs=initargs + (True,),
+        died="a clean worker died (killed for memory?); progress up to the "
+        "last commit is kept: rerun the same command to resume",
+    )
 
 
 def _fingerprint(specs: list[InputSpec]) -> list[dict]:
     out = []
     for s in specs:
         st = os.stat(s.path)
-        out.append({"path": s.path, "format": s.fmt, "json_key": s.json_key,
-                    "csv_column": s.csv_column, "paragraphs": s.paragraphs,
-                    "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+        out.append(
+            {
+                "path": s.path,
+                "format": s.fmt,
+                "json_key": s.json_key,
+                "csv_column": s.csv_column,
+                "paragraphs": s.paragraphs,
+                "size": st.st_size,
+                "mtime_ns": st.st_mtime_ns,
+            }
+        )
     return out
 
 
@@ -214,8 +231,12 @@ class _Writer:
 
     def _restore(self, records: np.ndarray) -> None:
         for rec in records:
-            self._remember(int(rec["hash"]), int(rec["spec"]), int(rec["line"]),
-                           rec["sig"] if self.num_perm else None)
+            self._remember(
+                int(rec["hash"]),
+                int(rec["spec"]),
+                int(rec["line"]),
+                rec["sig"] if self.num_perm else None,
+            )
 
     def _remember(self, h: int, spec: int, line: int, sig: np.ndarray | None) -> int:
         i = self.kept
@@ -237,8 +258,8 @@ class _Writer:
             return 0.0
         total = self.lsh.bytes_per_document() * self.kept if self.lsh is not None else 0.0
         total += sys.getsizeof(self.exact) + sum(
-            sys.getsizeof(k) + (sys.getsizeof(v) if v > 256 else 0)
-            for k, v in self.exact.items())
+            sys.getsizeof(k) + (sys.getsizeof(v) if v > 256 else 0) for k, v in self.exact.items()
+        )
         total += (self.kept_spec.itemsize + self.kept_line.itemsize) * self.kept
         return total / self.kept
 
@@ -267,9 +288,18 @@ class _Writer:
             if dup is not None:
                 kind, kept, sim = dup
                 self.report.add_duplicate(kind, doc_id, self.doc_id(kept), text)
-                self._dup.write(json.dumps({"removed": doc_id, "kept": self.doc_id(kept),
-                                            "kind": kind, "similarity": round(sim, 4)},
-                                           ensure_ascii=False).encode("utf-8") + b"\n")
+                self._dup.write(
+                    json.dumps(
+                        {
+                            "removed": doc_id,
+                            "kept": self.doc_id(kept),
+                            "kind": kind,
+                            "similarity": round(sim, 4),
+                        },
+                        ensure_ascii=False,
+                    ).encode("utf-8")
+                    + b"\n"
+                )
                 continue
             self._remember(h, res.spec_index, res.lines[j], sig)
             records[n_new]["hash"] = h
@@ -296,9 +326,15 @@ class _Writer:
         for f in (self._part, self._dup, self._index):
             f.flush()
             os.fsync(f.fileno())
-        entry = {"next_chunk": self.next_chunk, "shard": self.shard,
-                 "shard_bytes": self._part.tell(), "dup_bytes": self._dup.tell(),
-                 "kept": self.kept, "report": self.report.state(), "done": done}
+        entry = {
+            "next_chunk": self.next_chunk,
+            "shard": self.shard,
+            "shard_bytes": self._part.tell(),
+            "dup_bytes": self._dup.tell(),
+            "kept": self.kept,
+            "report": self.report.state(),
+            "done": done,
+        }
         with open(os.path.join(self.state, "journal.jsonl"), "ab") as j:
             j.write(json.dumps(entry, ensure_ascii=False).encode("utf-8") + b"\n")
             j.flush()
@@ -341,7 +377,10 @@ def _prepare_output(out_dir: str, manifest: dict, overwrite: bool, log) -> dict 
     if os.path.isdir(out_dir) and overwrite:
         for name in os.listdir(out_dir):
             if (name.startswith("part-") and name.endswith(".jsonl")) or name in (
-                    "duplicates.jsonl", "report.json", "report.md"):
+                "duplicates.jsonl",
+                "report.json",
+                "report.md",
+            ):
                 os.remove(os.path.join(out_dir, name))
         if os.path.isdir(state):
             for name in os.listdir(state):
@@ -353,18 +392,25 @@ def _prepare_output(out_dir: str, manifest: dict, overwrite: bool, log) -> dict 
             if old.get(key) != manifest[key]:
                 raise DataError(
                     f"{out_dir}: holds an unfinished or finished clean with other {key} "
-                    f"({manifest_path}); use another --output, or pass --overwrite to start over")
+                    f"({manifest_path}); use another --output, or pass --overwrite to start over"
+                )
         entry = _last_journal_entry(state)
         if entry is not None and entry.get("done"):
-            raise DataError(f"{out_dir}: this clean is already complete (report.json); "
-                            "pass --overwrite to run it again")
+            raise DataError(
+                f"{out_dir}: this clean is already complete (report.json); "
+                "pass --overwrite to run it again"
+            )
         if entry is not None:
-            log(f"resuming from work unit {entry['next_chunk']} ({entry['kept']:,} documents "
-                "kept so far)")
+            log(
+                f"resuming from work unit {entry['next_chunk']} ({entry['kept']:,} documents "
+                "kept so far)"
+            )
         return entry
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise DataError(f"{out_dir}: output directory is not empty and holds no clean state; "
-                        "use an empty or new directory, or pass --overwrite")
+        raise DataError(
+            f"{out_dir}: output directory is not empty and holds no clean state; "
+            "use an empty or new directory, or pass --overwrite"
+        )
     os.makedirs(state, exist_ok=True)
     tmp = manifest_path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -373,9 +419,17 @@ def _prepare_output(out_dir: str, manifest: dict, overwrite: bool, log) -> dict 
     return None
 
 
-def clean(specs: list[InputSpec], out_dir: str, cfg: CleanConfig, *, workers: int = 1,
-          skip_bad_lines: bool = False, overwrite: bool = False, progress: bool = True,
-          log=None) -> Report:
+def clean(
+    specs: list[InputSpec],
+    out_dir: str,
+    cfg: CleanConfig,
+    *,
+    workers: int = 1,
+    skip_bad_lines: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    log=None,
+) -> Report:
     """Clean and deduplicate ``specs`` into ``out_dir`` (see the module doc for the layout).
 
     Args:
@@ -412,13 +466,22 @@ def clean(specs: list[InputSpec], out_dir: str, cfg: CleanConfig, *, workers: in
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(unit="docs", unit_scale=True, dynamic_ncols=True, desc="clean",
-                   file=sys.stderr, initial=writer.report.records)
+        bar = tqdm(
+            unit="docs",
+            unit_scale=True,
+            dynamic_ncols=True,
+            desc="clean",
+            file=sys.stderr,
+            initial=writer.report.records,
+        )
     start = time.perf_counter()
     read_before = writer.report.records
     bytes_in = 0
-    results = _run_ordered(_iter_chunks(specs, cfg.output.chunk_docs, writer.next_chunk),
-                           workers, (cfg, specs, skip_bad_lines))
+    results = _run_ordered(
+        _iter_chunks(specs, cfg.output.chunk_docs, writer.next_chunk),
+        workers,
+        (cfg, specs, skip_bad_lines),
+    )
     try:
         since_commit = 0
         for res in results:
@@ -448,17 +511,25 @@ def clean(specs: list[InputSpec], out_dir: str, cfg: CleanConfig, *, workers: in
     seconds = time.perf_counter() - start
     report = writer.report
     report.finish(
-        inputs=[s.path for s in specs], config=to_dict(cfg),
+        inputs=[s.path for s in specs],
+        config=to_dict(cfg),
         shards=sorted(n for n in os.listdir(out_dir) if n.startswith("part-")),
-        index={"backend": cfg.dedup.backend, "bands": writer.lsh.bands if writer.lsh else 0,
-               "rows": writer.lsh.rows if writer.lsh else 0,
-               "lsh_bytes_per_document": round(writer.lsh.bytes_per_document(), 1)
-               if writer.lsh else 0.0,
-               "memory_bytes_per_document": round(writer.state_bytes_per_document(), 1),
-               "disk_bytes_per_document": writer.dtype.itemsize},
-        timing={"seconds": round(seconds, 3), "workers": workers,
-                "documents_per_s": round((report.records - read_before) / max(seconds, 1e-9), 1),
-                "mb_per_s": round(bytes_in / 1e6 / max(seconds, 1e-9), 3)},
+        index={
+            "backend": cfg.dedup.backend,
+            "bands": writer.lsh.bands if writer.lsh else 0,
+            "rows": writer.lsh.rows if writer.lsh else 0,
+            "lsh_bytes_per_document": round(writer.lsh.bytes_per_document(), 1)
+            if writer.lsh
+            else 0.0,
+            "memory_bytes_per_document": round(writer.state_bytes_per_document(), 1),
+            "disk_bytes_per_document": writer.dtype.itemsize,
+        },
+        timing={
+            "seconds": round(seconds, 3),
+            "workers": workers,
+            "documents_per_s": round((report.records - read_before) / max(seconds, 1e-9), 1),
+            "mb_per_s": round(bytes_in / 1e6 / max(seconds, 1e-9), 3),
+        },
     )
     write_report(report, out_dir)
     with open(os.path.join(writer.state, "journal.jsonl"), "ab") as j:

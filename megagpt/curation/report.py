@@ -105,11 +105,11 @@ class Report:
             self.removed[reason][0] += docs
             self.removed[reason][1] += chars
             room = self.max_examples - len(self.examples[reason])
-            self.examples[reason].extend(other.examples[reason][:max(room, 0)])
+            self.examples[reason].extend(other.examples[reason][: max(room, 0)])
         for i in range(3):
             self.boilerplate[i] += other.boilerplate[i]
         room = self.max_examples - len(self.boilerplate_examples)
-        self.boilerplate_examples.extend(other.boilerplate_examples[:max(room, 0)])
+        self.boilerplate_examples.extend(other.boilerplate_examples[: max(room, 0)])
         self.invalid_chars += other.invalid_chars
         self.invalid_docs += other.invalid_docs
         self.normalized_docs += other.normalized_docs
@@ -117,9 +117,21 @@ class Report:
         self.output_chars += other.output_chars
 
     # -- persistence (journal) -----------------------------------------------------------
-    _FIELDS = ("records", "input_bytes", "input_chars", "bad_examples", "removed", "examples",
-               "boilerplate", "boilerplate_examples", "invalid_chars", "invalid_docs",
-               "normalized_docs", "output_docs", "output_chars")
+    _FIELDS = (
+        "records",
+        "input_bytes",
+        "input_chars",
+        "bad_examples",
+        "removed",
+        "examples",
+        "boilerplate",
+        "boilerplate_examples",
+        "invalid_chars",
+        "invalid_docs",
+        "normalized_docs",
+        "output_docs",
+        "output_chars",
+    )
 
     def state(self) -> dict:
         """Plain data for the journal."""
@@ -142,25 +154,36 @@ class Report:
         any worker count and across a resume."""
         filters = {}
         for reason, (docs, chars) in self.removed.items():
-            filters[reason] = {"documents": docs, "characters": chars,
-                               "what": _FILTER_DOC[reason], "examples": self.examples[reason]}
+            filters[reason] = {
+                "documents": docs,
+                "characters": chars,
+                "what": _FILTER_DOC[reason],
+                "examples": self.examples[reason],
+            }
         return {
             "inputs": self.extra.get("inputs", []),
-            "documents": {"records": self.records,
-                          "bad_skipped": sum(self.bad.values()),
-                          "removed": sum(d for d, _ in self.removed.values()),
-                          "written": self.output_docs},
+            "documents": {
+                "records": self.records,
+                "bad_skipped": sum(self.bad.values()),
+                "removed": sum(d for d, _ in self.removed.values()),
+                "written": self.output_docs,
+            },
             "characters": {"input": self.input_chars, "written": self.output_chars},
             "input_bytes": self.input_bytes,
-            "bad_records": {"counts": dict(sorted(self.bad.items())),
-                            "examples": self.bad_examples},
+            "bad_records": {
+                "counts": dict(sorted(self.bad.items())),
+                "examples": self.bad_examples,
+            },
             "filters": filters,
-            "lines": {"boilerplate": {"lines": self.boilerplate[0],
-                                      "characters": self.boilerplate[1],
-                                      "documents": self.boilerplate[2],
-                                      "examples": self.boilerplate_examples}},
-            "characters_deleted": {"invalid": self.invalid_chars,
-                                   "documents": self.invalid_docs},
+            "lines": {
+                "boilerplate": {
+                    "lines": self.boilerplate[0],
+                    "characters": self.boilerplate[1],
+                    "documents": self.boilerplate[2],
+                    "examples": self.boilerplate_examples,
+                }
+            },
+            "characters_deleted": {"invalid": self.invalid_chars, "documents": self.invalid_docs},
             "normalized_documents": self.normalized_docs,
             "shards": self.extra.get("shards", []),
             "dedup_index": self.extra.get("index", {}),
@@ -172,20 +195,26 @@ class Report:
         """A readable summary (``report.md``)."""
         j = self.to_json()
         d, c = j["documents"], j["characters"]
-        out = ["# megagpt clean report", "",
-               f"- inputs: {', '.join(j['inputs'])}",
-               f"- records {d['records']:,}; bad skipped {d['bad_skipped']:,}; removed "
-               f"{d['removed']:,}; written {d['written']:,} in {len(j['shards'])} shard(s)",
-               f"- characters: input {c['input']:,}, written {c['written']:,} "
-               f"({c['written'] / max(c['input'], 1):.1%})",
-               f"- invalid characters deleted: {self.invalid_chars:,} in "
-               f"{self.invalid_docs:,} documents; documents changed by normalisation: "
-               f"{self.normalized_docs:,}",
-               f"- boilerplate lines deleted: {self.boilerplate[0]:,} ({self.boilerplate[1]:,} "
-               f"characters) in {self.boilerplate[2]:,} documents", ""]
+        out = [
+            "# megagpt clean report",
+            "",
+            f"- inputs: {', '.join(j['inputs'])}",
+            f"- records {d['records']:,}; bad skipped {d['bad_skipped']:,}; removed "
+            f"{d['removed']:,}; written {d['written']:,} in {len(j['shards'])} shard(s)",
+            f"- characters: input {c['input']:,}, written {c['written']:,} "
+            f"({c['written'] / max(c['input'], 1):.1%})",
+            f"- invalid characters deleted: {self.invalid_chars:,} in "
+            f"{self.invalid_docs:,} documents; documents changed by normalisation: "
+            f"{self.normalized_docs:,}",
+            f"- boilerplate lines deleted: {self.boilerplate[0]:,} ({self.boilerplate[1]:,} "
+            f"characters) in {self.boilerplate[2]:,} documents",
+            "",
+        ]
         if self.bad:
-            out += ["bad records: " + ", ".join(f"{k} {v}" for k, v in sorted(self.bad.items())),
-                    ""]
+            out += [
+                "bad records: " + ", ".join(f"{k} {v}" for k, v in sorted(self.bad.items())),
+                "",
+            ]
         out += ["| removed by | documents | characters | what |", "|---|---:|---:|---|"]
         for reason, f in j["filters"].items():
             out.append(f"| {reason} | {f['documents']:,} | {f['characters']:,} | {f['what']} |")
@@ -198,16 +227,20 @@ class Report:
             out.append(f"- **boilerplate line** `{ex['id']}`: {ex['line']}")
         t = j["timing"]
         if t:
-            out += ["", f"time {t['seconds']}s with {t['workers']} worker(s): "
-                    f"{t['documents_per_s']:,} documents/s, {t['mb_per_s']} MB/s (this session)"]
+            out += [
+                "",
+                f"time {t['seconds']}s with {t['workers']} worker(s): "
+                f"{t['documents_per_s']:,} documents/s, {t['mb_per_s']} MB/s (this session)",
+            ]
         return "\n".join(out) + "\n"
 
 
 def write_report(report: Report, out_dir: str) -> None:
     """Write ``report.json`` and ``report.md`` into ``out_dir`` (atomically each)."""
-    for name, text in (("report.json", json.dumps(report.to_json(), ensure_ascii=False,
-                                                  indent=1) + "\n"),
-                       ("report.md", report.to_markdown())):
+    for name, text in (
+        ("report.json", json.dumps(report.to_json(), ensure_ascii=False, indent=1) + "\n"),
+        ("report.md", report.to_markdown()),
+    ):
         tmp = os.path.join(out_dir, name + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)

@@ -47,8 +47,13 @@ def near_copy(text: str, rng: random.Random, edit: str, other: str = "") -> str:
 
 def _boilerplate_wrapped(text: str, rng: random.Random) -> str:
     head = rng.choice(["首页 > 新闻中心 > 正文", "当前位置：首页 > 法律法规", "上一篇：关于我们"])
-    tail = rng.choice(["版权所有 © 2023 某某网 京ICP备12345678号",
-                       "点击这里关注我们的微信公众号", "本网站使用Cookie以改善您的浏览体验。"])
+    tail = rng.choice(
+        [
+            "版权所有 © 2023 某某网 京ICP备12345678号",
+            "点击这里关注我们的微信公众号",
+            "本网站使用Cookie以改善您的浏览体验。",
+        ]
+    )
     return f"{head}\n{text}\n{tail}"
 
 
@@ -88,8 +93,9 @@ def _too_short(text: str, rng: random.Random) -> str:
 
 
 def _digits(text: str, rng: random.Random) -> str:
-    return "\n".join(f"商品编号{rng.randrange(10**6)}价格{rng.randrange(10**4)}元"
-                     for _ in range(20))
+    return "\n".join(
+        f"商品编号{rng.randrange(10**6)}价格{rng.randrange(10**4)}元" for _ in range(20)
+    )
 
 
 # name -> (maker(text, rng) -> junk, expected outcome: a filter reason, or "boilerplate" when

@@ -123,7 +123,7 @@ def parse_weights_schedule(
             strictly increasing order, or a ``weights`` list is not ``num_datasets``
             non-negative numbers with a positive sum.
     """
-    example = '[{tokens: 0, weights: [0.8, 0.2]}, {tokens: 1e9, weights: [0.5, 0.5]}]'
+    example = "[{tokens: 0, weights: [0.8, 0.2]}, {tokens: 1e9, weights: [0.5, 0.5]}]"
     if not isinstance(schedule, (list, tuple)) or not schedule:
         raise DataError(f"{key} must be a non-empty list of points like {example}")
     points = []
@@ -131,8 +131,10 @@ def parse_weights_schedule(
         where = f"{key}[{i}]"
         if not isinstance(point, dict) or set(point) != {"tokens", "weights"}:
             got = sorted(point) if isinstance(point, dict) else type(point).__name__
-            raise DataError(f"{where} must be a mapping with exactly the keys 'tokens' and "
-                            f"'weights' (got {got}), like {example}")
+            raise DataError(
+                f"{where} must be a mapping with exactly the keys 'tokens' and "
+                f"'weights' (got {got}), like {example}"
+            )
         tokens = point["tokens"]
         if isinstance(tokens, str):  # PyYAML reads 1e9 as text
             try:
@@ -142,21 +144,30 @@ def parse_weights_schedule(
         if isinstance(tokens, float) and tokens.is_integer():
             tokens = int(tokens)
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
-            raise DataError(f"{where}.tokens must be a non-negative integer (consumed training "
-                            f"tokens), got {point['tokens']!r}")
+            raise DataError(
+                f"{where}.tokens must be a non-negative integer (consumed training "
+                f"tokens), got {point['tokens']!r}"
+            )
         if points and tokens <= points[-1][0]:
-            raise DataError(f"{where}.tokens ({tokens}) must be larger than "
-                            f"{key}[{i - 1}].tokens ({points[-1][0]}): points must increase")
+            raise DataError(
+                f"{where}.tokens ({tokens}) must be larger than "
+                f"{key}[{i - 1}].tokens ({points[-1][0]}): points must increase"
+            )
         weights = point["weights"]
         if not isinstance(weights, (list, tuple)) or len(weights) != num_datasets:
             n = len(weights) if isinstance(weights, (list, tuple)) else "no"
-            raise DataError(f"{where}.weights has {n} entries for {num_datasets} datasets "
-                            "(data.paths); give one weight per dataset")
-        if any(isinstance(w, bool) or not isinstance(w, (int, float)) for w in weights) or any(
-            not np.isfinite(w) or w < 0 for w in weights
-        ) or not sum(weights) > 0:
-            raise DataError(f"{where}.weights {list(weights)}: must be non-negative numbers "
-                            "with a positive sum")
+            raise DataError(
+                f"{where}.weights has {n} entries for {num_datasets} datasets "
+                "(data.paths); give one weight per dataset"
+            )
+        if (
+            any(isinstance(w, bool) or not isinstance(w, (int, float)) for w in weights)
+            or any(not np.isfinite(w) or w < 0 for w in weights)
+            or not sum(weights) > 0
+        ):
+            raise DataError(
+                f"{where}.weights {list(weights)}: must be non-negative numbers with a positive sum"
+            )
         total = float(sum(weights))
         points.append((tokens, tuple(float(w) / total for w in weights)))
     return WeightsSchedule(tuple(points), int(seq_length))
@@ -187,8 +198,10 @@ def build_schedule_index(schedule: WeightsSchedule, size: int) -> dict[str, np.n
         which.append(np.full(count, d, dtype=np.int16))
         within.append(np.arange(count, dtype=np.int64))
     if not keys:
-        return {"dataset_index": np.zeros(0, np.int16),
-                "dataset_sample_index": np.zeros(0, np.int64)}
+        return {
+            "dataset_index": np.zeros(0, np.int16),
+            "dataset_sample_index": np.zeros(0, np.int64),
+        }
     keys_a, which_a, within_a = (np.concatenate(x) for x in (keys, which, within))
     order = np.lexsort((within_a, which_a, keys_a))  # by key, then dataset, then k
     return {"dataset_index": which_a[order], "dataset_sample_index": within_a[order]}
@@ -231,7 +244,8 @@ class BlendedDataset(MappedArraysPickleMixin):
             "blend-index",
             identity,
             ("dataset_index", "dataset_sample_index"),
-            (lambda: build_blend_index(counts)) if schedule is None
+            (lambda: build_blend_index(counts))
+            if schedule is None
             else (lambda: build_schedule_index(schedule, size)),
             node_local=node_local_cache,
         )

@@ -267,16 +267,18 @@ class IndexedDatasetWriter:
                 offset += int(block.sum(dtype=np.int64)) * self.dtype.itemsize
                 f.write(pointers.tobytes())
             for start in range(0, n + 1, _INDEX_BLOCK):
-                f.write(np.arange(start, min(start + _INDEX_BLOCK, n + 1), dtype=np.int64)
-                        .tobytes())
+                f.write(
+                    np.arange(start, min(start + _INDEX_BLOCK, n + 1), dtype=np.int64).tobytes()
+                )
             f.flush()
             os.fsync(f.fileno())
         self._lengths.close()
         os.unlink(self._tmp_lengths)
         if self.vocab_size is not None:
             with open(self._tmp_vocab, "w", encoding="utf-8") as f:
-                json.dump({"vocab_size": int(self.vocab_size),
-                           "max_token_id": self.max_token_id}, f)
+                json.dump(
+                    {"vocab_size": int(self.vocab_size), "max_token_id": self.max_token_id}, f
+                )
                 f.write("\n")
         # An old .idx next to the new .bin would look complete: remove it before the swap.
         if os.path.exists(idx_path(self.prefix)):
@@ -411,8 +413,14 @@ class ShardWriter:
         """Close the files and describe them for :meth:`IndexedDatasetWriter.append_shard`."""
         self._bin.close()
         self._lengths.close()
-        return Shard(self.path + ".bin", self.path + ".lengths", self.dtype.str,
-                     self.documents, self.tokens, self.max_token_id)
+        return Shard(
+            self.path + ".bin",
+            self.path + ".lengths",
+            self.dtype.str,
+            self.documents,
+            self.tokens,
+            self.max_token_id,
+        )
 
     def abort(self) -> None:
         """Close and delete both files."""
@@ -440,11 +448,15 @@ def vocab_record(prefix: str) -> dict | None:
     try:
         with open(path, encoding="utf-8") as f:
             record = json.load(f)
-        return {"vocab_size": int(record["vocab_size"]),
-                "max_token_id": int(record["max_token_id"])}
+        return {
+            "vocab_size": int(record["vocab_size"]),
+            "max_token_id": int(record["max_token_id"]),
+        }
     except (ValueError, KeyError, TypeError, OSError) as e:
-        raise DataError(f"{path}: unreadable vocabulary record ({e}); delete it to have the "
-                        "dataset scanned instead, or preprocess again") from None
+        raise DataError(
+            f"{path}: unreadable vocabulary record ({e}); delete it to have the "
+            "dataset scanned instead, or preprocess again"
+        ) from None
 
 
 def max_token_id(prefix: str) -> int:
@@ -453,7 +465,7 @@ def max_token_id(prefix: str) -> int:
     ds = IndexedDataset(prefix)
     tokens, top = ds._bin, -1
     for start in range(0, len(tokens), _SCAN_TOKENS):
-        top = max(top, int(tokens[start:start + _SCAN_TOKENS].max()))
+        top = max(top, int(tokens[start : start + _SCAN_TOKENS].max()))
     return top
 
 
@@ -470,13 +482,15 @@ def check_vocab(prefix: str, vocab_size: int, where: str) -> None:
             f"{where}={prefix}: preprocessed with a tokenizer of {record['vocab_size']} tokens "
             f"(largest id {record['max_token_id']}), but the model's vocabulary (data.tokenizer)"
             f" has {vocab_size}; preprocess it again with data.tokenizer, or train with the "
-            "tokenizer it was made with")
+            "tokenizer it was made with"
+        )
     top = record["max_token_id"] if record is not None else max_token_id(prefix)
     if top >= vocab_size:
         raise DataError(
             f"{where}={prefix}: token id {top} does not fit the model's vocabulary of "
             f"{vocab_size} (ids 0-{vocab_size - 1}, the size of data.tokenizer); preprocess it "
-            "again with data.tokenizer, or train with the tokenizer it was made with")
+            "again with data.tokenizer, or train with the tokenizer it was made with"
+        )
 
 
 def _fsync_dir(directory: str) -> None:

@@ -17,13 +17,20 @@ R = TypeVar("R")
 
 
 def start_method() -> str:
-    """"fork" where the platform has it (workers inherit what the parent loaded), else
+    """ "fork" where the platform has it (workers inherit what the parent loaded), else
     "spawn"."""
     return "fork" if "fork" in mp.get_all_start_methods() else "spawn"
 
 
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, *,
-                initializer: Callable[..., None], initargs: tuple, died: str) -> Iterator[R]:
+def ordered_map(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    workers: int,
+    *,
+    initializer: Callable[..., None],
+    initargs: tuple,
+    died: str,
+) -> Iterator[R]:
     """``fn(item)`` for every item in ``workers`` processes, yielded in input order, with at
     most ``2 * workers`` items in flight (memory stays bounded however many items come).
 
@@ -32,8 +39,12 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, *,
     DataError saying ``died``. On an error or Ctrl-C the workers are stopped at once instead of
     finishing the queue.
     """
-    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(start_method()),
-                               initializer=initializer, initargs=initargs)
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=mp.get_context(start_method()),
+        initializer=initializer,
+        initargs=initargs,
+    )
     finished = False
     try:
         pending: deque = deque()

@@ -235,13 +235,22 @@ def _process_chunk(task: _Task) -> _TaskResult:
                 break
         shard = writer.close()
     return _TaskResult(
-        task.spec_index, relative, lines_read, shard, skipped, examples, error,
+        task.spec_index,
+        relative,
+        lines_read,
+        shard,
+        skipped,
+        examples,
+        error,
         (os.getpid(), time.process_time()),
     )
 
 
 def _iter_tasks(
-    specs: list[InputSpec], workers: int, chunk_docs: int, chunk_bytes: int,
+    specs: list[InputSpec],
+    workers: int,
+    chunk_docs: int,
+    chunk_bytes: int,
     range_bytes: int | None,
 ) -> Iterator[_Task]:
     """The parallel work in output order, lazily: byte ranges where workers can read the
@@ -279,10 +288,15 @@ def _run_ordered(tasks: Iterator[_Task], workers: int, initargs: tuple) -> Itera
         # Forked workers inherit the main process's loaded tokenizer (the arguments are not
         # pickled): no worker spends its first fraction of a second loading it again.
         initargs = (*initargs, _STATE.pop("parent_tok", None))
-    return ordered_map(_process_chunk, tasks, workers, initializer=_init_worker,
-                       initargs=initargs,
-                       died="a preprocessing worker died (killed for memory?); nothing was "
-                       "written. Retry with fewer --workers")
+    return ordered_map(
+        _process_chunk,
+        tasks,
+        workers,
+        initializer=_init_worker,
+        initargs=initargs,
+        died="a preprocessing worker died (killed for memory?); nothing was "
+        "written. Retry with fewer --workers",
+    )
 
 
 def preprocess(
@@ -347,8 +361,19 @@ def preprocess(
     try:
         with IndexedDatasetWriter(output_prefix, dtype, vocab_size=tok.vocab_size) as writer:
             if workers == 1:
-                _init_worker(tokenizer_path, segmenter, specs, append_eod, skip_bad_lines,
-                             dtype.str, "", chunk_docs, chunk_bytes, False, tok)
+                _init_worker(
+                    tokenizer_path,
+                    segmenter,
+                    specs,
+                    append_eod,
+                    skip_bad_lines,
+                    dtype.str,
+                    "",
+                    chunk_docs,
+                    chunk_bytes,
+                    False,
+                    tok,
+                )
                 results = _iter_local(specs, chunk_docs, chunk_bytes)
                 for spec_index, tokens, lengths, skipped, examples, error in results:
                     writer.add_documents(tokens, lengths)
@@ -361,8 +386,18 @@ def preprocess(
                 # them to the output in order (a kernel copy), so it never handles tokens.
                 shard_dir = f"{output_prefix}.tmp.{os.getpid()}.shards"
                 os.makedirs(shard_dir, exist_ok=True)
-                initargs = (tokenizer_path, segmenter, specs, append_eod, skip_bad_lines,
-                            dtype.str, shard_dir, chunk_docs, chunk_bytes, True)
+                initargs = (
+                    tokenizer_path,
+                    segmenter,
+                    specs,
+                    append_eod,
+                    skip_bad_lines,
+                    dtype.str,
+                    shard_dir,
+                    chunk_docs,
+                    chunk_bytes,
+                    True,
+                )
                 tasks = _iter_tasks(specs, workers, chunk_docs, chunk_bytes, range_bytes)
                 _STATE["parent_tok"] = tok
                 results = _run_ordered(tasks, workers, initargs)
@@ -405,8 +440,13 @@ def preprocess(
     return stats
 
 
-def _record(stats: PreprocessStats, path: str, skipped: Counter,
-            examples: list[tuple[int, str]], line_offset: int) -> None:
+def _record(
+    stats: PreprocessStats,
+    path: str,
+    skipped: Counter,
+    examples: list[tuple[int, str]],
+    line_offset: int,
+) -> None:
     stats.skipped.update(skipped)
     for line, detail in examples:
         if len(stats.skipped_examples) < _MAX_SKIP_EXAMPLES:

@@ -120,9 +120,7 @@ def can_split(spec: InputSpec) -> bool:
     """Whether workers can read ``spec`` in byte ranges (:func:`iter_byte_ranges`): one record
     per line of an uncompressed file. Not gzip (no random access), csv (quoted fields span
     lines) or blank-line-separated text (a range could start inside a paragraph)."""
-    return (
-        spec.fmt in ("jsonl", "text") and not spec.paragraphs and not spec.path.endswith(".gz")
-    )
+    return spec.fmt in ("jsonl", "text") and not spec.paragraphs and not spec.path.endswith(".gz")
 
 
 def iter_byte_ranges(spec: InputSpec, target_bytes: int) -> Iterator[tuple[int, int]]:

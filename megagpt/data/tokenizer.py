@@ -144,7 +144,7 @@ class JiebaBPETokenizer(Tokenizer):
             # is still normalised and BPE-encoded on its own); ``word_ids`` says which piece
             # each id came from. A piece that encodes to nothing gets [].
             new = list(missing)
-            groups = [new[i:i + _MISS_GROUP] for i in range(0, len(new), _MISS_GROUP)]
+            groups = [new[i : i + _MISS_GROUP] for i in range(0, len(new), _MISS_GROUP)]
             for group, enc in zip(groups, self._tok.encode_batch(groups, is_pretokenized=True)):
                 found: list[list[int]] = [[] for _ in group]
                 for token, word in zip(enc.ids, enc.word_ids):

@@ -9,12 +9,14 @@ Only this package imports deepspeed, and only through ``accelerator.import_deeps
 importing the package itself imports nothing from deepspeed, so the device can be resolved first.
 """
 
+from typing import Any
+
 from megagpt.engine.ds_config import deepspeed_config, deepspeed_zero_stage
 
 __all__ = ["Engine", "build_model", "deepspeed_config", "deepspeed_zero_stage"]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     # The engine module is loaded on first use: it is free of deepspeed imports at module level
     # too, but keeping it lazy keeps `megagpt.engine.deepspeed_config` importable by the planner
     # and unit tests without megatron-core's model code.

@@ -52,7 +52,8 @@ def import_deepspeed(device: torch.device) -> ModuleType:
             f"deepspeed is already imported in this process with its {have!r} accelerator, but "
             f"this run trains on {device} (train.device); DeepSpeed keeps one accelerator per "
             f"process: run it in a new process, or set DS_ACCELERATOR={want} before anything "
-            "imports deepspeed")
+            "imports deepspeed"
+        )
     import deepspeed
 
     return deepspeed

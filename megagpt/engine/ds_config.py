@@ -38,8 +38,9 @@ BUCKET_ELEMENTS = 50_000_000
 def deepspeed_zero_stage(cfg: Config, world_size: int) -> int:
     """The ZeRO stage DeepSpeed runs for ``cfg`` on ``world_size`` ranks: ``parallel.zero_stage``,
     except bf16 at 0 and everything at data-parallel size 1 (see above)."""
-    return effective_zero_stage(cfg.train.precision, cfg.parallel.zero_stage,
-                                data_parallel_size(cfg, world_size))
+    return effective_zero_stage(
+        cfg.train.precision, cfg.parallel.zero_stage, data_parallel_size(cfg, world_size)
+    )
 
 
 def effective_zero_stage(precision: str, zero_stage: int, dp: int) -> int:
@@ -84,9 +85,12 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         ds["communication_data_type"] = "fp32"
     elif t.precision == "fp16":
         ds["fp16"] = {
-            "enabled": True, "loss_scale": 0,
+            "enabled": True,
+            "loss_scale": 0,
             "initial_scale_power": round(math.log2(t.initial_loss_scale)),
-            "loss_scale_window": t.loss_scale_window, "hysteresis": 2, "min_loss_scale": 1,
+            "loss_scale_window": t.loss_scale_window,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
         }
     if p.pipeline > 1:
         partitioned = p.tensor > 1 and not p.sequence_parallel

@@ -9,9 +9,14 @@ ZeRO stages 0-3. deepspeed is imported through ``accelerator.import_deepspeed(de
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
+from megagpt.checkpoint.training import EngineState, LocalParam
 from megagpt.config.schema import Config
 from megagpt.engine.accelerator import import_deepspeed
 from megagpt.engine.ds_config import deepspeed_config, deepspeed_zero_stage
@@ -21,40 +26,57 @@ from megagpt.model.gpt import GPTModel, gpt_blocks
 from megagpt.model.layers import lm_loss
 from megagpt.model.mcore import megatron_config
 from megagpt.model.rng import TensorParallelRNG
-from megagpt.parallel import MegatronMPU, ParallelDims
+from megagpt.parallel import MegatronMPU, ParallelContext, ParallelDims
 
 
-def _param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+def _param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: weight decay on matrices, none on biases, norms (1-d) or positions."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
-def _pipeline_module(cfg: Config, mp, dims: ParallelDims, device: torch.device):
+def _pipeline_module(
+    cfg: Config, mp: Any, dims: ParallelDims, device: torch.device
+) -> torch.nn.Module:
     """This rank's pipeline stage, built by DeepSpeed from ``gpt_blocks``."""
     import_deepspeed(device)
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
+    from megagpt.checkpoint.canonical import WORD_ATTR
+
     rng = TensorParallelRNG()
-    specs = []
+    specs: list[Any] = []
     for block in gpt_blocks(cfg.model, mp, cfg.parallel.recompute, rng):
         if block.tie is None:
             specs.append(LayerSpec(block.cls, *block.args))
             continue
-        forward = None if block.method == "forward" else \
-            (lambda module, h, name=block.method: getattr(module, name)(h))
-        specs.append(TiedLayerSpec(block.tie, block.cls, *block.args, forward_fn=forward,
-                                   tied_weight_attr="word_embeddings.weight"))
+        forward = (
+            None
+            if block.method == "forward"
+            else (lambda module, h, name=block.method: getattr(module, name)(h))
+        )
+        specs.append(
+            TiedLayerSpec(
+                block.tie, block.cls, *block.args, forward_fn=forward, tied_weight_attr=WORD_ATTR
+            )
+        )
     topo = PipeModelDataParallelTopology(num_pp=dims.pp, num_mp=dims.tp, num_dp=dims.dp)
     method = "type:DecoderLayer" if cfg.parallel.pipeline_partition == "uniform" else "parameters"
-    module = PipelineModule(layers=specs, topology=topo, partition_method=method,
-                            loss_fn=lambda logits, target: lm_loss(logits, target[0], target[1]))
+    module = PipelineModule(
+        layers=specs,
+        topology=topo,
+        partition_method=method,
+        loss_fn=lambda logits, target: lm_loss(logits, target[0], target[1]),
+    )
     module.dropout_rng = rng  # the same attribute GPTModel has
     return module
 
@@ -62,9 +84,10 @@ def _pipeline_module(cfg: Config, mp, dims: ParallelDims, device: torch.device):
 def build_model(cfg: Config, dims: ParallelDims, device: torch.device) -> torch.nn.Module:
     """The local part of the GPT: the whole model (PP=1) or this rank's pipeline stage.
 
-    ``device`` is the run's resolved device; it chooses DeepSpeed's accelerator (the model itself
-    is built on the CPU and moved by the engine) and whether ``train.compile`` = auto compiles
-    the decoder layers."""
+    ``dims`` and ``device`` are the run's (``ParallelContext.dims``, ``.device``); the device
+    chooses DeepSpeed's accelerator (the model itself is built on the CPU and moved by the
+    engine) and whether ``train.compile`` = auto compiles the decoder layers. Call it after
+    ``megagpt.parallel.initialize``: DeepSpeed's communication layer wraps that process group."""
     mp = megatron_config(cfg.model, cfg.parallel, torch.float32)
     deepspeed = import_deepspeed(device)
     # deepspeed.comm wraps the torch.distributed group that megagpt.parallel already started.
@@ -78,27 +101,54 @@ def build_model(cfg: Config, dims: ParallelDims, device: torch.device) -> torch.
     return module
 
 
-class Engine:
-    """One training engine for every layout: ``train_step`` runs one global batch."""
+def deepspeed_local_rank(ctx: ParallelContext) -> None:
+    """Give DeepSpeed the ``LOCAL_RANK`` it reads from the environment, for a lone process.
 
-    def __init__(self, cfg: Config, module: torch.nn.Module, dims: ParallelDims,
-                 device: torch.device):
-        self.cfg, self.dims, self.device = cfg, dims, device
-        self.pipeline = dims.pp > 1
+    DeepSpeed reads the variable (no argument replaces it) when its engine or pipeline module
+    is built, and under ZeRO-3 during steps; a launcher always sets it. A process no launcher
+    started is the only local rank there is, so "0" is what any later reader (DeepSpeed, a
+    child process) should see. It is set only there: other processes' launchers decide.
+    """
+    if ctx.dims.world == 1 and "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = "0"
+
+
+class Engine:
+    """One training engine for every layout: ``train_step`` runs one global batch.
+
+    ``ctx`` is this process's ``ParallelContext`` (from ``megagpt.parallel.initialize``): the
+    engine reduces over its groups, places tensors on its device and hands its coordinates to
+    the checkpoint format."""
+
+    def __init__(self, cfg: Config, module: torch.nn.Module, ctx: ParallelContext):
+        if ctx.dp_group is None or ctx.tp_group is None or ctx.mp_group is None:
+            raise ValueError(
+                "Engine needs the process groups of megagpt.parallel.initialize(); "
+                "this ParallelContext has none"
+            )
+        self.cfg, self.ctx = cfg, ctx
+        self.dims, self.device = ctx.dims, ctx.device
+        device = ctx.device
+        self.pipeline = ctx.dims.pp > 1
         module.to(device)
         o = cfg.optim
         groups = _param_groups(module, o.weight_decay)
         # torch's fused AdamW (one kernel per parameter for the whole update) exists for CUDA
         # and CPU; elsewhere the default (foreach / for-loop) implementation.
         fused = device.type in ("cuda", "cpu")
-        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                      fused=fused)
-        ds_cfg = deepspeed_config(cfg, dims.world)
+        optimizer = torch.optim.AdamW(
+            groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused
+        )
+        ds_cfg = deepspeed_config(cfg, ctx.dims.world)
         deepspeed = import_deepspeed(device)
+        deepspeed_local_rank(ctx)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
-            model=module, optimizer=optimizer, config=ds_cfg,
-            mpu=None if self.pipeline else MegatronMPU(),
-            dist_init_required=False)
+            model=module,
+            optimizer=optimizer,
+            config=ds_cfg,
+            mpu=None if self.pipeline else MegatronMPU(ctx),
+            dist_init_required=False,
+        )
         # Chosen once: where this DeepSpeed optimizer wrapper keeps fp32 masters and moments.
         self.optim_state = adapter_for(self.ds.optimizer, device)
         self._sp_hooks(module)
@@ -117,10 +167,16 @@ class Engine:
         """One line on how gradients are accumulated and which optimizer wrapper runs."""
         t, stage = self.cfg.train, deepspeed_zero_stage(self.cfg, self.dims.world)
         accum = "fp32" if t.precision in ("fp32", "bf16") else t.precision
-        note = f" for parallel.zero_stage={self.cfg.parallel.zero_stage} (see " \
-            "megagpt/engine/ds_config.py)" if stage != self.cfg.parallel.zero_stage else ""
-        return (f"{t.precision} parameters, {accum} gradient accumulation; DeepSpeed ZeRO "
-                f"{stage}{note} with {type(self.ds.optimizer).__name__}")
+        note = (
+            f" for parallel.zero_stage={self.cfg.parallel.zero_stage} (see "
+            "megagpt/engine/ds_config.py)"
+            if stage != self.cfg.parallel.zero_stage
+            else ""
+        )
+        return (
+            f"{t.precision} parameters, {accum} gradient accumulation; DeepSpeed ZeRO "
+            f"{stage}{note} with {type(self.ds.optimizer).__name__}"
+        )
 
     # -- the step -------------------------------------------------------------------------
     def set_lr(self, lr: float) -> None:
@@ -157,7 +213,7 @@ class Engine:
                 total += out.detach().float()
             loss = total / len(micro_batches)
             if self.dims.dp > 1:
-                dist.all_reduce(loss, group=MegatronMPU().get_data_parallel_group())
+                dist.all_reduce(loss, group=self.ctx.dp_group)
                 loss /= self.dims.dp
         norm = self.ds.get_global_grad_norm()
         out = {
@@ -176,8 +232,9 @@ class Engine:
         """Mean loss over ``micro_batches`` and data-parallel ranks, without a step."""
         self.ds.eval()
         if self.pipeline:
-            loss = self.ds.eval_batch(iter(self._pipe_batches(micro_batches)),
-                                      num_micro_batches=len(micro_batches))
+            loss = self.ds.eval_batch(
+                iter(self._pipe_batches(micro_batches)), num_micro_batches=len(micro_batches)
+            )
             return float(loss)
         total = torch.zeros((), device=self.device)
         for mb in micro_batches:
@@ -185,48 +242,66 @@ class Engine:
             total += self.ds(tokens, labels, mask).float()
         loss = total / len(micro_batches)
         if self.dims.dp > 1:
-            dist.all_reduce(loss, group=MegatronMPU().get_data_parallel_group())
+            dist.all_reduce(loss, group=self.ctx.dp_group)
             loss /= self.dims.dp
         return float(loss)
 
     # -- checkpoints ----------------------------------------------------------------------
-    def checkpoint_state(self):
+    def checkpoint_state(self) -> EngineState:
         """The adapter through which ``megagpt.checkpoint.training`` (the one owner of the
         training-checkpoint format) reads and writes this engine: local parameters, the
-        optimizer-state adapter, counters, the dropout stream, DeepSpeed's native files."""
-        from megagpt.checkpoint.training import EngineState
-
-        return EngineState(params=lambda skip_tied_copy: self._local_params(skip_tied_copy),
-                           optim=self.optim_state, counters=self._counters,
-                           set_counters=self._set_counters, layout=self._layout(),
-                           model=self.cfg.model, dropout_rng=self.dropout_rng,
-                           save_native=self._save_native, load_native=self._load_native)
+        optimizer-state adapter, counters, the dropout stream, DeepSpeed's native files, and
+        this rank's place in the layout."""
+        return EngineState(
+            params=lambda skip_tied_copy: self._local_params(skip_tied_copy),
+            optim=self.optim_state,
+            counters=self._counters,
+            set_counters=self._set_counters,
+            layout=self._layout(),
+            model=self.cfg.model,
+            dropout_rng=self.dropout_rng,
+            save_native=self._save_native,
+            load_native=self._load_native,
+            parallel=self.ctx,
+        )
 
     def _save_native(self, directory: str, tag: str, client_state: dict) -> None:
         """DeepSpeed's own files (pickles) of ``directory/tag`` (checkpoint.native)."""
         self.ds.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
 
-    def _load_native(self, directory: str, tag: str) -> dict | None:
+    def _load_native(self, directory: str, tag: str) -> dict[str, Any] | None:
         """Load DeepSpeed's own files (pickles: the caller checked checkpoint.trust_pickle);
         the client state saved with them, or None when DeepSpeed found nothing."""
-        loaded, client = self.ds.load_checkpoint(directory, tag=tag, load_optimizer_states=True,
-                                                 load_lr_scheduler_states=False)
+        loaded, client = self.ds.load_checkpoint(
+            directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
         return None if loaded is None else (client or {})
 
     def load_weights(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         """Initialise from full canonical weights (a model directory, ModelScope or Hugging Face
         import) at any layout; the optimizer starts fresh (zero moments, step 0)."""
-        from megagpt import parallel
-        from megagpt.checkpoint import reshard
+        from megagpt.checkpoint.canonical import CheckpointError, local_shard
 
         self.optim_state.materialize()
         for name, p, shape, dim in self._local_params():
             if name not in tensors:
-                raise reshard.CheckpointError(f"{source}: missing tensor {name!r} (the model "
-                                              f"expects shape {shape})")
-            self.optim_state.set(p, "param", reshard.local_shard(
-                name, tensors[name], shape, dim, self.cfg.model.vocab_size, parallel.tp_rank(),
-                self.dims.tp, source))
+                raise CheckpointError(
+                    f"{source}: missing tensor {name!r} (the model expects shape {shape})"
+                )
+            self.optim_state.set(
+                p,
+                "param",
+                local_shard(
+                    name,
+                    tensors[name],
+                    shape,
+                    dim,
+                    self.cfg.model.vocab_size,
+                    self.ctx.tp_rank,
+                    self.dims.tp,
+                    source,
+                ),
+            )
         self.optim_state.refresh_low_precision()
         dist.barrier()
 
@@ -244,20 +319,29 @@ class Engine:
         Cheap: one ``isfinite().all()`` per local tensor, one all-reduce. It reads the copy the
         forward uses (ZeRO-3: this rank's partition); every optimizer wrapper writes its fp32
         master into that copy after each step, so a non-finite master shows there too."""
-        flags = [torch.isfinite(getattr(p, "ds_tensor", p)).all()
-                 for p in self.ds.module.parameters()]
-        ok = torch.stack(flags).all().to(self.device, torch.float32) if flags \
+        flags = [
+            torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in self.ds.module.parameters()
+        ]
+        ok = (
+            torch.stack(flags).all().to(self.device, torch.float32)
+            if flags
             else torch.ones((), device=self.device)
+        )
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         return bool(ok.item() > 0)
 
     # -- checkpoint helpers: the fp32 master and Adam state, whatever the ZeRO stage ------
-    def _layout(self) -> dict:
-        return {"tp": self.dims.tp, "pp": self.dims.pp, "dp": self.dims.dp,
-                "zero_stage": self.cfg.parallel.zero_stage, "precision": self.cfg.train.precision}
+    def _layout(self) -> dict[str, Any]:
+        return {
+            "tp": self.dims.tp,
+            "pp": self.dims.pp,
+            "dp": self.dims.dp,
+            "zero_stage": self.cfg.parallel.zero_stage,
+            "precision": self.cfg.train.precision,
+        }
 
-    def _local_params(self, skip_tied_copy: bool = False):
+    def _local_params(self, skip_tied_copy: bool = False) -> Iterator[LocalParam]:
         """(canonical name, parameter, full TP-unsharded shape, partition dim) of this rank.
 
         ``skip_tied_copy``: the last pipeline stage's copy of the tied word embedding is the
@@ -276,13 +360,16 @@ class Engine:
                     shape[dim] *= self.dims.tp
             yield name, p, shape, dim
 
-    def _counters(self) -> dict:
+    def _counters(self) -> dict[str, Any]:
         scale = getattr(self.ds.optimizer, "cur_scale", None)
-        return {"global_steps": self.ds.global_steps, "global_samples": self.ds.global_samples,
-                "skipped_steps": self.ds.skipped_steps,
-                "loss_scale": float(scale) if scale is not None else None}
+        return {
+            "global_steps": self.ds.global_steps,
+            "global_samples": self.ds.global_samples,
+            "skipped_steps": self.ds.skipped_steps,
+            "loss_scale": float(scale) if scale is not None else None,
+        }
 
-    def _set_counters(self, c: dict) -> None:
+    def _set_counters(self, c: dict[str, Any]) -> None:
         for key in ("global_steps", "global_samples", "skipped_steps"):
             if key in c:
                 setattr(self.ds, key, int(c[key]))
@@ -295,13 +382,17 @@ class Engine:
         return self.ds.module
 
     # -- helpers --------------------------------------------------------------------------
-    def _to_device(self, mb: dict):
+    def _to_device(
+        self, mb: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         tokens = mb["tokens"].to(self.device, non_blocking=True)
         labels = mb["labels"].to(self.device, non_blocking=True)
         mask = mb["loss_mask"].to(self.device, non_blocking=True)
         return tokens, labels, mask
 
-    def _pipe_batches(self, micro_batches: list[dict]):
+    def _pipe_batches(
+        self, micro_batches: list[dict[str, torch.Tensor]]
+    ) -> list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
         return [(mb["tokens"], (mb["labels"], mb["loss_mask"].float())) for mb in micro_batches]
 
     def _plain_grad_norm(self) -> torch.Tensor:
@@ -312,18 +403,23 @@ class Engine:
         ``ds_pipe_replicated``), then summed over the TP x PP group. DeepSpeed's own
         ``clip_grad_norm_`` does neither for a pipeline grid (measured at PP=2: 1.471 for a true
         1.457). Gradients are already averaged over data parallel, so every DP rank agrees."""
-        from megatron.core import parallel_state as ps
-
-        tp_rank = ps.get_tensor_model_parallel_rank()
-        grads = [p.grad.detach() for p in self.ds.module.parameters()
-                 if p.grad is not None and not getattr(p, "ds_pipe_replicated", False)
-                 and (tp_rank == 0 or getattr(p, "tensor_model_parallel", False))]
+        tp_rank = self.ctx.tp_rank
+        grads = [
+            p.grad.detach()
+            for p in self.ds.module.parameters()
+            if p.grad is not None
+            and not getattr(p, "ds_pipe_replicated", False)
+            and (tp_rank == 0 or getattr(p, "tensor_model_parallel", False))
+        ]
         # One multi-tensor kernel for all the per-tensor norms, not one reduction per tensor.
         norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32) if grads else []
-        squares = torch.stack(norms).square().sum() if norms else \
-            torch.zeros((), dtype=torch.float32, device=self.device)
-        group = ps.get_model_parallel_group()
-        if group.size() > 1:
+        squares = (
+            torch.stack(list(norms)).square().sum()
+            if norms
+            else torch.zeros((), dtype=torch.float32, device=self.device)
+        )
+        group = self.ctx.mp_group
+        if self.dims.tp * self.dims.pp > 1:
             dist.all_reduce(squares, group=group)
         return squares.sqrt()
 
@@ -339,9 +435,14 @@ class Engine:
             max_norm = ds.gradient_clipping()
             if max_norm > 0 and torch.isfinite(norm):
                 coef = max_norm / (norm + 1e-6)
-                if coef < 1.0:
-                    torch._foreach_mul_([p.grad.detach() for p in ds.module.parameters()
-                                         if p.grad is not None], coef)
+                fused = getattr(ds.optimizer, "defaults", {}).get("fused", False)
+                if fused:  # torch's fused AdamW divides by grad_scale inside its one pass
+                    ds.optimizer.grad_scale = 1.0 / coef if coef < 1.0 else None
+                elif coef < 1.0:
+                    torch._foreach_mul_(
+                        [p.grad.detach() for p in ds.module.parameters() if p.grad is not None],
+                        coef,
+                    )
 
         ds.clip_fp32_gradients = clip_and_record
 
@@ -356,17 +457,20 @@ class Engine:
         ``optimizer.overflow`` is set: the same contract its own wrappers follow. The norm is
         reduced over model parallel and the gradients are already all-reduced over data
         parallel, so every rank takes the same decision."""
-        optimizer = self.ds.optimizer
-        if not isinstance(optimizer, torch.optim.Optimizer):
+        if not isinstance(self.ds.optimizer, torch.optim.Optimizer):
             return
+        # DeepSpeed's contract adds an ``overflow`` attribute to the optimizer and we replace
+        # its ``step``: neither is in torch's Optimizer type, hence Any.
+        optimizer: Any = self.ds.optimizer
         ds, step = self.ds, optimizer.step
 
         def step_if_finite(*args, **kwargs):
             if ds.gradient_clipping() <= 0:  # no clip, so the hook above computed no norm
                 ds._global_grad_norm = self._plain_grad_norm()
             norm = ds._global_grad_norm
-            optimizer.overflow = norm is not None and not bool(torch.isfinite(
-                torch.as_tensor(norm)).all())
+            optimizer.overflow = norm is not None and not bool(
+                torch.isfinite(torch.as_tensor(norm)).all()
+            )
             if optimizer.overflow:
                 return None
             return step(*args, **kwargs)
@@ -379,8 +483,11 @@ class Engine:
         DeepSpeed would still flatten every gradient into buckets, all-reduce them over a group
         of one and copy them back after each backward. Nothing to average: skip it. Wrappers
         (ZeRO 1-3, bf16/fp16) keep their own reduction, which also moves their gradients."""
-        if self.dims.dp == 1 and not self.pipeline and \
-                isinstance(self.ds.optimizer, torch.optim.Optimizer):
+        if (
+            self.dims.dp == 1
+            and not self.pipeline
+            and isinstance(self.ds.optimizer, torch.optim.Optimizer)
+        ):
             self.ds.enable_backward_allreduce = False
 
     def _sp_hooks(self, module: torch.nn.Module) -> None:
@@ -389,7 +496,7 @@ class Engine:
         use)."""
         if not self.cfg.parallel.sequence_parallel:
             return
-        group = MegatronMPU().get_tensor_model_parallel_group()
+        group = self.ctx.tp_group
 
         def reduce(grad: torch.Tensor) -> torch.Tensor:
             dist.all_reduce(grad, group=group)

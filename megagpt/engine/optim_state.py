@@ -15,6 +15,7 @@ wrapper, picked once by ``adapter_for`` when the engine is built:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 
@@ -24,7 +25,7 @@ KINDS = ("param", "exp_avg", "exp_avg_sq")
 class OptimizerState(ABC):
     """Read and write the fp32 ``param`` / ``exp_avg`` / ``exp_avg_sq`` of model parameters."""
 
-    def __init__(self, ds_optimizer, device: torch.device):
+    def __init__(self, ds_optimizer: Any, device: torch.device):
         self.ds_optimizer = ds_optimizer
         self.device = device
         opt = ds_optimizer
@@ -61,10 +62,12 @@ class OptimizerState(ABC):
         for t in self.flat_states():
             if not self.base.state.get(t):
                 self.base.state[t] = {
-                    "step": torch.zeros((), dtype=torch.float32,
-                                        device=t.device if on_device else "cpu"),
+                    "step": torch.zeros(
+                        (), dtype=torch.float32, device=t.device if on_device else "cpu"
+                    ),
                     "exp_avg": torch.zeros_like(t, memory_format=torch.preserve_format),
-                    "exp_avg_sq": torch.zeros_like(t, memory_format=torch.preserve_format)}
+                    "exp_avg_sq": torch.zeros_like(t, memory_format=torch.preserve_format),
+                }
 
     def adam_step(self) -> int:
         states = [self.base.state.get(t) for t in self.flat_states()]
@@ -94,9 +97,11 @@ class UnfusedState(OptimizerState):
     def __init__(self, ds_optimizer, device):
         super().__init__(ds_optimizer, device)
         # fp32_groups runs parallel to fp16_groups: id(model parameter) -> its fp32 master.
-        self.masters = {id(lp): hp for lows, highs in
-                        zip(ds_optimizer.fp16_groups, ds_optimizer.fp32_groups)
-                        for lp, hp in zip(lows, highs)}
+        self.masters = {
+            id(lp): hp
+            for lows, highs in zip(ds_optimizer.fp16_groups, ds_optimizer.fp32_groups)
+            for lp, hp in zip(lows, highs)
+        }
 
     def flat_states(self):
         return [hp for highs in self.ds_optimizer.fp32_groups for hp in highs]
@@ -119,8 +124,11 @@ class UnfusedState(OptimizerState):
 
 
 class MappedState(OptimizerState):
-    _FLAT_ATTRS = ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups",
-                   "fp32_groups_flat_partition")
+    _FLAT_ATTRS = (
+        "fp32_partitioned_groups_flat",
+        "single_partition_of_fp32_groups",
+        "fp32_groups_flat_partition",
+    )
 
     def __init__(self, ds_optimizer, device):
         super().__init__(ds_optimizer, device)
@@ -147,8 +155,10 @@ class MappedState(OptimizerState):
     def fp32_value(self, p):
         value = self._utils.safe_get_full_fp32_param(p)
         if value is None:
-            raise RuntimeError(f"DeepSpeed's {type(self.ds_optimizer).__name__} holds no fp32 "
-                               f"master for a parameter of shape {tuple(p.shape)}")
+            raise RuntimeError(
+                f"DeepSpeed's {type(self.ds_optimizer).__name__} holds no fp32 "
+                f"master for a parameter of shape {tuple(p.shape)}"
+            )
         return value
 
     def get(self, p, kind):
@@ -156,8 +166,9 @@ class MappedState(OptimizerState):
             return self.fp32_value(p)
         value = self._utils.safe_get_full_optimizer_state(p, kind)
         if value is None:
-            raise RuntimeError(f"no fp32 {kind} for a parameter under "
-                               f"{type(self.ds_optimizer).__name__}")
+            raise RuntimeError(
+                f"no fp32 {kind} for a parameter under {type(self.ds_optimizer).__name__}"
+            )
         return value
 
     def set(self, p, kind, value):
@@ -169,7 +180,7 @@ class MappedState(OptimizerState):
         else:
             self._utils.safe_set_full_optimizer_state(p, value, kind)
 
-    def refresh_low_precision(self):
+    def refresh_low_precision(self) -> None:
         # ZeRO-3: the forward gathers from (possibly low-precision) partitions of the masters.
         low = getattr(self.ds_optimizer, "fp16_partitioned_groups_flat", None)
         if low:
@@ -177,15 +188,16 @@ class MappedState(OptimizerState):
                 lp.data.copy_(hp.data)
 
 
-def _unknown(ds_optimizer) -> RuntimeError:
+def _unknown(ds_optimizer: Any) -> RuntimeError:
     return RuntimeError(
         f"megagpt checkpoints do not know DeepSpeed's {type(ds_optimizer).__name__}; every "
         "wrapper DeepSpeed picks for megagpt's configs (fp32/bf16/fp16 at ZeRO 0-3, with and "
         "without a pipeline) has an adapter in megagpt/engine/optim_state.py: please report "
-        "this with your DeepSpeed version")
+        "this with your DeepSpeed version"
+    )
 
 
-def adapter_for(ds_optimizer, device: torch.device) -> OptimizerState:
+def adapter_for(ds_optimizer: Any, device: torch.device) -> OptimizerState:
     """The adapter for the optimizer DeepSpeed's engine built (``engine.optimizer``)."""
     if isinstance(ds_optimizer, torch.optim.Optimizer):
         return PlainState(ds_optimizer, device)

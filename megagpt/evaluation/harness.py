@@ -60,26 +60,47 @@ class MegagptLM(TemplateLM):
     (sampling seed of ``generate_until`` when a task samples).
     """
 
-    def __init__(self, path: str | None = None, *, scorer: Scorer | None = None,
-                 batch_size=None, max_batch_size=None, max_length=None, max_gen_toks=None,
-                 dtype: str = "auto", device: str | None = None, tp=None,
-                 tokenizer: str | None = None, seed=1234, **unknown):
+    def __init__(
+        self,
+        path: str | None = None,
+        *,
+        scorer: Scorer | None = None,
+        batch_size=None,
+        max_batch_size=None,
+        max_length=None,
+        max_gen_toks=None,
+        dtype: str = "auto",
+        device: str | None = None,
+        tp=None,
+        tokenizer: str | None = None,
+        seed=1234,
+        **unknown,
+    ):
         super().__init__()
         if unknown:
-            raise EvalError(f"--model_args: unknown option(s) {sorted(unknown)} for "
-                            "--model megagpt (see `megagpt eval --help`)")
+            raise EvalError(
+                f"--model_args: unknown option(s) {sorted(unknown)} for "
+                "--model megagpt (see `megagpt eval --help`)"
+            )
         if scorer is None:
             if not path:
-                raise EvalError("--model megagpt needs --model_args path=DIR (a model "
-                                "directory or training checkpoint)")
-            scorer = load_scorer(path, device=device or "auto", dtype=dtype,
-                                 tensor=_int_option("tp", tp, 0) if tp else None,
-                                 tokenizer=tokenizer)
+                raise EvalError(
+                    "--model megagpt needs --model_args path=DIR (a model "
+                    "directory or training checkpoint)"
+                )
+            scorer = load_scorer(
+                path,
+                device=device or "auto",
+                dtype=dtype,
+                tensor=_int_option("tp", tp, 0) if tp else None,
+                tokenizer=tokenizer,
+            )
         self.scorer = scorer
         self.tok = scorer.tokenizer
         self.batch_size = _int_option("batch_size", batch_size, DEFAULT_BATCH)
-        self.max_length = min(_int_option("max_length", max_length, scorer.max_positions),
-                              scorer.max_positions)
+        self.max_length = min(
+            _int_option("max_length", max_length, scorer.max_positions), scorer.max_positions
+        )
         self.max_gen_toks = _int_option("max_gen_toks", max_gen_toks, DEFAULT_GEN_TOKENS)
         self.seed = int(seed)
         self._device = scorer.device
@@ -95,8 +116,11 @@ class MegagptLM(TemplateLM):
         """``--model_args`` win over lm-eval's own ``--batch_size``/``--device``. lm-eval's
         ``--device`` defaults to "cuda:0" whether or not there is a GPU: that default means
         "auto" here (CUDA when available); the local GPU is chosen by megagpt's process setup."""
-        extra = {k: v for k, v in (additional_config or {}).items()
-                 if v is not None and k not in arg_dict}
+        extra = {
+            k: v
+            for k, v in (additional_config or {}).items()
+            if v is not None and k not in arg_dict
+        }
         if "device" in extra:
             extra["device"] = "auto" if extra["device"] == "cuda:0" else extra["device"]
         args = {**arg_dict, **extra}
@@ -109,16 +133,19 @@ class MegagptLM(TemplateLM):
     def eot_token_id(self) -> int:
         eot = self.tok.eod if self.tok.eod is not None else self.tok.sep
         if eot is None:
-            raise EvalError(f"{self.tok.path}: the tokenizer has no end-of-document token, "
-                            "which lm-eval needs as the context of an empty prompt")
+            raise EvalError(
+                f"{self.tok.path}: the tokenizer has no end-of-document token, "
+                "which lm-eval needs as the context of an empty prompt"
+            )
         return eot
 
     @property
     def tokenizer_name(self) -> str:
         return f"{self.tok.family}:{Path(self.tok.path).name}"
 
-    def tok_encode(self, string: str, add_special_tokens: bool | None = None,
-                   **kwargs) -> list[int]:
+    def tok_encode(
+        self, string: str, add_special_tokens: bool | None = None, **kwargs
+    ) -> list[int]:
         # megagpt tokenizers add no special tokens, so add_special_tokens changes nothing.
         return self.tok.encode(string)
 
@@ -126,8 +153,9 @@ class MegagptLM(TemplateLM):
         return self.tok.decode(tokens)
 
     # -- scoring --------------------------------------------------------------------------
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs
-                              ) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self, requests, disable_tqdm: bool = False, **kwargs
+    ) -> list[tuple[float, bool]]:
         """(sum log p(continuation | context), continuation is the greedy choice) per request.
 
         Context and continuation longer than ``max_length`` keep their last tokens (the
@@ -137,14 +165,15 @@ class MegagptLM(TemplateLM):
         for _, ctx, cont in requests:
             if not cont:
                 raise EvalError("an lm-eval request has an empty continuation")
-            whole = (ctx + cont)[-(self.max_length + 1):]
+            whole = (ctx + cont)[-(self.max_length + 1) :]
             rows.append((whole[:-1], whole[1:], min(len(cont), len(whole) - 1)))
         out: list[tuple[float, bool] | None] = [None] * len(rows)
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
         for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            scored = self.scorer.token_logprobs([rows[i][0] for i in idx],
-                                                [rows[i][1] for i in idx])
+            idx = order[start : start + self.batch_size]
+            scored = self.scorer.token_logprobs(
+                [rows[i][0] for i in idx], [rows[i][1] for i in idx]
+            )
             for i, (lp, greedy) in zip(idx, scored):
                 n = rows[i][2]
                 out[i] = (float(lp[-n:].sum()), bool(greedy[-n:].all()))
@@ -184,7 +213,7 @@ class MegagptLM(TemplateLM):
             kwargs = dict(requests[members[0]].args[1])
             order = sorted(members, key=lambda n: -len(self.tok_encode(requests[n].args[0])))
             for start in range(0, len(order), self.batch_size):
-                idx = order[start:start + self.batch_size]
+                idx = order[start : start + self.batch_size]
                 texts = self._generate([requests[n].args[0] for n in idx], kwargs)
                 for n, text in zip(idx, texts):
                     out[n] = text
@@ -205,8 +234,7 @@ class MegagptLM(TemplateLM):
         do_sample = bool(kwargs.pop("do_sample", False))
         temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
         if do_sample and temperature > 0:
-            params = make_params(kwargs.pop("top_k", None), kwargs.pop("top_p", None),
-                                 temperature)
+            params = make_params(kwargs.pop("top_k", None), kwargs.pop("top_p", None), temperature)
         else:
             params = make_params(top_k=1)
         gen = self.scorer.generator
@@ -222,7 +250,7 @@ class MegagptLM(TemplateLM):
             ends = state.ends.tolist()
             for i, p in enumerate(prompts):
                 if not finished[i]:
-                    texts[i] = self.tok_decode(state.tokens[i, len(p):ends[i]].tolist())
+                    texts[i] = self.tok_decode(state.tokens[i, len(p) : ends[i]].tolist())
                     finished[i] = bool(state.done[i]) or any(u in texts[i] for u in until)
             if all(finished):
                 break
@@ -253,14 +281,24 @@ def task_manager(names: list[str], include_path: list[str] | None = None):
     tm = TaskManager(include_path=paths, include_defaults=True)
     missing = [n for n in names if n not in tm.all_tasks]
     if missing:
-        raise EvalError(f"--tasks: unknown lm-eval task(s) {missing}; list them with "
-                        "`lm_eval ls tasks`, or add a folder of task YAMLs with --include-path")
+        raise EvalError(
+            f"--tasks: unknown lm-eval task(s) {missing}; list them with "
+            "`lm_eval ls tasks`, or add a folder of task YAMLs with --include-path"
+        )
     return tm
 
 
-def run_tasks(lm: MegagptLM, tasks: list[str], *, num_fewshot: int | None = None,
-              limit: float | None = None, include_path: list[str] | None = None,
-              manager=None, log_samples: bool = False, keep_rng: bool = False) -> dict | None:
+def run_tasks(
+    lm: MegagptLM,
+    tasks: list[str],
+    *,
+    num_fewshot: int | None = None,
+    limit: float | None = None,
+    include_path: list[str] | None = None,
+    manager=None,
+    log_samples: bool = False,
+    keep_rng: bool = False,
+) -> dict | None:
     """``lm_eval.simple_evaluate`` of ``tasks`` on ``lm``; the results dict on the writing
     process (lm-eval returns None elsewhere). ``manager``: a ``task_manager`` already made
     (else one is made with ``include_path``). ``keep_rng`` restores Python's, NumPy's and
@@ -270,10 +308,16 @@ def run_tasks(lm: MegagptLM, tasks: list[str], *, num_fewshot: int | None = None
     manager = manager or task_manager(tasks, include_path)
     saved = _rng_state() if keep_rng else None
     try:
-        return simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot,
-                               limit=limit, task_manager=manager,
-                               log_samples=log_samples, batch_size=lm.batch_size,
-                               verbosity="WARNING")
+        return simple_evaluate(
+            model=lm,
+            tasks=list(tasks),
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            log_samples=log_samples,
+            batch_size=lm.batch_size,
+            verbosity="WARNING",
+        )
     finally:
         if saved is not None:
             _set_rng_state(saved)
@@ -285,8 +329,11 @@ def flat_metrics(results: dict, prefix: str = "eval") -> dict[str, float]:
     out: dict[str, float] = {}
     for task, metrics in results.get("results", {}).items():
         for key, value in metrics.items():
-            if key in ("alias", "sample_len") or not isinstance(value, (int, float)) \
-                    or isinstance(value, bool):
+            if (
+                key in ("alias", "sample_len")
+                or not isinstance(value, (int, float))
+                or isinstance(value, bool)
+            ):
                 continue
             metric, _, filt = key.partition(",")
             name = metric if filt in ("", "none") else f"{metric}@{filt}"

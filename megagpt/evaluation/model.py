@@ -42,6 +42,7 @@ class Scorer:
         tp_group, tp_size: the tensor-parallel group the model is split over.
         dp_rank, dp_size: this rank's data-parallel replica (documents are shared over them).
         generator: the KV-cache ``TextGenerator`` over the same model (for generation).
+        rank: this process's global rank (rank 0 writes the results).
     """
 
     model: torch.nn.Module
@@ -54,6 +55,7 @@ class Scorer:
     dp_size: int = 1
     dp_group: object = None
     generator: object = None
+    rank: int = 0
 
     @property
     def device(self) -> torch.device:
@@ -62,11 +64,12 @@ class Scorer:
     @property
     def is_writer(self) -> bool:
         """True on the one rank that writes results (global rank 0)."""
-        return not dist.is_initialized() or dist.get_rank() == 0
+        return self.rank == 0
 
     @torch.no_grad()
-    def token_logprobs(self, inputs: list[list[int]], targets: list[list[int]]
-                       ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def token_logprobs(
+        self, inputs: list[list[int]], targets: list[list[int]]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per row: (float64 log p(target_t | input_..t) [n], bool "target is the argmax" [n]).
 
         ``inputs[i]`` and ``targets[i]`` have the same length n_i <= ``max_positions``; rows are
@@ -77,8 +80,10 @@ class Scorer:
             raise ValueError("every input row needs a target row of the same length")
         longest = max(len(r) for r in inputs)
         if longest > self.max_positions or min(len(r) for r in inputs) == 0:
-            raise ValueError(f"rows must have 1..{self.max_positions} tokens (the model's "
-                             f"positions); got up to {longest}")
+            raise ValueError(
+                f"rows must have 1..{self.max_positions} tokens (the model's "
+                f"positions); got up to {longest}"
+            )
         b = len(inputs)
         tok = torch.zeros(b, longest, dtype=torch.long)
         tgt = torch.zeros(b, longest, dtype=torch.long)
@@ -89,8 +94,8 @@ class Scorer:
         self.model.eval()
         logits = self.model(tok.to(device))  # [s, b, V/tp]
         lp, greedy = _vocab_parallel_logprobs(
-            logits, tgt.to(device).transpose(0, 1), self._vocab_start(), self.tp_group,
-            self.tp_size)  # [s, b] each
+            logits, tgt.to(device).transpose(0, 1), self._vocab_start(), self.tp_group, self.tp_size
+        )  # [s, b] each
         lp, greedy = lp.transpose(0, 1).cpu(), greedy.transpose(0, 1).cpu()  # -> [b, s]
         return [(lp[i, : len(inputs[i])], greedy[i, : len(inputs[i])]) for i in range(b)]
 
@@ -98,8 +103,9 @@ class Scorer:
         return int(getattr(self.model.word.word_embeddings, "vocab_start_index", 0))
 
 
-def _vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int,
-                             group, tp_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _vocab_parallel_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, group, tp_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-softmax at ``targets`` over a vocabulary split across the TP group, without
     gathering the full logits: logits [s, b, V/tp], targets [s, b] (global ids) -> float64
     log-probs [s, b] and "target reaches the maximum logit" [s, b].
@@ -132,13 +138,20 @@ def _layout(tensor: int | None) -> tuple[int, int]:
     world = parallel.world_size_from_env()
     tp = tensor or world
     if tp < 1 or world % tp:
-        raise EvalError(f"--tp {tp}: must divide the world size {world} (the remaining factor "
-                        "is data parallel)")
+        raise EvalError(
+            f"--tp {tp}: must divide the world size {world} (the remaining factor is data parallel)"
+        )
     return tp, world // tp
 
 
-def load_scorer(path: str, *, device: str = "auto", dtype: str = "auto",
-                tensor: int | None = None, tokenizer: str | None = None) -> Scorer:
+def load_scorer(
+    path: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    tensor: int | None = None,
+    tokenizer: str | None = None,
+) -> Scorer:
     """A Scorer for a model directory or any checkpoint ``megagpt convert`` reads.
 
     Starts megagpt's process groups when none exist (one local process, or the torchrun world
@@ -148,8 +161,8 @@ def load_scorer(path: str, *, device: str = "auto", dtype: str = "auto",
     """
     from pathlib import Path
 
-    from megagpt import parallel
     from megagpt.checkpoint import is_model_dir
+    from megagpt.inference.pipeline import inference_context
 
     if not Path(path).exists():
         raise EvalError(f"{path}: no such model directory or checkpoint")
@@ -162,28 +175,36 @@ def load_scorer(path: str, *, device: str = "auto", dtype: str = "auto",
         from megagpt.inference.pipeline import load_generator
 
         try:
-            gen, tok = load_generator(path, device=device, dtype=dtype, tensor=tp)
+            ctx = inference_context(device, tp)  # DP = world / tp
+            gen, tok = load_generator(path, dtype=dtype, ctx=ctx)
         except (ValueError, FileNotFoundError) as e:
             raise EvalError(str(e)) from None
-        cfg_vocab, positions = gen.vocab_size, gen.max_positions
     else:
-        gen, tok = _load_checkpoint(path, device, dtype, tp, tokenizer)
-        cfg_vocab, positions = gen.vocab_size, gen.max_positions
+        gen, tok, ctx = _load_checkpoint(path, device, dtype, tp, tokenizer)
+    cfg_vocab, positions = gen.vocab_size, gen.max_positions
     if tok.vocab_size > cfg_vocab:
-        raise EvalError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model only "
-                        f"{cfg_vocab}: they do not belong together")
-    dp_group = None
-    if dp > 1:
-        from megatron.core import parallel_state
-
-        dp_group = parallel_state.get_data_parallel_group()
-    return Scorer(gen.model, tok, cfg_vocab, positions, parallel.tp_group(), tp,
-                  parallel.dp_rank() if dp > 1 else 0, dp, dp_group, gen)
+        raise EvalError(
+            f"{path}: the tokenizer has {tok.vocab_size} tokens but the model only "
+            f"{cfg_vocab}: they do not belong together"
+        )
+    return Scorer(
+        gen.model,
+        tok,
+        cfg_vocab,
+        positions,
+        ctx.tp_group,
+        tp,
+        ctx.dp_rank,
+        dp,
+        ctx.dp_group if dp > 1 else None,
+        gen,
+        rank=ctx.rank,
+    )
 
 
 def _load_checkpoint(path: str, device: str, dtype: str, tp: int, tokenizer: str | None):
-    """(TextGenerator, tokenizer) from any checkpoint kind, read by megagpt.checkpoint."""
-    from megagpt import parallel
+    """(TextGenerator, tokenizer, ParallelContext) from any checkpoint kind, read by
+    megagpt.checkpoint; the groups are started once the checkpoint has been read."""
     from megagpt.checkpoint import load_into
     from megagpt.checkpoint.canonical import CheckpointError
     from megagpt.checkpoint.convert import read
@@ -191,6 +212,7 @@ def _load_checkpoint(path: str, device: str, dtype: str, tp: int, tokenizer: str
     from megagpt.config import ParallelConfig
     from megagpt.data import build_tokenizer
     from megagpt.inference.generate import TextGenerator
+    from megagpt.inference.pipeline import inference_context
     from megagpt.model import GPTModel, megatron_config
 
     try:
@@ -199,40 +221,64 @@ def _load_checkpoint(path: str, device: str, dtype: str, tp: int, tokenizer: str
         raise EvalError(str(e)) from None
     tok_path = tokenizer or src.tokenizer
     if not tok_path:
-        raise EvalError(f"{path}: the checkpoint names no tokenizer that exists here; give "
-                        "--tokenizer (tokenizer.json / its folder, vocab.txt or .model)")
+        raise EvalError(
+            f"{path}: the checkpoint names no tokenizer that exists here; give "
+            "--tokenizer (tokenizer.json / its folder, vocab.txt or .model)"
+        )
     tok = build_tokenizer(tok_path)
     cfg = src.cfg
     if cfg.num_heads % tp:
-        raise EvalError(f"{path}: {cfg.num_heads} heads cannot be split over tensor-parallel "
-                        f"size {tp}")
-    dev = parallel.resolve_device(device)
+        raise EvalError(
+            f"{path}: {cfg.num_heads} heads cannot be split over tensor-parallel size {tp}"
+        )
+    ctx = inference_context(device, tp)
     if dtype == "auto":
-        dtype = "bf16" if dev.type == "cuda" else "fp32"
-    pcfg = ParallelConfig(tensor=tp)
-    parallel.initialize(pcfg, dev)
-    model = GPTModel(cfg, megatron_config(cfg, pcfg, _DTYPES[dtype]))
-    load_into(model, src.tensors, cfg, parallel.tp_rank(), tp, source=path)
-    model.to(dev).eval()
+        dtype = "bf16" if ctx.device.type == "cuda" else "fp32"
+    model = GPTModel(cfg, megatron_config(cfg, ParallelConfig(tensor=tp), _DTYPES[dtype]))
+    load_into(model, src.tensors, cfg, ctx.tp_rank, tp, source=path)
+    model.to(ctx.device).eval()
     stops = [t for t in (tok.eod, tok.sep) if t is not None]
     pad = next((t for t in (tok.pad, tok.eod) if t is not None), 0)
-    gen = TextGenerator(model, vocab_size=cfg.vocab_size,
-                        max_positions=cfg.max_position_embeddings, stop_ids=stops, pad_id=pad,
-                        tp_group=parallel.tp_group(), tp_size=tp)
-    return gen, tok
+    gen = TextGenerator(
+        model,
+        vocab_size=cfg.vocab_size,
+        max_positions=cfg.max_position_embeddings,
+        stop_ids=stops,
+        pad_id=pad,
+        tp_group=ctx.tp_group,
+        tp_size=tp,
+    )
+    return gen, tok, ctx
 
 
-def scorer_for_module(module: torch.nn.Module, tokenizer, *, vocab_size: int,
-                      max_positions: int, tp_group=None, tp_size: int = 1) -> Scorer:
-    """A Scorer over a model already in memory (the trainer's GPTModel, pipeline size 1)."""
+def scorer_for_module(
+    module: torch.nn.Module,
+    tokenizer,
+    *,
+    vocab_size: int,
+    max_positions: int,
+    tp_group=None,
+    tp_size: int = 1,
+    rank: int = 0,
+) -> Scorer:
+    """A Scorer over a model already in memory (the trainer's GPTModel, pipeline size 1);
+    ``rank`` is the process's global rank (``ParallelContext.rank``)."""
     from megagpt.inference.generate import TextGenerator
 
     stops = [t for t in (tokenizer.eod, tokenizer.sep) if t is not None]
     pad = next((t for t in (tokenizer.pad, tokenizer.eod) if t is not None), 0)
-    gen = TextGenerator(module, vocab_size=vocab_size, max_positions=max_positions,
-                        stop_ids=stops, pad_id=pad, tp_group=tp_group, tp_size=tp_size)
-    return Scorer(module, tokenizer, vocab_size, max_positions, tp_group, tp_size,
-                  generator=gen)
+    gen = TextGenerator(
+        module,
+        vocab_size=vocab_size,
+        max_positions=max_positions,
+        stop_ids=stops,
+        pad_id=pad,
+        tp_group=tp_group,
+        tp_size=tp_size,
+    )
+    return Scorer(
+        module, tokenizer, vocab_size, max_positions, tp_group, tp_size, generator=gen, rank=rank
+    )
 
 
 def require_lm_eval():
@@ -241,7 +287,7 @@ def require_lm_eval():
     import importlib.util
 
     if importlib.util.find_spec("lm_eval") is None:
-        raise EvalError("lm-evaluation-harness is not installed: pip install -e \".[eval]\"")
+        raise EvalError('lm-evaluation-harness is not installed: pip install -e ".[eval]"')
     import importlib
 
     return importlib.import_module("megagpt.evaluation.harness")

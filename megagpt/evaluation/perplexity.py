@@ -53,7 +53,7 @@ def windows(doc: int, seq: list[int], window: int, stride: int) -> list[Window]:
     begin = 0
     while done < last:
         end = min(begin + window, last)  # inputs seq[begin:end] -> targets seq[begin+1:end+1]
-        out.append(Window(doc, seq[begin:end], seq[begin + 1:end + 1], end - done))
+        out.append(Window(doc, seq[begin:end], seq[begin + 1 : end + 1], end - done))
         done = end
         begin += stride
     return out
@@ -65,10 +65,10 @@ def score_windows(scorer: Scorer, items: list[Window], batch_size: int) -> dict[
     order = sorted(range(len(items)), key=lambda i: -len(items[i].inputs))
     nll: dict[int, float] = {}
     for start in range(0, len(order), max(1, batch_size)):
-        chunk = [items[i] for i in order[start:start + batch_size]]
+        chunk = [items[i] for i in order[start : start + batch_size]]
         scored = scorer.token_logprobs([w.inputs for w in chunk], [w.targets for w in chunk])
         for w, (lp, _) in zip(chunk, scored):
-            nll[w.doc] = nll.get(w.doc, 0.0) - float(lp[len(lp) - w.scored:].sum())
+            nll[w.doc] = nll.get(w.doc, 0.0) - float(lp[len(lp) - w.scored :].sum())
     return nll
 
 
@@ -79,9 +79,16 @@ class Document:
     characters: int
 
 
-def read_documents(path: str, tokenizer, *, json_key: str = "text",
-                   paragraphs: bool = False, limit: int = 0, skip_bad_lines: bool = False,
-                   skipped: dict | None = None) -> Iterator[Document]:
+def read_documents(
+    path: str,
+    tokenizer,
+    *,
+    json_key: str = "text",
+    paragraphs: bool = False,
+    limit: int = 0,
+    skip_bad_lines: bool = False,
+    skipped: dict | None = None,
+) -> Iterator[Document]:
     """Documents of a jsonl / txt file (tokenized here) or an indexed dataset prefix (tokens
     as stored; a dataset made with ``--append-eod`` scores each document's EOD too).
 
@@ -109,8 +116,10 @@ def read_documents(path: str, tokenizer, *, json_key: str = "text",
     try:
         spec = make_input_spec(path, json_key=json_key, paragraphs=paragraphs)
     except DataError as e:
-        raise EvalError(f"{e} (give a .jsonl/.txt file or an indexed dataset PREFIX with "
-                        "PREFIX.bin and PREFIX.idx)") from None
+        raise EvalError(
+            f"{e} (give a .jsonl/.txt file or an indexed dataset PREFIX with "
+            "PREFIX.bin and PREFIX.idx)"
+        ) from None
     try:
         for i, text in enumerate(iter_documents([spec], skip_bad_lines, skipped)):
             if limit and i >= limit:
@@ -120,10 +129,18 @@ def read_documents(path: str, tokenizer, *, json_key: str = "text",
         raise EvalError(str(e)) from None
 
 
-def perplexity(scorer: Scorer, path: str, *, window: int | None = None,
-               stride: int | None = None, batch_size: int = 8, json_key: str = "text",
-               paragraphs: bool = False, limit: int = 0, skip_bad_lines: bool = False
-               ) -> tuple[dict, list[dict]]:
+def perplexity(
+    scorer: Scorer,
+    path: str,
+    *,
+    window: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+    json_key: str = "text",
+    paragraphs: bool = False,
+    limit: int = 0,
+    skip_bad_lines: bool = False,
+) -> tuple[dict, list[dict]]:
     """(corpus summary, per-document records) of ``scorer`` on the dataset at ``path``.
 
     ``window`` defaults to the model's positions, ``stride`` to the window. Documents are
@@ -133,13 +150,21 @@ def perplexity(scorer: Scorer, path: str, *, window: int | None = None,
     """
     window = window or scorer.max_positions
     if not 1 <= window <= scorer.max_positions:
-        raise EvalError(f"--window {window}: must be between 1 and the model's "
-                        f"{scorer.max_positions} positions")
+        raise EvalError(
+            f"--window {window}: must be between 1 and the model's {scorer.max_positions} positions"
+        )
     stride = stride or window
     eod = scorer.tokenizer.eod
     docs, items, empty, skipped = {}, [], 0, {}
-    for d in read_documents(path, scorer.tokenizer, json_key=json_key, paragraphs=paragraphs,
-                            limit=limit, skip_bad_lines=skip_bad_lines, skipped=skipped):
+    for d in read_documents(
+        path,
+        scorer.tokenizer,
+        json_key=json_key,
+        paragraphs=paragraphs,
+        limit=limit,
+        skip_bad_lines=skip_bad_lines,
+        skipped=skipped,
+    ):
         seq = ([eod] + d.tokens) if eod is not None else d.tokens
         if len(seq) < 2:
             empty += 1
@@ -155,26 +180,43 @@ def perplexity(scorer: Scorer, path: str, *, window: int | None = None,
         dist.all_gather_object(parts, local, group=scorer.dp_group)
         local = {k: v for p in parts for k, v in p.items()}
     records = [_record(i, local[i], *docs[i]) for i in sorted(docs)]
-    summary = _record(None, sum(local.values()), sum(n for n, _ in docs.values()),
-                      sum(c for _, c in docs.values()))
+    summary = _record(
+        None,
+        sum(local.values()),
+        sum(n for n, _ in docs.values()),
+        sum(c for _, c in docs.values()),
+    )
     summary.pop("index")
-    summary.update(documents=len(docs), empty_documents=empty, skipped_records=skipped,
-                   window=window, stride=stride,
-                   first_token_context="eod" if eod is not None else "none (not scored)",
-                   tensor_parallel=scorer.tp_size, data_parallel=scorer.dp_size)
+    summary.update(
+        documents=len(docs),
+        empty_documents=empty,
+        skipped_records=skipped,
+        window=window,
+        stride=stride,
+        first_token_context="eod" if eod is not None else "none (not scored)",
+        tensor_parallel=scorer.tp_size,
+        data_parallel=scorer.dp_size,
+    )
     return summary, records
 
 
 def _record(index, nll: float, tokens: int, characters: int) -> dict:
     loss = nll / tokens
-    return {"index": index, "tokens": tokens, "characters": characters, "nll": nll,
-            "loss": loss, "perplexity": math.exp(min(loss, 700.0)),
-            "bits_per_token": loss / LN2,
-            "bits_per_character": nll / LN2 / characters if characters else None}
+    return {
+        "index": index,
+        "tokens": tokens,
+        "characters": characters,
+        "nll": nll,
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "bits_per_token": loss / LN2,
+        "bits_per_character": nll / LN2 / characters if characters else None,
+    }
 
 
-def write_results(summary: dict, records: list[dict], output: str | None,
-                  per_document: str | None) -> None:
+def write_results(
+    summary: dict, records: list[dict], output: str | None, per_document: str | None
+) -> None:
     """Write the summary JSON (``output``; stdout when None) and the per-document jsonl."""
     text = json.dumps(summary, indent=2, ensure_ascii=False)
     if output:
@@ -182,8 +224,9 @@ def write_results(summary: dict, records: list[dict], output: str | None,
     else:
         print(text)
     if per_document:
-        _atomic_write(per_document, "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                            for r in records))
+        _atomic_write(
+            per_document, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        )
 
 
 def _atomic_write(path: str, text: str) -> None:
@@ -195,5 +238,12 @@ def _atomic_write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["Document", "Window", "perplexity", "read_documents", "score_windows",
-           "windows", "write_results"]
+__all__ = [
+    "Document",
+    "Window",
+    "perplexity",
+    "read_documents",
+    "score_windows",
+    "windows",
+    "write_results",
+]

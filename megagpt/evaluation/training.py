@@ -15,12 +15,25 @@ import time
 import torch
 
 
-def run_eval_tasks(module: torch.nn.Module, tokenizer, *, tasks: list[str], limit: int,
-                   vocab_size: int, max_positions: int, tp_group, tp_size: int, step: int,
-                   log, batch_size: int = 8) -> dict[str, float]:
+def run_eval_tasks(
+    module: torch.nn.Module,
+    tokenizer,
+    *,
+    tasks: list[str],
+    limit: int,
+    vocab_size: int,
+    max_positions: int,
+    tp_group,
+    tp_size: int,
+    step: int,
+    log,
+    batch_size: int = 8,
+    rank: int = 0,
+) -> dict[str, float]:
     """Run ``tasks`` on ``module`` and log ``{"step", "eval/<task>/<metric>": ...}``.
 
-    ``log(record)`` is the MetricsWriter's ``log`` (it writes on rank 0 only); returns the
+    ``log(record)`` is the MetricsWriter's ``log`` (it writes on rank 0 only); ``rank`` is this
+    process's global rank (``ParallelContext.rank``: the scorer's writer rank); returns the
     metrics (empty on ranks where lm-eval returns no results). The module is left in train
     mode.
     """
@@ -29,8 +42,15 @@ def run_eval_tasks(module: torch.nn.Module, tokenizer, *, tasks: list[str], limi
     harness = require_lm_eval()
     was_training = module.training
     start = time.perf_counter()
-    scorer = scorer_for_module(module, tokenizer, vocab_size=vocab_size,
-                               max_positions=max_positions, tp_group=tp_group, tp_size=tp_size)
+    scorer = scorer_for_module(
+        module,
+        tokenizer,
+        vocab_size=vocab_size,
+        max_positions=max_positions,
+        tp_group=tp_group,
+        tp_size=tp_size,
+        rank=rank,
+    )
     lm = harness.MegagptLM(scorer=scorer, batch_size=batch_size)
     try:
         results = harness.run_tasks(lm, list(tasks), limit=limit or None, keep_rng=True)

@@ -46,8 +46,11 @@ _PROBE_STRIDE = 97  # rows of a weight compared to detect updates made through .
 def prepack_available(weight: torch.Tensor) -> bool:
     """Whether oneDNN's prepacked linear applies: CPU, oneDNN built in, fp32 (the measured
     case; bf16 on CPUs without bf16 instructions would be emulated)."""
-    return (weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
-            and weight.dtype == torch.float32)
+    return (
+        weight.device.type == "cpu"
+        and torch.backends.mkldnn.is_available()
+        and weight.dtype == torch.float32
+    )
 
 
 def _pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
@@ -77,10 +80,18 @@ class _Layer:
 
 def _source_layer(layer: torch.nn.Module) -> _Layer:
     att, mlp = layer.attention, layer.mlp
-    return _Layer(layer.input_layernorm, att.query_key_value.weight, att.query_key_value.bias,
-                  att.dense.weight, att.dense.bias, layer.post_attention_layernorm,
-                  mlp.dense_h_to_4h.weight, mlp.dense_h_to_4h.bias,
-                  mlp.dense_4h_to_h.weight, mlp.dense_4h_to_h.bias)
+    return _Layer(
+        layer.input_layernorm,
+        att.query_key_value.weight,
+        att.query_key_value.bias,
+        att.dense.weight,
+        att.dense.bias,
+        layer.post_attention_layernorm,
+        mlp.dense_h_to_4h.weight,
+        mlp.dense_h_to_4h.bias,
+        mlp.dense_4h_to_h.weight,
+        mlp.dense_4h_to_h.bias,
+    )
 
 
 class DecodeWeights:
@@ -98,10 +109,16 @@ class DecodeWeights:
         self._packs: dict[int, list[torch.Tensor]] = {}  # pack rows -> packed _sources()
 
     def _sources(self) -> list[torch.Tensor]:
-        return [w for layer in self.model.layers for w in (
-            layer.attention.query_key_value.weight, layer.attention.dense.weight,
-            layer.mlp.dense_h_to_4h.weight, layer.mlp.dense_4h_to_h.weight)] + [
-            self.model.word.word_embeddings.weight]
+        return [
+            w
+            for layer in self.model.layers
+            for w in (
+                layer.attention.query_key_value.weight,
+                layer.attention.dense.weight,
+                layer.mlp.dense_h_to_4h.weight,
+                layer.mlp.dense_4h_to_h.weight,
+            )
+        ] + [self.model.word.word_embeddings.weight]
 
     @staticmethod
     def _stamp_of(sources: list[torch.Tensor]) -> tuple:
@@ -110,8 +127,9 @@ class DecodeWeights:
     def _fresh(self, sources: list[torch.Tensor]) -> bool:
         if self._stamp_of(sources) != self._stamp or len(self._probes) != len(sources):
             return False
-        return all(torch.equal(w.detach()[::_PROBE_STRIDE], p)
-                   for w, p in zip(sources, self._probes))
+        return all(
+            torch.equal(w.detach()[::_PROBE_STRIDE], p) for w, p in zip(sources, self._probes)
+        )
 
     def refresh(self) -> None:
         """Drop every pack if any source weight changed since they were made."""
@@ -140,11 +158,13 @@ class DecodeWeights:
                 # go through the pack.
                 self._packs[key] = [
                     w.detach().t().contiguous()
-                    if key == 1 and i % 4 != 3 and i < len(sources) - 1 else _pack(w, key)
-                    for i, w in enumerate(sources)]
+                    if key == 1 and i % 4 != 3 and i < len(sources) - 1
+                    else _pack(w, key)
+                    for i, w in enumerate(sources)
+                ]
         packs = self._packs[key]
         for i, lw in enumerate(out):
-            lw.qkv_p, lw.dense_p, lw.fc1_p, lw.fc2_p = packs[4 * i:4 * i + 4]
+            lw.qkv_p, lw.dense_p, lw.fc1_p, lw.fc2_p = packs[4 * i : 4 * i + 4]
         return out, packs[-1]
 
 
@@ -172,8 +192,14 @@ class FastDecoder:
             (``prepack_available``: CPU, fp32); False for models too big to copy.
     """
 
-    def __init__(self, model: torch.nn.Module, *, tp_group=None, tp_size: int = 1,
-                 prepack: bool | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        tp_group=None,
+        tp_size: int = 1,
+        prepack: bool | None = None,
+    ):
         self.model = model
         self.tp_group = tp_group
         self.tp_size = tp_size
@@ -185,8 +211,10 @@ class FastDecoder:
         if prepack is None:
             prepack = prepack_available(weight)
         elif prepack and not prepack_available(weight):
-            raise ValueError(f"prepack=True needs oneDNN on CPU with fp32 weights; the "
-                             f"model is {weight.dtype} on {weight.device}")
+            raise ValueError(
+                f"prepack=True needs oneDNN on CPU with fp32 weights; the "
+                f"model is {weight.dtype} on {weight.device}"
+            )
         self.weights = DecodeWeights(model, prepack)
         self._plan: dict[bool, tuple[list[_Layer], torch.Tensor | None]] = {}
         emb = model.word.word_embeddings
@@ -214,8 +242,13 @@ class FastDecoder:
         return words + pos  # the model's order: words + positions
 
     @staticmethod
-    def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-                packed: torch.Tensor | None, gelu: str | None = None) -> torch.Tensor:
+    def _linear(
+        x: torch.Tensor,
+        w: torch.Tensor,
+        b: torch.Tensor | None,
+        packed: torch.Tensor | None,
+        gelu: str | None = None,
+    ) -> torch.Tensor:
         """x [n, in] -> x @ w.T + b, then GELU with approximation ``gelu`` ("none" is the erf
         GELU; None: no activation), through the oneDNN pack when there is one (bias and GELU
         fused into the matmul)."""
@@ -229,8 +262,14 @@ class FastDecoder:
             return torch.ops.mkldnn._linear_pointwise.default(x, packed, b, "none", [], "")
         return torch.ops.mkldnn._linear_pointwise.default(x, packed, b, "gelu", [], gelu)
 
-    def _residual_linear(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
-                         b: torch.Tensor, packed: torch.Tensor | None) -> torch.Tensor:
+    def _residual_linear(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        w: torch.Tensor,
+        b: torch.Tensor,
+        packed: torch.Tensor | None,
+    ) -> torch.Tensor:
         """x + (y @ w.T + b) for a row-parallel linear: the bias joins after the sum over the
         TP group; at TP=1 with a pack, the residual add is fused into the matmul."""
         if self.tp_size > 1:
@@ -239,8 +278,9 @@ class FastDecoder:
             return x.add_(self._linear(y, w, b, packed))
         return torch.ops.mkldnn._linear_pointwise.binary(y, x, packed, b, "add")
 
-    def _layer(self, lw: _Layer, x: torch.Tensor, b: int, s: int, cache: DecodeCache, i: int,
-               attend) -> torch.Tensor:
+    def _layer(
+        self, lw: _Layer, x: torch.Tensor, b: int, s: int, cache: DecodeCache, i: int, attend
+    ) -> torch.Tensor:
         """One pre-LN block on x [b*s, h] (in place); ``attend(q, k, v, keys, values)`` stores
         k, v [b, nh, s, hd] in the layer's cache and returns the context [b, nh, s, hd]."""
         a = F.layer_norm(x, lw.ln1.normalized_shape, lw.ln1.weight, lw.ln1.bias, lw.ln1.eps)
@@ -290,8 +330,9 @@ class FastDecoder:
         return DecodeCache([buf() for _ in range(n)], [buf() for _ in range(n)])
 
     @torch.no_grad()
-    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor | None, cache: DecodeCache
-                ) -> torch.Tensor:
+    def prefill(
+        self, tokens: torch.Tensor, lengths: torch.Tensor | None, cache: DecodeCache
+    ) -> torch.Tensor:
         """Right-padded prompts [b, L] at positions 0..L-1 -> local logits [b, V/tp] at each
         row's last prompt token (``lengths`` [b]; None: all rows have L tokens)."""
         b, s = tokens.shape
@@ -310,8 +351,13 @@ class FastDecoder:
         return self._logits(last, self._params(b)[1])
 
     @torch.no_grad()
-    def step(self, ids: torch.Tensor, position: int | torch.Tensor, cache: DecodeCache,
-             span: int | None = None) -> torch.Tensor:
+    def step(
+        self,
+        ids: torch.Tensor,
+        position: int | torch.Tensor,
+        cache: DecodeCache,
+        span: int | None = None,
+    ) -> torch.Tensor:
         """Feed ids [b] at ``position`` -> local logits [b, V/tp] for the next position.
 
         ``position``: an int shared by every row (attention reads cache slots 0..position), or
@@ -329,18 +375,60 @@ class FastDecoder:
                 return F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end])
         else:
             rows = torch.arange(b, device=ids.device)
-            mask = (torch.arange(span, device=ids.device).unsqueeze(0)
-                    <= position.unsqueeze(1)).view(b, 1, 1, span)  # [b, 1, 1, span]
+            mask = (
+                torch.arange(span, device=ids.device).unsqueeze(0) <= position.unsqueeze(1)
+            ).view(b, 1, 1, span)  # [b, 1, 1, span]
 
             def attend(q, k, v, keys, values):
                 keys[rows, :, position] = k[:, :, 0]  # row r's slot position[r]
                 values[rows, :, position] = v[:, :, 0]
-                return F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span],
-                                                      attn_mask=mask)
+                return F.scaled_dot_product_attention(
+                    q, keys[:, :, :span], values[:, :, :span], attn_mask=mask
+                )
 
         layers, head = self._params(b)
         for i, lw in enumerate(layers):
             x = self._layer(lw, x, b, 1, cache, i, attend)
+        return self._logits(x, head)
+
+    @torch.no_grad()
+    def verify(
+        self,
+        ids: torch.Tensor,
+        start: torch.Tensor,
+        cache: DecodeCache,
+        span: int,
+        max_position: int,
+    ) -> torch.Tensor:
+        """Feed ids [b, s] at per-row positions start[r] .. start[r]+s-1 -> local logits
+        [b*s, V/tp], one row of logits per fed token (speculative decoding's check of s-1
+        drafted tokens after each row's last accepted one).
+
+        Each token attends to its row's cache slots up to its own position, so the logits of a
+        row's first j tokens are those of feeding them one at a time, whatever follows: a
+        rejected draft's keys and values lie past the accepted position and are overwritten
+        before anything reads them. ``span`` (> every fed position) bounds the slots read;
+        positions past ``max_position`` (the model's last learned one; only fed past a row's
+        limit, where the result is discarded) reuse that position's embedding.
+        """
+        b, s = ids.shape
+        pos = start.unsqueeze(1) + torch.arange(s, device=ids.device)  # [b, s]
+        x = self._embed(ids, pos.clamp(max=max_position)).view(b * s, -1)  # [b*s, h]
+        mask = (
+            torch.arange(span, device=ids.device).view(1, 1, span) <= pos.unsqueeze(2)
+        ).unsqueeze(1)  # [b, 1, s, span]
+        rows = torch.arange(b, device=ids.device).unsqueeze(1).expand(b, s)  # [b, s]
+
+        def attend(q, k, v, keys, values):
+            keys[rows, :, pos] = k.transpose(1, 2)  # [b, s, nh, hd] into slots pos[r, i]
+            values[rows, :, pos] = v.transpose(1, 2)
+            return F.scaled_dot_product_attention(
+                q, keys[:, :, :span], values[:, :, :span], attn_mask=mask
+            )
+
+        layers, head = self._params(b * s)
+        for i, lw in enumerate(layers):
+            x = self._layer(lw, x, b, s, cache, i, attend)
         return self._logits(x, head)
 
     def greedy(self, local: torch.Tensor, vocab_size: int) -> torch.Tensor:

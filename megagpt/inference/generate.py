@@ -37,6 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megagpt.inference.decode import FastDecoder
+from megagpt.inference.speculative import speculative_loop
 from megagpt.inference.sampling import (
     DEFAULT_NEW_TOKENS,
     SamplingParams,
@@ -45,6 +46,10 @@ from megagpt.inference.sampling import (
     sample,
 )
 from megagpt.model import KVCache
+
+
+# Guessed tokens checked per pass in greedy decoding (BENCHMARKS-generate.md).
+DEFAULT_SPECULATE = 7
 
 
 @dataclass
@@ -95,12 +100,29 @@ class TextGenerator:
         prepack: the fast path multiplies by oneDNN-packed copies of the weights
             (``decode.DecodeWeights``: up to 2x the weights' memory again, rebuilt when the
             weights change). None: on CPU with fp32 weights; False for models too big to copy.
+        speculate: greedy decoding on the fast path checks up to this many guessed tokens per
+            row and pass (n-gram drafts from the row's own text,
+            megagpt/inference/speculative.py); the tokens are the greedy ones. 0: one token
+            per pass. Not used when sampling or with a repetition penalty.
     """
 
-    def __init__(self, model: torch.nn.Module, *, vocab_size: int, max_positions: int,
-                 stop_ids: list[int], pad_id: int = 0, tp_group=None, tp_size: int = 1,
-                 static: bool = False, compile: bool = False, check_every: int | None = None,
-                 fast: bool = True, prepack: bool | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        vocab_size: int,
+        max_positions: int,
+        stop_ids: list[int],
+        pad_id: int = 0,
+        tp_group=None,
+        tp_size: int = 1,
+        static: bool = False,
+        compile: bool = False,
+        check_every: int | None = None,
+        fast: bool = True,
+        prepack: bool | None = None,
+        speculate: int = DEFAULT_SPECULATE,
+    ):
         self.model = model
         self.vocab_size = vocab_size
         self.max_positions = max_positions
@@ -110,8 +132,10 @@ class TextGenerator:
         self.tp_size = tp_size
         self.num_layers = len(model.layers)
         if compile and tp_size > 1:
-            raise ValueError("compile=True supports tensor-parallel size 1 only (the logits "
-                             "all-gather is outside the captured step)")
+            raise ValueError(
+                "compile=True supports tensor-parallel size 1 only (the logits "
+                "all-gather is outside the captured step)"
+            )
         self.static = static or compile
         self.compile = compile
         self.check_every = check_every
@@ -119,33 +143,44 @@ class TextGenerator:
         self.fast = fast
         self.prepack = prepack
         self._decoder: FastDecoder | None = None
+        if speculate < 0:
+            raise ValueError(f"speculate must be >= 0 (guessed tokens per pass), got {speculate}")
+        self.speculate = speculate
+        self.last_stats: dict = {}  # the last speculative call's pass and guess counts
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     # -- limits ---------------------------------------------------------------------------
-    def limits(self, prompt_lengths: list[int], max_length: int | None = None,
-               max_new_tokens: int | None = None) -> list[int]:
+    def limits(
+        self,
+        prompt_lengths: list[int],
+        max_length: int | None = None,
+        max_new_tokens: int | None = None,
+    ) -> list[int]:
         """Total length (prompt included) each row may reach; ValueError when there is no room.
 
         Default: prompt + 100 tokens; always capped at the model's positions.
         """
         if max_length is not None and max_new_tokens is not None:
-            raise ValueError("give max_length (total, prompt included) or max_new_tokens, "
-                             "not both")
+            raise ValueError("give max_length (total, prompt included) or max_new_tokens, not both")
         out = []
         cap = self.max_positions
         for n in prompt_lengths:
             if n >= cap:
-                raise ValueError(f"the prompt has {n} tokens but the model has only {cap} "
-                                 "positions: no room to generate (max_length counts the "
-                                 "prompt); shorten the prompt")
+                raise ValueError(
+                    f"the prompt has {n} tokens but the model has only {cap} "
+                    "positions: no room to generate (max_length counts the "
+                    "prompt); shorten the prompt"
+                )
             if max_length is not None:
                 limit = int(max_length)
                 if limit <= n:
-                    raise ValueError(f"max_length={limit} leaves no room to generate: the prompt "
-                                     f"already has {n} tokens (max_length counts the prompt)")
+                    raise ValueError(
+                        f"max_length={limit} leaves no room to generate: the prompt "
+                        f"already has {n} tokens (max_length counts the prompt)"
+                    )
             else:
                 limit = n + (DEFAULT_NEW_TOKENS if max_new_tokens is None else int(max_new_tokens))
                 if max_new_tokens is not None and max_new_tokens < 1:
@@ -167,8 +202,7 @@ class TextGenerator:
         """Every TP rank takes TP rank 0's choice (sampling on each rank could differ in the
         last float bit of the gathered logits)."""
         if self.tp_size > 1:
-            dist.broadcast(tokens, src=dist.get_global_rank(self.tp_group, 0),
-                           group=self.tp_group)
+            dist.broadcast(tokens, src=dist.get_global_rank(self.tp_group, 0), group=self.tp_group)
         return tokens
 
     def _decode_static(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -191,8 +225,9 @@ class TextGenerator:
             return self._decode_static
         if self._compiled is None:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self._compiled = torch.compile(self._decode_static, fullgraph=True, dynamic=False,
-                                           mode=mode)
+            self._compiled = torch.compile(
+                self._decode_static, fullgraph=True, dynamic=False, mode=mode
+            )
         return self._compiled
 
     def _use_fast(self, use_cache: bool) -> bool:
@@ -202,13 +237,20 @@ class TextGenerator:
         """The fast path's decoder over this generator's model (made once; its weight copies
         follow the model's parameters)."""
         if self._decoder is None or self._decoder.model is not self.model:
-            self._decoder = FastDecoder(self.model, tp_group=self.tp_group, tp_size=self.tp_size,
-                                        prepack=self.prepack)
+            self._decoder = FastDecoder(
+                self.model, tp_group=self.tp_group, tp_size=self.tp_size, prepack=self.prepack
+            )
         return self._decoder
 
     @torch.no_grad()
-    def steps(self, prompts: list[list[int]], params: SamplingParams, limits: list[int],
-              keys: list[int] | None = None, use_cache: bool = True) -> Iterator[DecodeState]:
+    def steps(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        limits: list[int],
+        keys: list[int] | None = None,
+        use_cache: bool = True,
+    ) -> Iterator[DecodeState]:
         """Decode ``prompts`` (non-empty id lists) up to ``limits``; yields after each step.
 
         A row stops at its first stop token (not returned) or at its limit. ``keys`` (one 32-bit
@@ -229,20 +271,44 @@ class TextGenerator:
         for i, p in enumerate(prompts):
             host[i, : len(p)] = torch.tensor(p, dtype=torch.long)
         loop = self._fast_loop if self._use_fast(use_cache) else self._reference_loop
+        if (
+            loop == self._fast_loop
+            and self.speculate > 0
+            and params.greedy
+            and params.repetition_penalty == 1.0
+        ):
+            loop = self._speculative
         self.model.eval()
-        yield from loop(host.to(device), [len(p) for p in prompts], limits, params,
-                        None if keys is None else torch.tensor(keys, dtype=torch.long,
-                                                               device=device), use_cache)
+        yield from loop(
+            host.to(device),
+            [len(p) for p in prompts],
+            limits,
+            params,
+            None if keys is None else torch.tensor(keys, dtype=torch.long, device=device),
+            use_cache,
+        )
 
     def _seen_mask(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """[b, V] presence of each token in each row's prompt, for the repetition penalty."""
-        filled = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0) \
-            < lengths.unsqueeze(1)
-        return torch.zeros(tokens.shape[0], self.vocab_size, device=tokens.device).scatter_add_(
-            1, tokens.clamp(0, self.vocab_size - 1), filled.float()) > 0  # padding: +0
+        filled = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(
+            0
+        ) < lengths.unsqueeze(1)
+        return (
+            torch.zeros(tokens.shape[0], self.vocab_size, device=tokens.device).scatter_add_(
+                1, tokens.clamp(0, self.vocab_size - 1), filled.float()
+            )
+            > 0
+        )  # padding: +0
 
-    def _choose(self, local: torch.Tensor, params: SamplingParams, key_t, step, seen,
-                dec: FastDecoder | None) -> torch.Tensor:
+    def _choose(
+        self,
+        local: torch.Tensor,
+        params: SamplingParams,
+        key_t,
+        step,
+        seen,
+        dec: FastDecoder | None,
+    ) -> torch.Tensor:
         """Next ids [b] from vocab-parallel logits [b, V/tp] (the same on every TP rank)."""
         if params.greedy and seen is None and dec is not None:
             return dec.greedy(local, self.vocab_size)  # no gather of the full logits
@@ -251,8 +317,15 @@ class TextGenerator:
             last = penalise_seen(last, seen, params.repetition_penalty)
         return self._agree(sample(last, params, key_t, step))
 
-    def _fast_loop(self, tokens: torch.Tensor, prompt_lengths: list[int], limits: list[int],
-                   params: SamplingParams, key_t, use_cache: bool) -> Iterator[DecodeState]:
+    def _fast_loop(
+        self,
+        tokens: torch.Tensor,
+        prompt_lengths: list[int],
+        limits: list[int],
+        params: SamplingParams,
+        key_t,
+        use_cache: bool,
+    ) -> Iterator[DecodeState]:
         """``FastDecoder``: every prompt in one prefill (right-padded), then every row decodes
         at its own position (all rows share it when the prompts have one length)."""
         device = tokens.device
@@ -265,7 +338,7 @@ class TextGenerator:
         stop = torch.tensor(self.stop_ids, dtype=torch.long, device=device)
         done = torch.zeros(b, dtype=torch.bool, device=device)
         ends = lengths.clone()
-        seen = (self._seen_mask(tokens, lengths) if params.repetition_penalty != 1.0 else None)
+        seen = self._seen_mask(tokens, lengths) if params.repetition_penalty != 1.0 else None
         check_every = self.check_every or (1 if device.type == "cpu" else 8)
         cache = dec.new_cache(b, total, zeroed=not uniform)
         dec.begin()
@@ -282,8 +355,9 @@ class TextGenerator:
             if uniform:
                 tokens[:, longest + t] = torch.where(active, chosen, tokens[:, longest + t])
             else:
-                tokens[rows, slot] = torch.where(active, chosen, tokens.gather(1, slot)[:, 0]
-                                                 ).unsqueeze(1)
+                tokens[rows, slot] = torch.where(
+                    active, chosen, tokens.gather(1, slot)[:, 0]
+                ).unsqueeze(1)
             grew = active
             if stop.numel():
                 stopped = active & torch.isin(chosen, stop)
@@ -303,9 +377,39 @@ class TextGenerator:
                 local = dec.step(chosen, slot[:, 0], cache, span=min(longest + t + 1, total))
             pos_t += 1
 
-    def _reference_loop(self, tokens: torch.Tensor, prompt_lengths: list[int],
-                        limits: list[int], params: SamplingParams, key_t, use_cache: bool
-                        ) -> Iterator[DecodeState]:
+    def _speculative(
+        self,
+        tokens: torch.Tensor,
+        prompt_lengths: list[int],
+        limits: list[int],
+        params: SamplingParams,
+        key_t,
+        use_cache: bool,
+    ) -> Iterator[DecodeState]:
+        """Greedy decoding with n-gram drafts (``speculative.speculative_loop``)."""
+        self.last_stats = {}
+        for toks, ends, done in speculative_loop(
+            self.decoder(),
+            tokens,
+            prompt_lengths,
+            limits,
+            self.stop_ids,
+            self.vocab_size,
+            self.max_positions - 1,
+            self.speculate,
+            self.last_stats,
+        ):
+            yield DecodeState(toks, ends, done)
+
+    def _reference_loop(
+        self,
+        tokens: torch.Tensor,
+        prompt_lengths: list[int],
+        limits: list[int],
+        params: SamplingParams,
+        key_t,
+        use_cache: bool,
+    ) -> Iterator[DecodeState]:
         """The model's own forward: the prompts' common prefix in one pass, then one token at a
         time for every row (rows whose prompt is longer are teacher-forced to their length)."""
         device = tokens.device
@@ -316,7 +420,7 @@ class TextGenerator:
         pad = torch.full((b,), self.pad_id, dtype=torch.long, device=device)
         done = torch.zeros(b, dtype=torch.bool, device=device)
         ends = lengths.clone()
-        seen = (self._seen_mask(tokens, lengths) if params.repetition_penalty != 1.0 else None)
+        seen = self._seen_mask(tokens, lengths) if params.repetition_penalty != 1.0 else None
         cache = KVCache(self.num_layers, total, static=self.static) if use_cache else None
         check_every = self.check_every or (1 if device.type == "cpu" else 8)
         pos = int(min(prompt_lengths))
@@ -330,14 +434,13 @@ class TextGenerator:
                 if self.static:
                     cache.begin_static(device)
             elif self.static:
-                last = self._static_step()(tokens[:, pos - 1:pos], cache)
+                last = self._static_step()(tokens[:, pos - 1 : pos], cache)
                 cache.position.add_(1)
             else:
-                last = self.model(tokens[:, pos - 1:pos], kv_cache=cache)[-1]
+                last = self.model(tokens[:, pos - 1 : pos], kv_cache=cache)[-1]
             in_prompt = lengths > pos
             active = ~done & ~in_prompt
-            chosen = torch.where(active, self._choose(last, params, key_t, pos_t, seen, None),
-                                 pad)
+            chosen = torch.where(active, self._choose(last, params, key_t, pos_t, seen, None), pad)
             tokens[:, pos] = torch.where(in_prompt, tokens[:, pos], chosen)
             stopped = active & torch.isin(chosen, stop)
             grew = active & ~stopped
@@ -358,17 +461,26 @@ class TextGenerator:
             seed = int.from_bytes(os.urandom(8), "little") % (2**63)
         return [row_key(_row_seed(seed, p, c)) for p in prompts for c in range(copies)]
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, *,
-                 max_length: int | None = None, max_new_tokens: int | None = None,
-                 seed: int | None = None, num_return_sequences: int = 1,
-                 use_cache: bool = True) -> list[list[list[int]]]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        *,
+        max_length: int | None = None,
+        max_new_tokens: int | None = None,
+        seed: int | None = None,
+        num_return_sequences: int = 1,
+        use_cache: bool = True,
+    ) -> list[list[list[int]]]:
         """For each prompt, ``num_return_sequences`` id lists: prompt + continuation (cut before
         the stop token)."""
         if num_return_sequences < 1:
             raise ValueError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
         if num_return_sequences > 1 and params.greedy:
-            raise ValueError("num_return_sequences > 1 with greedy decoding (top_k=1) would "
-                             "return identical copies; sample instead")
+            raise ValueError(
+                "num_return_sequences > 1 with greedy decoding (top_k=1) would "
+                "return identical copies; sample instead"
+            )
         rows = [p for p in prompts for _ in range(num_return_sequences)]
         limits = self.limits([len(p) for p in rows], max_length, max_new_tokens)
         keys = None if params.greedy else self.keys_for(prompts, num_return_sequences, seed)
@@ -378,4 +490,4 @@ class TextGenerator:
         tokens, ends = state.tokens.cpu(), state.ends.tolist()  # one copy back to the host
         flat = [tokens[i, : ends[i]].tolist() for i in range(len(rows))]
         k = num_return_sequences
-        return [flat[i * k:(i + 1) * k] for i in range(len(prompts))]
+        return [flat[i * k : (i + 1) * k] for i in range(len(prompts))]

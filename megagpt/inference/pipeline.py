@@ -9,22 +9,56 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
 from megagpt.inference.generate import TextGenerator
 from megagpt.inference.sampling import make_params
 
+if TYPE_CHECKING:
+    from megagpt.parallel import ParallelContext
+
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def load_generator(directory: str, *, device: str = "auto", dtype: str = "auto",
-                   tensor: int | None = None):
+def inference_context(device: str = "auto", tensor: int | None = None) -> ParallelContext:
+    """This process's ``ParallelContext`` for inference: under torchrun the world as TP x DP
+    (``tensor`` defaults to the world size: one tensor-parallel group; the remaining factor is
+    data parallel; ValueError when it does not divide the world size), its process groups
+    started (or joined when already there); one local process starts none.
+    """
+    from megagpt import parallel
+    from megagpt.config import ParallelConfig
+    from megagpt.parallel import ParallelContext, ParallelDims
+
+    world = parallel.world_size_from_env()
+    tp = tensor or world
+    if tp < 1 or world % tp:
+        raise ValueError(f"tensor-parallel size {tp} must divide the world size {world}")
+    if world == 1 and not parallel.is_initialized():
+        # One process: the model runs without process groups at TP = 1, so start none (no
+        # port, no gloo store; a notebook or a test can generate alongside anything).
+        return ParallelContext.at(ParallelDims(1, 1, 1), 0, parallel.resolve_device(device))
+    return parallel.initialize(ParallelConfig(tensor=tp), parallel.resolve_device(device))
+
+
+def load_generator(
+    directory: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    tensor: int | None = None,
+    ctx: ParallelContext | None = None,
+):
     """(TextGenerator, tokenizer) for a model directory.
 
-    Starts megagpt's process groups when none exist: one local process, or the torchrun world
-    as one tensor-parallel group (``tensor`` defaults to the world size). ``dtype`` "auto" is
-    bf16 on CUDA and fp32 on CPU.
+    ``ctx`` is the process's ``ParallelContext`` when the caller started the groups
+    (``inference_context``); its device and tensor-parallel group are used and ``device`` /
+    ``tensor`` ignored. Without it, ``inference_context(device, tensor)``: one local process
+    runs without process groups; a torchrun world starts its groups, one tensor-parallel group
+    by default (``tensor`` defaults to the world size).
+    ``dtype`` "auto" is bf16 on CUDA and fp32 on CPU.
     """
     from megagpt import parallel
     from megagpt.checkpoint import load_into, load_tensors, read_config, tokenizer_path
@@ -39,24 +73,31 @@ def load_generator(directory: str, *, device: str = "auto", dtype: str = "auto",
     if tok_dir is None:
         raise FileNotFoundError(f"{directory}/tokenizer: the model directory has no tokenizer")
     tokenizer = build_tokenizer(tok_dir)
-    dev = parallel.resolve_device(device)
-    if dtype == "auto":
-        dtype = "bf16" if dev.type == "cuda" else "fp32"
-    if dtype not in _DTYPES:
+    if dtype != "auto" and dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
-    tp = tensor or parallel.world_size_from_env()
-    pcfg = ParallelConfig(tensor=tp)
+    tp = ctx.dims.tp if ctx is not None else tensor or parallel.world_size_from_env()
     if cfg.num_heads % tp:
-        raise ValueError(f"{directory}: {cfg.num_heads} heads cannot be split over "
-                         f"tensor-parallel size {tp}")
-    parallel.initialize(pcfg, dev)
-    model = GPTModel(cfg, megatron_config(cfg, pcfg, _DTYPES[dtype]))
-    load_into(model, load_tensors(directory), cfg, parallel.tp_rank(), tp, source=directory)
-    model.to(dev).eval()
+        raise ValueError(
+            f"{directory}: {cfg.num_heads} heads cannot be split over tensor-parallel size {tp}"
+        )
+    if ctx is None:  # checked above first: a bad model fails before any rendezvous
+        ctx = inference_context(device, tp)
+    if dtype == "auto":
+        dtype = "bf16" if ctx.device.type == "cuda" else "fp32"
+    model = GPTModel(cfg, megatron_config(cfg, ParallelConfig(tensor=tp), _DTYPES[dtype]))
+    load_into(model, load_tensors(directory), cfg, ctx.tp_rank, tp, source=directory)
+    model.to(ctx.device).eval()
     stops = [t for t in (tokenizer.eod, tokenizer.sep) if t is not None]
     pad = next((t for t in (tokenizer.pad, tokenizer.eod) if t is not None), 0)
-    gen = TextGenerator(model, vocab_size=cfg.vocab_size, max_positions=cfg.max_position_embeddings,
-                        stop_ids=stops, pad_id=pad, tp_group=parallel.tp_group(), tp_size=tp)
+    gen = TextGenerator(
+        model,
+        vocab_size=cfg.vocab_size,
+        max_positions=cfg.max_position_embeddings,
+        stop_ids=stops,
+        pad_id=pad,
+        tp_group=ctx.tp_group,
+        tp_size=tp,
+    )
     return gen, tokenizer
 
 
@@ -84,25 +125,42 @@ class TextGenerationPipeline:
         if not ids:
             # An empty prompt starts a new document, as in pretraining (decoding drops it).
             if self.tokenizer.eod is None:
-                raise ValueError("empty prompt and the tokenizer has no end-of-document token "
-                                 "to start from")
+                raise ValueError(
+                    "empty prompt and the tokenizer has no end-of-document token to start from"
+                )
             ids = [self.tokenizer.eod]
         return ids
 
-    def __call__(self, inputs: str | list[str], *, max_length: int | None = None,
-                 max_new_tokens: int | None = None, top_k: int | None = None,
-                 top_p: float | None = None, temperature: float | None = None,
-                 repetition_penalty: float | None = None, seed: int | None = None,
-                 num_return_sequences: int = 1, batch_size: int = 8, use_cache: bool = True):
+    def __call__(
+        self,
+        inputs: str | list[str],
+        *,
+        max_length: int | None = None,
+        max_new_tokens: int | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        temperature: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        num_return_sequences: int = 1,
+        batch_size: int = 8,
+        use_cache: bool = True,
+    ):
         single = isinstance(inputs, str)
         texts = [inputs] if single else list(inputs)
         params = make_params(top_k, top_p, temperature, repetition_penalty)
         out: list = []
         for start in range(0, len(texts), max(1, batch_size)):
-            chunk = [self._encode(t) for t in texts[start:start + batch_size]]
+            chunk = [self._encode(t) for t in texts[start : start + batch_size]]
             ids = self.generator.generate(
-                chunk, params, max_length=max_length, max_new_tokens=max_new_tokens, seed=seed,
-                num_return_sequences=num_return_sequences, use_cache=use_cache)
+                chunk,
+                params,
+                max_length=max_length,
+                max_new_tokens=max_new_tokens,
+                seed=seed,
+                num_return_sequences=num_return_sequences,
+                use_cache=use_cache,
+            )
             for prompt, copies in zip(chunk, ids):
                 dicts = [{"text": self._text(c, prompt)} for c in copies]
                 out.append(dicts[0] if num_return_sequences == 1 else dicts)
@@ -111,14 +169,21 @@ class TextGenerationPipeline:
     def _text(self, ids: list[int], prompt: list[int]) -> str:
         """The text of ``ids`` (prompt + continuation), cut before unfinished character bytes
         at its end (``complete_text``); the prompt's own text is never cut."""
-        return complete_text(self.tokenizer.decode(ids),
-                             keep=len(self.tokenizer.decode(prompt)))
+        return complete_text(self.tokenizer.decode(ids), keep=len(self.tokenizer.decode(prompt)))
 
-    def stream(self, text: str, *, max_length: int | None = None,
-               max_new_tokens: int | None = None, top_k: int | None = None,
-               top_p: float | None = None, temperature: float | None = None,
-               repetition_penalty: float | None = None, seed: int | None = None,
-               use_cache: bool = True) -> Iterator[dict]:
+    def stream(
+        self,
+        text: str,
+        *,
+        max_length: int | None = None,
+        max_new_tokens: int | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        temperature: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        use_cache: bool = True,
+    ) -> Iterator[dict]:
         """Yield a growing ``{"text": prompt + continuation so far}`` whenever a new token adds
         text. Each part extends the one before (print ``text[len(previous):]``); bytes of an
         unfinished character are held back until it completes, so no part shows half a
@@ -160,10 +225,18 @@ def complete_text(text: str, keep: int = 0) -> str:
     return text[:end]
 
 
-def pipeline(task: str, model: str, *, device: str = "auto", dtype: str = "auto",
-             tensor: int | None = None) -> TextGenerationPipeline:
-    """``pipeline("text-generation", model=DIR)``; DIR is a megagpt model directory."""
+def pipeline(
+    task: str,
+    model: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    tensor: int | None = None,
+    ctx: ParallelContext | None = None,
+) -> TextGenerationPipeline:
+    """``pipeline("text-generation", model=DIR)``; DIR is a megagpt model directory. ``ctx``:
+    the process's ``ParallelContext`` when the caller started the groups (``load_generator``)."""
     if task != "text-generation":
         raise ValueError(f"unknown task {task!r}; megagpt offers 'text-generation'")
-    gen, tok = load_generator(model, device=device, dtype=dtype, tensor=tensor)
+    gen, tok = load_generator(model, device=device, dtype=dtype, tensor=tensor, ctx=ctx)
     return TextGenerationPipeline(gen, tok)

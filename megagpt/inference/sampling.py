@@ -40,23 +40,30 @@ class SamplingParams:
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off, 1 = greedy), got {self.top_k}")
         if self.top_k >= vocab_size:
-            raise ValueError(f"top_k ({self.top_k}) must be smaller than the vocabulary "
-                             f"({vocab_size})")
+            raise ValueError(
+                f"top_k ({self.top_k}) must be smaller than the vocabulary ({vocab_size})"
+            )
         if not 0.0 <= self.top_p <= 1.0:
             raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
         if self.top_k > 1 and 0.0 < self.top_p < 1.0:
-            raise ValueError(f"top_k={self.top_k} and top_p={self.top_p} cannot be combined (as in "
-                             "the original sampler): pass top_p=0 with top_k, or top_k=0")
+            raise ValueError(
+                f"top_k={self.top_k} and top_p={self.top_p} cannot be combined (as in "
+                "the original sampler): pass top_p=0 with top_k, or top_k=0"
+            )
         if self.temperature <= 0.0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}; use top_k=1 "
-                             "for greedy decoding")
+            raise ValueError(
+                f"temperature must be > 0, got {self.temperature}; use top_k=1 for greedy decoding"
+            )
         if self.repetition_penalty <= 0.0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 
-def make_params(top_k: int | None = None, top_p: float | None = None,
-                temperature: float | None = None, repetition_penalty: float | None = None
-                ) -> SamplingParams:
+def make_params(
+    top_k: int | None = None,
+    top_p: float | None = None,
+    temperature: float | None = None,
+    repetition_penalty: float | None = None,
+) -> SamplingParams:
     """SamplingParams from per-call keyword arguments, where None means "the default".
 
     Asking for top-k (``top_k >= 1``) without a ``top_p`` switches the default nucleus filter off,
@@ -66,13 +73,16 @@ def make_params(top_k: int | None = None, top_p: float | None = None,
     if top_p is None:
         top_p = 0.0 if k >= 1 else DEFAULT_TOP_P
     return SamplingParams(
-        top_k=k, top_p=float(top_p),
+        top_k=k,
+        top_p=float(top_p),
         temperature=DEFAULT_TEMPERATURE if temperature is None else float(temperature),
-        repetition_penalty=1.0 if repetition_penalty is None else float(repetition_penalty))
+        repetition_penalty=1.0 if repetition_penalty is None else float(repetition_penalty),
+    )
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float
-                             ) -> torch.Tensor:
+def apply_repetition_penalty(
+    logits: torch.Tensor, seen: torch.Tensor, penalty: float
+) -> torch.Tensor:
     """CTRL-style penalty: logits [b, V] of tokens in ``seen`` [b, n] (ids) are divided by
     ``penalty`` when positive and multiplied by it when negative. ``seen`` may contain -1 for
     "no token" (ignored)."""
@@ -140,8 +150,12 @@ def exponential_noise(keys: torch.Tensor, step: int | torch.Tensor, vocab: int) 
     return -torch.log(u)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, keys: torch.Tensor | None = None,
-           step: int | torch.Tensor = 0) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    keys: torch.Tensor | None = None,
+    step: int | torch.Tensor = 0,
+) -> torch.Tensor:
     """Next token ids [b] from last-position logits [b, V] (float32), on their device.
 
     A draw is the exponential race argmax(p / E), E ~ Exp(1) i.i.d. per token, which picks token

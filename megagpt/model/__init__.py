@@ -5,5 +5,13 @@ from megagpt.model.init import canonical_parameters, initialize_weights
 from megagpt.model.layers import KVCache, lm_loss
 from megagpt.model.mcore import DTYPES, megatron_config
 
-__all__ = ["DTYPES", "GPTModel", "KVCache", "canonical_parameters", "initialize_weights",
-           "lm_loss", "megatron_config", "padded_vocab_size"]
+__all__ = [
+    "DTYPES",
+    "GPTModel",
+    "KVCache",
+    "canonical_parameters",
+    "initialize_weights",
+    "lm_loss",
+    "megatron_config",
+    "padded_vocab_size",
+]

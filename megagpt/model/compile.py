@@ -56,5 +56,4 @@ def compile_seconds() -> float:
     generation, forward graphs and the lazily compiled backward graphs)."""
     from torch._dynamo.utils import compilation_time_metrics as times
 
-    return sum(sum(times.get(k, ())) for k in ("_compile.compile_inner",
-                                                "backward._backward_impl"))
+    return sum(sum(times.get(k, ())) for k in ("_compile.compile_inner", "backward._backward_impl"))

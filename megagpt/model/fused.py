@@ -12,7 +12,15 @@ function eager or compiled.
 ``vocab_cross_entropy`` is the loss over (vocab-parallel) logits: per-row log-sum-exp and target
 logit computed in fp32 chunks of rows, so neither a full fp32 copy of bf16 logits nor a
 full-size softmax is ever held; the backward recomputes the softmax chunk by chunk into the
-gradient, which it has to allocate anyway.
+gradient, which it has to allocate anyway. The pipeline's last stage uses it (its loss function
+only sees the logits).
+
+``linear_cross_entropy`` folds the output layer into the loss (the whole model on one stage):
+for each chunk of rows it computes the logits, their log-sum-exp and, right there, the gradient
+of the loss with respect to them (softmax minus the one-hot target, times the row's weight),
+which it turns at once into that chunk's hidden-state gradient and adds into the weight's. The
+full logits never exist, exp runs once per logit instead of twice, and the backward only scales
+the two stored gradients by the incoming one.
 """
 
 from __future__ import annotations
@@ -22,16 +30,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
-def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None, approximate: str = "none"
-              ) -> torch.Tensor:
+def bias_gelu(
+    x: torch.Tensor, bias: torch.Tensor | None, approximate: str = "none"
+) -> torch.Tensor:
     """GELU(x + bias): the MLP's first linear (bias returned apart) and its activation."""
     if bias is not None:
         x = x + bias
     return F.gelu(x, approximate=approximate)
 
 
-def bias_dropout_add(x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
-                     p: float, training: bool) -> torch.Tensor:
+def bias_dropout_add(
+    x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor, p: float, training: bool
+) -> torch.Tensor:
     """residual + dropout(x + bias): the end of each residual branch. The mask comes from the
     current default generator, as ``F.dropout`` draws it (the caller forks the generator where
     the tensor-parallel region's stream applies, ``megagpt.model.rng``). The result has the
@@ -99,8 +109,12 @@ class _VocabCrossEntropy(torch.autograd.Function):
         return out, None, None, None
 
 
-def vocab_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_start: int = 0,
-                        group: dist.ProcessGroup | None = None) -> torch.Tensor:
+def vocab_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    vocab_start: int = 0,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
     """Per-token cross entropy (fp32) of logits [..., V_local] against target ids [...].
 
     ``vocab_start``/``group``: this rank's first vocabulary row and the tensor-parallel group
@@ -109,6 +123,169 @@ def vocab_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_start:
     without its fp32 copy of the logits and its saved full-size softmax."""
     shape = target.shape
     v = logits.shape[-1]
-    loss = _VocabCrossEntropy.apply(logits.reshape(-1, v), target.reshape(-1), vocab_start,
-                                    group)  # [..., V] -> [N, V]; loss [N]
+    loss = _VocabCrossEntropy.apply(
+        logits.reshape(-1, v), target.reshape(-1), vocab_start, group
+    )  # [..., V] -> [N, V]; loss [N]
     return loss.view(shape)
+
+
+# Rows per chunk of the fused output layer + loss: at least this many, so the weight-gradient
+# GEMM ([V, rows] @ [rows, h], accumulated into [V, h]) is not bound by rewriting its
+# accumulator: below ~256 rows each chunk's pass over the [V, h] gradient costs more than the
+# chunk's arithmetic on a CPU. 16-bit weights sum their chunks in a separate fp32 buffer (a
+# conversion and an add per chunk, ~1/3 of the output layer's time at 2 chunks of gpt3-base on
+# a CPU), so they take fewer, larger chunks.
+_MIN_FUSED_ROWS = {torch.float32: 256}
+
+
+def _fused_rows(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+    rows = max(
+        _MIN_FUSED_ROWS.get(dtype, 1024), _CHUNK_ELEMENTS.get(device.type, 1 << 25) // max(vocab, 1)
+    )
+    return min(n_rows, rows)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_n w_n * CE(hidden_n @ weight^T, target_n): hidden [N, h] (replicated over the TP
+    group), weight [V_local, h] (this rank's vocab rows from ``vocab_start``; rows >= ``valid``
+    are padding and get logit -inf, zero gradient), global target ids [N], fp32 row weights
+    [N]. Returns the fp32 scalar; the gradients are computed in the forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, row_weight, vocab_start, valid, group):
+        want_dh, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss, dh, dw = _linear_ce_chunks(
+            hidden, weight, target, row_weight, vocab_start, valid, group, want_dh, want_dw
+        )
+        # Intermediates, not inputs or outputs: kept as attributes and handed out (scaled in
+        # place) by the one backward this graph allows.
+        ctx.grads = (dh, dw)
+        ctx.want = (want_dh, want_dw)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.grads is None:
+            raise RuntimeError(
+                "linear_cross_entropy: backward through the same graph twice; "
+                "its gradients were computed in the forward and handed out once "
+                "(run the forward again instead of retain_graph=True)"
+            )
+        (dh, dw), ctx.grads = ctx.grads, None
+        want_dh, want_dw = ctx.want
+        # The usual incoming gradient is exactly 1 (or 1 / accumulation steps): scale in place,
+        # and on the CPU, where reading the scalar costs nothing, skip a pass that multiplies by 1.
+        if not (grad.device.type == "cpu" and grad.numel() == 1 and float(grad) == 1.0):
+            if want_dh:
+                dh.mul_(grad.to(dh.dtype))
+            if want_dw:
+                dw.mul_(grad.to(dw.dtype))
+        return (dh if want_dh else None, dw if want_dw else None, None, None, None, None, None)
+
+
+def _linear_ce_chunks(
+    hidden, weight, target, row_weight, vocab_start, valid, group, want_dh: bool, want_dw: bool
+):
+    """The work of ``_LinearCrossEntropy`` (also its no-grad path): (loss, dh or None, dw or
+    None). Per chunk of rows: logits in the weight's dtype, then fp32 for the softmax; the
+    gradient of the chunk's logits is cast back to that dtype for the two GEMMs, and the weight
+    gradient is accumulated in fp32 over chunks."""
+    n, h = hidden.shape
+    v_local = weight.shape[0]
+    tp = group.size() if group is not None else 1
+    w = weight[:valid]  # padding rows: logit -inf, i.e. left out of the softmax
+    local = target - vocab_start
+    outside = (local < 0) | (local >= valid)  # the target lives on another TP rank
+    local = local.masked_fill(outside, 0).unsqueeze(1)  # [N, 1]
+    hit = (~outside).to(torch.float32)
+    dtype, fp32 = weight.dtype, weight.dtype == torch.float32
+    dh = torch.empty_like(hidden) if want_dh else None
+    dw = torch.empty_like(weight) if want_dw else None
+    if dw is not None:
+        dw[valid if n else 0 :].zero_()  # padding rows (all rows when there are no tokens)
+    acc = None  # the weight gradient summed over chunks: fp32 (dw itself for fp32 weights)
+    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    rows = _fused_rows(n, v_local, dtype, hidden.device)
+    for a in range(0, n, rows):
+        b = min(n, a + rows)
+        h_c = hidden[a:b]
+        logits = h_c @ w.t()  # [rows, valid] in the weight's dtype
+        z = logits if fp32 else logits.float()  # fp32, worked in place from here
+        if valid > 0:
+            tgt = z.gather(1, local[a:b]).squeeze(1).masked_fill(outside[a:b], 0.0)
+            m = z.amax(dim=-1)
+        else:  # a TP rank holding padding only: nothing to add to the softmax
+            tgt = torch.zeros(b - a, device=z.device)
+            m = torch.full((b - a,), float("-inf"), device=z.device)
+        if tp > 1:  # the softmax spans every rank's slice: the global max first
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        p = z.sub_(m[:, None]).exp_()  # exp(logit - max) [rows, valid]
+        red = torch.stack([p.sum(dim=-1), tgt])  # [2, rows]: local sum of exp, target logit
+        if tp > 1:
+            dist.all_reduce(red, group=group)
+        sumexp, tgt = red[0], red[1]
+        rw = row_weight[a:b]
+        loss += ((m + sumexp.log() - tgt) * rw).sum()
+        if not (want_dh or want_dw):
+            continue
+        if valid == 0:  # no logits here: no part of the input gradient either
+            if want_dh:
+                dh[a:b].zero_()
+            continue
+        # d loss / d logits = w_n * (softmax - onehot(target)), fp32, then the GEMMs' dtype.
+        p.mul_((rw / sumexp)[:, None])
+        p.scatter_add_(1, local[a:b], -(hit[a:b] * rw)[:, None])
+        g = p if fp32 else p.to(dtype)
+        if want_dh:
+            torch.mm(g, w, out=dh[a:b])  # [rows, valid] @ [valid, h]
+        if want_dw and valid > 0:
+            # [valid, rows] @ [rows, h], summed over chunks in fp32
+            if fp32:
+                dw[:valid].addmm_(g.t(), h_c, beta=0.0 if a == 0 else 1.0)
+            elif rows >= n:  # one chunk: the GEMM's own fp32 accumulation, rounded once
+                torch.mm(g.t(), h_c, out=dw[:valid])
+            elif acc is None:
+                acc = (g.t() @ h_c).float()
+            else:
+                acc.add_(g.t() @ h_c)
+    if acc is not None:
+        dw[:valid].copy_(acc)
+    return loss, dh, dw
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    row_weight: torch.Tensor,
+    vocab_start: int = 0,
+    valid: int | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """``sum_n row_weight_n * CE(hidden_n @ weight^T, target_n)`` (fp32 scalar) without the
+    logits: hidden [..., h], target ids and row weights [...] of the same leading shape.
+
+    ``weight`` [V_local, h] holds vocabulary rows ``vocab_start`` to ``vocab_start + V_local``
+    of the tensor-parallel ``group`` (None or size 1: all of them); its rows from ``valid`` on are
+    padding (left out of the softmax, zero gradient). ``hidden`` must be the same on every rank
+    of the group (the caller's region function sums its gradient). Equal, within float
+    tolerance, to ``(vocab_cross_entropy(F.linear(hidden, weight) with padding logits at -inf,
+    target) * row_weight).sum()``, loss and gradients; bf16 weights get their gradient summed
+    in fp32 over chunks."""
+    h = hidden.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != h:
+        raise ValueError(
+            f"linear_cross_entropy: weight {tuple(weight.shape)} does not match hidden size {h}"
+        )
+    if target.shape != hidden.shape[:-1] or row_weight.shape != target.shape:
+        raise ValueError(
+            f"linear_cross_entropy: hidden {tuple(hidden.shape)}, target "
+            f"{tuple(target.shape)}, row_weight {tuple(row_weight.shape)}: "
+            "target and row_weight must have hidden's leading shape"
+        )
+    valid = weight.shape[0] if valid is None else max(0, min(valid, weight.shape[0]))
+    x = hidden.reshape(-1, h)  # [..., h] -> [N, h]
+    t, rw = target.reshape(-1), row_weight.reshape(-1).float()
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(x, weight, t, rw, vocab_start, valid, group)
+    return _linear_ce_chunks(x, weight, t, rw, vocab_start, valid, group, False, False)[0]

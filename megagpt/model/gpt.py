@@ -21,7 +21,6 @@ from megagpt.model.layers import (
     KVCache,
     PositionEmbedding,
     WordEmbedding,
-    lm_loss,
 )
 from megagpt.model.rng import TensorParallelRNG
 
@@ -40,16 +39,22 @@ class Block:
         return self.cls(*self.args)
 
 
-def gpt_blocks(cfg: ModelConfig, mp: ModelParallelConfig, recompute: str = "none",
-               rng: TensorParallelRNG | None = None) -> list[Block]:
+def gpt_blocks(
+    cfg: ModelConfig,
+    mp: ModelParallelConfig,
+    recompute: str = "none",
+    rng: TensorParallelRNG | None = None,
+) -> list[Block]:
     """The GPT's blocks in forward order; ``rng`` is the TP-region dropout stream they share."""
     padded = padded_vocab_size(cfg.vocab_size, mp.tensor_model_parallel_size)
     rng = rng if rng is not None else TensorParallelRNG()
-    return [Block(WordEmbedding, (cfg, mp, padded), tie="embed"),
-            Block(PositionEmbedding, (cfg, mp, rng)),
-            *(Block(DecoderLayer, (cfg, mp, i, recompute, rng)) for i in range(cfg.num_layers)),
-            Block(FinalNorm, (cfg, mp)),
-            Block(WordEmbedding, (cfg, mp, padded), tie="embed", method="logits")]
+    return [
+        Block(WordEmbedding, (cfg, mp, padded), tie="embed"),
+        Block(PositionEmbedding, (cfg, mp, rng)),
+        *(Block(DecoderLayer, (cfg, mp, i, recompute, rng)) for i in range(cfg.num_layers)),
+        Block(FinalNorm, (cfg, mp)),
+        Block(WordEmbedding, (cfg, mp, padded), tie="embed", method="logits"),
+    ]
 
 
 def padded_vocab_size(vocab: int, tp: int, multiple: int = 128) -> int:
@@ -60,7 +65,8 @@ def padded_vocab_size(vocab: int, tp: int, multiple: int = 128) -> int:
 
 class GPTModel(nn.Module):
     """All blocks on one pipeline stage. ``forward(tokens)`` -> vocab-parallel logits
-    [s, b, V/tp]; with ``labels`` it returns the mean masked cross entropy instead."""
+    [s, b, V/tp]; with ``labels`` it returns the mean masked cross entropy instead (computed
+    without materialising the logits)."""
 
     def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, recompute: str = "none"):
         super().__init__()
@@ -74,19 +80,25 @@ class GPTModel(nn.Module):
         self.layers = nn.ModuleList(b.build() for b in layers)
         self.final_norm = final_norm.build()
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
-                loss_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None
-                ) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
         offset = kv_cache.length if kv_cache is not None else 0
         h = self.position(self.word(tokens), position_offset=offset)  # [b, s] -> [s, b, h]
         for layer in self.layers:
             h = layer(h, kv_cache)
         if kv_cache is not None:
             kv_cache.length += tokens.shape[1]
-        logits = self.word.logits(self.final_norm(h))
+        h = self.final_norm(h)
         if labels is None:
-            return logits
-        return lm_loss(logits, labels, loss_mask)
+            return self.word.logits(h)
+        # The output layer and the loss as one (layers.WordEmbedding.loss): the same value as
+        # lm_loss(self.word.logits(h), labels, loss_mask), without the full logits.
+        return self.word.loss(h, labels, loss_mask)
 
 
 def blocks(model: nn.Module):

@@ -14,6 +14,7 @@ import zlib
 import torch
 from torch import nn
 
+from megagpt.checkpoint.canonical import WORD
 from megagpt.config.schema import ModelConfig
 from megagpt.model.layers import output_init_std
 
@@ -60,8 +61,9 @@ def _std_for(name: str, cfg: ModelConfig) -> float | None:
 
 
 @torch.no_grad()
-def initialize_weights(model: nn.Module, cfg: ModelConfig, seed: int, tp_rank: int,
-                       tp_size: int) -> None:
+def initialize_weights(
+    model: nn.Module, cfg: ModelConfig, seed: int, tp_rank: int, tp_size: int
+) -> None:
     """Initialise every parameter of ``model`` (one pipeline stage or the whole GPT) in place.
 
     Megatron init: N(0, init_std); the attention and MLP output projections N(0, std/sqrt(2L));
@@ -74,10 +76,11 @@ def initialize_weights(model: nn.Module, cfg: ModelConfig, seed: int, tp_rank: i
             continue
         shape, dim = full_shape(p, tp_size)
         gen = torch.Generator(device="cpu").manual_seed(
-            (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+            (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+        )
         full = torch.randn(shape, generator=gen, dtype=torch.float32) * std
-        if name == "embedding.word.word_embeddings.weight":
-            full[cfg.vocab_size:] = 0.0
+        if name == WORD:
+            full[cfg.vocab_size :] = 0.0
         if dim is not None:
             full = full.chunk(tp_size, dim=dim)[tp_rank]
         p.copy_(full.to(dtype=p.dtype, device=p.device))

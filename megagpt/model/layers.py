@@ -17,9 +17,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megagpt.config.schema import ModelConfig
-from megagpt.model.fused import bias_dropout_add, bias_gelu, vocab_cross_entropy
+from megagpt.model.fused import (
+    bias_dropout_add,
+    bias_gelu,
+    linear_cross_entropy,
+    vocab_cross_entropy,
+)
 from megagpt.model.rng import TensorParallelRNG, forked_rng
 from megagpt.parallel.regions import (
+    gather_from_sequence,
     reduce_scatter_to_sequence,
     scatter_to_sequence,
     sequence_parallel_linear,
@@ -35,8 +41,7 @@ def _single_rank(layer: nn.Module) -> bool:
     return layer.tp_group is None or layer.tp_group.size() == 1
 
 
-def column_linear(layer: tensor_parallel.ColumnParallelLinear, x: torch.Tensor
-                  ) -> torch.Tensor:
+def column_linear(layer: tensor_parallel.ColumnParallelLinear, x: torch.Tensor) -> torch.Tensor:
     """A column-parallel linear (bias added, output left split).
 
     Sequence parallel: our device-agnostic gather + linear (megatron-core's allocates on CUDA).
@@ -50,8 +55,9 @@ def column_linear(layer: tensor_parallel.ColumnParallelLinear, x: torch.Tensor
     return out if bias is None else out + bias
 
 
-def column_linear_apart(layer: tensor_parallel.ColumnParallelLinear, x: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def column_linear_apart(
+    layer: tensor_parallel.ColumnParallelLinear, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``column_linear`` with the bias returned apart where it cannot be folded into the GEMM
     (tensor parallel with autograd, sequence parallel), for a fused bias + activation; None
     when the output already holds it."""
@@ -63,8 +69,9 @@ def column_linear_apart(layer: tensor_parallel.ColumnParallelLinear, x: torch.Te
     return F.linear(x, layer.weight, layer.bias), None
 
 
-def row_linear(layer: tensor_parallel.RowParallelLinear, x: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def row_linear(
+    layer: tensor_parallel.RowParallelLinear, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A row-parallel linear with its bias returned apart (skip_bias_add), same paths as
     ``column_linear``: local matmul, then the sum over the tensor-parallel group (sequence
     parallel: a reduce-scatter to this rank's sequence chunk)."""
@@ -97,10 +104,15 @@ class WordEmbedding(nn.Module):
         self.padded_vocab = padded_vocab
         self.sequence_parallel = mp.sequence_parallel
         self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
-            padded_vocab, cfg.hidden_size, init_method=nn.init.zeros_, config=mp)
+            padded_vocab, cfg.hidden_size, init_method=nn.init.zeros_, config=mp
+        )
         _mark_partitioned(self.word_embeddings.weight, 0)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if _single_rank(self.word_embeddings):
+            # TP = 1: megatron-core's lookup is this plus a sum over a group of one, which it
+            # asserts exists; a model used without process groups (generation, tests) has none.
+            return F.embedding(tokens, self.word_embeddings.weight)  # [b, s] -> [b, s, h]
         return self.word_embeddings(tokens)  # [b, s] -> [b, s, h]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -112,19 +124,50 @@ class WordEmbedding(nn.Module):
         """
         weight = self.word_embeddings.weight
         if self.sequence_parallel:  # [s/tp, b, h] gathered inside the linear
-            logits = sequence_parallel_linear(hidden, weight, None,
-                                              self.word_embeddings.tp_group)
+            logits = sequence_parallel_linear(hidden, weight, None, self.word_embeddings.tp_group)
         else:
-            hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
+            if not _single_rank(self.word_embeddings):  # identity; backward: sum over TP
+                hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
             logits = F.linear(hidden, weight)
         start = self.word_embeddings.vocab_start_index
         n_local = weight.shape[0]
         valid = max(0, min(n_local, self.true_vocab - start))
         if valid < n_local:
             logits = torch.cat(
-                [logits[..., :valid],
-                 torch.full_like(logits[..., valid:], torch.finfo(logits.dtype).min)], dim=-1)
+                [
+                    logits[..., :valid],
+                    torch.full_like(logits[..., valid:], torch.finfo(logits.dtype).min),
+                ],
+                dim=-1,
+            )
         return logits
+
+    def loss(
+        self, hidden: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``lm_loss(self.logits(hidden), labels, loss_mask)`` without the logits: hidden
+        [s, b, h] (sequence parallel: [s/tp, b, h]), labels and mask [b, s]. The output layer and
+        the loss run as one function (``fused.linear_cross_entropy``) that never holds the full
+        logits; padding rows stay out of the softmax as in ``logits``."""
+        weight = self.word_embeddings.weight
+        group = self.word_embeddings.tp_group
+        if self.sequence_parallel:  # [s/tp, b, h] -> [s, b, h]; backward: reduce-scatter
+            hidden = gather_from_sequence(hidden, group)
+        elif not _single_rank(self.word_embeddings):
+            # identity; backward: the sum of the TP ranks' partial input gradients
+            hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
+        start = self.word_embeddings.vocab_start_index
+        tp = group.size() if group is not None else 1
+        labels_sb = labels.transpose(0, 1)  # [b, s] -> [s, b]
+        return linear_cross_entropy(
+            hidden,
+            weight,
+            labels_sb,
+            _row_weights(loss_mask, labels_sb),
+            start,
+            self.true_vocab - start,
+            group if tp > 1 else None,
+        )
 
 
 class PositionEmbedding(nn.Module):
@@ -135,11 +178,13 @@ class PositionEmbedding(nn.Module):
 
     canonical_name = "embedding.position"
 
-    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig,
-                 rng: TensorParallelRNG | None = None):
+    def __init__(
+        self, cfg: ModelConfig, mp: ModelParallelConfig, rng: TensorParallelRNG | None = None
+    ):
         super().__init__()
-        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size,
-                                                dtype=mp.params_dtype)
+        self.position_embeddings = nn.Embedding(
+            cfg.max_position_embeddings, cfg.hidden_size, dtype=mp.params_dtype
+        )
         self.dropout = nn.Dropout(cfg.dropout)
         self.sequence_parallel = mp.sequence_parallel
         self.rng = rng if rng is not None else TensorParallelRNG()
@@ -197,8 +242,9 @@ class KVCache:
             torch._dynamo.mark_static_address(self.keys[layer])
             torch._dynamo.mark_static_address(self.values[layer])
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [b, nh, s_new, hd] for ``layer``; returns the keys/values to attend to."""
         if self.keys[layer] is None:
             self._allocate(layer, k)
@@ -209,10 +255,12 @@ class KVCache:
             return keys, values
         end = self.length + k.shape[2]
         if end > self.max_length:
-            raise ValueError(f"KV cache holds {self.max_length} positions; {end} requested "
-                             "(size it to the longest row: prompt + new tokens)")
-        keys[:, :, self.length:end] = k
-        values[:, :, self.length:end] = v
+            raise ValueError(
+                f"KV cache holds {self.max_length} positions; {end} requested "
+                "(size it to the longest row: prompt + new tokens)"
+            )
+        keys[:, :, self.length : end] = k
+        values[:, :, self.length : end] = v
         return keys[:, :, :end], values[:, :, :end]
 
     def begin_static(self, device: torch.device) -> None:
@@ -239,26 +287,50 @@ class SelfAttention(nn.Module):
         self.attention_dropout = cfg.attention_dropout
         self.recompute_core = recompute_core
         self.query_key_value = tensor_parallel.ColumnParallelLinear(
-            cfg.hidden_size, 3 * cfg.hidden_size, config=mp, init_method=nn.init.zeros_,
-            bias=True, gather_output=False)
+            cfg.hidden_size,
+            3 * cfg.hidden_size,
+            config=mp,
+            init_method=nn.init.zeros_,
+            bias=True,
+            gather_output=False,
+        )
         self.dense = tensor_parallel.RowParallelLinear(
-            cfg.hidden_size, cfg.hidden_size, config=mp, init_method=nn.init.zeros_,
-            bias=True, input_is_parallel=True, skip_bias_add=True)
+            cfg.hidden_size,
+            cfg.hidden_size,
+            config=mp,
+            init_method=nn.init.zeros_,
+            bias=True,
+            input_is_parallel=True,
+            skip_bias_add=True,
+        )
         _mark_partitioned(self.query_key_value.weight, 0)
         _mark_partitioned(self.dense.weight, 1)
 
-    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-              dropout_seed: int | None) -> torch.Tensor:
+    def _core(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        causal: bool,
+        dropout_seed: int | None,
+    ) -> torch.Tensor:
         if dropout_seed is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         # This rank's heads draw their dropout masks from the TP-region stream (model/rng.py).
         with forked_rng(dropout_seed, q.device):
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=self.attention_dropout,
-                                                  is_causal=causal)
+            return F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.attention_dropout, is_causal=causal
+            )
 
     @torch.compiler.disable
-    def _core_eager(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                    dropout_seed: int | None) -> torch.Tensor:
+    def _core_eager(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        causal: bool,
+        dropout_seed: int | None,
+    ) -> torch.Tensor:
         """The attention core where it forks the RNG or is checkpointed: always eager, so a
         compiled layer (``train.compile``) breaks its graph here and the dropout masks and the
         recompute are exactly the eager ones."""
@@ -266,8 +338,13 @@ class SelfAttention(nn.Module):
             return checkpoint(self._core, q, k, v, causal, dropout_seed, use_reentrant=False)
         return self._core(q, k, v, causal, dropout_seed)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0,
-                dropout_seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        layer: int = 0,
+        dropout_seed: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``dropout_seed``: the attention-dropout seed drawn by the layer (None: no dropout)."""
         qkv = column_linear(self.query_key_value, x)  # [s, b, h] -> [s, b, 3h/tp] (SP: s gathered)
         s, b, _ = qkv.shape
@@ -312,11 +389,23 @@ class MLP(nn.Module):
         self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
         # skip_bias_add: where the bias cannot join the GEMM it joins the GELU (bias_gelu).
         self.dense_h_to_4h = tensor_parallel.ColumnParallelLinear(
-            cfg.hidden_size, cfg.ffn, config=mp, init_method=nn.init.zeros_, bias=True,
-            gather_output=False, skip_bias_add=True)
+            cfg.hidden_size,
+            cfg.ffn,
+            config=mp,
+            init_method=nn.init.zeros_,
+            bias=True,
+            gather_output=False,
+            skip_bias_add=True,
+        )
         self.dense_4h_to_h = tensor_parallel.RowParallelLinear(
-            cfg.ffn, cfg.hidden_size, config=mp, init_method=nn.init.zeros_, bias=True,
-            input_is_parallel=True, skip_bias_add=True)
+            cfg.ffn,
+            cfg.hidden_size,
+            config=mp,
+            init_method=nn.init.zeros_,
+            bias=True,
+            input_is_parallel=True,
+            skip_bias_add=True,
+        )
         _mark_partitioned(self.dense_h_to_4h.weight, 0)
         _mark_partitioned(self.dense_4h_to_h.weight, 1)
 
@@ -332,50 +421,66 @@ class DecoderLayer(nn.Module):
     ``rng`` is the tensor-parallel region's dropout stream shared by the model's layers (attention
     dropout always; the residual dropouts too under sequence parallelism)."""
 
-    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, layer_number: int,
-                 recompute: str = "none", rng: TensorParallelRNG | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        mp: ModelParallelConfig,
+        layer_number: int,
+        recompute: str = "none",
+        rng: TensorParallelRNG | None = None,
+    ):
         super().__init__()
         self.rng = rng if rng is not None else TensorParallelRNG()
         self.sequence_parallel = mp.sequence_parallel
         self.layer_number = layer_number
         self.canonical_name = f"layers.{layer_number}"
         self.recompute_full = recompute == "full"
-        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps,
-                                            dtype=mp.params_dtype)
+        self.input_layernorm = nn.LayerNorm(
+            cfg.hidden_size, eps=cfg.layernorm_eps, dtype=mp.params_dtype
+        )
         self.attention = SelfAttention(cfg, mp, recompute_core=recompute == "selective")
-        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps,
-                                                     dtype=mp.params_dtype)
+        self.post_attention_layernorm = nn.LayerNorm(
+            cfg.hidden_size, eps=cfg.layernorm_eps, dtype=mp.params_dtype
+        )
         self.mlp = MLP(cfg, mp)
         self.dropout = cfg.dropout
         self._compiled = None  # torch.compile'd ``_forward`` (compile_forward)
         if mp.sequence_parallel:
             # Under sequence parallelism each TP rank sees s/tp tokens, so the grads of these
             # replicated parameters are partial sums: mark them for the engine's TP all-reduce.
-            for p in (*self.input_layernorm.parameters(),
-                      *self.post_attention_layernorm.parameters(),
-                      self.attention.dense.bias, self.mlp.dense_4h_to_h.bias):
+            for p in (
+                *self.input_layernorm.parameters(),
+                *self.post_attention_layernorm.parameters(),
+                self.attention.dense.bias,
+                self.mlp.dense_4h_to_h.bias,
+            ):
                 p.sequence_parallel = True
 
-    def _residual(self, out: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor,
-                  seed: int | None) -> torch.Tensor:
+    def _residual(
+        self, out: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, seed: int | None
+    ) -> torch.Tensor:
         """x + dropout(out + bias), fused (``bias_dropout_add``)."""
         if seed is None:  # replicated region: the default stream, the same on every TP rank
             return bias_dropout_add(out, bias, x, self.dropout, self.training)
         return self._residual_forked(out, bias, x, seed)
 
     @torch.compiler.disable
-    def _residual_forked(self, out: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor,
-                         seed: int) -> torch.Tensor:
+    def _residual_forked(
+        self, out: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, seed: int
+    ) -> torch.Tensor:
         """Sequence parallel: this rank's own chunk draws from the TP-region stream; eager
         under ``train.compile`` (a graph break) so the forked generator is the eager one."""
         with forked_rng(seed, x.device):
             return bias_dropout_add(out, bias, x, self.dropout, self.training)
 
-    def _forward(self, x: torch.Tensor, kv_cache: KVCache | None,
-                 seeds: tuple[int | None, int | None, int | None]) -> torch.Tensor:
+    def _forward(
+        self,
+        x: torch.Tensor,
+        kv_cache: KVCache | None,
+        seeds: tuple[int | None, int | None, int | None],
+    ) -> torch.Tensor:
         attn_seed, seed1, seed2 = seeds
-        out, bias = self.attention(self.input_layernorm(x), kv_cache, self.layer_number,
-                                   attn_seed)
+        out, bias = self.attention(self.input_layernorm(x), kv_cache, self.layer_number, attn_seed)
         x = self._residual(out, bias, x, seed1)
         out, bias = self.mlp(self.post_attention_layernorm(x))
         return self._residual(out, bias, x, seed2)
@@ -414,8 +519,9 @@ class FinalNorm(nn.Module):
 
     def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
         super().__init__()
-        self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps,
-                                            dtype=mp.params_dtype)
+        self.final_layernorm = nn.LayerNorm(
+            cfg.hidden_size, eps=cfg.layernorm_eps, dtype=mp.params_dtype
+        )
         if mp.sequence_parallel:
             for p in self.final_layernorm.parameters():
                 p.sequence_parallel = True
@@ -424,8 +530,9 @@ class FinalNorm(nn.Module):
         return self.final_layernorm(x)
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None
-            ) -> torch.Tensor:
+def lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None
+) -> torch.Tensor:
     """Mean token cross entropy over ``loss_mask``: logits [s, b, V/tp]; labels, mask [b, s].
 
     An all-zero mask gives 0 (not NaN), so a micro-batch of padding cannot poison a step.
@@ -433,15 +540,27 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor 
     from megatron.core import parallel_state
 
     labels_sb = labels.transpose(0, 1).contiguous()  # [b, s] -> [s, b]
-    tp = parallel_state.get_tensor_model_parallel_world_size()
+    # (a model used without process groups is at TP = 1)
+    tp = (
+        parallel_state.get_tensor_model_parallel_world_size()
+        if parallel_state.model_parallel_is_initialized()
+        else 1
+    )
     group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
     start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1] if tp > 1 else 0
     # In the logits' dtype: the chunked loss upcasts a chunk at a time (fused.py).
     ce = vocab_cross_entropy(logits, labels_sb, start, group)  # [s, b]
+    return (ce * _row_weights(loss_mask, labels_sb)).sum()
+
+
+def _row_weights(loss_mask: torch.Tensor | None, labels_sb: torch.Tensor) -> torch.Tensor:
+    """Each token's weight in the mean masked loss, fp32 [s, b]: mask / max(sum(mask), 1), or
+    1 / tokens without a mask. An all-zero mask gives 0 (not NaN), so a micro-batch of padding
+    cannot poison a step."""
     if loss_mask is None:
-        return ce.mean()
-    mask = loss_mask.transpose(0, 1).to(ce.dtype)  # [b, s] -> [s, b]
-    return (ce * mask).sum() / mask.sum().clamp(min=1.0)
+        return torch.full(labels_sb.shape, 1.0 / labels_sb.numel(), device=labels_sb.device)
+    mask = loss_mask.transpose(0, 1).float()  # [b, s] -> [s, b]
+    return mask / mask.sum().clamp(min=1.0)
 
 
 def output_init_std(cfg: ModelConfig) -> float:

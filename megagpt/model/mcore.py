@@ -10,8 +10,9 @@ from megagpt.config.schema import ModelConfig, ParallelConfig
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def megatron_config(model: ModelConfig, parallel: ParallelConfig,
-                    params_dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
+def megatron_config(
+    model: ModelConfig, parallel: ParallelConfig, params_dtype: torch.dtype = torch.float32
+) -> ModelParallelConfig:
     """ModelParallelConfig for megatron-core's parallel layers.
 
     We initialise weights ourselves (``megagpt.model.init``), so megatron-core only allocates:

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ParallelDims:
+    """The sizes of the three parallel axes (tensor, pipeline, data); ``world`` = tp x pp x dp.
+    The group methods give the global ranks sharing a rank's group along one axis."""
+
     tp: int
     pp: int
     dp: int
@@ -34,6 +37,7 @@ class ParallelDims:
         return rank // (self.tp * self.dp), (rank // self.tp) % self.dp, rank % self.tp
 
     def rank(self, pp: int, dp: int, tp: int) -> int:
+        """The global rank at coordinates (pp, dp, tp): the inverse of ``coords``."""
         return tp + self.tp * (dp + self.dp * pp)
 
     def tp_group(self, rank: int) -> list[int]:

@@ -19,16 +19,17 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed import ProcessGroup
 
 
-def _all_gather(x: torch.Tensor, group) -> torch.Tensor:
+def _all_gather(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """[s/tp, ...] on every rank -> [s, ...] (rank order)."""
     out = torch.empty((x.shape[0] * group.size(), *x.shape[1:]), dtype=x.dtype, device=x.device)
     dist.all_gather_into_tensor(out, x.contiguous(), group=group)
     return out
 
 
-def _reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
+def _reduce_scatter(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """[s, ...] partial sums on every rank -> this rank's [s/tp, ...] chunk of the total."""
     world = group.size()
     if x.shape[0] % world:
@@ -38,13 +39,13 @@ def _reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
-def _split(x: torch.Tensor, group) -> torch.Tensor:
+def _split(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """[s, ...] -> this rank's [s/tp, ...] chunk."""
     world = group.size()
     if x.shape[0] % world:
         raise ValueError(f"sequence length {x.shape[0]} is not divisible by TP={world}")
     n = x.shape[0] // world
-    return x[group.rank() * n:(group.rank() + 1) * n].contiguous()
+    return x[group.rank() * n : (group.rank() + 1) * n].contiguous()
 
 
 class _Scatter(torch.autograd.Function):
@@ -100,23 +101,26 @@ class _Linear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
-def scatter_to_sequence(x: torch.Tensor, group) -> torch.Tensor:
+def scatter_to_sequence(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """[s, b, h] replicated on the TP group -> this rank's [s/tp, b, h]."""
     return _Scatter.apply(x, group)
 
 
-def gather_from_sequence(x: torch.Tensor, group, reduce_grad: bool = True) -> torch.Tensor:
+def gather_from_sequence(
+    x: torch.Tensor, group: ProcessGroup, reduce_grad: bool = True
+) -> torch.Tensor:
     """[s/tp, b, h] -> [s, b, h]. ``reduce_grad``: the consumer is tensor-parallel, so each
     rank's grad is a partial sum to reduce-scatter; else the grad is replicated (split it)."""
     return _Gather.apply(x, group, reduce_grad)
 
 
-def reduce_scatter_to_sequence(x: torch.Tensor, group) -> torch.Tensor:
+def reduce_scatter_to_sequence(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """Partial sums [s, b, h] (a row-parallel output) -> summed chunk [s/tp, b, h]."""
     return _ReduceScatter.apply(x, group)
 
 
-def sequence_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                             group) -> torch.Tensor:
+def sequence_parallel_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: ProcessGroup
+) -> torch.Tensor:
     """Column-parallel linear on a sequence-parallel input: [s/tp, b, in] -> [s, b, out/tp]."""
     return _Linear.apply(x, weight, bias, group)

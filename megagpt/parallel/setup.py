@@ -1,8 +1,9 @@
 """Process-group setup, in one place, called once per process.
 
-``initialize(parallel_cfg, device)`` starts torch.distributed (env:// under torchrun/srun, or a
-single local process), then megatron-core's model-parallel groups. Everything else asks
-``megagpt.parallel`` for ranks and groups.
+``initialize(parallel_cfg, device)`` starts torch.distributed (env:// under torchrun/srun, an
+in-memory store for a single local process), then megatron-core's model-parallel groups, and
+returns the ``ParallelContext`` that callers pass on. The launcher's environment is read
+(``LaunchEnv``), never written.
 """
 
 from __future__ import annotations
@@ -10,15 +11,65 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from megagpt.config.schema import ParallelConfig
+from megagpt.parallel.context import ParallelContext
 from megagpt.parallel.dims import ParallelDims
 
-_DIMS: ParallelDims | None = None
-_ENV_SET: list[str] = []  # launcher variables ``initialize`` set for a lone process
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """What the launcher (torchrun, srun, the test launcher) announced in the environment.
+
+    ``master`` is (MASTER_ADDR, MASTER_PORT), None when no launcher started this process;
+    ``store_prefix`` the key prefix of this torchrun attempt (``restart_store_prefix``)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master: tuple[str, int] | None
+    store_prefix: str | None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> LaunchEnv:
+        """Read (only) the launcher's variables; ValueError naming a malformed one."""
+
+        def number(key: str, default: str) -> int:
+            value = env.get(key, default)
+            try:
+                return int(value)
+            except ValueError:
+                raise ValueError(
+                    f"environment variable {key}={value!r} is not an integer (set by the launcher)"
+                ) from None
+
+        master = None
+        if "MASTER_ADDR" in env:
+            master = (env["MASTER_ADDR"], number("MASTER_PORT", "29500"))
+        launch = cls(
+            rank=number("RANK", "0"),
+            world_size=number("WORLD_SIZE", "1"),
+            local_rank=number("LOCAL_RANK", "0"),
+            master=master,
+            store_prefix=None if master is None else restart_store_prefix(env),
+        )
+        if not 0 <= launch.rank < launch.world_size:
+            raise ValueError(
+                f"environment variable RANK={launch.rank} outside "
+                f"WORLD_SIZE={launch.world_size} (set by the launcher)"
+            )
+        return launch
+
+    @property
+    def alone(self) -> bool:
+        """One process that no launcher started (a launcher always gives MASTER_ADDR)."""
+        return self.world_size == 1 and self.master is None
 
 
 def world_size_from_env() -> int:
@@ -52,24 +103,39 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def init_process_group_kwargs(backend: str, device: torch.device, timeout_minutes: int
-                              ) -> dict:
+def init_process_group_kwargs(
+    backend: str, device: torch.device, timeout_minutes: float, launch: LaunchEnv | None = None
+) -> dict[str, Any]:
     """Keyword arguments of ``torch.distributed.init_process_group`` for ``backend`` on
-    ``device``.
+    ``device``, for the process ``launch`` describes (None: plain ``env://``).
 
     Under NCCL on a CUDA device it passes ``device_id``: the communicator is then formed
     inside this call (a broken NCCL setup fails here, at start-up, instead of at the first
     collective) and megatron-core's sub-groups are split from it (``ncclCommSplit``) rather
     than built from scratch, which is what start-up at 1,024 ranks needs. Gloo gets none.
+
+    The rank and world size are given explicitly. A lone process gets an in-memory store (no
+    port to race for: a free port picked, then bound, can be taken in between by another
+    process); a torchrun attempt on one node its own keys in the agent's store
+    (``restart_store_prefix``); any other launch rendezvouses through ``env://``.
     """
-    kwargs = {"backend": backend, "init_method": "env://",
-              "timeout": datetime.timedelta(minutes=timeout_minutes)}
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    kwargs: dict[str, Any] = {"backend": backend, "init_method": "env://", "timeout": timeout}
     if backend == "nccl" and device.type == "cuda":
         kwargs["device_id"] = device
+    if launch is None:
+        return kwargs
+    kwargs.update(rank=launch.rank, world_size=launch.world_size)
+    if launch.alone:
+        del kwargs["init_method"]
+        kwargs["store"] = dist.HashStore()
+    elif launch.store_prefix is not None:
+        del kwargs["init_method"]
+        kwargs["store"] = _attempt_store(launch.store_prefix, timeout, launch)
     return kwargs
 
 
-def restart_store_prefix(env: dict | None = None) -> str | None:
+def restart_store_prefix(env: Mapping[str, str] | None = None) -> str | None:
     """Key prefix that isolates this torchrun attempt in the launcher's store, or None.
 
     Under torchrun the workers' ``env://`` store is the *agent's* TCPStore
@@ -94,26 +160,39 @@ def restart_store_prefix(env: dict | None = None) -> str | None:
     return f"megagpt/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
-def restart_warning(env: dict | None = None) -> str | None:
+def restart_warning(env: Mapping[str, str] | None = None) -> str | None:
     """Why a multi-node torchrun job could not restart in place, or None."""
     env = os.environ if env is None else env
-    if (env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and env.get("GROUP_WORLD_SIZE", "1")
-            != "1" and env.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0"):
-        return ("torchrun --max-restarts on several nodes with the launcher's shared store: a "
-                "restart may find the previous attempt's addresses and fail; launch with "
-                "--rdzv-backend c10d and TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
-                "(launch/torchrun.sh does)")
+    if (
+        env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        and env.get("GROUP_WORLD_SIZE", "1") != "1"
+        and env.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0"
+    ):
+        return (
+            "torchrun --max-restarts on several nodes with the launcher's shared store: a "
+            "restart may find the previous attempt's addresses and fail; launch with "
+            "--rdzv-backend c10d and TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+            "(launch/torchrun.sh does)"
+        )
     return None
 
 
-def _attempt_store(prefix: str, timeout: datetime.timedelta):
-    """A client of the agent's store (MASTER_ADDR:MASTER_PORT) seen through ``prefix``."""
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                          int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+def _attempt_store(prefix: str, timeout: datetime.timedelta, launch: LaunchEnv) -> dist.PrefixStore:
+    """A client of the agent's store (the launcher's MASTER_ADDR:MASTER_PORT) seen through
+    ``prefix``."""
+    if launch.master is None:
+        raise RuntimeError(
+            "torchrun's agent store announced (TORCHELASTIC_USE_AGENT_STORE) "
+            "without MASTER_ADDR/MASTER_PORT"
+        )
+    addr, port = launch.master
+    store = dist.TCPStore(addr, port, launch.world_size, is_master=False, timeout=timeout)
     return dist.PrefixStore(prefix, store)
 
 
-def model_parallel_kwargs(cfg: ParallelConfig, backend: str, timeout_minutes: int) -> dict:
+def model_parallel_kwargs(
+    cfg: ParallelConfig, backend: str, timeout_minutes: float
+) -> dict[str, Any]:
     """Keyword arguments of megatron-core's ``parallel_state.initialize_model_parallel``.
 
     megatron-core also builds a gloo twin of every data-parallel group unless told not to;
@@ -122,140 +201,106 @@ def model_parallel_kwargs(cfg: ParallelConfig, backend: str, timeout_minutes: in
     (slow at 1,024 ranks) and need gloo's network interface set right on every node, so they
     are not created. On a gloo run they are the same backend and stay as they were.
     """
-    return {"tensor_model_parallel_size": cfg.tensor,
-            "pipeline_model_parallel_size": cfg.pipeline,
-            "distributed_timeout_minutes": timeout_minutes, "order": "tp-cp-ep-dp-pp",
-            "create_gloo_process_groups": backend != "nccl"}
+    return {
+        "tensor_model_parallel_size": cfg.tensor,
+        "pipeline_model_parallel_size": cfg.pipeline,
+        "distributed_timeout_minutes": timeout_minutes,
+        "order": "tp-cp-ep-dp-pp",
+        "create_gloo_process_groups": backend != "nccl",
+    }
 
 
-def initialize(cfg: ParallelConfig, device: torch.device, *, timeout_minutes: float = 30
-               ) -> ParallelDims:
-    """Start torch.distributed and megatron-core's TP/PP/DP groups; returns the dims.
+def initialize(
+    cfg: ParallelConfig,
+    device: torch.device,
+    *,
+    timeout_minutes: float = 30,
+    env: Mapping[str, str] | None = None,
+) -> ParallelContext:
+    """Start torch.distributed and megatron-core's TP/PP/DP groups; returns this process's
+    ``ParallelContext`` (layout, coordinates, groups, ``device``, backend), which callers pass on.
 
     ``timeout_minutes`` (fractions allowed; the trainer passes ``parallel.timeout_s`` / 60) bounds
-    every collective of every group, the start-up rendezvous included.
+    every collective of every group, the start-up rendezvous included. ``env`` is the launcher's
+    environment (default ``os.environ``), only read: the rank, world size and store are handed
+    to ``init_process_group`` explicitly, and nothing is written back.
 
-    Idempotent: a second call with the same layout returns the existing dims.
+    A process group started by the caller (tests, a harness) is used as it is, its backend
+    included. Calling again in the same process returns a context over the same groups; a
+    different TP/PP layout is a RuntimeError (megatron-core keeps one set of groups).
     """
-    global _DIMS
     from megatron.core import parallel_state
 
-    if _DIMS is not None:
-        if (_DIMS.tp, _DIMS.pp) != (cfg.tensor, cfg.pipeline):
-            raise RuntimeError(f"process groups already set up for TP={_DIMS.tp} PP={_DIMS.pp}")
-        return _DIMS
     backend = resolve_backend(cfg.backend, device)
     if not dist.is_initialized():
-        kwargs = init_process_group_kwargs(backend, device, timeout_minutes)
-        # One process that no launcher started (a launcher always gives MASTER_ADDR).
-        alone = world_size_from_env() == 1 and "MASTER_ADDR" not in os.environ
-        if alone:
-            # A plain `megagpt train` on one process: an in-memory store, no port to race for
-            # (a free port picked, then bound, can be taken in between by another process).
-            # DeepSpeed insists on the launcher's variables; ``destroy`` takes them back, so a
-            # later child process does not inherit a RANK without a rendezvous.
-            for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-                if key not in os.environ:
-                    os.environ[key] = "1" if key == "WORLD_SIZE" else "0"
-                    _ENV_SET.append(key)
-            del kwargs["init_method"]
-            kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
-        prefix = None if alone else restart_store_prefix()
-        warning = restart_warning()
-        if warning and os.environ.get("RANK") == "0":
+        launch = LaunchEnv.from_env(os.environ if env is None else env)
+        warning = restart_warning(env)
+        if warning and launch.rank == 0:
             print(f"[megagpt] warning: {warning}", file=sys.stderr, flush=True)
-        if prefix is not None:  # under torchrun: this attempt's own keys (see the function)
-            del kwargs["init_method"]
-            kwargs.update(store=_attempt_store(prefix, kwargs["timeout"]),
-                          rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
-        dist.init_process_group(**kwargs)
+        dist.init_process_group(
+            **init_process_group_kwargs(backend, device, timeout_minutes, launch)
+        )
     else:  # started by the caller (tests, a harness): its backend decides
         backend = dist.get_backend()
-    world = dist.get_world_size()
-    dims = ParallelDims.from_world(cfg.tensor, cfg.pipeline, world)
-    if not parallel_state.model_parallel_is_initialized():
+    dims = ParallelDims.from_world(cfg.tensor, cfg.pipeline, dist.get_world_size())
+    if parallel_state.model_parallel_is_initialized():
+        have = (
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+        )
+        if have != (dims.tp, dims.pp):
+            raise RuntimeError(
+                f"process groups already set up for TP={have[0]} PP={have[1]}; "
+                f"this call asks for TP={dims.tp} PP={dims.pp} (one layout per "
+                "process: call megagpt.parallel.destroy() first)"
+            )
+    else:
         parallel_state.initialize_model_parallel(
-            **model_parallel_kwargs(cfg, backend, timeout_minutes))
-    _check_layout(dims)
-    _DIMS = dims
-    return dims
+            **model_parallel_kwargs(cfg, backend, timeout_minutes)
+        )
+    ctx = ParallelContext.at(
+        dims,
+        dist.get_rank(),
+        device,
+        backend,
+        tp_group=parallel_state.get_tensor_model_parallel_group(),
+        pp_group=parallel_state.get_pipeline_model_parallel_group(),
+        dp_group=parallel_state.get_data_parallel_group(),
+        mp_group=parallel_state.get_model_parallel_group(),
+    )
+    _check_layout(ctx)
+    return ctx
 
 
-def _check_layout(dims: ParallelDims) -> None:
-    """megatron-core's groups must be the ones our arithmetic (and DeepSpeed's topology) expects."""
+def _check_layout(ctx: ParallelContext) -> None:
+    """megatron-core's groups must be the ones our arithmetic (and DeepSpeed's topology)
+    expects: the same coordinates for this rank."""
     from megatron.core import parallel_state as ps
 
-    rank = dist.get_rank()
-    pp, dp, tp = dims.coords(rank)
-    got = (ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank(),
-           ps.get_tensor_model_parallel_rank())
-    if got != (pp, dp, tp):
-        raise RuntimeError(f"rank {rank}: megatron-core placed it at (pp, dp, tp)={got}, "
-                           f"megagpt's layout says {(pp, dp, tp)}")
-
-
-def dims() -> ParallelDims:
-    if _DIMS is None:
-        raise RuntimeError("megagpt.parallel.initialize() has not been called")
-    return _DIMS
+    got = (
+        ps.get_pipeline_model_parallel_rank(),
+        ps.get_data_parallel_rank(),
+        ps.get_tensor_model_parallel_rank(),
+    )
+    if got != (ctx.pp_rank, ctx.dp_rank, ctx.tp_rank):
+        raise RuntimeError(
+            f"rank {ctx.rank}: megatron-core placed it at (pp, dp, tp)={got}, "
+            f"megagpt's layout says {(ctx.pp_rank, ctx.dp_rank, ctx.tp_rank)}"
+        )
 
 
 def is_initialized() -> bool:
-    return _DIMS is not None
+    """True once ``initialize`` (or a caller) has started torch.distributed and megatron-core's
+    model-parallel groups in this process."""
+    from megatron.core import parallel_state
+
+    return dist.is_initialized() and parallel_state.model_parallel_is_initialized()
 
 
 def destroy() -> None:
-    """Tear down the groups (tests and the end of a run)."""
-    global _DIMS
+    """Tear down megatron-core's groups and torch.distributed (tests and the end of a run)."""
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-    _DIMS = None
-    while _ENV_SET:
-        os.environ.pop(_ENV_SET.pop(), None)
-
-
-def tp_rank() -> int:
-    from megatron.core import parallel_state as ps
-    return ps.get_tensor_model_parallel_rank()
-
-
-def tp_group():
-    from megatron.core import parallel_state as ps
-    return ps.get_tensor_model_parallel_group()
-
-
-def pp_rank() -> int:
-    from megatron.core import parallel_state as ps
-    return ps.get_pipeline_model_parallel_rank()
-
-
-def dp_rank() -> int:
-    from megatron.core import parallel_state as ps
-    return ps.get_data_parallel_rank()
-
-
-def dp_group():
-    from megatron.core import parallel_state as ps
-    return ps.get_data_parallel_group()
-
-
-class MegatronMPU:
-    """The old Megatron accessor names DeepSpeed's engine asks its ``mpu`` for, answered from
-    megatron-core's parallel_state."""
-
-    def __getattr__(self, name: str):
-        from megatron.core import parallel_state as ps
-        aliases = {
-            "get_model_parallel_rank": ps.get_tensor_model_parallel_rank,
-            "get_model_parallel_world_size": ps.get_tensor_model_parallel_world_size,
-            "get_model_parallel_group": ps.get_tensor_model_parallel_group,
-            "get_slice_parallel_rank": ps.get_tensor_model_parallel_rank,
-            "get_slice_parallel_world_size": ps.get_tensor_model_parallel_world_size,
-            "get_slice_parallel_group": ps.get_tensor_model_parallel_group,
-        }
-        if name in aliases:
-            return aliases[name]
-        return getattr(ps, name)

@@ -83,14 +83,17 @@ def dry_run(cfg: Config, world_size: int) -> tuple[list[StageReport], list[str],
         raise ConfigError(f"--world-size must be >= 1, got {world_size}")
     found = problems(cfg, world_size, cuda=None, need_data=False)
     if found:
-        raise ConfigError(f"invalid config for world size {world_size}:\n  - "
-                          + "\n  - ".join(found))
+        raise ConfigError(
+            f"invalid config for world size {world_size}:\n  - " + "\n  - ".join(found)
+        )
     m, p, t = cfg.model, cfg.parallel, cfg.train
     dims = ParallelDims.from_world(p.tensor, p.pipeline, world_size)
     analytic = stage_parameters(m, dims.tp, dims.pp)
     meta = meta_stage_params(cfg, dims.tp, dims.pp)
-    reports = [StageReport(a.stage, a.layers, n, a.params, a.embedding, a.head)
-               for a, n in zip(analytic, meta)]
+    reports = [
+        StageReport(a.stage, a.layers, n, a.params, a.embedding, a.head)
+        for a, n in zip(analytic, meta)
+    ]
     gas = grad_accumulation_steps(cfg, world_size)
     total = parameter_count(m)
     # Unique parameters: the same stages counted at TP=1, less the tied embedding's second copy
@@ -98,46 +101,65 @@ def dry_run(cfg: Config, world_size: int) -> tuple[list[StageReport], list[str],
     padded = padded_vocab_size(m.vocab_size, dims.tp)
     padded1 = padded_vocab_size(m.vocab_size, 1)
     unique = sum(meta_stage_params(cfg, 1, dims.pp))
-    unique -= (padded1 * m.hidden_size if dims.pp > 1 else 0)
+    unique -= padded1 * m.hidden_size if dims.pp > 1 else 0
     unique -= (padded1 - m.vocab_size) * m.hidden_size
     layout = Layout.from_config(cfg, world_size)
-    mem = memory_per_stage(m, layout, precision=t.precision, global_batch=t.global_batch_size,
-                           flash=True, cuda=False)
+    mem = memory_per_stage(
+        m, layout, precision=t.precision, global_batch=t.global_batch_size, flash=True, cuda=False
+    )
     lines = [
-        (f"dry run: {m.name or 'custom model'} on {world_size} ranks = TP {dims.tp} x PP "
-        f"{dims.pp} x DP {dims.dp} (rank = tp + TP*(dp + DP*pp))"),
-        (f"model: {m.num_layers} layers, h={m.hidden_size}, heads={m.num_heads}, ffn={m.ffn}, "
-        f"vocab {m.vocab_size} (padded {padded}), seq {m.seq_length}; "
-        f"{total:,} parameters ({total / 1e9:.3f}B)"),
-        (f"batch: global {t.global_batch_size} sequences = {t.global_batch_size * m.seq_length:,}"
-        f" tokens = micro {t.micro_batch_size} x accumulation {gas} x DP {dims.dp}; "
-        f"{t.precision}; ZeRO {p.zero_stage}; recompute {p.recompute}; sequence parallel "
-        f"{p.sequence_parallel}"),
-        (f"groups of rank 0: TP {_short(dims.tp_group(0))} DP {_short(dims.dp_group(0))} "
-        f"PP {_short(dims.pp_group(0))}"),
-        (f"groups of rank {world_size - 1}: TP {_short(dims.tp_group(world_size - 1))} "
-        f"DP {_short(dims.dp_group(world_size - 1))} PP {_short(dims.pp_group(world_size - 1))}"),
+        (
+            f"dry run: {m.name or 'custom model'} on {world_size} ranks = TP {dims.tp} x PP "
+            f"{dims.pp} x DP {dims.dp} (rank = tp + TP*(dp + DP*pp))"
+        ),
+        (
+            f"model: {m.num_layers} layers, h={m.hidden_size}, heads={m.num_heads}, ffn={m.ffn}, "
+            f"vocab {m.vocab_size} (padded {padded}), seq {m.seq_length}; "
+            f"{total:,} parameters ({total / 1e9:.3f}B)"
+        ),
+        (
+            f"batch: global {t.global_batch_size} sequences = "
+            f"{t.global_batch_size * m.seq_length:,} tokens = micro {t.micro_batch_size} "
+            f"x accumulation {gas} x DP {dims.dp}; "
+            f"{t.precision}; ZeRO {p.zero_stage}; recompute {p.recompute}; sequence parallel "
+            f"{p.sequence_parallel}"
+        ),
+        (
+            f"groups of rank 0: TP {_short(dims.tp_group(0))} DP {_short(dims.dp_group(0))} "
+            f"PP {_short(dims.pp_group(0))}"
+        ),
+        (
+            f"groups of rank {world_size - 1}: TP {_short(dims.tp_group(world_size - 1))} "
+            f"DP {_short(dims.dp_group(world_size - 1))} PP {_short(dims.pp_group(world_size - 1))}"
+        ),
         "",
-        (f"{'stage':>5} {'layers':>11} {'params/GPU (meta)':>18} {'analytic':>14} "
-        f"{'weights+grads+optim':>20} {'activations':>12} {'logits':>9} {'total':>9}"),
+        (
+            f"{'stage':>5} {'layers':>11} {'params/GPU (meta)':>18} {'analytic':>14} "
+            f"{'weights+grads+optim':>20} {'activations':>12} {'logits':>9} {'total':>9}"
+        ),
     ]
     for r, b in zip(reports, mem):
         extra = ("+embedding" if r.embedding else "") + ("+head" if r.head else "")
         rng = f"{r.layers.start}-{r.layers.stop - 1}"
         g = b.as_gib()
-        state = g['weights'] + g['grads'] + g['optimizer'] + g['flat']
+        state = g["weights"] + g["grads"] + g["optimizer"] + g["flat"]
         lines.append(
             f"{r.stage:>5} {rng:>11} {r.params_meta:>18,} {r.params_analytic:>14,} "
             f"{state:>16.2f} GiB {g['activations']:>8.2f} "
-            f"GiB {g['logits']:>5.2f} GiB {g['total']:>5.2f} GiB {extra}")
+            f"GiB {g['logits']:>5.2f} GiB {g['total']:>5.2f} GiB {extra}"
+        )
     ok = all(r.params_meta == r.params_analytic for r in reports) and unique == total
     lines += [
         "",
-        (f"check: per-stage counts on the meta device "
-        f"{'match' if ok else 'DO NOT match'} the analytic model; unique parameters over all "
-        f"shards {unique:,} vs parameter_count {total:,}"),
-        ("memory: planner estimate per GPU without the CUDA/NCCL reserve (see `megagpt plan` "
-        "for the assumptions); activations assume flash attention"),
+        (
+            f"check: per-stage counts on the meta device "
+            f"{'match' if ok else 'DO NOT match'} the analytic model; unique parameters over all "
+            f"shards {unique:,} vs parameter_count {total:,}"
+        ),
+        (
+            "memory: planner estimate per GPU without the CUDA/NCCL reserve (see `megagpt plan` "
+            "for the assumptions); activations assume flash attention"
+        ),
     ]
     return reports, lines, ok
 

@@ -39,29 +39,52 @@ class GPUType:
         train.tf32 makes the trainer run them)."""
         value = peak_tflops(self.device_name, precision, tf32=tf32)
         if not value:
-            raise ValueError(f"--gpu {self.name} has no {precision} tensor-core peak; "
-                             f"use another train.precision")
+            raise ValueError(
+                f"--gpu {self.name} has no {precision} tensor-core peak; "
+                f"use another train.precision"
+            )
         return value
 
 
-GPU_TYPES: dict[str, GPUType] = {g.name: g for g in (
-    GPUType("h100-80gb", 79.6, "NVIDIA H100 80GB HBM3", 450.0, 50.0,
-            "H100 SXM5, NVLink 4, NDR 400G per GPU"),
-    GPUType("h200-141gb", 139.8, "NVIDIA H200", 450.0, 50.0,
-            "H200 SXM, NVLink 4, NDR 400G per GPU"),
-    GPUType("a100-80gb", 79.2, "NVIDIA A100-SXM4-80GB", 300.0, 25.0,
-            "A100 SXM4, NVLink 3, HDR 200G per GPU"),
-    GPUType("a100-40gb", 39.4, "NVIDIA A100-SXM4-40GB", 300.0, 25.0,
-            "A100 SXM4, NVLink 3, HDR 200G per GPU"),
-)}
+GPU_TYPES: dict[str, GPUType] = {
+    g.name: g
+    for g in (
+        GPUType(
+            "h100-80gb",
+            79.6,
+            "NVIDIA H100 80GB HBM3",
+            450.0,
+            50.0,
+            "H100 SXM5, NVLink 4, NDR 400G per GPU",
+        ),
+        GPUType(
+            "h200-141gb", 139.8, "NVIDIA H200", 450.0, 50.0, "H200 SXM, NVLink 4, NDR 400G per GPU"
+        ),
+        GPUType(
+            "a100-80gb",
+            79.2,
+            "NVIDIA A100-SXM4-80GB",
+            300.0,
+            25.0,
+            "A100 SXM4, NVLink 3, HDR 200G per GPU",
+        ),
+        GPUType(
+            "a100-40gb",
+            39.4,
+            "NVIDIA A100-SXM4-40GB",
+            300.0,
+            25.0,
+            "A100 SXM4, NVLink 3, HDR 200G per GPU",
+        ),
+    )
+}
 
 
 def gpu_type(name: str) -> GPUType:
     """The GPU type ``name`` (e.g. "h100-80gb"); ValueError naming --gpu and the known types."""
     key = name.lower()
     if key not in GPU_TYPES:
-        raise ValueError(f"--gpu {name!r} is not a known GPU type; known: "
-                         f"{', '.join(GPU_TYPES)}")
+        raise ValueError(f"--gpu {name!r} is not a known GPU type; known: {', '.join(GPU_TYPES)}")
     return GPU_TYPES[key]
 
 
@@ -82,8 +105,10 @@ class ClusterShape:
         return self.nodes * self.gpus_per_node
 
     def describe(self) -> str:
-        return (f"{self.nodes} node(s) x {self.gpus_per_node} {self.gpu.name} = {self.world} "
-                f"GPUs ({self.gpu.note})")
+        return (
+            f"{self.nodes} node(s) x {self.gpus_per_node} {self.gpu.name} = {self.world} "
+            f"GPUs ({self.gpu.note})"
+        )
 
     def group_bandwidth(self, span: int) -> float:
         """Bytes/s per GPU for a collective over ranks spread over ``span`` consecutive ranks:

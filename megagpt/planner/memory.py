@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from megagpt.config import accumulation_steps
 from megagpt.config.schema import ModelConfig
 from megagpt.engine.ds_config import effective_zero_stage
 from megagpt.parallel.dims import split_layers
@@ -29,39 +30,58 @@ ZERO3_BUCKET_ELEMENTS = 500_000_000
 LOSS_CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 25}
 
 ASSUMPTIONS = [
-    ("model state per DeepSpeed 0.19 optimizer wrapper (the one the engine runs: bf16 at ZeRO 0 "
-    "and any DP=1 run follow megagpt.engine.ds_config's rule), B per parameter n of a stage: "
-    "plain fp32 (stage 0, torch AdamW) 4 weights + 4 grads + 8 Adam m, v (its all-reduce "
-    "copies come after the backward's peak); BF16_Optimizer (bf16 at stage 1) 2 flat bf16 "
-    "weights + 2 bf16 .grad + a full flat fp32 gradient accumulator (4) + fp32 master and "
-    "m, v over DP (12/DP); ZeRO 1 (stage_1_and_2) weights + .grad in the accumulation dtype "
-    "+ a fp32 averaged-gradient partition, master, m, v (16/DP); ZeRO 2 the same without "
-    ".grad; ZeRO 3 weights, fp32 gradient partition, master, m, v all over DP."),
-    ("activations per layer and micro-batch (Korthikanti et al. 2022, arXiv 2205.05198 eq. 1-3, "
-    "written for any activation width p bytes): s*b*h*[(4p + 2m)/(t if SP else 1) + "
-    "(4p + 2p*ffn/h)/t] + a*s^2*b*(p + m_a*(1 + p))/t, with m = 1 B dropout masks (0 when "
-    "dropout is 0) and m_a likewise for attention dropout; p=2, ffn=4h gives 34sbh + 5as^2b."),
-    ("flash attention (GPUs: PyTorch SDPA's flash/memory-efficient kernels) keeps no s^2 scores; "
-    "the CPU math kernel materialises them (the a*s^2*b term counts)."),
-    ("recompute: selective drops the s^2 term; full keeps only each layer's input (p*s*b*h, /t "
-    "with SP) plus one layer's full activations during its backward."),
-    ("pipeline: DeepSpeed's 1F1B schedule keeps min(PP - stage, micro-batches) micro-batches of "
-    "activations in flight on each stage; without pipelining one micro-batch is live. The last "
-    "stage also keeps the previous micro-batch's logits until the next step replaces them."),
-    ("logits on the last stage, at the loss's backward (megagpt.model.fused): s*b*V_padded/t "
-    f"* 2p (saved logits + their gradient) + one fp32 chunk of "
-    f"{LOSS_CHUNK_ELEMENTS['cuda']:.0e} elements on a GPU (two for 16-bit logits: the upcast "
-    "copy and the softmax)."),
-    (f"buffers: {CUDA_RESERVE_BYTES / GIB:.0f} GiB per GPU for CUDA context, NCCL and allocator "
-    f"slack; DeepSpeed's reduce buckets, allocated whole whatever the model size (on CPU too): "
-    f"ZeRO 1 one of {ZERO_BUCKET_ELEMENTS:.0e} elements in the accumulation dtype (two under "
-    "the pipeline engine), ZeRO 2 two "
-    f"in the parameter dtype (overlap_comm), ZeRO 3 DeepSpeed's default {ZERO3_BUCKET_ELEMENTS:.0e}"
-    " in the accumulation dtype (megagpt.engine sets no stage-3 bucket size)."),
-    ("checked on CPU against torch's allocator peak (tools/probe_memory.py, "
-    "bench/planner_memory.py: tiny and mini sizes, ZeRO 0-3, PP 1-2, TP 1-2, fp32 and bf16, "
-    "BENCHMARKS-planner.md), on a GPU against torch.cuda.max_memory_allocated "
-    "(bench/train_step.py)."),
+    (
+        "model state per DeepSpeed 0.19 optimizer wrapper (the one the engine runs: bf16 at ZeRO 0 "
+        "and any DP=1 run follow megagpt.engine.ds_config's rule), B per parameter n of a stage: "
+        "plain fp32 (stage 0, torch AdamW) 4 weights + 4 grads + 8 Adam m, v (its all-reduce "
+        "copies come after the backward's peak); BF16_Optimizer (bf16 at stage 1) 2 flat bf16 "
+        "weights + 2 bf16 .grad + a full flat fp32 gradient accumulator (4) + fp32 master and "
+        "m, v over DP (12/DP); ZeRO 1 (stage_1_and_2) weights + .grad in the accumulation dtype "
+        "+ a fp32 averaged-gradient partition, master, m, v (16/DP); ZeRO 2 the same without "
+        ".grad; ZeRO 3 weights, fp32 gradient partition, master, m, v all over DP."
+    ),
+    (
+        "activations per layer and micro-batch (Korthikanti et al. 2022, arXiv 2205.05198 eq. 1-3, "
+        "written for any activation width p bytes): s*b*h*[(4p + 2m)/(t if SP else 1) + "
+        "(4p + 2p*ffn/h)/t] + a*s^2*b*(p + m_a*(1 + p))/t, with m = 1 B dropout masks (0 when "
+        "dropout is 0) and m_a likewise for attention dropout; p=2, ffn=4h gives 34sbh + 5as^2b."
+    ),
+    (
+        "flash attention (GPUs: PyTorch SDPA's flash/memory-efficient kernels) keeps no s^2 "
+        "scores; the CPU math kernel materialises them (the a*s^2*b term counts)."
+    ),
+    (
+        "recompute: selective drops the s^2 term; full keeps only each layer's input (p*s*b*h, /t "
+        "with SP) plus one layer's full activations during its backward."
+    ),
+    (
+        "pipeline: DeepSpeed's 1F1B schedule keeps min(PP - stage, micro-batches) micro-batches of "
+        "activations in flight on each stage; without pipelining one micro-batch is live. The last "
+        "stage also keeps the previous micro-batch's logits until the next step replaces them."
+    ),
+    (
+        "output layer and loss (megagpt.model.fused): without a pipeline the fused "
+        "linear_cross_entropy keeps no logits, only the gradients it made in the forward "
+        "(s*b*h + V_padded/t*h, times p) and one fp32 chunk of rows (plus an fp32 V/t*h sum for "
+        "16-bit weights in several chunks); a pipeline's last stage keeps s*b*V_padded/t * 2p "
+        f"(saved logits + their gradient) + one fp32 chunk of {LOSS_CHUNK_ELEMENTS['cuda']:.0e} "
+        "elements on a GPU (two for 16-bit logits: the upcast copy and the softmax)."
+    ),
+    (
+        f"buffers: {CUDA_RESERVE_BYTES / GIB:.0f} GiB per GPU for CUDA context, NCCL and allocator "
+        f"slack; DeepSpeed's reduce buckets, allocated whole whatever the model size (on CPU too): "
+        f"ZeRO 1 one of {ZERO_BUCKET_ELEMENTS:.0e} elements in the accumulation dtype (two under "
+        "the pipeline engine), ZeRO 2 two "
+        "in the parameter dtype (overlap_comm), ZeRO 3 DeepSpeed's default "
+        f"{ZERO3_BUCKET_ELEMENTS:.0e} in the accumulation dtype (megagpt.engine sets no stage-3 "
+        "bucket size)."
+    ),
+    (
+        "checked on CPU against torch's allocator peak (tools/probe_memory.py, "
+        "bench/planner_memory.py: tiny and mini sizes, ZeRO 0-3, PP 1-2, TP 1-2, fp32 and bf16, "
+        "BENCHMARKS-planner.md), on a GPU against torch.cuda.max_memory_allocated "
+        "(bench/train_step.py)."
+    ),
 ]
 
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -103,26 +123,39 @@ class Layout:
 
     def overrides(self) -> dict[str, Any]:
         """The dotted config keys that select this layout."""
-        return {"parallel.tensor": self.tp, "parallel.pipeline": self.pp,
-                "parallel.zero_stage": self.zero_stage, "parallel.recompute": self.recompute,
-                "parallel.sequence_parallel": self.sequence_parallel,
-                "train.micro_batch_size": self.micro_batch}
+        return {
+            "parallel.tensor": self.tp,
+            "parallel.pipeline": self.pp,
+            "parallel.zero_stage": self.zero_stage,
+            "parallel.recompute": self.recompute,
+            "parallel.sequence_parallel": self.sequence_parallel,
+            "train.micro_batch_size": self.micro_batch,
+        }
 
     def describe(self) -> str:
         sp = " SP" if self.sequence_parallel else ""
-        return (f"TP{self.tp} PP{self.pp} DP{self.dp} micro {self.micro_batch} "
-                f"ZeRO{self.zero_stage} recompute={self.recompute}{sp}")
+        return (
+            f"TP{self.tp} PP{self.pp} DP{self.dp} micro {self.micro_batch} "
+            f"ZeRO{self.zero_stage} recompute={self.recompute}{sp}"
+        )
 
     @classmethod
     def from_config(cls, cfg, world: int) -> Layout:
         """The layout a Config describes on ``world`` ranks (DP derived)."""
         p = cfg.parallel
-        return cls(tp=p.tensor, pp=p.pipeline, dp=world // (p.tensor * p.pipeline),
-                   micro_batch=cfg.train.micro_batch_size, zero_stage=p.zero_stage,
-                   recompute=p.recompute, sequence_parallel=p.sequence_parallel)
+        return cls(
+            tp=p.tensor,
+            pp=p.pipeline,
+            dp=world // (p.tensor * p.pipeline),
+            micro_batch=cfg.train.micro_batch_size,
+            zero_stage=p.zero_stage,
+            recompute=p.recompute,
+            sequence_parallel=p.sequence_parallel,
+        )
 
 
 # -- parameters -------------------------------------------------------------------------------
+
 
 def layer_params_per_rank(m: ModelConfig, tp: int) -> int:
     """Parameters of one decoder layer on one TP rank (column-parallel weights and biases and
@@ -135,8 +168,10 @@ def layer_params_per_rank(m: ModelConfig, tp: int) -> int:
 
 def embedding_params_per_rank(m: ModelConfig, tp: int) -> int:
     """Word embedding (vocab-parallel, padded) + learned positions (replicated)."""
-    return padded_vocab_size(m.vocab_size, tp) * m.hidden_size // tp + \
-        m.max_position_embeddings * m.hidden_size
+    return (
+        padded_vocab_size(m.vocab_size, tp) * m.hidden_size // tp
+        + m.max_position_embeddings * m.hidden_size
+    )
 
 
 @dataclass(frozen=True)
@@ -169,8 +204,18 @@ def stage_parameters(m: ModelConfig, tp: int, pp: int) -> list[StageParams]:
 
 # -- activations ------------------------------------------------------------------------------
 
-def activation_bytes_per_layer(m: ModelConfig, seq: int, micro: int, tp: int, *, sp: bool,
-                               recompute: str, act_bytes: int, flash: bool) -> float:
+
+def activation_bytes_per_layer(
+    m: ModelConfig,
+    seq: int,
+    micro: int,
+    tp: int,
+    *,
+    sp: bool,
+    recompute: str,
+    act_bytes: int,
+    flash: bool,
+) -> float:
     """Bytes one decoder layer keeps for backward, for one micro-batch on one TP rank
     (stored, i.e. what stays live between its forward and its backward)."""
     s, b, h, a, p = seq, micro, m.hidden_size, m.num_heads, act_bytes
@@ -187,11 +232,13 @@ def activation_bytes_per_layer(m: ModelConfig, seq: int, micro: int, tp: int, *,
     return total
 
 
-def full_layer_bytes(m: ModelConfig, seq: int, micro: int, tp: int, *, sp: bool,
-                     act_bytes: int, flash: bool) -> float:
+def full_layer_bytes(
+    m: ModelConfig, seq: int, micro: int, tp: int, *, sp: bool, act_bytes: int, flash: bool
+) -> float:
     """One layer's activations without recompute (the working set recompute rebuilds)."""
-    return activation_bytes_per_layer(m, seq, micro, tp, sp=sp, recompute="none",
-                                      act_bytes=act_bytes, flash=flash)
+    return activation_bytes_per_layer(
+        m, seq, micro, tp, sp=sp, recompute="none", act_bytes=act_bytes, flash=flash
+    )
 
 
 def in_flight(pp: int, stage: int, micro_batches: int) -> int:
@@ -202,6 +249,7 @@ def in_flight(pp: int, stage: int, micro_batches: int) -> int:
 
 
 # -- model state per DeepSpeed optimizer wrapper ---------------------------------------------
+
 
 def optimizer_wrapper(precision: str, zero_stage: int, dp: int) -> str:
     """Which DeepSpeed optimizer path runs (``deepspeed_stage`` first): "plain" (stage 0: torch's
@@ -228,8 +276,7 @@ class ModelState:
     workspace: float  # transient at the step's peak: flattened all-reduce copies, gathers
 
 
-def model_state(precision: str, zero_stage: int, n: int, dp: int, *, pipeline: bool
-                ) -> ModelState:
+def model_state(precision: str, zero_stage: int, n: int, dp: int, *, pipeline: bool) -> ModelState:
     """Model-state bytes of a rank holding ``n`` parameters, read from DeepSpeed 0.19's code
     (``ASSUMPTIONS``) and checked against allocator peaks (tools/probe_memory.py):
 
@@ -265,11 +312,11 @@ def model_state(precision: str, zero_stage: int, n: int, dp: int, *, pipeline: b
         # a second bucket, since the backward runs outside the ZeRO optimizer's hooks.
         bucket = ZERO_BUCKET_ELEMENTS * (g * (2 if pipeline else 1) if z == 1 else 2 * p)
         return ModelState(p * n, grads, 8 * n / d, 4 * n / d, bucket, 0.0)
-    return ModelState(p * n / d, g * n / d, 8 * n / d, 4 * n / d, ZERO3_BUCKET_ELEMENTS * g,
-                      0.0)
+    return ModelState(p * n / d, g * n / d, 8 * n / d, 4 * n / d, ZERO3_BUCKET_ELEMENTS * g, 0.0)
 
 
 # -- the breakdown ----------------------------------------------------------------------------
+
 
 @dataclass
 class MemoryBreakdown:
@@ -286,62 +333,122 @@ class MemoryBreakdown:
 
     @property
     def total(self) -> float:
-        return (self.weights + self.grads + self.optimizer + self.flat + self.activations
-                + self.logits + self.buffers + self.workspace)
+        return (
+            self.weights
+            + self.grads
+            + self.optimizer
+            + self.flat
+            + self.activations
+            + self.logits
+            + self.buffers
+            + self.workspace
+        )
 
     def as_gib(self) -> dict[str, float]:
-        out = {f.name: getattr(self, f.name) / GIB for f in fields(self)
-               if f.name not in ("stage", "params")}
+        out = {
+            f.name: getattr(self, f.name) / GIB
+            for f in fields(self)
+            if f.name not in ("stage", "params")
+        }
         out["total"] = self.total / GIB
         return out
 
 
-def logits_bytes(m: ModelConfig, seq: int, micro: int, tp: int, precision: str, *,
-                 cuda: bool = True) -> float:
-    """Peak bytes of one micro-batch's output layer and loss on one TP rank, at the loss's
-    backward (``megagpt.model.fused.vocab_cross_entropy``): the logits the loss saved and their
-    gradient, s*b*V_padded/t elements each in the training dtype, plus one chunk of rows worked
-    in fp32 (the upcast copy of 16-bit logits and the softmax; fp32 logits need no copy)."""
+# Fewest rows per chunk of the fused output layer + loss (megagpt.model.fused._MIN_FUSED_ROWS).
+FUSED_MIN_ROWS = {4: 256, 2: 1024}
+
+
+def logits_bytes(
+    m: ModelConfig,
+    seq: int,
+    micro: int,
+    tp: int,
+    precision: str,
+    *,
+    cuda: bool = True,
+    fused: bool = False,
+) -> float:
+    """Peak bytes of one micro-batch's output layer and loss on one TP rank.
+
+    ``fused`` (pipeline size 1: ``megagpt.model.fused.linear_cross_entropy``): no logits are
+    kept; the gradients made in the forward wait for the backward, the hidden state's
+    [s*b, h] and the weight's [V_padded/t, h] in the training dtype, plus one chunk of rows of
+    fp32 logits (and their 16-bit copy and gradient for 16-bit weights), plus an fp32 [V/t, h]
+    sum of the chunks' weight gradients for 16-bit weights in more than one chunk.
+    Otherwise (a pipeline's last stage: ``vocab_cross_entropy`` on the logits): the logits the
+    loss saved and their gradient, s*b*V_padded/t elements each in the training dtype, plus one
+    chunk of rows worked in fp32 (the upcast copy of 16-bit logits and the softmax)."""
     p = BYTES[precision]
     vocab = padded_vocab_size(m.vocab_size, tp) // tp
     rows = seq * micro
-    chunk_rows = min(rows, max(1, LOSS_CHUNK_ELEMENTS["cuda" if cuda else "cpu"] // vocab))
+    per_chunk = LOSS_CHUNK_ELEMENTS["cuda" if cuda else "cpu"] // vocab
+    if fused:
+        chunk_rows = min(rows, max(FUSED_MIN_ROWS.get(p, 1024), per_chunk))
+        chunk = chunk_rows * vocab * (4 if p == 4 else 4 + 2 * p)
+        acc = vocab * m.hidden_size * 4 if p != 4 and chunk_rows < rows else 0
+        return (rows + vocab) * m.hidden_size * p + chunk + acc
+    chunk_rows = min(rows, max(1, per_chunk))
     chunk = chunk_rows * vocab * 4 * (1 if p == 4 else 2)
     return rows * vocab * 2 * p + chunk
 
 
-def memory_per_stage(m: ModelConfig, layout: Layout, *, precision: str, global_batch: int,
-                     seq: int | None = None, flash: bool = True, cuda: bool = True
-                     ) -> list[MemoryBreakdown]:
+def memory_per_stage(
+    m: ModelConfig,
+    layout: Layout,
+    *,
+    precision: str,
+    global_batch: int,
+    seq: int | None = None,
+    flash: bool = True,
+    cuda: bool = True,
+) -> list[MemoryBreakdown]:
     """Bytes per GPU on each pipeline stage for ``layout`` training ``m``.
 
     ``global_batch`` is in sequences (it sets the micro-batches per step, hence the pipeline's
     in-flight count); ``flash`` says whether attention scores are never materialised; ``cuda``
-    adds the per-GPU CUDA/NCCL reserve.
+    adds the per-GPU CUDA/NCCL reserve. Raises ConfigError when ``global_batch`` is not a
+    multiple of the layout's micro-batch x DP.
     """
     if precision not in BYTES:
         raise ValueError(f"train.precision={precision!r}: expected one of {list(BYTES)}")
     seq = seq or m.seq_length
     t, d = layout.tp, layout.dp
     p = BYTES[precision]
-    micro_batches = global_batch // (layout.micro_batch * d)
+    micro_batches = accumulation_steps(global_batch, layout.micro_batch, d)
     out = []
     for st in stage_parameters(m, t, layout.pp):
         n = st.params
         state = model_state(precision, layout.zero_stage, n, d, pipeline=layout.pp > 1)
         per_layer = activation_bytes_per_layer(
-            m, seq, layout.micro_batch, t, sp=layout.sequence_parallel,
-            recompute=layout.recompute, act_bytes=p, flash=flash)
+            m,
+            seq,
+            layout.micro_batch,
+            t,
+            sp=layout.sequence_parallel,
+            recompute=layout.recompute,
+            act_bytes=p,
+            flash=flash,
+        )
         live = in_flight(layout.pp, st.stage, micro_batches)
         acts = len(st.layers) * per_layer * live
         if layout.recompute == "full":
-            acts += full_layer_bytes(m, seq, layout.micro_batch, t,
-                                     sp=layout.sequence_parallel, act_bytes=p, flash=flash)
+            acts += full_layer_bytes(
+                m, seq, layout.micro_batch, t, sp=layout.sequence_parallel, act_bytes=p, flash=flash
+            )
         if st.embedding:  # embedding output (+ its dropout mask), per in-flight micro-batch
-            acts += live * seq * layout.micro_batch * m.hidden_size * (
-                p + (1 if m.dropout > 0 else 0)) / (t if layout.sequence_parallel else 1)
-        logits = logits_bytes(m, seq, layout.micro_batch, t, precision,
-                              cuda=cuda) if st.head else 0.0
+            acts += (
+                live
+                * seq
+                * layout.micro_batch
+                * m.hidden_size
+                * (p + (1 if m.dropout > 0 else 0))
+                / (t if layout.sequence_parallel else 1)
+            )
+        logits = (
+            logits_bytes(m, seq, layout.micro_batch, t, precision, cuda=cuda, fused=layout.pp == 1)
+            if st.head
+            else 0.0
+        )
         workspace = state.workspace
         if st.head and layout.pp > 1:
             # DeepSpeed's pipeline engine keeps the last stage's last loss (``engine.loss``)
@@ -350,8 +457,20 @@ def memory_per_stage(m: ModelConfig, layout: Layout, *, precision: str, global_b
             # micro-batch count).
             workspace += seq * layout.micro_batch * padded_vocab_size(m.vocab_size, t) / t * p
         buffers = (CUDA_RESERVE_BYTES if cuda else 0.0) + state.buffers
-        out.append(MemoryBreakdown(st.stage, n, state.weights, state.grads, state.optimizer,
-                                   acts, logits, buffers, state.flat, workspace))
+        out.append(
+            MemoryBreakdown(
+                st.stage,
+                n,
+                state.weights,
+                state.grads,
+                state.optimizer,
+                acts,
+                logits,
+                buffers,
+                state.flat,
+                workspace,
+            )
+        )
     return out
 
 

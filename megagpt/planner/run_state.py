@@ -3,31 +3,24 @@ megagpt.planner.run_state CONFIG [KEY=VALUE ...]`` prints ``RUN_DIR LATEST_STEP 
 
 LATEST_STEP is the step of ``<run.dir>/checkpoints/latest`` (0 when there is none); TARGET_STEPS
 is ``train.steps``. No process group, no model: reads the config and one small file.
+
+Torch-free: importing torch and megatron-core costs 10+ s on a login node, too slow for a check
+that runs at every job start and end. ``megagpt.checkpoint.tags`` (the naming of the checkpoints
+folder, shared with ``megagpt.checkpoint.manager``) imports only the standard library.
 """
 
 from __future__ import annotations
 
-import re
 import sys
-from pathlib import Path
 
+from megagpt.checkpoint.tags import checkpoint_dir, latest_step
 from megagpt.config import ConfigError, load_config
-
-_TAG = re.compile(r"^step_(\d+)$")
 
 
 def run_state(config: str, overrides: list[str]) -> tuple[str, int, int]:
     """(run.dir, step of the latest complete checkpoint or 0, train.steps) for a config."""
     cfg = load_config(config, overrides)
-    # The layout of megagpt.checkpoint.manager (``latest`` holds a tag ``step_NNNNNNN``), read
-    # directly: importing megagpt.checkpoint pulls in torch and megatron-core (10+ s on a login
-    # node), too slow for a check that runs at every job start and end.
-    latest = Path(cfg.run.dir) / "checkpoints" / "latest"
-    step = 0
-    if latest.is_file():
-        m = _TAG.match(latest.read_text(encoding="utf-8").strip())
-        step = int(m.group(1)) if m else 0
-    return cfg.run.dir, step, cfg.train.steps
+    return cfg.run.dir, latest_step(checkpoint_dir(cfg.run.dir)), cfg.train.steps
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,31 +50,51 @@ def with_layout(cfg: Config, layout: Layout) -> Config:
     return out
 
 
-def evaluate(cfg: Config, layout: Layout, shape: ClusterShape, *,
-             efficiency: float = DEFAULT_EFFICIENCY,
-             memory_fraction: float = DEFAULT_MEMORY_FRACTION) -> Plan:
+def evaluate(
+    cfg: Config,
+    layout: Layout,
+    shape: ClusterShape,
+    *,
+    efficiency: float = DEFAULT_EFFICIENCY,
+    memory_fraction: float = DEFAULT_MEMORY_FRACTION,
+) -> Plan:
     """Memory, step time and validity of ``layout`` for the model and batch of ``cfg``.
 
     ``problems`` lists why megagpt would reject it (config validation on the cluster's world
     size, with CUDA) or why it does not fit (memory above ``memory_fraction`` of the GPU).
     """
     if layout.world != shape.world:
-        return Plan(layout, [], None, False,  # type: ignore[arg-type]
-                    [f"layout uses {layout.world} GPUs, the cluster has {shape.world}"])
+        return Plan(
+            layout,
+            [],
+            None,
+            False,  # type: ignore[arg-type]
+            [f"layout uses {layout.world} GPUs, the cluster has {shape.world}"],
+        )
     found = problems(with_layout(cfg, layout), shape.world, cuda=True, need_data=False)
     if found:
         return Plan(layout, [], None, False, found)  # type: ignore[arg-type]
     m, t = cfg.model, cfg.train
-    mem = memory_per_stage(m, layout, precision=t.precision, global_batch=t.global_batch_size,
-                           flash=True, cuda=True)
-    tm = step_time(m, layout, shape, precision=t.precision, global_batch=t.global_batch_size,
-                   efficiency=efficiency, tf32=t.tf32)
+    mem = memory_per_stage(
+        m, layout, precision=t.precision, global_batch=t.global_batch_size, flash=True, cuda=True
+    )
+    tm = step_time(
+        m,
+        layout,
+        shape,
+        precision=t.precision,
+        global_batch=t.global_batch_size,
+        efficiency=efficiency,
+        tf32=t.tf32,
+    )
     budget = shape.gpu.memory_gib * GIB * memory_fraction
     peak = peak_stage(mem)
     issues = []
     if peak.total > budget:
-        issues.append(f"needs {peak.total / GIB:.1f} GiB on stage {peak.stage}, above "
-                      f"{memory_fraction:.0%} of {shape.gpu.memory_gib:g} GiB")
+        issues.append(
+            f"needs {peak.total / GIB:.1f} GiB on stage {peak.stage}, above "
+            f"{memory_fraction:.0%} of {shape.gpu.memory_gib:g} GiB"
+        )
     return Plan(layout, mem, tm, not issues, issues)
 
 
@@ -96,21 +116,25 @@ def candidate_layouts(cfg: Config, shape: ClusterShape) -> list[Layout]:
             for micro in MICRO_BATCHES:
                 for zero in zeros:
                     for rc in RECOMPUTE:
-                        for sp in ((False, True) if tp > 1 else (False,)):
+                        for sp in (False, True) if tp > 1 else (False,):
                             out.append(Layout(tp, pp, dp, micro, zero, rc, sp))
     return out
 
 
-def search(cfg: Config, shape: ClusterShape, *, efficiency: float = DEFAULT_EFFICIENCY,
-           memory_fraction: float = DEFAULT_MEMORY_FRACTION) -> tuple[list[Plan], int]:
+def search(
+    cfg: Config,
+    shape: ClusterShape,
+    *,
+    efficiency: float = DEFAULT_EFFICIENCY,
+    memory_fraction: float = DEFAULT_MEMORY_FRACTION,
+) -> tuple[list[Plan], int]:
     """Valid layouts that fit, fastest first (ties: less memory); and how many were rejected.
 
     Raises ValueError naming the flags when nothing fits.
     """
     plans, rejected = [], 0
     for layout in candidate_layouts(cfg, shape):
-        plan = evaluate(cfg, layout, shape, efficiency=efficiency,
-                        memory_fraction=memory_fraction)
+        plan = evaluate(cfg, layout, shape, efficiency=efficiency, memory_fraction=memory_fraction)
         if plan.fits:
             plans.append(plan)
         else:
@@ -120,6 +144,7 @@ def search(cfg: Config, shape: ClusterShape, *, efficiency: float = DEFAULT_EFFI
             f"no layout of {cfg.model.name or 'this model'} fits --nodes {shape.nodes} x "
             f"--gpus-per-node {shape.gpus_per_node} --gpu {shape.gpu.name} with global batch "
             f"{cfg.train.global_batch_size} (tried {rejected}); use more nodes or a GPU with "
-            "more memory")
+            "more memory"
+        )
     plans.sort(key=lambda p: (p.time.step_s, p.peak.total))
     return plans, rejected

@@ -30,35 +30,49 @@ DEFAULT_EFFICIENCY = 0.55
 OVERLAP_INTERFERENCE = 0.2
 
 ASSUMPTIONS = [
-    ("compute: hardware FLOPs (model FLOPs of megagpt.training.metrics.flops_per_token, plus "
-    "the recomputed forward: full = the layers' forward again, selective = the attention "
-    "scores' forward) at peak dense TFLOP/s x --efficiency (the matmul efficiency the kernels "
-    "reach; 0.55 by default)."),
-    ("pipeline: 1F1B; a step takes (micro-batches + PP - 1) x the slowest stage's forward + "
-    "backward of one micro-batch (the bubble is the PP - 1 extra slots)."),
-    ("tensor parallel: per layer and micro-batch 4 all-reduces of s*b*h activations (2 forward, "
-    "2 backward; 6 with full recompute), ring cost 2(t-1)/t x bytes / link bandwidth, NOT "
-    "overlapped with compute (megagpt has no TP communication overlap); sequence parallelism "
-    "moves the same bytes (all-gather + reduce-scatter)."),
-    ("pipeline parallel: per micro-batch and stage boundary one activation send forward and one "
-    "gradient send backward of s*b*h/t bytes (DeepSpeed partitions them over TP), not "
-    "overlapped."),
-    ("data parallel (gradients reduced in fp32 for bf16, in the training dtype otherwise; "
-    "ring costs (d-1)/d x bytes per reduce-scatter or all-gather, twice that per all-reduce): "
-    "ZeRO 0 one all-reduce after the last micro-batch; ZeRO 1 one reduce-scatter after the "
-    "last micro-batch plus one all-gather of the updated 16-bit weights, neither overlapped "
-    "(DeepSpeed's pipeline engine reduces after the flush); ZeRO 2 a reduce-scatter after "
-    "EVERY micro-batch (its gradients live only as DP shards) overlapped with that "
-    "micro-batch's backward (2/3 of its compute; overlap_comm), of which at least the last "
-    "bucket is exposed, plus the weight all-gather per step; ZeRO 3 also all-gathers the "
-    "weights for the forward and the backward of every micro-batch, overlapped with its "
-    f"whole compute. Overlapped communication still costs {OVERLAP_INTERFERENCE:g} x its "
-    "duration (NCCL shares the SMs and memory bandwidth with the kernels it hides behind)."),
-    (f"links: a group inside one node uses NVLink, a group spanning nodes InfiniBand (one NIC "
-    f"per GPU), each at {LINK_EFFICIENCY:.0%} of nominal; rank order is TP fastest, then DP, "
-    "then PP (megagpt.parallel.dims)."),
-    ("not modelled: optimizer step, data loading, the tied-embedding all-reduce between first "
-    "and last stage, kernel launch gaps, stragglers."),
+    (
+        "compute: hardware FLOPs (model FLOPs of megagpt.training.metrics.flops_per_token, plus "
+        "the recomputed forward: full = the layers' forward again, selective = the attention "
+        "scores' forward) at peak dense TFLOP/s x --efficiency (the matmul efficiency the kernels "
+        "reach; 0.55 by default)."
+    ),
+    (
+        "pipeline: 1F1B; a step takes (micro-batches + PP - 1) x the slowest stage's forward + "
+        "backward of one micro-batch (the bubble is the PP - 1 extra slots)."
+    ),
+    (
+        "tensor parallel: per layer and micro-batch 4 all-reduces of s*b*h activations (2 forward, "
+        "2 backward; 6 with full recompute), ring cost 2(t-1)/t x bytes / link bandwidth, NOT "
+        "overlapped with compute (megagpt has no TP communication overlap); sequence parallelism "
+        "moves the same bytes (all-gather + reduce-scatter)."
+    ),
+    (
+        "pipeline parallel: per micro-batch and stage boundary one activation send forward and one "
+        "gradient send backward of s*b*h/t bytes (DeepSpeed partitions them over TP), not "
+        "overlapped."
+    ),
+    (
+        "data parallel (gradients reduced in fp32 for bf16, in the training dtype otherwise; "
+        "ring costs (d-1)/d x bytes per reduce-scatter or all-gather, twice that per all-reduce): "
+        "ZeRO 0 one all-reduce after the last micro-batch; ZeRO 1 one reduce-scatter after the "
+        "last micro-batch plus one all-gather of the updated 16-bit weights, neither overlapped "
+        "(DeepSpeed's pipeline engine reduces after the flush); ZeRO 2 a reduce-scatter after "
+        "EVERY micro-batch (its gradients live only as DP shards) overlapped with that "
+        "micro-batch's backward (2/3 of its compute; overlap_comm), of which at least the last "
+        "bucket is exposed, plus the weight all-gather per step; ZeRO 3 also all-gathers the "
+        "weights for the forward and the backward of every micro-batch, overlapped with its "
+        f"whole compute. Overlapped communication still costs {OVERLAP_INTERFERENCE:g} x its "
+        "duration (NCCL shares the SMs and memory bandwidth with the kernels it hides behind)."
+    ),
+    (
+        f"links: a group inside one node uses NVLink, a group spanning nodes InfiniBand (one NIC "
+        f"per GPU), each at {LINK_EFFICIENCY:.0%} of nominal; rank order is TP fastest, then DP, "
+        "then PP (megagpt.parallel.dims)."
+    ),
+    (
+        "not modelled: optimizer step, data loading, the tied-embedding all-reduce between first "
+        "and last stage, kernel launch gaps, stragglers."
+    ),
 ]
 
 
@@ -95,8 +109,15 @@ def _exposed(comm_s: float, window_s: float, tail_s: float) -> float:
     return visible + OVERLAP_INTERFERENCE * (comm_s - visible)
 
 
-def data_parallel_time(precision: str, zero_stage: int, params: int, dp: int,
-                       bandwidth: float, micro_batches: int, micro_compute_s: float) -> float:
+def data_parallel_time(
+    precision: str,
+    zero_stage: int,
+    params: int,
+    dp: int,
+    bandwidth: float,
+    micro_batches: int,
+    micro_compute_s: float,
+) -> float:
     """Seconds per step of data-parallel communication not hidden behind compute, for a
     stage of ``params`` parameters per GPU (see ``ASSUMPTIONS``; ``micro_compute_s`` is one
     micro-batch's forward + backward on that stage).
@@ -125,9 +146,17 @@ def data_parallel_time(precision: str, zero_stage: int, params: int, dp: int,
     return micro_batches * _exposed(comm, micro_compute_s, tail)
 
 
-def step_time(m: ModelConfig, layout: Layout, shape: ClusterShape, *, precision: str,
-              global_batch: int, efficiency: float = DEFAULT_EFFICIENCY,
-              seq: int | None = None, tf32: bool = True) -> StepTime:
+def step_time(
+    m: ModelConfig,
+    layout: Layout,
+    shape: ClusterShape,
+    *,
+    precision: str,
+    global_batch: int,
+    efficiency: float = DEFAULT_EFFICIENCY,
+    seq: int | None = None,
+    tf32: bool = True,
+) -> StepTime:
     """Predicted seconds per optimizer step of ``layout`` on ``shape`` (global batch in
     sequences) and the resulting throughput, model TFLOP/s per GPU and MFU (``tf32``:
     train.tf32, which decides the fp32 peak)."""
@@ -172,14 +201,27 @@ def step_time(m: ModelConfig, layout: Layout, shape: ClusterShape, *, precision:
         pp_micro = 2.0 * (act / t) / shape.group_bandwidth(t * d + 1)
     slot = slowest + slowest_tp + pp_micro
     pipeline_s = (micro_batches + pp - 1) * slot
-    dp_s = data_parallel_time(precision, layout.zero_stage, max(st.params for st in stages), d,
-                              shape.group_bandwidth(t * d), micro_batches, slowest)
+    dp_s = data_parallel_time(
+        precision,
+        layout.zero_stage,
+        max(st.params for st in stages),
+        d,
+        shape.group_bandwidth(t * d),
+        micro_batches,
+        slowest,
+    )
     step = pipeline_s + dp_s
     tokens = global_batch * seq
     tps = tokens / step
     tflops = model_fpt * tps / shape.world / 1e12
     return StepTime(
-        compute_s=micro_batches * slowest, bubble_s=(pp - 1) * slot,
-        tp_comm_s=micro_batches * slowest_tp, pp_comm_s=micro_batches * pp_micro,
-        dp_comm_s=dp_s, step_s=step, tokens_per_s=tps, model_tflops_per_gpu=tflops,
-        mfu=tflops * 1e12 / peak)
+        compute_s=micro_batches * slowest,
+        bubble_s=(pp - 1) * slot,
+        tp_comm_s=micro_batches * slowest_tp,
+        pp_comm_s=micro_batches * pp_micro,
+        dp_comm_s=dp_s,
+        step_s=step,
+        tokens_per_s=tps,
+        model_tflops_per_gpu=tflops,
+        mfu=tflops * 1e12 / peak,
+    )

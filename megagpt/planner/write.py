@@ -29,7 +29,7 @@ def parse_plan_header(path: str | Path) -> dict[str, str]:
     """The ``# megagpt-plan: key=value ...`` line of a written config, as a dict."""
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         if line.startswith(PLAN_TAG):
-            return dict(kv.split("=", 1) for kv in line[len(PLAN_TAG):].split())
+            return dict(kv.split("=", 1) for kv in line[len(PLAN_TAG) :].split())
     raise ValueError(f"{path}: no '{PLAN_TAG}' line (not written by `megagpt plan --write`)")
 
 
@@ -40,8 +40,7 @@ def _rel(path: Path) -> str:
         return str(path.resolve())
 
 
-def config_text(recipe: str, model: str, layout: Layout, shape: ClusterShape,
-                summary: str) -> str:
+def config_text(recipe: str, model: str, layout: Layout, shape: ClusterShape, summary: str) -> str:
     """The YAML of a cluster config: ``recipe``'s keys with the layout keys set."""
     sections: dict[str, dict] = {}
     for dotted, value, _ in load_yaml(recipe):
@@ -55,22 +54,27 @@ def config_text(recipe: str, model: str, layout: Layout, shape: ClusterShape,
     ordered.update({s: v for s, v in sections.items() if s not in ordered})
     header = [
         f"# {model} on {shape.describe()}.",
-        (f"# Layout chosen by `megagpt plan --model {model} --nodes {shape.nodes} "
-        f"--gpus-per-node {shape.gpus_per_node} --gpu {shape.gpu.name}`;"),
+        (
+            f"# Layout chosen by `megagpt plan --model {model} --nodes {shape.nodes} "
+            f"--gpus-per-node {shape.gpus_per_node} --gpu {shape.gpu.name}`;"
+        ),
         f"# hyperparameters are those of {_rel(Path(recipe))} (same global batch in tokens).",
         f"# Planner: {summary}",
-        (f"# Launch: sbatch --nodes={shape.nodes} --gpus-per-node={shape.gpus_per_node} "
-        f"launch/slurm/train.sbatch THIS_FILE [KEY=VALUE ...]"),
-        (f"{PLAN_TAG} model={model} nodes={shape.nodes} gpus_per_node={shape.gpus_per_node} "
-        f"gpu={shape.gpu.name} recipe={_rel(Path(recipe))}"),
+        (
+            f"# Launch: sbatch --nodes={shape.nodes} --gpus-per-node={shape.gpus_per_node} "
+            f"launch/slurm/train.sbatch THIS_FILE [KEY=VALUE ...]"
+        ),
+        (
+            f"{PLAN_TAG} model={model} nodes={shape.nodes} gpus_per_node={shape.gpus_per_node} "
+            f"gpu={shape.gpu.name} recipe={_rel(Path(recipe))}"
+        ),
     ]
     body = []
     for sec, keys in ordered.items():
         body.append(f"{sec}:")
         for key, value in keys.items():
             # One key per line, lists in flow style, as the hand-written recipes are.
-            text = yaml.safe_dump(value, default_flow_style=True, width=1000,
-                                  allow_unicode=True)
+            text = yaml.safe_dump(value, default_flow_style=True, width=1000, allow_unicode=True)
             body.append(f"  {key}: {text.split(chr(10) + '...')[0].strip()}")
     return "\n".join(header + body) + "\n"
 
@@ -105,9 +109,17 @@ def signal_lead(params_per_gpu: int, precision_bytes: int) -> int:
     return int(max(300, 120 + 2 * save_s))
 
 
-def write_pair(recipe: str, model: str, layout: Layout, shape: ClusterShape, summary: str,
-               config_dir: str, sbatch_dir: str | None, params_per_gpu: int,
-               precision_bytes: int) -> tuple[Path, Path]:
+def write_pair(
+    recipe: str,
+    model: str,
+    layout: Layout,
+    shape: ClusterShape,
+    summary: str,
+    config_dir: str,
+    sbatch_dir: str | None,
+    params_per_gpu: int,
+    precision_bytes: int,
+) -> tuple[Path, Path]:
     """Write ``<config_dir>/<name>.yaml`` and ``<sbatch_dir>/<name>.sbatch``; returns both."""
     name = plan_name(model, shape)
     cdir = Path(config_dir)
@@ -116,9 +128,10 @@ def write_pair(recipe: str, model: str, layout: Layout, shape: ClusterShape, sum
     sdir.mkdir(parents=True, exist_ok=True)
     cpath, spath = cdir / f"{name}.yaml", sdir / f"{name}.sbatch"
     cpath.write_text(config_text(recipe, model, layout, shape, summary), encoding="utf-8")
-    spath.write_text(sbatch_text(cpath, model, shape,
-                                 signal_lead(params_per_gpu, precision_bytes)),
-                     encoding="utf-8")
+    spath.write_text(
+        sbatch_text(cpath, model, shape, signal_lead(params_per_gpu, precision_bytes)),
+        encoding="utf-8",
+    )
     spath.chmod(0o755)
     return cpath, spath
 

@@ -57,23 +57,45 @@ class Service:
         ids = self.tokenizer.encode(prompt)
         if not ids:
             if self.tokenizer.eod is None:
-                raise RequestError(f"empty '{name}' and the tokenizer has no end-of-document "
-                                   "token to start from", name)
+                raise RequestError(
+                    f"empty '{name}' and the tokenizer has no end-of-document token to start from",
+                    name,
+                )
             ids = [self.tokenizer.eod]
         return ids
 
-    def sequences(self, prompts: list[list[int]], limits: list[int], params, n: int,
-                  seed: int | None, stops: tuple[str, ...], sink) -> list[Sequence]:
+    def sequences(
+        self,
+        prompts: list[list[int]],
+        limits: list[int],
+        params,
+        n: int,
+        seed: int | None,
+        stops: tuple[str, ...],
+        sink,
+    ) -> list[Sequence]:
         """n sequences per prompt (prompt-major: choice index = prompt * n + copy), each with
         the sampling key ``TextGenerator.keys_for`` gives that row."""
-        keys = (self.generator.keys_for(prompts, n, seed) if not params.greedy
-                else [None] * (len(prompts) * n))
+        keys = (
+            self.generator.keys_for(prompts, n, seed)
+            if not params.greedy
+            else [None] * (len(prompts) * n)
+        )
         out = []
         for i, (ids, limit) in enumerate(zip(prompts, limits)):
             for c in range(n):
                 index = i * n + c
-                out.append(Sequence(ids, params, limit, CompletionText(self.tokenizer, ids, stops),
-                                    sink, index=index, key=keys[index]))
+                out.append(
+                    Sequence(
+                        ids,
+                        params,
+                        limit,
+                        CompletionText(self.tokenizer, ids, stops),
+                        sink,
+                        index=index,
+                        key=keys[index],
+                    )
+                )
         return out
 
 
@@ -104,10 +126,11 @@ def create_app(service: Service):
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException):
-        err = RequestError(f"{request.method} {request.url.path}: {exc.detail}",
-                           status=exc.status_code,
-                           type="not_found_error" if exc.status_code == 404
-                           else "invalid_request_error")
+        err = RequestError(
+            f"{request.method} {request.url.path}: {exc.detail}",
+            status=exc.status_code,
+            type="not_found_error" if exc.status_code == 404 else "invalid_request_error",
+        )
         return JSONResponse(err.body(), status_code=exc.status_code)
 
     async def _json(request: Request):
@@ -119,14 +142,23 @@ def create_app(service: Service):
     @app.get("/health")
     async def health():
         engine = service.engine
-        body = {"status": "ok" if engine.alive else "stopped", "model": service.model_name,
-                "active": len(engine.active), "waiting": engine.waiting.qsize(),
-                "max_batch": engine.max_batch}
+        body = {
+            "status": "ok" if engine.alive else "stopped",
+            "model": service.model_name,
+            "active": len(engine.active),
+            "waiting": engine.waiting.qsize(),
+            "max_batch": engine.max_batch,
+        }
         return JSONResponse(body, status_code=200 if engine.alive else 503)
 
     def _model_card() -> dict:
-        return {"id": service.model_name, "object": "model", "created": service.created,
-                "owned_by": "megagpt", "max_model_len": service.max_positions}
+        return {
+            "id": service.model_name,
+            "object": "model",
+            "created": service.created,
+            "owned_by": "megagpt",
+            "max_model_len": service.max_positions,
+        }
 
     @app.get("/v1/models")
     async def models():
@@ -135,17 +167,21 @@ def create_app(service: Service):
     @app.get("/v1/models/{name}")
     async def model(name: str):
         if name != service.model_name:
-            raise RequestError(f"the model '{name}' does not exist; this server serves "
-                               f"'{service.model_name}'", "model", status=404,
-                               code="model_not_found")
+            raise RequestError(
+                f"the model '{name}' does not exist; this server serves '{service.model_name}'",
+                "model",
+                status=404,
+                code="model_not_found",
+            )
         return _model_card()
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = parse_completion(await _json(request), service.model_name, service.vocab_size)
         prompts = [service.encode(p) for p in req.prompts]
-        limits = [limit_for(len(p), service.max_positions, max_new_tokens=req.max_tokens)
-                  for p in prompts]
+        limits = [
+            limit_for(len(p), service.max_positions, max_new_tokens=req.max_tokens) for p in prompts
+        ]
         q, sink = _events(asyncio.get_running_loop())
         seqs = service.sequences(prompts, limits, req.params, req.n, req.seed, req.stop, sink)
         echoes = [service.tokenizer.decode(p) if req.echo else "" for p in prompts]
@@ -154,9 +190,11 @@ def create_app(service: Service):
         usage = {"prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": 0}
         service.engine.submit(seqs)
         if req.stream:
-            return StreamingResponse(_stream(rid, created, seqs, q, echoes, req, usage),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                _stream(rid, created, seqs, q, echoes, req, usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         texts = [echoes[s.index // req.n] for s in seqs]
         reasons: list[str | None] = [None] * len(seqs)
         try:
@@ -164,40 +202,82 @@ def create_app(service: Service):
         finally:
             for s in seqs:
                 s.cancel()  # no-op for finished ones; frees the rows if the client left
-        choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": r}
-                   for i, (t, r) in enumerate(zip(texts, reasons))]
+        choices = [
+            {"text": t, "index": i, "logprobs": None, "finish_reason": r}
+            for i, (t, r) in enumerate(zip(texts, reasons))
+        ]
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        return {"id": rid, "object": "text_completion", "created": created,
-                "model": service.model_name, "choices": choices, "usage": usage}
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": service.model_name,
+            "choices": choices,
+            "usage": usage,
+        }
 
     async def _stream(rid, created, seqs, q, echoes, req, usage):
         def chunk(choices):
-            return _sse({"id": rid, "object": "text_completion", "created": created,
-                         "model": service.model_name, "choices": choices})
+            return _sse(
+                {
+                    "id": rid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": service.model_name,
+                    "choices": choices,
+                }
+            )
 
         try:
             for s in seqs:
                 if echoes[s.index // req.n]:
-                    yield chunk([{"text": echoes[s.index // req.n], "index": s.index,
-                                  "logprobs": None, "finish_reason": None}])
+                    yield chunk(
+                        [
+                            {
+                                "text": echoes[s.index // req.n],
+                                "index": s.index,
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                        ]
+                    )
             left = len(seqs)
             while left:
                 ev: Event = await q.get()
                 if ev.finish_reason == "error":
-                    yield _sse(RequestError(f"generation failed: {ev.error}", status=500,
-                                            type="server_error").body())
+                    yield _sse(
+                        RequestError(
+                            f"generation failed: {ev.error}", status=500, type="server_error"
+                        ).body()
+                    )
                     break
                 if ev.finish_reason is not None:
                     left -= 1
                     usage["completion_tokens"] += ev.tokens
                 elif not ev.text:
                     continue
-                yield chunk([{"text": ev.text, "index": ev.index, "logprobs": None,
-                              "finish_reason": ev.finish_reason}])
+                yield chunk(
+                    [
+                        {
+                            "text": ev.text,
+                            "index": ev.index,
+                            "logprobs": None,
+                            "finish_reason": ev.finish_reason,
+                        }
+                    ]
+                )
             if req.include_usage:
                 usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-                yield _sse({"id": rid, "object": "text_completion", "created": created,
-                            "model": service.model_name, "choices": [], "usage": usage})
+                yield _sse(
+                    {
+                        "id": rid,
+                        "object": "text_completion",
+                        "created": created,
+                        "model": service.model_name,
+                        "choices": [],
+                        "usage": usage,
+                    }
+                )
             yield "data: [DONE]\n\n"
         finally:
             for s in seqs:
@@ -207,8 +287,16 @@ def create_app(service: Service):
     async def generate(request: Request):
         req = parse_generate(await _json(request), service.vocab_size)
         prompts = [service.encode(t, "text") for t in req.texts]
-        limits = [limit_for(len(p), service.max_positions, max_new_tokens=req.max_new_tokens,
-                            max_length=req.max_length, name="text") for p in prompts]
+        limits = [
+            limit_for(
+                len(p),
+                service.max_positions,
+                max_new_tokens=req.max_new_tokens,
+                max_length=req.max_length,
+                name="text",
+            )
+            for p in prompts
+        ]
         q, sink = _events(asyncio.get_running_loop())
         seqs = service.sequences(prompts, limits, req.params, 1, req.seed, (), sink)
         service.engine.submit(seqs)
@@ -224,8 +312,9 @@ def create_app(service: Service):
     return app
 
 
-async def _drain(q: asyncio.Queue, count: int, texts: list[str], reasons: list, usage: dict
-                 ) -> None:
+async def _drain(
+    q: asyncio.Queue, count: int, texts: list[str], reasons: list, usage: dict
+) -> None:
     """Collect ``count`` choices' events into ``texts``/``reasons``; a failed step -> 500."""
     left = count
     while left:
@@ -237,4 +326,3 @@ async def _drain(q: asyncio.Queue, count: int, texts: list[str], reasons: list, 
             reasons[ev.index] = ev.finish_reason
             usage["completion_tokens"] += ev.tokens
             left -= 1
-

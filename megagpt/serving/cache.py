@@ -35,8 +35,9 @@ class SlotCache(KVCache):
     def _allocate(self, layer: int, k: torch.Tensor) -> None:
         _, nh, _, hd = k.shape
         # Zeroed: masked slots are multiplied by 0 attention weight and must not hold NaN.
-        self.keys[layer] = torch.zeros(self.slots, nh, self.max_length, hd, dtype=k.dtype,
-                                       device=k.device)
+        self.keys[layer] = torch.zeros(
+            self.slots, nh, self.max_length, hd, dtype=k.dtype, device=k.device
+        )
         self.values[layer] = torch.zeros_like(self.keys[layer])
 
     def begin_step(self, positions: torch.Tensor, span: int) -> None:
@@ -47,8 +48,9 @@ class SlotCache(KVCache):
         self._row_ids = torch.arange(self.rows, device=positions.device)
         self._slots = torch.arange(span, device=positions.device)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v [rows, nh, 1, hd] written at each row's own position; returns views
         [rows, nh, span, hd] of the buffers to attend to (masked by ``mask()``)."""
         if self.keys[layer] is None:

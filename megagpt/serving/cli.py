@@ -20,20 +20,32 @@ class ServeError(MegagptError, ValueError):
 
 
 def add_serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, "
-                       "continuous batching; tensor parallel under torchrun)")
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server (/v1/completions, "
+        "continuous batching; tensor parallel under torchrun)",
+    )
     p.add_argument("--model", required=True, help="megagpt model directory (<run.dir>/model)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
-                   "127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)",
+    )
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 = any)")
-    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together "
-                   "(KV-cache rows; default 16); more wait for a free row")
-    p.add_argument("--served-model-name", help="the model name clients send (default: the "
-                   "directory's name)")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=16,
+        help="requests decoded together (KV-cache rows; default 16); more wait for a free row",
+    )
+    p.add_argument(
+        "--served-model-name", help="the model name clients send (default: the directory's name)"
+    )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    p.add_argument("--log-level", default="info",
-                   choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument(
+        "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
+    )
     p.set_defaults(func=cmd_serve)
 
 
@@ -44,9 +56,11 @@ def check_args(args: argparse.Namespace) -> None:
     if not Path(args.model).is_dir():
         raise ServeError(f"--model {args.model}: no such directory")
     if not is_model_dir(args.model):
-        raise ServeError(f"--model {args.model}: not a megagpt model directory (no "
-                         "config.json with format megagpt-model); convert a checkpoint with "
-                         "`megagpt convert --to megagpt`")
+        raise ServeError(
+            f"--model {args.model}: not a megagpt model directory (no "
+            "config.json with format megagpt-model); convert a checkpoint with "
+            "`megagpt convert --to megagpt`"
+        )
     if not 0 <= args.port <= 65535:
         raise ServeError(f"--port {args.port}: must be in 0..65535")
     if args.max_batch < 1:
@@ -57,24 +71,24 @@ def check_args(args: argparse.Namespace) -> None:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as e:
-        raise ServeError(f"megagpt serve needs FastAPI and uvicorn ({e}); install them with "
-                         "pip install -e \".[serve]\"") from None
+        raise ServeError(
+            f"megagpt serve needs FastAPI and uvicorn ({e}); install them with "
+            'pip install -e ".[serve]"'
+        ) from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     check_args(args)
-    import torch.distributed as dist
-
-    from megagpt.inference.pipeline import load_generator
+    from megagpt.inference.pipeline import inference_context, load_generator
     from megagpt.serving.engine import Engine, Executor, follow
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
     try:
-        generator, tokenizer = load_generator(args.model, device=args.device, dtype=args.dtype)
+        ctx = inference_context(args.device)
+        generator, tokenizer = load_generator(args.model, dtype=args.dtype, ctx=ctx)
     except ValueError as e:
         raise ServeError(f"--model {args.model}: {e}") from None
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if generator.tp_size > 1 and rank != 0:
+    if generator.tp_size > 1 and ctx.rank != 0:
         follow(Executor(generator, args.max_batch))
         return 0
     name = args.served_model_name or Path(os.path.abspath(args.model)).name
@@ -89,8 +103,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_server(engine, tokenizer, name: str, host: str, port: int, log_level: str = "info"
-               ) -> None:
+def run_server(engine, tokenizer, name: str, host: str, port: int, log_level: str = "info") -> None:
     """Serve until interrupted (SIGINT/SIGTERM end uvicorn; the caller closes the engine)."""
     import signal
 

@@ -120,9 +120,11 @@ class Executor:
             return self._full_logits(last)
         if kind == "decode":
             _, ids, positions = op
-            return self._decode(torch.tensor(ids, dtype=torch.long, device=self.device),
-                                torch.tensor(positions, dtype=torch.long, device=self.device),
-                                max(positions) + 1)
+            return self._decode(
+                torch.tensor(ids, dtype=torch.long, device=self.device),
+                torch.tensor(positions, dtype=torch.long, device=self.device),
+                max(positions) + 1,
+            )
         if kind == "move":
             _, src, dst, length = op
             self.cache.move(src, dst, length)
@@ -147,8 +149,9 @@ class Executor:
     def broadcast(self, op: tuple | None) -> tuple:
         """TP rank 0 sends ``op``; the others receive it (``op`` ignored there)."""
         box = [op]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(self.tp_group, 0),
-                                   group=self.tp_group)
+        dist.broadcast_object_list(
+            box, src=dist.get_global_rank(self.tp_group, 0), group=self.tp_group
+        )
         return box[0]
 
 
@@ -185,8 +188,9 @@ class Engine:
 
     # -- public ---------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="megagpt-serve-scheduler",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop, name="megagpt-serve-scheduler", daemon=True
+        )
         self._thread.start()
 
     def submit(self, sequences: list[Sequence]) -> None:
@@ -233,8 +237,9 @@ class Engine:
                 except queue.Empty:
                     break
                 if s is not None:
-                    s.sink(Event(s.index, finish_reason="error",
-                                 error="the server is shutting down"))
+                    s.sink(
+                        Event(s.index, finish_reason="error", error="the server is shutting down")
+                    )
             self._run(("stop",))
 
     def _admit(self) -> None:
@@ -278,8 +283,7 @@ class Engine:
         if done:
             self._release(done)
 
-    def _sample(self, logits: torch.Tensor, rows: list[Sequence], steps: list[int]
-                ) -> list[int]:
+    def _sample(self, logits: torch.Tensor, rows: list[Sequence], steps: list[int]) -> list[int]:
         """Next token of each row; rows are grouped by sampling options (``sample`` takes one
         set per call), each row drawing with its own key at its own position."""
         groups: dict[SamplingParams, list[int]] = {}

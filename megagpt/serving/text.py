@@ -29,10 +29,11 @@ class CompletionText:
         self.stopped = False
 
     def _completion(self, generated: list[int]) -> str:
-        full = complete_text(self.tokenizer.decode(self.prompt + generated),
-                             keep=len(self.prompt_text))
+        full = complete_text(
+            self.tokenizer.decode(self.prompt + generated), keep=len(self.prompt_text)
+        )
         if full.startswith(self.prompt_text):
-            return full[len(self.prompt_text):]
+            return full[len(self.prompt_text) :]
         # A tokenizer whose decoding of the prompt changes once text follows (rare): the
         # continuation's own decoding is the best answer.
         return complete_text(self.tokenizer.decode(generated))
@@ -64,5 +65,5 @@ class CompletionText:
     def _show(self, visible: str) -> str:
         if not visible.startswith(self.text):  # never un-send text: only ever extend
             return ""
-        delta, self.text = visible[len(self.text):], visible
+        delta, self.text = visible[len(self.text) :], visible
         return delta

@@ -90,8 +90,9 @@ def device_peak(device_name: str) -> DevicePeak | None:
     return _BY_NAME.get(_normalise(device_name))
 
 
-def peak_tflops(device_name: str | None, precision: str, *, tf32: bool, override: float = 0.0
-                ) -> float | None:
+def peak_tflops(
+    device_name: str | None, precision: str, *, tf32: bool, override: float = 0.0
+) -> float | None:
     """Dense peak TFLOP/s that MFU divides by, for a run in ``precision`` on ``device_name``
     (None: CPU or no name); ``tf32`` says whether fp32 matmuls run on TF32 tensor cores.
 
@@ -116,8 +117,14 @@ def peak_tflops(device_name: str | None, precision: str, *, tf32: bool, override
 _WARNED: set[str] = set()
 
 
-def device_peak_tflops(device: torch.device, precision: str, override: float = 0.0, *,
-                       tf32: bool = True, log: Callable[[str], None] = print) -> float | None:
+def device_peak_tflops(
+    device: torch.device,
+    precision: str,
+    override: float = 0.0,
+    *,
+    tf32: bool = True,
+    log: Callable[[str], None] = print,
+) -> float | None:
     """Peak dense TFLOP/s of ``device`` for ``precision`` (see ``peak_tflops``); None on CPU
     and on an unknown GPU, for which it logs once how to set ``logging.peak_tflops``."""
     if override > 0:
@@ -130,10 +137,15 @@ def device_peak_tflops(device: torch.device, precision: str, override: float = 0
     peak = peak_tflops(name, precision, tf32=tf32)
     if peak is None and name not in _WARNED:
         _WARNED.add(name)
-        why = ("has no bf16 tensor cores" if device_peak(name) is not None
-               else "is not in megagpt.training.metrics.PEAK_TFLOPS")
-        log(f"GPU {name!r} {why}: MFU is not reported; set logging.peak_tflops to its dense "
-            f"{precision} peak TFLOP/s to get it")
+        why = (
+            "has no bf16 tensor cores"
+            if device_peak(name) is not None
+            else "is not in megagpt.training.metrics.PEAK_TFLOPS"
+        )
+        log(
+            f"GPU {name!r} {why}: MFU is not reported; set logging.peak_tflops to its dense "
+            f"{precision} peak TFLOP/s to get it"
+        )
     return peak
 
 
@@ -194,8 +206,17 @@ class MetricsWriter:
     Only one rank writes; the others get a writer whose methods do nothing.
     """
 
-    def __init__(self, run_dir: str, *, enabled: bool, wandb_mode: str, project: str,
-                 run_name: str, config: dict, tensorboard: bool = False):
+    def __init__(
+        self,
+        run_dir: str,
+        *,
+        enabled: bool,
+        wandb_mode: str,
+        project: str,
+        run_name: str,
+        config: dict,
+        tensorboard: bool = False,
+    ):
         self.enabled = enabled
         self._file = None
         self._wandb = None
@@ -208,8 +229,14 @@ class MetricsWriter:
             try:
                 import wandb
 
-                self._wandb = wandb.init(project=project, name=run_name, dir=run_dir,
-                                         mode=wandb_mode, config=config, resume="allow")
+                self._wandb = wandb.init(
+                    project=project,
+                    name=run_name,
+                    dir=run_dir,
+                    mode=wandb_mode,
+                    config=config,
+                    resume="allow",
+                )
             except Exception as e:  # a logger must never stop training
                 print(f"[megagpt] wandb disabled: {type(e).__name__}: {e}", flush=True)
                 self._wandb = None
@@ -224,12 +251,14 @@ class MetricsWriter:
         self._file.write(json.dumps(strict_record(record), allow_nan=False) + "\n")
         self._file.flush()
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in record.items() if k != "step"},
-                            step=record["step"])
+            self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
         if self._tb is not None:
             for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) \
-                        and not isinstance(value, bool):
+                if (
+                    key != "step"
+                    and isinstance(value, (int, float))
+                    and not isinstance(value, bool)
+                ):
                     self._tb.add_scalar(key, value, record["step"])
             self._tb.flush()
 
@@ -283,6 +312,9 @@ def _tensorboard_writer(log_dir: str, purge_step: int | None = None):
 
         return SummaryWriter(log_dir=log_dir, purge_step=purge_step)
     except Exception as e:  # ImportError without the package; OSError on an unwritable dir
-        print(f"[megagpt] tensorboard disabled: {type(e).__name__}: {e} (pip install "
-              "tensorboard, or pip install -e \".[plot]\")", flush=True)
+        print(
+            f"[megagpt] tensorboard disabled: {type(e).__name__}: {e} (pip install "
+            'tensorboard, or pip install -e ".[plot]")',
+            flush=True,
+        )
         return None

@@ -43,8 +43,9 @@ PANELS = (
     ("mfu", "MFU (%)", "linear", 100.0),
 )
 VALID_KEY = "valid_loss"
-NO_DATA = {"mfu": "\n(MFU is null on CPU, and on a GPU of unknown peak\n"
-                  "unless logging.peak_tflops is set)"}
+NO_DATA = {
+    "mfu": "\n(MFU is null on CPU, and on a GPU of unknown peak\nunless logging.peak_tflops is set)"
+}
 
 
 class PlotError(MegagptError):
@@ -127,13 +128,18 @@ def read_run(run_dir: str) -> RunMetrics:
     if not root.is_dir():
         raise PlotError(f"{root}: no such run directory")
     if not path.is_file():
-        raise PlotError(f"{path}: no such file; is {root} a megagpt run directory (training "
-                        "writes metrics.jsonl there at its first log step)?")
+        raise PlotError(
+            f"{path}: no such file; is {root} a megagpt run directory (training "
+            "writes metrics.jsonl there at its first log step)?"
+        )
     cfg = _run_config(root)
     name = (cfg.get("run") or {}).get("name") or root.resolve().name
     seq = (cfg.get("model") or {}).get("seq_length")
-    run = RunMetrics(name=str(name), path=str(root),
-                     seq_length=int(seq) if isinstance(seq, int) and seq > 0 else None)
+    run = RunMetrics(
+        name=str(name),
+        path=str(root),
+        seq_length=int(seq) if isinstance(seq, int) and seq > 0 else None,
+    )
     records = 0
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
@@ -160,9 +166,11 @@ def read_run(run_dir: str) -> RunMetrics:
                 # Last record of a step wins: a resume re-runs the steps after its checkpoint.
                 run.series.setdefault(key, {})[step] = _number(value)
     if records == 0:
-        raise PlotError(f"{path}: no metrics records"
-                        + (f" ({run.bad_lines} unreadable lines)" if run.bad_lines else "")
-                        + "; the run has not reached its first log step")
+        raise PlotError(
+            f"{path}: no metrics records"
+            + (f" ({run.bad_lines} unreadable lines)" if run.bad_lines else "")
+            + "; the run has not reached its first log step"
+        )
     return run
 
 
@@ -188,8 +196,9 @@ def plot_runs(run_dirs: list[str], out: str | None = None) -> Figure:
     try:
         import matplotlib
     except ImportError:
-        raise PlotError("matplotlib is not installed: pip install -e \".[plot]\" "
-                        "(or pip install matplotlib)") from None
+        raise PlotError(
+            'matplotlib is not installed: pip install -e ".[plot]" (or pip install matplotlib)'
+        ) from None
     matplotlib.use("Agg", force=True)  # files only, never a display
     from matplotlib.figure import Figure
     from matplotlib.ticker import EngFormatter, MaxNLocator
@@ -217,17 +226,22 @@ def plot_runs(run_dirs: list[str], out: str | None = None) -> Figure:
                     x = steps if col == 0 else run.tokens(steps)
                     if col == 1 and all(math.isnan(v) for v in x):
                         continue
-                    ax.plot(x, values, style, marker=marker, markersize=3, color=colour,
-                            label=label)
+                    ax.plot(
+                        x, values, style, marker=marker, markersize=3, color=colour, label=label
+                    )
                     drawn = True
             ax.set_title(f"{title} vs {'step' if col == 0 else 'tokens'}", fontsize=10)
             ax.set_xlabel("step" if col == 0 else "tokens")
             ax.grid(True, alpha=0.3)
             if not drawn:
-                why = ("no tokens axis:\nno model.seq_length in the runs' config.yaml"
-                       if has_values else "no data" + NO_DATA.get(key, ""))
-                ax.text(0.5, 0.5, why, transform=ax.transAxes, ha="center", va="center",
-                        color="grey")
+                why = (
+                    "no tokens axis:\nno model.seq_length in the runs' config.yaml"
+                    if has_values
+                    else "no data" + NO_DATA.get(key, "")
+                )
+                ax.text(
+                    0.5, 0.5, why, transform=ax.transAxes, ha="center", va="center", color="grey"
+                )
                 ax.set_xticks([])
                 ax.set_yticks([])
                 continue

@@ -15,7 +15,7 @@ from megagpt.config.schema import OptimConfig
 def noam_multiplier(step: int, warmup_steps: int) -> float:
     """min(s^-0.5, s * W^-1.5) with s = step + 1 (ModelScope's LambdaLR "noam")."""
     s = step + 1
-    return min(s ** -0.5, s * warmup_steps ** -1.5)
+    return min(s**-0.5, s * warmup_steps**-1.5)
 
 
 def learning_rate(o: OptimConfig, *, tokens: float, step: int) -> float:

@@ -12,8 +12,10 @@ import re
 
 # Han ideographs, CJK punctuation and full-width forms split to characters; other runs of
 # non-space characters stay words.
-_TOKEN = re.compile(r"[\u2e80-\u9fff\uf900-\ufaff\uff00-\uffef\U00020000-\U0003134f]|[^\s"
-                    r"\u2e80-\u9fff\uf900-\ufaff\uff00-\uffef\U00020000-\U0003134f]+")
+_TOKEN = re.compile(
+    r"[\u2e80-\u9fff\uf900-\ufaff\uff00-\uffef\U00020000-\U0003134f]|[^\s"
+    r"\u2e80-\u9fff\uf900-\ufaff\uff00-\uffef\U00020000-\U0003134f]+"
+)
 
 
 def missing_packages() -> list[str]:
@@ -49,6 +51,7 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
     if not predictions:
         return 0.0
     scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_CharTokenizer())
-    scores = [scorer.score(ref, pred)["rougeL"].fmeasure
-              for pred, ref in zip(predictions, references)]
+    scores = [
+        scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)
+    ]
     return 100.0 * sum(scores) / len(scores)

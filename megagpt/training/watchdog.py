@@ -20,8 +20,21 @@ from pathlib import Path
 
 # Phases the trainer marks. forward/backward/optimizer when the engine marks them, else the
 # whole step is "train_step".
-PHASES = ("rendezvous", "setup", "resume", "data", "train_step", "forward", "backward",
-          "optimizer", "eval", "stop_vote", "save", "export", "done")
+PHASES = (
+    "rendezvous",
+    "setup",
+    "resume",
+    "data",
+    "train_step",
+    "forward",
+    "backward",
+    "optimizer",
+    "eval",
+    "stop_vote",
+    "save",
+    "export",
+    "done",
+)
 
 # Exit status of a rank whose collective timed out: non-zero so torchrun restarts the job and a
 # scheduler can tell a hang (retry) from a bad config (2) or a diverged run (3).
@@ -76,13 +89,17 @@ def enable_flight_recorder(run_dir: str, env: dict | None = None) -> dict:
     ``nccl_trace_rank_<R>``, read with ``python -m torch.distributed.flight_recorder.fr_trace``.
     """
     env = os.environ if env is None else env
-    wanted = {"TORCH_NCCL_TRACE_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
-              "TORCH_FR_DUMP_TEMP_FILE": str(Path(run_dir, "flight_recorder",
-                                                  "nccl_trace_rank_"))}
+    wanted = {
+        "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
+        "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+        "TORCH_FR_DUMP_TEMP_FILE": str(Path(run_dir, "flight_recorder", "nccl_trace_rank_")),
+    }
     # Newer PyTorch reads TORCH_FR_* names, older the TORCH_NCCL_* ones: either set by the user
     # counts as set.
-    aliases = {"TORCH_NCCL_TRACE_BUFFER_SIZE": "TORCH_FR_BUFFER_SIZE",
-               "TORCH_FR_DUMP_TEMP_FILE": "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"}
+    aliases = {
+        "TORCH_NCCL_TRACE_BUFFER_SIZE": "TORCH_FR_BUFFER_SIZE",
+        "TORCH_FR_DUMP_TEMP_FILE": "TORCH_NCCL_DEBUG_INFO_TEMP_FILE",
+    }
     done = {}
     for key, value in wanted.items():
         if key in env or aliases.get(key, key) in env:

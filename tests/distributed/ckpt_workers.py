@@ -16,9 +16,9 @@ def local_shards_of_model_dir(directory: str, tp: int) -> dict:
 
     cfg = read_config(directory)
     pcfg = ParallelConfig(tensor=tp)
-    parallel.initialize(pcfg, torch.device("cpu"))
+    ctx = parallel.initialize(pcfg, torch.device("cpu"))
     model = GPTModel(cfg, megatron_config(cfg, pcfg))
-    load_into(model, load_tensors(directory), cfg, parallel.tp_rank(), tp)
+    load_into(model, load_tensors(directory), cfg, ctx.tp_rank, tp)
     out = {name: p.detach().tolist() for name, p in canonical_parameters(model)}
     parallel.destroy()
     return out

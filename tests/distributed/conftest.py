@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-WIKI = SHARED / "corpus" / "wiki_cmrc2018.jsonl"
+from tests.conftest import WIKI, read_jsonl
 
 
 @pytest.fixture(scope="session")
@@ -17,14 +16,19 @@ def tiny_corpus(tmp_path_factory) -> dict:
     from megagpt.data import make_input_spec, preprocess, train_tokenizer
 
     root = tmp_path_factory.mktemp("corpus")
-    docs = [json.loads(line)["text"] for line in WIKI.read_text(encoding="utf-8").splitlines()
-            [:200]]
+    docs = read_jsonl(WIKI, 200)
     src = root / "wiki200.jsonl"
-    src.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs),
-                   encoding="utf-8")
+    src.write_text(
+        "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8"
+    )
     train_tokenizer(iter(docs), str(root / "tok"), vocab_size=1024)
-    preprocess([make_input_spec(str(src))], str(root / "tok"), str(root / "wiki"),
-               append_eod=True, progress=False)
+    preprocess(
+        [make_input_spec(str(src))],
+        str(root / "tok"),
+        str(root / "wiki"),
+        append_eod=True,
+        progress=False,
+    )
     return {"tokenizer": str(root / "tok"), "prefix": str(root / "wiki"), "root": root}
 
 
@@ -56,8 +60,8 @@ train:
   log_interval: 1
   eval_interval: 0
 data:
-  paths: [{corpus['prefix']}]
-  tokenizer: {corpus['tokenizer']}
+  paths: [{corpus["prefix"]}]
+  tokenizer: {corpus["tokenizer"]}
   split: "95,5,0"
 logging:
   wandb: disabled

@@ -47,35 +47,57 @@ def engine_skip(overrides: list[str], mode: str, bad: int = 1, steps: int = 3) -
     from megagpt.engine import Engine, build_model
     from megagpt.model import initialize_weights
 
-    cfg = load_config(None, ["model.name=gpt3-tiny", "model.dropout=0",
-                             "model.attention_dropout=0", "train.precision=fp32",
-                             "optim.schedule=constant", "optim.lr=1e-3",
-                             "train.global_batch_size=8", "train.micro_batch_size=2",
-                             "model.seq_length=32", *overrides])
+    cfg = load_config(
+        None,
+        [
+            "model.name=gpt3-tiny",
+            "model.dropout=0",
+            "model.attention_dropout=0",
+            "train.precision=fp32",
+            "optim.schedule=constant",
+            "optim.lr=1e-3",
+            "train.global_batch_size=8",
+            "train.micro_batch_size=2",
+            "model.seq_length=32",
+            *overrides,
+        ],
+    )
     world = parallel.world_size_from_env()
     dev = torch.device("cpu")
     validate(cfg, world, cuda=False, need_data=False)
-    dims = parallel.initialize(cfg.parallel, dev)
+    ctx = parallel.initialize(cfg.parallel, dev)
+    dims = ctx.dims
     module = build_model(cfg, dims, dev)
-    initialize_weights(module, cfg.model, 1234, parallel.tp_rank(), dims.tp)
-    engine = Engine(cfg, module, dims, dev)
+    initialize_weights(module, cfg.model, 1234, ctx.tp_rank, dims.tp)
+    engine = Engine(cfg, module, ctx)
     gb, micro, seq = cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.model.seq_length
     gen = torch.Generator().manual_seed(7)
     results = []
     for step in range(steps):
         data = torch.randint(0, cfg.model.vocab_size, (gb, seq + 1), generator=gen)
         share = gb // dims.dp
-        mine = data[parallel.dp_rank() * share:(parallel.dp_rank() + 1) * share]
-        mbs = [{"tokens": mine[i:i + micro, :-1], "labels": mine[i:i + micro, 1:],
-                "loss_mask": torch.ones(micro, seq)} for i in range(0, share, micro)]
+        mine = data[ctx.dp_rank * share : (ctx.dp_rank + 1) * share]
+        mbs = [
+            {
+                "tokens": mine[i : i + micro, :-1],
+                "labels": mine[i : i + micro, 1:],
+                "loss_mask": torch.ones(micro, seq),
+            }
+            for i in range(0, share, micro)
+        ]
         before, adam = _masters(engine), engine.optim_state.adam_step()
         remove = _inject(engine, mode) if step == bad else None
         out = engine.train_step(mbs)
         if remove:
             remove()
         after = _masters(engine)
-        results.append({**out, "unchanged": all(torch.equal(a, b) for a, b in zip(before, after)),
-                        "adam_step_unchanged": engine.optim_state.adam_step() == adam})
+        results.append(
+            {
+                **out,
+                "unchanged": all(torch.equal(a, b) for a, b in zip(before, after)),
+                "adam_step_unchanged": engine.optim_state.adam_step() == adam,
+            }
+        )
     parallel.destroy()
     return {"steps": results}
 
@@ -103,9 +125,14 @@ def _patch_train_step(mode: str, at: list[int], from_step: int = 0, kill_at: int
     engine_module.Engine.train_step = train_step
 
 
-def cli_train_with_fault(config: str, overrides: list[str], mode: str = "loss",
-                         at: list[int] | None = None, from_step: int = 0,
-                         kill_at: int = 0) -> dict:
+def cli_train_with_fault(
+    config: str,
+    overrides: list[str],
+    mode: str = "loss",
+    at: list[int] | None = None,
+    from_step: int = 0,
+    kill_at: int = 0,
+) -> dict:
     """``megagpt train`` through the CLI's ``main`` with a fault injected (see
     ``_patch_train_step``); a non-zero exit status becomes this process's exit status."""
     from megagpt.cli import main

@@ -11,8 +11,9 @@ def generate_ids(directory: str, prompts: list[str], options: dict) -> dict:
     pipe = pipeline("text-generation", model=directory, device="cpu")
     ids = [pipe.tokenizer.encode(p) for p in prompts]
 
-    params = make_params(options.pop("top_k", None), options.pop("top_p", None),
-                         options.pop("temperature", None))
+    params = make_params(
+        options.pop("top_k", None), options.pop("top_p", None), options.pop("temperature", None)
+    )
     out = pipe.generator.generate(ids, params, **options)
     single = pipe.generator.generate(ids[:1], params, **options)  # one-row steps
     texts = pipe(prompts, top_k=1, max_new_tokens=8)

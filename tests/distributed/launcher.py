@@ -43,9 +43,14 @@ def free_port() -> int:
 
 
 def _environment(port: int) -> dict:
-    return dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-                WANDB_MODE="disabled")
+    return dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        WANDB_MODE="disabled",
+    )
 
 
 class _Zygote:
@@ -58,8 +63,12 @@ class _Zygote:
         self.path = os.path.join(self.dir, "sock")
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).with_name("zygote.py")), self.path],
-            env=_environment(0), cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            text=True)
+            env=_environment(0),
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         if self.proc.stdout.readline().strip() != "ready":
             raise RuntimeError("the test zygote (tests/distributed/zygote.py) did not start")
         atexit.register(self.close)
@@ -88,15 +97,20 @@ class _Zygote:
 
 
 def _use_zygote(fresh: bool) -> bool:
-    if fresh or os.environ.get("MEGAGPT_TEST_FRESH") == "1" or "DS_ACCELERATOR" in os.environ:
+    # DS_ACCELERATOR=cpu is what the zygote imported DeepSpeed with (megagpt's engine sets it in
+    # any process that builds an engine, this one included after an in-process engine test);
+    # another value is a test of import-time behaviour, which needs new interpreters.
+    accelerator = os.environ.get("DS_ACCELERATOR", "cpu")
+    if fresh or os.environ.get("MEGAGPT_TEST_FRESH") == "1" or accelerator != "cpu":
         return False
     import torch
 
     return not torch.cuda.is_available()
 
 
-def run_distributed(target: str, world: int, timeout: float = 300.0, fresh: bool = False,
-                    **kwargs) -> list:
+def run_distributed(
+    target: str, world: int, timeout: float = 300.0, fresh: bool = False, **kwargs
+) -> list:
     """Run ``target`` ("package.module:function") on ``world`` ranks; returns results by rank.
 
     ``fresh``: start each rank as a new interpreter (what a test of import-time behaviour
@@ -104,21 +118,42 @@ def run_distributed(target: str, world: int, timeout: float = 300.0, fresh: bool
     port = free_port()
     if _use_zygote(fresh):
         with tempfile.TemporaryDirectory() as tmp:
-            codes = _Zygote.get().run({"target": target, "world": world, "kwargs": kwargs,
-                                       "env": _environment(port), "timeout": timeout,
-                                       "dir": tmp})
-            return _collect(Path(tmp), [(Path(tmp) / f"rank{r}.json") for r in range(world)],
-                            codes)
+            codes = _Zygote.get().run(
+                {
+                    "target": target,
+                    "world": world,
+                    "kwargs": kwargs,
+                    "env": _environment(port),
+                    "timeout": timeout,
+                    "dir": tmp,
+                }
+            )
+            return _collect(Path(tmp), [(Path(tmp) / f"rank{r}.json") for r in range(world)], codes)
     with tempfile.TemporaryDirectory() as tmp:
         procs = []
         for rank in range(world):
-            env = dict(_environment(port), RANK=str(rank), WORLD_SIZE=str(world),
-                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+            env = dict(
+                _environment(port),
+                RANK=str(rank),
+                WORLD_SIZE=str(world),
+                LOCAL_RANK=str(rank),
+                LOCAL_WORLD_SIZE=str(world),
+            )
             out = Path(tmp) / f"rank{rank}.json"
             err = open(Path(tmp) / f"rank{rank}.err", "w")
-            procs.append((subprocess.Popen(
-                [sys.executable, "-c", _BOOT, target, json.dumps(kwargs), str(out)],
-                env=env, cwd=ROOT, stdout=err, stderr=subprocess.STDOUT), out, err))
+            procs.append(
+                (
+                    subprocess.Popen(
+                        [sys.executable, "-c", _BOOT, target, json.dumps(kwargs), str(out)],
+                        env=env,
+                        cwd=ROOT,
+                        stdout=err,
+                        stderr=subprocess.STDOUT,
+                    ),
+                    out,
+                    err,
+                )
+            )
         codes = []
         for p, _out, err in procs:
             try:
@@ -132,9 +167,12 @@ def run_distributed(target: str, world: int, timeout: float = 300.0, fresh: bool
 
 
 def _collect(tmp: Path, outs: list[Path], codes: list) -> list:
-    failures = [f"rank {rank} exited {code}:\n"
-                + (tmp / f"rank{rank}.err").read_text(errors="replace")[-4000:]
-                for rank, code in enumerate(codes) if code != 0]
+    failures = [
+        f"rank {rank} exited {code}:\n"
+        + (tmp / f"rank{rank}.err").read_text(errors="replace")[-4000:]
+        for rank, code in enumerate(codes)
+        if code != 0
+    ]
     if failures:
         raise AssertionError("\n\n".join(failures))
     return [json.loads(out.read_text()) for out in outs]

@@ -64,8 +64,9 @@ def base(tiny_corpus, tmp_path_factory) -> Path:
     """One real 6-step run: checkpoints step_0000003 and step_0000006 (latest), model/."""
     root = tmp_path_factory.mktemp("base")
     run = root / "run"
-    run_distributed(TRAIN, 1, config=str(tiny_recipe(root / "r.yaml", tiny_corpus, run)),
-                    overrides=[])
+    run_distributed(
+        TRAIN, 1, config=str(tiny_recipe(root / "r.yaml", tiny_corpus, run)), overrides=[]
+    )
     return run
 
 
@@ -77,12 +78,23 @@ def copy_run(base: Path, tmp_path: Path, corpus: dict) -> tuple[Path, Path]:
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="disabled", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-c", "import sys; from megagpt.cli import main; "
-                           "sys.exit(main(sys.argv[1:]))", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from megagpt.cli import main; sys.exit(main(sys.argv[1:]))",
+            *args,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 # -- item 1: no code execution from a checkpoint folder ----------------------------------------
+
 
 def test_payload_in_own_checkpoint_never_runs(base, tiny_corpus, tmp_path):
     """A payload added next to a valid record: the resume reads the record and never opens the
@@ -101,8 +113,9 @@ def test_payload_in_own_checkpoint_never_runs(base, tiny_corpus, tmp_path):
     for name in NATIVE:
         plant(run2 / "checkpoints" / "step_0000006" / name, marker)
     with pytest.raises(AssertionError):  # the payload is no real checkpoint: the load fails
-        run_distributed(TRAIN, 1, config=str(cfg2),
-                        overrides=["train.steps=7", "checkpoint.trust_pickle=true"])
+        run_distributed(
+            TRAIN, 1, config=str(cfg2), overrides=["train.steps=7", "checkpoint.trust_pickle=true"]
+        )
     assert marker.exists(), "control: with trust_pickle the native files are read"
 
 
@@ -128,8 +141,9 @@ def test_checkpoint_load_reads_the_record_beside_a_payload(base, tiny_corpus, tm
     for name in NATIVE:
         plant(ext / "step_0000006" / name, marker)
     cfg = tiny_recipe(tmp_path / "r.yaml", tiny_corpus, tmp_path / "run")
-    res = run_distributed(REPORT, 1, config=str(cfg),
-                          overrides=[f"checkpoint.load={ext}", "train.steps=7"])[0]
+    res = run_distributed(
+        REPORT, 1, config=str(cfg), overrides=[f"checkpoint.load={ext}", "train.steps=7"]
+    )[0]
     assert res["resumed"] == 6 and res["step"] == 7
     assert not marker.exists(), "the planted pickle ran through checkpoint.load"
 
@@ -154,8 +168,17 @@ def test_convert_and_generate_never_unpickle(base, tmp_path):
     shutil.copytree(base / "model", model)
     plant(model / "pytorch_model.bin", marker)
     plant(model / "model.pt", marker)
-    gen = cli("generate", "--model", str(model), "--prompt", "hello", "--max-new-tokens", "2",
-              "--top-k", "1")
+    gen = cli(
+        "generate",
+        "--model",
+        str(model),
+        "--prompt",
+        "hello",
+        "--max-new-tokens",
+        "2",
+        "--top-k",
+        "1",
+    )
     assert gen.returncode == 0, gen.stderr
     (model / "model.safetensors").unlink()
     plant(model / "model.safetensors", marker)
@@ -169,8 +192,12 @@ def test_trust_pickle_keeps_the_native_resume_exact(tiny_corpus, tmp_path):
     resume is exact (dropout on: the RNG comes back too)."""
     layout = ["checkpoint.native=true", "checkpoint.trust_pickle=true", "model.dropout=0.1"]
     straight, split = tmp_path / "straight", tmp_path / "split"
-    run_distributed(TRAIN, 1, config=str(tiny_recipe(tmp_path / "a.yaml", tiny_corpus, straight)),
-                    overrides=layout)
+    run_distributed(
+        TRAIN,
+        1,
+        config=str(tiny_recipe(tmp_path / "a.yaml", tiny_corpus, straight)),
+        overrides=layout,
+    )
     cfg = tiny_recipe(tmp_path / "b.yaml", tiny_corpus, split)
     run_distributed(TRAIN, 1, config=str(cfg), overrides=layout + ["train.steps=3"])
     res = run_distributed(REPORT, 1, config=str(cfg), overrides=layout)[0]
@@ -180,6 +207,7 @@ def test_trust_pickle_keeps_the_native_resume_exact(tiny_corpus, tmp_path):
 
 
 # -- item 5: a damaged newest checkpoint --------------------------------------------------------
+
 
 def _truncate(path: Path) -> None:
     data = path.read_bytes()
@@ -195,12 +223,15 @@ def _flip(path: Path) -> None:
 PARAM = "layout_free/tp00-pp00.param.safetensors"
 FAULTS = {
     "truncated safetensors": (lambda c: _truncate(c / PARAM), PARAM),
-    "missing meta.json": (lambda c: (c / "layout_free" / "meta.json").unlink(),
-                          "layout_free/meta.json"),
-    "flipped bytes": (lambda c: _flip(c / "layout_free/tp00-pp00.exp_avg.safetensors"),
-                      "layout_free/tp00-pp00.exp_avg.safetensors"),
-    "missing rng file": (lambda c: (c / "rng" / "pp000-tp000.pt").unlink(),
-                         "rng/pp000-tp000.pt"),
+    "missing meta.json": (
+        lambda c: (c / "layout_free" / "meta.json").unlink(),
+        "layout_free/meta.json",
+    ),
+    "flipped bytes": (
+        lambda c: _flip(c / "layout_free/tp00-pp00.exp_avg.safetensors"),
+        "layout_free/tp00-pp00.exp_avg.safetensors",
+    ),
+    "missing rng file": (lambda c: (c / "rng" / "pp000-tp000.pt").unlink(), "rng/pp000-tp000.pt"),
     "lost folder": (lambda c: shutil.rmtree(c), "step_0000006 does not exist"),
 }
 
@@ -212,14 +243,16 @@ def test_damaged_newest_checkpoint_falls_back(base, tiny_corpus, tmp_path, fault
     newest = run / "checkpoints" / "step_0000006"
     damage(newest)
     with pytest.raises(AssertionError) as e:
-        run_distributed(TRAIN, 1, config=str(cfg),
-                        overrides=["train.steps=7", "checkpoint.require_latest=true"])
+        run_distributed(
+            TRAIN, 1, config=str(cfg), overrides=["train.steps=7", "checkpoint.require_latest=true"]
+        )
     assert name in str(e.value) and "require_latest" in str(e.value)
     res = run_distributed(REPORT, 1, config=str(cfg), overrides=["train.steps=7"])[0]
     assert res["resumed"] == 3 and res["step"] == 7
     got, want = losses(run), losses(base)
-    assert [got[s] for s in (4, 5, 6)] == [want[s] for s in (4, 5, 6)], \
+    assert [got[s] for s in (4, 5, 6)] == [want[s] for s in (4, 5, 6)], (
         "the fall-back resume must be the exact continuation of step 3"
+    )
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000007"
     if fault != "lost folder":
         assert (run / "checkpoints" / "step_0000006.damaged").is_dir()

@@ -10,7 +10,8 @@ import os
 import numpy as np
 import pytest
 
-from tests.distributed.conftest import WIKI, tiny_recipe
+from tests.conftest import WIKI, read_jsonl
+from tests.distributed.conftest import tiny_recipe
 from tests.distributed.launcher import run_distributed
 
 CLI = "tests.distributed.fault_workers:cli_train_with_fault"
@@ -42,17 +43,23 @@ def wide_dataset(tiny_corpus, tmp_path_factory) -> str:
     from megagpt.data import make_input_spec, preprocess, train_tokenizer
 
     root = tmp_path_factory.mktemp("wide")
-    docs = [json.loads(x)["text"] for x in WIKI.read_text(encoding="utf-8").splitlines()[:200]]
+    docs = read_jsonl(WIKI, 200)
     train_tokenizer(iter(docs), str(root / "tok2048"), vocab_size=2048)
-    preprocess([make_input_spec(str(tiny_corpus["root"] / "wiki200.jsonl"))],
-               str(root / "tok2048"), str(root / "wide"), append_eod=True, progress=False)
+    preprocess(
+        [make_input_spec(str(tiny_corpus["root"] / "wiki200.jsonl"))],
+        str(root / "tok2048"),
+        str(root / "wide"),
+        append_eod=True,
+        progress=False,
+    )
     return str(root / "wide")
 
 
 @pytest.mark.parametrize("world,layout", [(1, []), (2, ["parallel.tensor=2"])])
 @pytest.mark.parametrize("record", [True, False])
-def test_dataset_with_a_larger_vocabulary_is_refused(tiny_corpus, wide_dataset, tmp_path,
-                                                     world, layout, record):
+def test_dataset_with_a_larger_vocabulary_is_refused(
+    tiny_corpus, wide_dataset, tmp_path, world, layout, record
+):
     """With its vocab record (preprocessed by megagpt) and without it (scanned): exit 2 before
     any step, naming data.paths[0], the largest id and the model's vocabulary size."""
     prefix = str(tmp_path / "wide")
@@ -62,8 +69,9 @@ def test_dataset_with_a_larger_vocabulary_is_refused(tiny_corpus, wide_dataset, 
     cfg = tiny_recipe(tmp_path / "r.yaml", tiny_corpus, run)
     top = int(np.memmap(wide_dataset + ".bin", dtype=np.uint16, mode="r").max())
     assert top >= 1024
-    for code, log in _failing(world, config=str(cfg),
-                              overrides=layout + [f"data.paths=[{prefix}]"]):
+    for code, log in _failing(
+        world, config=str(cfg), overrides=layout + [f"data.paths=[{prefix}]"]
+    ):
         line = _one_error_line(log)
         assert code == 2
         assert f"data.paths[0]={prefix}" in line and "1024" in line and str(top) in line, line
@@ -75,8 +83,9 @@ def test_damaged_checkpoint_load_prints_one_line_per_rank(tiny_corpus, tmp_path)
     2 with one line naming the file (it used to print a traceback on every rank)."""
     damaged = tmp_path / "model"
     damaged.mkdir()
-    (damaged / "config.json").write_text(json.dumps(
-        {"format": "megagpt-model", "version": 1, "model": {"num_layerz": 4}}))
+    (damaged / "config.json").write_text(
+        json.dumps({"format": "megagpt-model", "version": 1, "model": {"num_layerz": 4}})
+    )
     cfg = tiny_recipe(tmp_path / "r.yaml", tiny_corpus, tmp_path / "run")
     for code, log in _failing(2, config=str(cfg), overrides=[f"checkpoint.load={damaged}"]):
         line = _one_error_line(log)

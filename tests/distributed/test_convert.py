@@ -39,9 +39,15 @@ def test_hf_export_logits_equal_megagpt(tmp_path, activation, eps, tp):
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # tied
     with torch.no_grad():
         want = model(torch.tensor(TOKENS)).logits  # [b, s, V]
-    got = torch.tensor(run_distributed("tests.distributed.workers:logits_of_model_dir", tp,
-                                       directory=str(tmp_path / "m"), tokens=TOKENS,
-                                       tp=tp)[0]).transpose(0, 1)  # [s, b, V] -> [b, s, V]
+    got = torch.tensor(
+        run_distributed(
+            "tests.distributed.workers:logits_of_model_dir",
+            tp,
+            directory=str(tmp_path / "m"),
+            tokens=TOKENS,
+            tp=tp,
+        )[0]
+    ).transpose(0, 1)  # [s, b, V] -> [b, s, V]
     assert got.shape == want.shape == (2, 12, 96)
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
     # and back: the HF import gives the same tensors
@@ -56,11 +62,16 @@ def test_modelscope_shards_are_megatron_tp_shards(tmp_path):
     state = random_state(cfg, seed=4)
     write_model_dir(tmp_path / "m", cfg, state)
     modelscope.write(str(tmp_path / "ms"), cfg, state, tp=2)
-    ranks = run_distributed("tests.distributed.ckpt_workers:local_shards_of_model_dir", 2,
-                            directory=str(tmp_path / "m"), tp=2)
+    ranks = run_distributed(
+        "tests.distributed.ckpt_workers:local_shards_of_model_dir",
+        2,
+        directory=str(tmp_path / "m"),
+        tp=2,
+    )
     for r, local in enumerate(ranks):
-        shard = torch.load(tmp_path / "ms" / "model" / f"mp_rank_{r:02d}_model_states.pt",
-                           weights_only=True)
+        shard = torch.load(
+            tmp_path / "ms" / "model" / f"mp_rank_{r:02d}_model_states.pt", weights_only=True
+        )
         for name, value in local.items():
             key = modelscope._from_canonical(name)
             assert torch.equal(torch.tensor(value), shard[key]), f"rank {r} {name}"
@@ -70,9 +81,14 @@ def test_continued_pretraining_from_modelscope_at_any_layout(tiny_corpus, tmp_pa
     """checkpoint.load = a 2-shard ModelScope dir: TP=1 and TP=2 x PP=2 train identically from
     its weights."""
     m = from_name("gpt3-tiny")
-    cfg = small_config(num_layers=m.num_layers, num_heads=m.num_heads,
-                       hidden_size=m.hidden_size, max_position_embeddings=m.max_position_embeddings,
-                       seq_length=m.seq_length, vocab_size=1024)
+    cfg = small_config(
+        num_layers=m.num_layers,
+        num_heads=m.num_heads,
+        hidden_size=m.hidden_size,
+        max_position_embeddings=m.max_position_embeddings,
+        seq_length=m.seq_length,
+        vocab_size=1024,
+    )
     state = random_state(cfg, seed=5)
     state["embedding.word.word_embeddings.weight"] *= 10  # sharp logits: far from ln(vocab)
     modelscope.write(str(tmp_path / "ms"), cfg, state, tp=2)
@@ -80,9 +96,13 @@ def test_continued_pretraining_from_modelscope_at_any_layout(tiny_corpus, tmp_pa
     for world, layout in ((1, []), (4, ["parallel.tensor=2", "parallel.pipeline=2"])):
         run = tmp_path / f"run{world}"
         recipe = tiny_recipe(tmp_path / f"r{world}.yaml", tiny_corpus, run)
-        res = run_distributed("tests.distributed.workers:train_run", world, config=str(recipe),
-                              overrides=layout + ["train.steps=2", "model.layernorm_eps=1e-12",
-                                                  f"checkpoint.load={tmp_path / 'ms'}"])
+        res = run_distributed(
+            "tests.distributed.workers:train_run",
+            world,
+            config=str(recipe),
+            overrides=layout
+            + ["train.steps=2", "model.layernorm_eps=1e-12", f"checkpoint.load={tmp_path / 'ms'}"],
+        )
         assert res[0]["step"] == 2
         recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         losses.append([r["loss"] for r in recs if "loss" in r])

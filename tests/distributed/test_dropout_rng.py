@@ -7,8 +7,13 @@ from tests.distributed.conftest import tiny_recipe
 from tests.distributed.launcher import run_distributed
 
 DRAWS = "tests.distributed.workers:dropout_draws"
-DROPOUT = ["model.dropout=0.1", "model.attention_dropout=0.1", "train.steps=1",
-           "checkpoint.interval=0", "parallel.tensor=2"]
+DROPOUT = [
+    "model.dropout=0.1",
+    "model.attention_dropout=0.1",
+    "train.steps=1",
+    "checkpoint.interval=0",
+    "parallel.tensor=2",
+]
 
 
 def _draws(tiny_corpus, tmp_path, extra):

@@ -15,15 +15,15 @@ import pytest
 
 from megagpt.training.schedules import noam_multiplier
 from tests.distributed.launcher import run_distributed
-from tests.unit.inference.conftest import POETRY_TEST, POETRY_TRAIN, shared_assets
+from tests.conftest import POETRY_TEST, POETRY_TRAIN, shared_path
+from tests.unit.inference.conftest import shared_assets
 
 FT = "tests.distributed.gen_workers:finetune_run"
 
 
 def _short_poems(path: Path, n: int) -> str:
     # 5-character quatrains (24 characters with punctuation) fit a 40-token sample untruncated.
-    lines = [x for x in path.read_text("utf-8").splitlines()
-             if len(json.loads(x)["text1"]) <= 24]
+    lines = [x for x in path.read_text("utf-8").splitlines() if len(json.loads(x)["text1"]) <= 24]
     return "".join(x + "\n" for x in lines[:n])
 
 
@@ -32,26 +32,39 @@ def setup(tmp_path_factory) -> dict:
     assets = shared_assets(tmp_path_factory)
     root = tmp_path_factory.mktemp("ft")
     train, test = root / "poetry_train.jsonl", root / "poetry_test.jsonl"
-    train.write_text(_short_poems(POETRY_TRAIN, 48), "utf-8")
-    test.write_text(_short_poems(POETRY_TEST, 12), "utf-8")
+    train.write_text(_short_poems(shared_path(POETRY_TRAIN), 48), "utf-8")
+    test.write_text(_short_poems(shared_path(POETRY_TEST), 12), "utf-8")
     # src+tgt: first line of a poem -> its second line, with renamed columns, as csv.
     qa = root / "qa.csv"
     with open(qa, "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f)
         w.writerow(["first", "second"])
-        for line in POETRY_TRAIN.read_text("utf-8").splitlines()[:40]:
+        for line in shared_path(POETRY_TRAIN).read_text("utf-8").splitlines()[:40]:
             parts = json.loads(line)["text1"].split("，")
             w.writerow([parts[0] + "，", parts[1].split("。")[0] + "。"])
-    return {"root": root, "model": assets["model"], "train": str(train), "test": str(test),
-            "qa": str(qa)}
+    return {
+        "root": root,
+        "model": assets["model"],
+        "train": str(train),
+        "test": str(test),
+        "qa": str(qa),
+    }
 
 
 def recipe(path: Path, setup: dict, run_dir: Path, **finetune: str) -> Path:
-    keys = {"train_file": setup["train"], "eval_file": setup["test"], "src_column": "text1",
-            "seq_length": 40, "epochs": 2, "init_from": setup["model"],
-            "eval_at_start": "true", **finetune}
+    keys = {
+        "train_file": setup["train"],
+        "eval_file": setup["test"],
+        "src_column": "text1",
+        "seq_length": 40,
+        "epochs": 2,
+        "init_from": setup["model"],
+        "eval_at_start": "true",
+        **finetune,
+    }
     section = "".join(f"  {k}: {v}\n" for k, v in keys.items())
-    path.write_text(f"""model:
+    path.write_text(
+        f"""model:
   dropout: 0.0
   attention_dropout: 0.0
 optim:
@@ -71,7 +84,9 @@ checkpoint:
 finetune:
 {section}run:
   dir: {run_dir}
-""", encoding="utf-8")
+""",
+        encoding="utf-8",
+    )
     return path
 
 
@@ -137,18 +152,25 @@ def test_layouts_match_the_single_process(setup, reference, tmp_path, layout):
     got = [r["loss"] for r in records(run) if "loss" in r]
     want = [r["loss"] for r in records(reference) if "loss" in r][:3]
     assert got == pytest.approx(want, rel=1e-4)
-    assert evals(run)[0]["valid_loss"] == pytest.approx(evals(reference)[0]["valid_loss"],
-                                                        rel=1e-5)
+    assert evals(run)[0]["valid_loss"] == pytest.approx(evals(reference)[0]["valid_loss"], rel=1e-5)
 
 
 def test_src_tgt_csv_under_tensor_parallel_scores_bleu_and_rouge(setup, tmp_path):
     run = tmp_path / "run"
-    cfg = recipe(tmp_path / "qa.yaml", setup, run, train_file=setup["qa"],
-                 eval_file=setup["qa"], src_column="first", tgt_column="second",
-                 seq_length=32, eval_max_new_tokens=8, eval_generate_limit=6,
-                 eval_at_start="false")
-    res = run_distributed(FT, 2, config=str(cfg), overrides=["parallel.tensor=2",
-                                                             "train.steps=3"])
+    cfg = recipe(
+        tmp_path / "qa.yaml",
+        setup,
+        run,
+        train_file=setup["qa"],
+        eval_file=setup["qa"],
+        src_column="first",
+        tgt_column="second",
+        seq_length=32,
+        eval_max_new_tokens=8,
+        eval_generate_limit=6,
+        eval_at_start="false",
+    )
+    res = run_distributed(FT, 2, config=str(cfg), overrides=["parallel.tensor=2", "train.steps=3"])
     assert res[0]["step"] == 3
     ev = evals(run)
     assert [r["step"] for r in ev] == [3]
@@ -162,9 +184,12 @@ def test_eval_tasks_run_at_each_fine_tuning_evaluation(setup, tmp_path):
     pytest.importorskip("lm_eval")
     run = tmp_path / "run"
     cfg = recipe(tmp_path / "ft.yaml", setup, run)
-    run_distributed(FT, 1, config=str(cfg),
-                    overrides=["train.steps=1", "train.eval_tasks=[megagpt_zh_mc]",
-                               "train.eval_tasks_limit=4"])
+    run_distributed(
+        FT,
+        1,
+        config=str(cfg),
+        overrides=["train.steps=1", "train.eval_tasks=[megagpt_zh_mc]", "train.eval_tasks_limit=4"],
+    )
     tasks = [r for r in records(run) if "eval/megagpt_zh_mc/acc" in r]
     # At the start (eval_at_start) and where the run stops, with each validation.
     assert [r["step"] for r in tasks] == [r["step"] for r in evals(run)] == [0, 1]

@@ -19,14 +19,21 @@ def test_metrics_after_kill_and_resume_has_each_step_once(tiny_corpus, tmp_path)
     cfg_b = tiny_recipe(tmp_path / "b.yaml", tiny_corpus, killed)
     run_distributed("tests.distributed.workers:train_run", 1, config=str(cfg_a), overrides=[])
     with pytest.raises(AssertionError, match="exited -9"):
-        run_distributed("tests.distributed.fault_workers:train_killed_at", 1,
-                        config=str(cfg_b), overrides=[], kill_at=6)
+        run_distributed(
+            "tests.distributed.fault_workers:train_killed_at",
+            1,
+            config=str(cfg_b),
+            overrides=[],
+            kill_at=6,
+        )
     before = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
     assert before == [1, 2, 3, 4, 5]
     assert (killed / "checkpoints" / "latest").read_text().strip() == "step_0000003"
     run_distributed("tests.distributed.workers:train_run", 1, config=str(cfg_b), overrides=[])
     records = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
-    reference = {json.loads(x)["step"]: json.loads(x)["loss"]
-                 for x in (straight / "metrics.jsonl").read_text().splitlines()}
+    reference = {
+        json.loads(x)["step"]: json.loads(x)["loss"]
+        for x in (straight / "metrics.jsonl").read_text().splitlines()
+    }
     assert {r["step"]: r["loss"] for r in records} == reference

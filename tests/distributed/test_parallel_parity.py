@@ -16,8 +16,12 @@ BASE = ["train.global_batch_size=8", "train.micro_batch_size=2"]
 
 @pytest.fixture(scope="module")
 def reference():
-    return run_distributed("tests.distributed.workers:engine_losses", 1,
-                           overrides=BASE + ["parallel.zero_stage=0"], steps=STEPS)[0]
+    return run_distributed(
+        "tests.distributed.workers:engine_losses",
+        1,
+        overrides=BASE + ["parallel.zero_stage=0"],
+        steps=STEPS,
+    )[0]
 
 
 LAYOUTS = {
@@ -36,24 +40,31 @@ LAYOUTS = {
     # sequence parallel on gloo (megagpt.parallel.regions), alone and across pipeline stages,
     # where DeepSpeed's pipe partitioning would splice the TP ranks' sequence chunks
     "tp2_sp": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
-    "tp2_pp2_sp": (4, ["parallel.tensor=2", "parallel.pipeline=2",
-                       "parallel.sequence_parallel=true"]),
-    "tp2_sp_recompute_full": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true",
-                                  "parallel.recompute=full"]),
+    "tp2_pp2_sp": (
+        4,
+        ["parallel.tensor=2", "parallel.pipeline=2", "parallel.sequence_parallel=true"],
+    ),
+    "tp2_sp_recompute_full": (
+        2,
+        ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.recompute=full"],
+    ),
 }
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(name, reference):
     world, overrides = LAYOUTS[name]
-    results = run_distributed("tests.distributed.workers:engine_losses", world,
-                              overrides=BASE + overrides, steps=STEPS)
+    results = run_distributed(
+        "tests.distributed.workers:engine_losses", world, overrides=BASE + overrides, steps=STEPS
+    )
     for rank, r in enumerate(results):
         for step, (got, want) in enumerate(zip(r["losses"], reference["losses"])):
             assert got == pytest.approx(want, rel=1e-4), (
-                f"{name}: rank {rank} step {step + 1} loss {got} != single-process {want}")
+                f"{name}: rank {rank} step {step + 1} loss {got} != single-process {want}"
+            )
         for step, (got, want) in enumerate(zip(r["grad_norms"], reference["grad_norms"])):
             assert got == pytest.approx(want, rel=1e-3), (
-                f"{name}: rank {rank} step {step + 1} grad norm {got} != {want}")
+                f"{name}: rank {rank} step {step + 1} grad norm {got} != {want}"
+            )
     # The run must actually train: a constant LR of 1e-3 on 8x32 tokens moves the loss.
     assert reference["losses"][0] != reference["losses"][-1]

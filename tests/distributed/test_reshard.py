@@ -57,8 +57,11 @@ def sources(tiny_corpus, tmp_path_factory):
 # (source, target world, target layout): together TP 1<->2, PP 1<->2, DP 1<->2 and ZeRO
 # 0 -> 1, 0 -> 3, 1 -> 0, 2 -> 1.
 CASES = {
-    "tp1pp1_to_tp2pp2_zero0_to_1": ("single_zero0", 4,
-                                    ["parallel.tensor=2", "parallel.pipeline=2"]),
+    "tp1pp1_to_tp2pp2_zero0_to_1": (
+        "single_zero0",
+        4,
+        ["parallel.tensor=2", "parallel.pipeline=2"],
+    ),
     "dp1_to_dp2_zero0_to_3": ("single_zero0", 2, ["parallel.zero_stage=3"]),
     "tp2pp2_to_tp1pp1_zero1_to_0": ("tp2_pp2_zero1", 1, ["parallel.zero_stage=0"]),
     "dp2_to_dp1_zero2_to_1": ("dp2_zero2", 1, ["parallel.zero_stage=1"]),
@@ -72,8 +75,9 @@ def test_resharded_resume_matches_unresharded(case, sources, tiny_corpus):
     run = root / case
     cfg = tiny_recipe(root / f"{case}.yaml", tiny_corpus, run)
     load = get(src) / "checkpoints" / "step_0000002"
-    res = run_distributed(TRAIN, world, config=str(cfg),
-                          overrides=layout + STEPS + [f"checkpoint.load={load}"])
+    res = run_distributed(
+        TRAIN, world, config=str(cfg), overrides=layout + STEPS + [f"checkpoint.load={load}"]
+    )
     assert res[0] == {"step": 4, "consumed_samples": 32}  # step and data position continue
     want, got = records(get(src)), records(run)
     assert sorted(got) == [3, 4], "the resumed run starts at step 3"
@@ -81,7 +85,8 @@ def test_resharded_resume_matches_unresharded(case, sources, tiny_corpus):
         assert got[step]["lr"] == pytest.approx(want[step]["lr"], rel=1e-12), "LR schedule"
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), (
             f"{case}: step {step} loss {got[step]['loss']} after a resharded resume != "
-            f"{want[step]['loss']} unresharded")
+            f"{want[step]['loss']} unresharded"
+        )
     # Not vacuous: the moments and weights moved the loss between the two steps.
     assert got[3]["loss"] != got[4]["loss"]
 
@@ -94,16 +99,35 @@ def test_offline_convert_to_new_layout_then_resume(sources, tiny_corpus):
     get, root = sources
     src = get("single_zero0")
     out = root / "converted_tp2"
-    assert main(["convert", "--input", str(src / "checkpoints" / "step_0000002"),
-                 "--output", str(out), "--to", "megagpt", "--tp", "2", "--pp", "2"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--input",
+                str(src / "checkpoints" / "step_0000002"),
+                "--output",
+                str(out),
+                "--to",
+                "megagpt",
+                "--tp",
+                "2",
+                "--pp",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert (out / "latest").read_text().strip() == "step_0000002"
     files = sorted(p.name for p in (out / "step_0000002" / "layout_free").iterdir())
     assert "tp01-pp01.exp_avg_sq.safetensors" in files
     run = root / "from_converted"
     cfg = tiny_recipe(root / "from_converted.yaml", tiny_corpus, run)
-    run_distributed(TRAIN, 4, config=str(cfg),
-                    overrides=["parallel.tensor=2", "parallel.pipeline=2"] + STEPS
-                    + [f"checkpoint.load={out}"])
+    run_distributed(
+        TRAIN,
+        4,
+        config=str(cfg),
+        overrides=["parallel.tensor=2", "parallel.pipeline=2"] + STEPS + [f"checkpoint.load={out}"],
+    )
     want, got = records(src), records(run)
     for step in (3, 4):
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5)
@@ -118,8 +142,10 @@ def test_training_checkpoint_converts_to_the_run_model_directory(sources, tmp_pa
 
     get, _ = sources
     src = get("single_zero0")
-    assert main(["convert", "--input", str(src), "--output", str(tmp_path / "m"),
-                 "--to", "megagpt"]) == 0
+    assert (
+        main(["convert", "--input", str(src), "--output", str(tmp_path / "m"), "--to", "megagpt"])
+        == 0
+    )
     got, want = load_tensors(str(tmp_path / "m")), load_tensors(str(src / "model"))
     assert sorted(got) == sorted(want)
     for k in want:
@@ -127,19 +153,34 @@ def test_training_checkpoint_converts_to_the_run_model_directory(sources, tmp_pa
     assert (tmp_path / "m" / "tokenizer" / "tokenizer.json").is_file()
 
 
-@pytest.mark.parametrize("target", [["parallel.tensor=2", "parallel.zero_stage=0"],
-                                    ["parallel.pipeline=2", "parallel.zero_stage=1"]])
+@pytest.mark.parametrize(
+    "target",
+    [
+        ["parallel.tensor=2", "parallel.zero_stage=0"],
+        ["parallel.pipeline=2", "parallel.zero_stage=1"],
+    ],
+)
 def test_bf16_resharded_resume(target, tiny_corpus, tmp_path):
     """bf16 (fp32 masters in DeepSpeed's bf16 optimizer / ZeRO): a DP1 ZeRO-1 checkpoint resumes
     at TP2 ZeRO-0 or PP2 ZeRO-1 and continues like the source run, to bf16 precision."""
     bf16 = ["train.precision=bf16"]
     src = tmp_path / "src"
-    run_distributed(TRAIN, 1, config=str(tiny_recipe(tmp_path / "s.yaml", tiny_corpus, src)),
-                    overrides=bf16 + STEPS)
+    run_distributed(
+        TRAIN,
+        1,
+        config=str(tiny_recipe(tmp_path / "s.yaml", tiny_corpus, src)),
+        overrides=bf16 + STEPS,
+    )
     run = tmp_path / "dst"
-    res = run_distributed(TRAIN, 2, config=str(tiny_recipe(tmp_path / "d.yaml", tiny_corpus, run)),
-                          overrides=bf16 + target + STEPS
-                          + [f"checkpoint.load={src / 'checkpoints' / 'step_0000002'}"])
+    res = run_distributed(
+        TRAIN,
+        2,
+        config=str(tiny_recipe(tmp_path / "d.yaml", tiny_corpus, run)),
+        overrides=bf16
+        + target
+        + STEPS
+        + [f"checkpoint.load={src / 'checkpoints' / 'step_0000002'}"],
+    )
     assert res[0] == {"step": 4, "consumed_samples": 32}
     want, got = records(src), records(run)
     for step in (3, 4):

@@ -17,8 +17,16 @@ import pytest
 from tests.distributed.launcher import ROOT, free_port
 from tests.unit.serving.conftest import context_model_dir
 
-PROMPTS = ["中华人民共和国", "床前明月光，疑是地上霜。", "北京", "上海的天气", "春眠不觉晓",
-           "人工智能", "白日依山尽", "长江"]
+PROMPTS = [
+    "中华人民共和国",
+    "床前明月光，疑是地上霜。",
+    "北京",
+    "上海的天气",
+    "春眠不觉晓",
+    "人工智能",
+    "白日依山尽",
+    "长江",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +38,42 @@ def start_ranks(model_dir: str, world: int, port: int) -> list[subprocess.Popen]
     master = free_port()
     procs = []
     for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(master), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "megagpt.cli", "serve", "--model", model_dir, "--port",
-             str(port), "--max-batch", "4", "--device", "cpu", "--log-level", "warning"],
-            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(master),
+            OMP_NUM_THREADS="1",
+            PYTHONPATH=str(ROOT),
+        )
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "megagpt.cli",
+                    "serve",
+                    "--model",
+                    model_dir,
+                    "--port",
+                    str(port),
+                    "--max-batch",
+                    "4",
+                    "--device",
+                    "cpu",
+                    "--log-level",
+                    "warning",
+                ],
+                env=env,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     return procs
 
 
@@ -58,14 +95,14 @@ def wait_healthy(url: str, procs, timeout: float = 180.0) -> None:
 def one_at_a_time(model_dir: str, lengths: list[int]) -> list[str]:
     """TP=1 greedy continuations from the pipeline in this process."""
     from megagpt import pipeline
-    from tests.unit.inference.conftest import _LocalGroup
+    from tests.distributed.local_group import _LocalGroup
 
     with _LocalGroup():
         pipe = pipeline("text-generation", model=model_dir, device="cpu")
         out = []
         for prompt, n in zip(PROMPTS, lengths):
             shown = pipe.tokenizer.decode(pipe.tokenizer.encode(prompt))
-            out.append(pipe(prompt, top_k=1, max_new_tokens=n)["text"][len(shown):])
+            out.append(pipe(prompt, top_k=1, max_new_tokens=n)["text"][len(shown) :])
         return out
 
 
@@ -79,8 +116,11 @@ def test_tp2_server_equals_tp1_greedy_and_stops_cleanly(model_dir):
         wait_healthy(url, procs)
 
         def ask(i):
-            r = httpx.post(f"{url}/v1/completions", timeout=120, json={
-                "prompt": PROMPTS[i], "max_tokens": lengths[i], "temperature": 0})
+            r = httpx.post(
+                f"{url}/v1/completions",
+                timeout=120,
+                json={"prompt": PROMPTS[i], "max_tokens": lengths[i], "temperature": 0},
+            )
             assert r.status_code == 200, r.text
             return r.json()["choices"][0]["text"]
 

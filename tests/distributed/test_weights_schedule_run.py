@@ -15,8 +15,7 @@ def blend_sources(config: str, overrides: list[str]) -> dict:
     from megagpt.training.trainer import Trainer
 
     trainer = Trainer(load_config(config, overrides))
-    out = {"sources": trainer.train_ds.dataset_index.tolist(),
-           "seq": trainer.cfg.model.seq_length}
+    out = {"sources": trainer.train_ds.dataset_index.tolist(), "seq": trainer.cfg.model.seq_length}
     parallel.destroy()
     return out
 
@@ -27,12 +26,20 @@ def test_the_train_split_follows_a_two_phase_schedule(tiny_corpus, tmp_path):
     prefix = tiny_corpus["prefix"]
     recipe = tiny_recipe(tmp_path / "r.yaml", tiny_corpus, tmp_path / "run")
     seq = 32  # gpt3-tiny's sequence length, checked below
-    schedule = (f"[{{tokens: 0, weights: [1, 0]}}, {{tokens: {40 * seq}, weights: [1, 0]}}, "
-                f"{{tokens: {80 * seq}, weights: [0, 1]}}]")
-    r = run_distributed("tests.distributed.test_weights_schedule_run:blend_sources", 1,
-                        config=str(recipe),
-                        overrides=[f"data.paths=[{prefix},{prefix}]", "train.steps=15",
-                                   f"data.weights_schedule={schedule}"])[0]
+    schedule = (
+        f"[{{tokens: 0, weights: [1, 0]}}, {{tokens: {40 * seq}, weights: [1, 0]}}, "
+        f"{{tokens: {80 * seq}, weights: [0, 1]}}]"
+    )
+    r = run_distributed(
+        "tests.distributed.test_weights_schedule_run:blend_sources",
+        1,
+        config=str(recipe),
+        overrides=[
+            f"data.paths=[{prefix},{prefix}]",
+            "train.steps=15",
+            f"data.weights_schedule={schedule}",
+        ],
+    )[0]
     assert r["seq"] == seq
     sources = r["sources"]
     assert len(sources) >= 120

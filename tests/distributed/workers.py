@@ -5,15 +5,21 @@ from __future__ import annotations
 import torch
 
 
-def engine_losses_on(overrides: list[str], steps: int = 5, seed: int = 1234,
-                     device: str = "cpu") -> dict:
+def engine_losses_on(
+    overrides: list[str], steps: int = 5, seed: int = 1234, device: str = "cpu"
+) -> dict:
     """engine_losses on ``device`` ("cuda" uses NCCL and this rank's LOCAL_RANK GPU)."""
     return engine_losses(overrides, steps, seed, device)
 
 
-def engine_losses(overrides: list[str], steps: int = 5, seed: int = 1234,
-                  device: str = "cpu", accumulate_in_bf16: bool = False,
-                  repeat_micro_batch: bool = False) -> dict:
+def engine_losses(
+    overrides: list[str],
+    steps: int = 5,
+    seed: int = 1234,
+    device: str = "cpu",
+    accumulate_in_bf16: bool = False,
+    repeat_micro_batch: bool = False,
+) -> dict:
     """Train a tiny GPT for ``steps`` global batches of fixed synthetic tokens; return losses.
 
     The global batch is the same token tensor for every layout; each data-parallel rank takes
@@ -39,17 +45,27 @@ def engine_losses(overrides: list[str], steps: int = 5, seed: int = 1234,
     from megagpt.engine import Engine, build_model
     from megagpt.model import initialize_weights
 
-    cfg = load_config(None, ["model.name=gpt3-tiny", "model.dropout=0",
-                             "model.attention_dropout=0", "train.precision=fp32",
-                             "optim.schedule=constant", "optim.lr=1e-3", *overrides])
+    cfg = load_config(
+        None,
+        [
+            "model.name=gpt3-tiny",
+            "model.dropout=0",
+            "model.attention_dropout=0",
+            "train.precision=fp32",
+            "optim.schedule=constant",
+            "optim.lr=1e-3",
+            *overrides,
+        ],
+    )
     world = parallel.world_size_from_env()
     dev = parallel.resolve_device(device)
     validate(cfg, world, cuda=dev.type == "cuda", need_data=False)
-    dims = parallel.initialize(cfg.parallel, dev)
+    ctx = parallel.initialize(cfg.parallel, dev)
+    dims = ctx.dims
     torch.manual_seed(seed)
     module = build_model(cfg, dims, dev)
-    initialize_weights(module, cfg.model, seed, parallel.tp_rank(), dims.tp)
-    engine = Engine(cfg, module, dims, dev)
+    initialize_weights(module, cfg.model, seed, ctx.tp_rank, dims.tp)
+    engine = Engine(cfg, module, ctx)
     gb, micro, seq = cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.model.seq_length
     gen = torch.Generator().manual_seed(seed)
     losses, norms = [], []
@@ -58,9 +74,15 @@ def engine_losses(overrides: list[str], steps: int = 5, seed: int = 1234,
         if repeat_micro_batch:
             data = data[:micro].repeat(gb // micro, 1)
         share = gb // dims.dp
-        mine = data[parallel.dp_rank() * share:(parallel.dp_rank() + 1) * share]
-        mbs = [{"tokens": mine[i:i + micro, :-1], "labels": mine[i:i + micro, 1:],
-                "loss_mask": torch.ones(micro, seq)} for i in range(0, share, micro)]
+        mine = data[ctx.dp_rank * share : (ctx.dp_rank + 1) * share]
+        mbs = [
+            {
+                "tokens": mine[i : i + micro, :-1],
+                "labels": mine[i : i + micro, 1:],
+                "loss_mask": torch.ones(micro, seq),
+            }
+            for i in range(0, share, micro)
+        ]
         out = engine.train_step(mbs)
         losses.append(out["loss"])
         norms.append(out["grad_norm"])
@@ -88,14 +110,14 @@ def logits_of_model_dir(directory: str, tokens: list[list[int]], tp: int = 1) ->
 
     cfg = read_config(directory)
     pcfg = ParallelConfig(tensor=tp)
-    parallel.initialize(pcfg, torch.device("cpu"))
+    ctx = parallel.initialize(pcfg, torch.device("cpu"))
     model = GPTModel(cfg, megatron_config(cfg, pcfg))
-    load_into(model, load_tensors(directory), cfg, parallel.tp_rank(), tp)
+    load_into(model, load_tensors(directory), cfg, ctx.tp_rank, tp)
     model.eval()
     with torch.no_grad():
         local = model(torch.tensor(tokens))  # [s, b, V/tp]
         parts = [torch.empty_like(local) for _ in range(tp)]
-        torch.distributed.all_gather(parts, local, group=parallel.tp_group())
+        torch.distributed.all_gather(parts, local, group=ctx.tp_group)
         full = torch.cat(parts, dim=-1)[..., : cfg.vocab_size]
     parallel.destroy()
     return full.tolist()
@@ -113,11 +135,15 @@ def module_parameter_count(size: str, tp: int = 1) -> dict:
     with torch.device("meta"):
         model = GPTModel(cfg, megatron_config(cfg, pcfg))
     local = sum(p.numel() for p in model.parameters())
-    replicated = sum(p.numel() for p in model.parameters()
-                     if not getattr(p, "tensor_model_parallel", False))
+    replicated = sum(
+        p.numel() for p in model.parameters() if not getattr(p, "tensor_model_parallel", False)
+    )
     parallel.destroy()
-    return {"local": local, "replicated": replicated,
-            "padded_vocab": padded_vocab_size(cfg.vocab_size, tp)}
+    return {
+        "local": local,
+        "replicated": replicated,
+        "padded_vocab": padded_vocab_size(cfg.vocab_size, tp),
+    }
 
 
 def dropout_draws(config: str, overrides: list[str]) -> dict:

@@ -6,7 +6,7 @@ that was most of its time on a 2-core machine. This process imports them once an
 process per test, which forks the ranks. Forking is safe here because this process never runs a
 torch operation (no intra-op thread pool exists yet: it has one thread when it forks) and
 DeepSpeed is imported with the CPU accelerator, the one the CPU tests use. Tests that need a
-fresh interpreter (CUDA, an inherited ``DS_ACCELERATOR``) bypass it: see launcher.py.
+fresh interpreter (CUDA, an inherited ``DS_ACCELERATOR`` other than cpu) bypass it: see launcher.py.
 
 Protocol (one Unix-socket connection per job): the client sends one JSON line
 ``{"target", "world", "kwargs", "env", "timeout", "dir"}``; ranks write ``dir/rank{r}.json``
@@ -35,10 +35,16 @@ import torch  # noqa: E402
 from megagpt.engine.accelerator import import_deepspeed  # noqa: E402
 
 import_deepspeed(torch.device("cpu"))
-for _name in ("megagpt.training.trainer", "megagpt.training.finetune", "megagpt.engine.engine",
-              "megagpt.checkpoint.manager", "megagpt.checkpoint.convert",
-              "megagpt.inference.generate", "megagpt.inference.pipeline",
-              "tests.distributed.workers"):
+for _name in (
+    "megagpt.training.trainer",
+    "megagpt.training.finetune",
+    "megagpt.engine.engine",
+    "megagpt.checkpoint.manager",
+    "megagpt.checkpoint.convert",
+    "megagpt.inference.generate",
+    "megagpt.inference.pipeline",
+    "tests.distributed.workers",
+):
     try:  # a module that fails to import here fails in its rank, with its own traceback
         importlib.import_module(_name)
     except Exception:  # noqa: BLE001
@@ -49,14 +55,21 @@ def _rank(job: dict, rank: int) -> None:
     """In a forked rank: the torchrun environment, output to the log, run, exit."""
     code = 1
     try:
-        log = os.open(os.path.join(job["dir"], f"rank{rank}.err"),
-                      os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        log = os.open(
+            os.path.join(job["dir"], f"rank{rank}.err"),
+            os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+            0o644,
+        )
         os.dup2(log, 1)
         os.dup2(log, 2)
         os.environ.clear()
         os.environ.update(job["env"])
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(job["world"]), LOCAL_RANK=str(rank),
-                          LOCAL_WORLD_SIZE=str(job["world"]))
+        os.environ.update(
+            RANK=str(rank),
+            WORLD_SIZE=str(job["world"]),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(job["world"]),
+        )
         module, fn = job["target"].split(":")
         result = getattr(importlib.import_module(module), fn)(**job["kwargs"])
         with open(os.path.join(job["dir"], f"rank{rank}.json"), "w") as f:

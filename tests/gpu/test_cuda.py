@@ -39,8 +39,10 @@ def test_cuda_bf16_losses_track_cpu_fp32_for_20_steps():
     assert len(cpu) == len(gpu) == 20
     assert cpu[-1] < cpu[0] - 1.0, f"the fp32 run did not learn: {cpu}"
     bad = [(i, c, g) for i, (c, g) in enumerate(zip(cpu, gpu)) if abs(g - c) > BF16_REL * c]
-    assert not bad, f"steps where CUDA bf16 left fp32 by > {BF16_REL:.0%} (step, fp32, bf16): " \
-                    f"{bad}\nfp32: {cpu}\nbf16: {gpu}"
+    assert not bad, (
+        f"steps where CUDA bf16 left fp32 by > {BF16_REL:.0%} (step, fp32, bf16): "
+        f"{bad}\nfp32: {cpu}\nbf16: {gpu}"
+    )
 
 
 def test_attention_runs_flash_in_bf16():
@@ -63,19 +65,37 @@ def short_train(tmp_path: Path, overrides: list[str]) -> tuple[list[dict], str]:
 
     tok, prefix, run = tmp_path / "tok", tmp_path / "data" / "sample", tmp_path / "run"
     prepare(str(tok), str(prefix))
-    cmd = [sys.executable, "-m", "megagpt.cli", "train",
-           "--config", str(ROOT / "configs" / "pretrain" / "tiny.yaml"),
-           f"data.paths=[{prefix}]", f"data.tokenizer={tok}", f"run.dir={run}",
-           "train.steps=20", "train.log_interval=5", "train.eval_interval=0",
-           "checkpoint.interval=0", "logging.wandb=disabled", *overrides]
-    env = dict(os.environ, WANDB_MODE="disabled",
-               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-                          check=False)
+    cmd = [
+        sys.executable,
+        "-m",
+        "megagpt.cli",
+        "train",
+        "--config",
+        str(ROOT / "configs" / "pretrain" / "tiny.yaml"),
+        f"data.paths=[{prefix}]",
+        f"data.tokenizer={tok}",
+        f"run.dir={run}",
+        "train.steps=20",
+        "train.log_interval=5",
+        "train.eval_interval=0",
+        "checkpoint.interval=0",
+        "logging.wandb=disabled",
+        *overrides,
+    ]
+    env = dict(
+        os.environ,
+        WANDB_MODE="disabled",
+        PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    )
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
-    records = [json.loads(line) for line in
-               (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    records = [
+        json.loads(line)
+        for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     return [r for r in records if "tokens_per_s" in r], log
 
 
@@ -85,16 +105,22 @@ def test_megagpt_train_on_cuda_reports_mfu(tmp_path):
     records, log = short_train(tmp_path, ["train.device=cuda", "train.precision=bf16"])
     mfu = [r["mfu"] for r in records]
     assert len(mfu) == 4, records
-    assert all(m is not None and 0 < m < 1 for m in mfu), \
+    assert all(m is not None and 0 < m < 1 for m in mfu), (
         f"MFU not reported on {torch.cuda.get_device_name()}: {mfu}\n{log[-2000:]}"
+    )
     assert "MFU" in log
     print(f"MFU of gpt3-mini bf16 on {torch.cuda.get_device_name()}: {mfu}")
 
 
 @pytest.mark.skipif(_gpus() < 2, reason="needs 2 GPUs")
-@pytest.mark.parametrize("extra", [["parallel.tensor=2"],
-                                   ["parallel.tensor=2", "parallel.sequence_parallel=true"],
-                                   ["parallel.pipeline=2"]])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["parallel.tensor=2"],
+        ["parallel.tensor=2", "parallel.sequence_parallel=true"],
+        ["parallel.pipeline=2"],
+    ],
+)
 def test_nccl_layouts_match_single_gpu(extra):
     one = run_distributed(LOSSES, 1, overrides=BASE, steps=3, device="cuda")[0]
     two = run_distributed(LOSSES, 2, overrides=BASE + extra, steps=3, device="cuda")[0]

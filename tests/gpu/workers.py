@@ -18,22 +18,38 @@ def memorize_losses(precision: str, device: str, steps: int = 20, seed: int = 12
     from megagpt.engine import Engine, build_model
     from megagpt.model import initialize_weights
 
-    cfg = load_config(None, ["model.name=gpt3-tiny", "model.dropout=0",
-                             "model.attention_dropout=0", f"train.precision={precision}",
-                             "optim.schedule=constant", "optim.lr=1e-3",
-                             "train.global_batch_size=8", "train.micro_batch_size=2"])
+    cfg = load_config(
+        None,
+        [
+            "model.name=gpt3-tiny",
+            "model.dropout=0",
+            "model.attention_dropout=0",
+            f"train.precision={precision}",
+            "optim.schedule=constant",
+            "optim.lr=1e-3",
+            "train.global_batch_size=8",
+            "train.micro_batch_size=2",
+        ],
+    )
     dev = parallel.resolve_device(device)
     validate(cfg, 1, cuda=dev.type == "cuda", need_data=False)
-    dims = parallel.initialize(cfg.parallel, dev)
+    ctx = parallel.initialize(cfg.parallel, dev)
     torch.manual_seed(seed)
-    module = build_model(cfg, dims, dev)
+    module = build_model(cfg, ctx.dims, dev)
     initialize_weights(module, cfg.model, seed, 0, 1)
-    engine = Engine(cfg, module, dims, dev)
+    engine = Engine(cfg, module, ctx)
     gb, micro, seq = cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.model.seq_length
-    data = torch.randint(0, cfg.model.vocab_size, (gb, seq + 1),
-                         generator=torch.Generator().manual_seed(seed))
-    mbs = [{"tokens": data[i:i + micro, :-1], "labels": data[i:i + micro, 1:],
-            "loss_mask": torch.ones(micro, seq)} for i in range(0, gb, micro)]
+    data = torch.randint(
+        0, cfg.model.vocab_size, (gb, seq + 1), generator=torch.Generator().manual_seed(seed)
+    )
+    mbs = [
+        {
+            "tokens": data[i : i + micro, :-1],
+            "labels": data[i : i + micro, 1:],
+            "loss_mask": torch.ones(micro, seq),
+        }
+        for i in range(0, gb, micro)
+    ]
     losses, norms = [], []
     for _ in range(steps):
         out = engine.train_step(mbs)
@@ -46,7 +62,7 @@ def memorize_losses(precision: str, device: str, steps: int = 20, seed: int = 12
 def attention_kernels(device: str = "cuda", seq: int = 256, batch: int = 2) -> dict:
     """A bf16 forward + backward of megagpt's SelfAttention: the profiler's op names, and
     whether it also runs with PyTorch's SDPA restricted to the flash kernel alone. (On the CPU
-    it checks this helper itself, in tests/unit/test_gpu_tools.py.)"""
+    it checks this helper itself, in tests/distributed/test_gpu_helpers.py.)"""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.profiler import ProfilerActivity, profile
 
@@ -65,8 +81,9 @@ def attention_kernels(device: str = "cuda", seq: int = 256, batch: int = 2) -> d
     attn = attn.to(dev, torch.bfloat16)
     for p in attn.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    x = torch.randn(seq, batch, mcfg.hidden_size, device=dev, dtype=torch.bfloat16,
-                    requires_grad=True)  # [s, b, h]
+    x = torch.randn(
+        seq, batch, mcfg.hidden_size, device=dev, dtype=torch.bfloat16, requires_grad=True
+    )  # [s, b, h]
 
     def step():
         out, _bias = attn(x)  # [s, b, h]
@@ -86,5 +103,8 @@ def attention_kernels(device: str = "cuda", seq: int = 256, batch: int = 2) -> d
     except RuntimeError as e:
         flash_only = f"{type(e).__name__}: {e}"[:2000]
     parallel.destroy()
-    return {"ops": names, "flash_only": flash_only,
-            "device": torch.cuda.get_device_name(dev) if cuda else "cpu"}
+    return {
+        "ops": names,
+        "flash_only": flash_only,
+        "device": torch.cuda.get_device_name(dev) if cuda else "cpu",
+    }

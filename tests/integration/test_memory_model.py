@@ -24,9 +24,16 @@ LAYOUTS = [
 def _measure(lay: ProbeLayout, tmp) -> list[dict]:
     """Every rank's figures for ``lay``, from a new set of processes (forked by the test
     launcher: tools/probe_memory.py's own ``launch`` pays the imports again per rank)."""
-    return [r[0] for r in run_distributed("tools.probe_memory:measure_rank_all", lay.world,
-                                          timeout=600, layouts=[lay.__dict__],
-                                          rendezvous=str(tmp))]
+    return [
+        r[0]
+        for r in run_distributed(
+            "tools.probe_memory:measure_rank_all",
+            lay.world,
+            timeout=600,
+            layouts=[lay.__dict__],
+            rendezvous=str(tmp),
+        )
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +47,12 @@ def measured(tmp_path_factory) -> list[dict]:
 @pytest.mark.slow
 def test_estimate_within_10_percent_of_the_measured_peak(measured):
     for r in measured:
-        print(f"{r['layout']}: planner {r['planned'] / 2**20:.2f} MiB, measured "
-              f"{r['measured'] / 2**20:.2f} MiB, ratio {r['ratio']:.3f}, without buckets "
-              f"{r['without_buckets']:.3f}")
-    bad = [(r["layout"], round(r["ratio"], 3)) for r in measured
-           if not 0.9 <= r["ratio"] <= 1.1]
+        print(
+            f"{r['layout']}: planner {r['planned'] / 2**20:.2f} MiB, measured "
+            f"{r['measured'] / 2**20:.2f} MiB, ratio {r['ratio']:.3f}, without buckets "
+            f"{r['without_buckets']:.3f}"
+        )
+    bad = [(r["layout"], round(r["ratio"], 3)) for r in measured if not 0.9 <= r["ratio"] <= 1.1]
     assert not bad, bad
 
 

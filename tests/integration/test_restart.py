@@ -28,26 +28,58 @@ STEPS = 10
 COMMON = [f"train.steps={STEPS}", "checkpoint.interval=2", "checkpoint.keep_last=10"]
 
 
-def _plain_torchrun(recipe: Path, run_dir: Path, log: Path, *extra: str,
-                    module: list[str] | None = None,
-                    overrides: tuple[str, ...] = ()) -> subprocess.Popen:
+def _plain_torchrun(
+    recipe: Path,
+    run_dir: Path,
+    log: Path,
+    *extra: str,
+    module: list[str] | None = None,
+    overrides: tuple[str, ...] = (),
+) -> subprocess.Popen:
     """``torchrun --nproc-per-node 2`` (static rendezvous, as a user types it)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *extra,
-           "-m", *(module or ["megagpt.cli"]), "train", "--config", str(recipe),
-           f"run.dir={run_dir}", *COMMON, *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        *extra,
+        "-m",
+        *(module or ["megagpt.cli"]),
+        "train",
+        "--config",
+        str(recipe),
+        f"run.dir={run_dir}",
+        *COMMON,
+        *overrides,
+    ]
     with open(log, "w") as out:
-        return subprocess.Popen(cmd, env=launcher_env(), stdout=out, stderr=subprocess.STDOUT,
-                                cwd=ROOT)
+        return subprocess.Popen(
+            cmd, env=launcher_env(), stdout=out, stderr=subprocess.STDOUT, cwd=ROOT
+        )
 
 
 def _launch_script(recipe: Path, run_dir: Path, log: Path) -> subprocess.Popen:
     """``launch/torchrun.sh`` on one node: c10d rendezvous, its default restarts."""
-    cmd = ["bash", str(ROOT / "launch" / "torchrun.sh"), "--nproc-per-node", "2",
-           "--master-port", str(free_port()), str(recipe), f"run.dir={run_dir}", *COMMON]
+    cmd = [
+        "bash",
+        str(ROOT / "launch" / "torchrun.sh"),
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        str(recipe),
+        f"run.dir={run_dir}",
+        *COMMON,
+    ]
     with open(log, "w") as out:
-        return subprocess.Popen(cmd, env=launcher_env(), stdout=out, stderr=subprocess.STDOUT,
-                                cwd=ROOT)
+        return subprocess.Popen(
+            cmd, env=launcher_env(), stdout=out, stderr=subprocess.STDOUT, cwd=ROOT
+        )
 
 
 def _wait(proc: subprocess.Popen, log: Path, timeout: float) -> int:
@@ -58,8 +90,9 @@ def _wait(proc: subprocess.Popen, log: Path, timeout: float) -> int:
             child.kill()
         proc.kill()
         proc.wait()
-        raise AssertionError(f"still running after {timeout:.0f} s:\n"
-                             + log.read_text()[-4000:]) from None
+        raise AssertionError(
+            f"still running after {timeout:.0f} s:\n" + log.read_text()[-4000:]
+        ) from None
 
 
 def _wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, step: int, log: Path) -> None:
@@ -94,8 +127,7 @@ def uninterrupted(tiny_corpus, tmp_path_factory) -> dict[int, float]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "launch/torchrun.sh"])
-def test_killed_rank_restarts_and_resumes_exactly(tiny_corpus, tmp_path, uninterrupted,
-                                                  launcher):
+def test_killed_rank_restarts_and_resumes_exactly(tiny_corpus, tmp_path, uninterrupted, launcher):
     run_dir, log = tmp_path / "run", tmp_path / "torchrun.log"
     recipe = tiny_recipe(tmp_path / "tiny.yaml", tiny_corpus, run_dir)
     if launcher == "torchrun":
@@ -116,8 +148,8 @@ def test_killed_rank_restarts_and_resumes_exactly(tiny_corpus, tmp_path, uninter
     assert sorted(losses) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         assert losses[step] == uninterrupted[step], (
-            f"step {step}: after the restart {losses[step]} != uninterrupted "
-            f"{uninterrupted[step]}")
+            f"step {step}: after the restart {losses[step]} != uninterrupted {uninterrupted[step]}"
+        )
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:07d}"
     assert (run_dir / "model").is_dir()
 
@@ -132,11 +164,31 @@ def test_killed_rank_on_one_of_two_nodes_restarts_both(tiny_corpus, tmp_path, un
     procs, logs = [], [tmp_path / "node0.log", tmp_path / "node1.log"]
     for node in (0, 1):
         with open(logs[node], "w") as out:
-            procs.append(subprocess.Popen(
-                ["bash", str(ROOT / "launch" / "torchrun.sh"), "--nnodes", "2", "--node-rank",
-                 str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
-                 "--nproc-per-node", "1", str(recipe), f"run.dir={run_dir}", *COMMON],
-                env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        "bash",
+                        str(ROOT / "launch" / "torchrun.sh"),
+                        "--nnodes",
+                        "2",
+                        "--node-rank",
+                        str(node),
+                        "--master-addr",
+                        "127.0.0.1",
+                        "--master-port",
+                        str(port),
+                        "--nproc-per-node",
+                        "1",
+                        str(recipe),
+                        f"run.dir={run_dir}",
+                        *COMMON,
+                    ],
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    cwd=ROOT,
+                )
+            )
     _wait_for_checkpoint(procs[0], run_dir, 4, logs[0])
     psutil.Process(procs[1].pid).children()[0].kill()  # node 1's only worker, SIGKILL
     codes = [_wait(p, log, 300) for p, log in zip(procs, logs)]
@@ -153,9 +205,13 @@ def test_wedged_rank_times_out_with_phase_and_step(tiny_corpus, tmp_path):
     parallel.timeout_s=5 rank 0 says where it waited and exits; the job ends, non-zero."""
     run_dir, log = tmp_path / "run", tmp_path / "torchrun.log"
     recipe = tiny_recipe(tmp_path / "tiny.yaml", tiny_corpus, run_dir)
-    proc = _plain_torchrun(recipe, run_dir, log, module=["tests.integration.fault_entry",
-                                                         "3", "3600"],
-                           overrides=("parallel.timeout_s=5",))
+    proc = _plain_torchrun(
+        recipe,
+        run_dir,
+        log,
+        module=["tests.integration.fault_entry", "3", "3600"],
+        overrides=("parallel.timeout_s=5",),
+    )
     # The tiny config logs every step: wait for the stall, then time the reaction to it.
     deadline = time.monotonic() + 240
     while "[fault] rank 1 stalls" not in log.read_text():

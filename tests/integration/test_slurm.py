@@ -20,8 +20,14 @@ STEPS = 300
 
 
 def _job_state(env: dict, jid: str) -> dict:
-    out = subprocess.run(["scontrol", "show", "job", jid], env=env, capture_output=True,
-                         text=True, timeout=30, check=False).stdout
+    out = subprocess.run(
+        ["scontrol", "show", "job", jid],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    ).stdout
     return dict(re.findall(r"(\w+)=(\S+)", out))
 
 
@@ -49,16 +55,32 @@ def _wait(cond, what: str, log: Path, timeout: float = 120.0) -> None:
 
 
 @pytest.mark.slow
-def test_sbatch_trains_across_two_nodes_and_resumes_after_requeue(slurm_cluster, tiny_corpus,
-                                                                   tmp_path):
+def test_sbatch_trains_across_two_nodes_and_resumes_after_requeue(
+    slurm_cluster, tiny_corpus, tmp_path
+):
     run_dir = tmp_path / "run"
     recipe = tiny_recipe_for(tmp_path, tiny_corpus, run_dir)
     env = launcher_env(**slurm_cluster)
     jid = subprocess.run(
-        ["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=1", "--time=10",
-         f"--chdir={tmp_path}", str(SBATCH), str(recipe), f"train.steps={STEPS}",
-         "checkpoint.interval=1000", "train.log_interval=5"],
-        env=env, capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+        [
+            "sbatch",
+            "--parsable",
+            "--nodes=2",
+            "--gpus-per-node=1",
+            "--time=10",
+            f"--chdir={tmp_path}",
+            str(SBATCH),
+            str(recipe),
+            f"train.steps={STEPS}",
+            "checkpoint.interval=1000",
+            "train.log_interval=5",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.strip()
     log = tmp_path / f"megagpt-{jid}.out"
     try:
         # 1. training runs on both nodes; the pre-timeout signal (what --signal=B:USR1@N
@@ -72,8 +94,12 @@ def test_sbatch_trains_across_two_nodes_and_resumes_after_requeue(slurm_cluster,
         #    (SIGTERM to every process) makes it save again, and the job starts a third time.
         _wait(lambda: _last_step(run_dir) >= first_stop + 10, "progress after resume", log)
         subprocess.run(["scontrol", "requeue", jid], env=env, check=True)
-        _wait(lambda: _job_state(env, jid).get("JobState") == "COMPLETED", "completion", log,
-              timeout=150)
+        _wait(
+            lambda: _job_state(env, jid).get("JobState") == "COMPLETED",
+            "completion",
+            log,
+            timeout=150,
+        )
     finally:
         state = _job_state(env, jid)
         if state.get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", None):

@@ -23,11 +23,30 @@ def _launch(recipe: Path, port: int, logs: Path, *extra: str) -> list[subprocess
     procs = []
     for node in (0, 1):
         with open(logs / f"node{node}.log", "a") as out:  # the child keeps its own handle
-            procs.append(subprocess.Popen(
-                ["bash", str(SCRIPT), "--nnodes", "2", "--node-rank", str(node),
-                 "--master-addr", "127.0.0.1", "--master-port", str(port), "--nproc-per-node",
-                 "1", str(recipe), *extra], env=env, stdout=out, stderr=subprocess.STDOUT,
-                cwd=ROOT))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        "bash",
+                        str(SCRIPT),
+                        "--nnodes",
+                        "2",
+                        "--node-rank",
+                        str(node),
+                        "--master-addr",
+                        "127.0.0.1",
+                        "--master-port",
+                        str(port),
+                        "--nproc-per-node",
+                        "1",
+                        str(recipe),
+                        *extra,
+                    ],
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    cwd=ROOT,
+                )
+            )
     return procs
 
 
@@ -40,8 +59,9 @@ def _wait_all(procs, logs: Path, timeout: float = 150) -> None:
                 q.kill()
             code = "timeout"
         if code != 0:
-            raise AssertionError(f"launcher exited {code}:\n"
-                                 + (logs / "node0.log").read_text()[-3000:])
+            raise AssertionError(
+                f"launcher exited {code}:\n" + (logs / "node0.log").read_text()[-3000:]
+            )
 
 
 @pytest.mark.slow
@@ -52,14 +72,21 @@ def test_two_node_torchrun_trains_and_resumes(tiny_corpus, tmp_path):
     text = (tmp_path / "node0.log").read_text()
     assert "node 0 of 2 x 1 process(es)" in text
     assert "world 2 = TP 1 x PP 1 x DP 2" in text
-    steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().split("\n")
-             if x]
+    steps = [
+        json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().split("\n") if x
+    ]
     assert steps[-1] == 4
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000004"
     # Restart with more steps; SIGTERM both launchers mid-run: torchrun forwards it, the ranks
     # save and exit; the next start resumes from that step and finishes.
-    procs = _launch(recipe, free_port(), tmp_path, "train.steps=400",
-                    "checkpoint.interval=1000", "train.log_interval=2")
+    procs = _launch(
+        recipe,
+        free_port(),
+        tmp_path,
+        "train.steps=400",
+        "checkpoint.interval=1000",
+        "train.log_interval=2",
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         lines = (run_dir / "metrics.jsonl").read_text().split("\n")
@@ -74,9 +101,7 @@ def test_two_node_torchrun_trains_and_resumes(tiny_corpus, tmp_path):
     assert "resumed from" in text and "stop signal received: saved step" in text, text[-3000:]
     stopped = int((run_dir / "checkpoints" / "latest").read_text().strip()[5:])
     assert 10 <= stopped < 400
-    _wait_all(_launch(recipe, free_port(), tmp_path, "train.steps=" + str(stopped + 4)),
-              tmp_path)
+    _wait_all(_launch(recipe, free_port(), tmp_path, "train.steps=" + str(stopped + 4)), tmp_path)
     text = (tmp_path / "node0.log").read_text()
     assert f"resumed from {run_dir}/checkpoints/step_{stopped:07d}" in text
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == \
-        f"step_{stopped + 4:07d}"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped + 4:07d}"

@@ -14,8 +14,9 @@ from megagpt.data import BadRecordError, DataError
 from megagpt.errors import MegagptError, TrainingError
 
 
-@pytest.mark.parametrize("cls", [ConfigError, DataError, BadRecordError, CheckpointError,
-                                 ModelDirError, TrainingError])
+@pytest.mark.parametrize(
+    "cls", [ConfigError, DataError, BadRecordError, CheckpointError, ModelDirError, TrainingError]
+)
 def test_every_user_error_is_a_megagpt_error(cls):
     assert issubclass(cls, MegagptError)
 
@@ -29,9 +30,23 @@ def test_cli_reports_a_checkpoint_error_in_one_line(tmp_path):
     """`megagpt convert` on a folder that is no checkpoint: CheckpointError, which the CLI
     used to let through as a traceback."""
     (tmp_path / "junk.txt").write_text("x")
-    proc = subprocess.run([sys.executable, "-m", "megagpt.cli", "convert", "--input",
-                           str(tmp_path), "--output", str(tmp_path / "out"), "--to", "hf"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megagpt.cli",
+            "convert",
+            "--input",
+            str(tmp_path),
+            "--output",
+            str(tmp_path / "out"),
+            "--to",
+            "hf",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("megagpt convert: error: "), proc.stderr
@@ -48,5 +63,6 @@ def test_training_error_exits_3(monkeypatch, capsys):
     monkeypatch.setattr(cli, "cmd_models", stop)
     assert cli.main(["models"]) == 3
     err = capsys.readouterr().err
-    assert err == ("megagpt models: error: stopping at step 4: 2 consecutive bad steps "
-                   "second line\n")
+    assert err == (
+        "megagpt models: error: stopping at step 4: 2 consecutive bad steps second line\n"
+    )

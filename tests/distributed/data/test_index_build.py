@@ -102,13 +102,18 @@ def test_weights_schedule_index_is_built_once_and_shared(tmp_path):
                 w.add_document(rng.integers(1, 1000, rng.integers(5, 80)))
     schedule = [{"tokens": 0, "weights": [1, 0]}, {"tokens": 16 * 400, "weights": [0, 1]}]
     results = launcher.run_distributed(
-        "tests.distributed.data.workers_data:build_scheduled", 2, timeout=120,
-        prefixes=prefixes, cache_dir=str(tmp_path / "cache"), schedule=schedule,
+        "tests.distributed.data.workers_data:build_scheduled",
+        2,
+        timeout=120,
+        prefixes=prefixes,
+        cache_dir=str(tmp_path / "cache"),
+        schedule=schedule,
         num_samples=400,
     )
     assert sorted(r["builds"] for r in results) == [0, 1]
-    single, _, _ = build_gpt_datasets(prefixes, None, "1", 16, (400, 0, 0), 5, None,
-                                      weights_schedule=schedule)
+    single, _, _ = build_gpt_datasets(
+        prefixes, None, "1", 16, (400, 0, 0), 5, None, weights_schedule=schedule
+    )
     seen = {**results[0]["samples"], **results[1]["samples"]}
     assert sorted(int(i) for i in seen) == list(range(400))
     assert [seen[i] for i in sorted(seen, key=int)] == single.dataset_index.tolist()

@@ -60,8 +60,9 @@ def build_scheduled(prefixes: list[str], cache_dir: str, schedule: list, num_sam
         return real(*args, **kwargs)
 
     blending.build_schedule_index = counting
-    train, _, _ = build_gpt_datasets(prefixes, None, "1", 16, (num_samples, 0, 0), 5, cache_dir,
-                                     weights_schedule=schedule)
+    train, _, _ = build_gpt_datasets(
+        prefixes, None, "1", 16, (num_samples, 0, 0), 5, cache_dir, weights_schedule=schedule
+    )
     sampler = DistributedBatchSampler(len(train), 0, 4, dist.get_rank(), dist.get_world_size())
     samples = {i: int(train.dataset_index[i]) for batch in sampler for i in batch}
     dist.barrier()

@@ -4,13 +4,13 @@ model, refusals. (Logits parity with megagpt: tests/distributed/test_convert.py.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from megagpt.checkpoint import hf
 from megagpt.checkpoint.canonical import CheckpointError, qkv_interleaved_to_blocks
+from tests.conftest import BERT_VOCAB, shared_path
 from tests.unit.checkpoint.conftest import random_state, small_config
 
 
@@ -21,10 +21,12 @@ def test_export_layout_in_transformers(tmp_path, cfg, state):
     model = GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf"))
     sd = model.state_dict()
     qkv = state["layers.1.attention.query_key_value.weight"]
-    assert torch.equal(sd["transformer.h.1.attn.c_attn.weight"],
-                       qkv_interleaved_to_blocks(qkv, cfg.num_heads).t())  # Conv1D [in, out]
-    assert torch.equal(sd["transformer.h.0.mlp.c_fc.weight"],
-                       state["layers.0.mlp.dense_h_to_4h.weight"].t())
+    assert torch.equal(
+        sd["transformer.h.1.attn.c_attn.weight"], qkv_interleaved_to_blocks(qkv, cfg.num_heads).t()
+    )  # Conv1D [in, out]
+    assert torch.equal(
+        sd["transformer.h.0.mlp.c_fc.weight"], state["layers.0.mlp.dense_h_to_4h.weight"].t()
+    )
     assert torch.equal(sd["lm_head.weight"], state["embedding.word.word_embeddings.weight"])
 
 
@@ -32,8 +34,15 @@ def test_import_of_a_transformers_model(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    conf = GPT2Config(vocab_size=80, n_positions=16, n_embd=24, n_layer=2, n_head=3,
-                      activation_function="gelu_new", layer_norm_epsilon=1e-5)
+    conf = GPT2Config(
+        vocab_size=80,
+        n_positions=16,
+        n_embd=24,
+        n_layer=2,
+        n_head=3,
+        activation_function="gelu_new",
+        layer_norm_epsilon=1e-5,
+    )
     model = GPT2LMHeadModel(conf)
     model.save_pretrained(str(tmp_path / "orig"))
     cfg, tensors, _ = hf.read(str(tmp_path / "orig"))
@@ -48,8 +57,9 @@ def test_import_of_a_transformers_model(tmp_path):
 def test_refusals(tmp_path, cfg, state):
     hf.write(str(tmp_path / "hf"), cfg, state)
     conf = json.loads((tmp_path / "hf" / "config.json").read_text())
-    (tmp_path / "hf" / "config.json").write_text(json.dumps({**conf,
-                                                             "activation_function": "relu"}))
+    (tmp_path / "hf" / "config.json").write_text(
+        json.dumps({**conf, "activation_function": "relu"})
+    )
     with pytest.raises(CheckpointError, match="activation_function='relu' is not supported"):
         hf.read(str(tmp_path / "hf"))
     (tmp_path / "hf" / "config.json").write_text(json.dumps(conf))
@@ -64,28 +74,26 @@ def test_refusals(tmp_path, cfg, state):
     key = "transformer.h.0.attn.c_attn.weight"
     sd[key] = sd[key][:, :90].clone()
     save_file(sd, str(tmp_path / "hf" / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"c_attn.weight' has shape \[90, 32\], the model "
-                       r"expects 96 QKV outputs"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"c_attn.weight' has shape \[90, 32\], the model "
+        r"expects 96 QKV outputs",
+    ):
         hf.read(str(tmp_path / "hf"))
-
-
-BERT_VOCAB = (Path(__file__).resolve().parents[3].parent / "shared" / "data" / "vocab"
-              / "bert-chinese" / "vocab.txt")
 
 
 def test_export_names_the_end_of_document_token_of_a_bert_vocabulary(tmp_path):
     """HF's eos/bos is the tokenizer's end-of-document id whatever its family (here BERT's
     [SEP]); it was null, and lm-eval's `hf` model then fails to score continuations."""
-    if not BERT_VOCAB.exists():
-        pytest.skip(f"shared vocabulary not found at {BERT_VOCAB}")
+    bert_vocab = shared_path(BERT_VOCAB)  # skips without ../shared/data
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
     vocab = tmp_path / "tok"
     vocab.mkdir()
-    (vocab / "vocab.txt").write_bytes(BERT_VOCAB.read_bytes())
+    (vocab / "vocab.txt").write_bytes(bert_vocab.read_bytes())
     big = small_config(vocab_size=21128)
     hf.write(str(tmp_path / "hf"), big, random_state(big), tokenizer=str(vocab))
-    sep = BERT_VOCAB.read_text(encoding="utf-8").splitlines().index("[SEP]")
+    sep = bert_vocab.read_text(encoding="utf-8").splitlines().index("[SEP]")
     conf = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert conf["eos_token_id"] == conf["bos_token_id"] == sep
     assert GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).config.eos_token_id == sep

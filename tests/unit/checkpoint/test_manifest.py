@@ -20,9 +20,14 @@ def make_run(root, cfg, state, steps=(3, 6)):
     """A checkpoints dir with one record per step, each with its manifest, `latest` newest."""
     for step in steps:
         folder = root / tag_for(step)
-        reshard.write_record(str(folder), {"param": state, "exp_avg": state,
-                                           "exp_avg_sq": state}, cfg, tp=1, pp=1,
-                             client={"step": step, "consumed_samples": 8 * step})
+        reshard.write_record(
+            str(folder),
+            {"param": state, "exp_avg": state, "exp_avg_sq": state},
+            cfg,
+            tp=1,
+            pp=1,
+            client={"step": step, "consumed_samples": 8 * step},
+        )
         (folder / "rng").mkdir()
         (folder / "rng" / "pp000-tp000.pt").write_bytes(b"rng-bytes")
         manifest.write(str(folder))
@@ -47,7 +52,8 @@ def test_manifest_lists_every_file_with_size_and_crc(tmp_path, cfg, state):
     assert m["checksum"] == "crc32"
     assert sorted(m["files"]) == sorted(
         ["layout_free/meta.json", "rng/pp000-tp000.pt"]
-        + [f"layout_free/tp00-pp00.{k}.safetensors" for k in reshard.KINDS])
+        + [f"layout_free/tp00-pp00.{k}.safetensors" for k in reshard.KINDS]
+    )
     assert m["files"][PARAM]["size"] == (run / "step_0000003" / PARAM).stat().st_size
     assert manifest.verify(str(run / "step_0000003")) == []
 
@@ -57,8 +63,10 @@ FAULTS = {
     "flipped byte (same size)": (lambda f: flip(f / MOMENT), MOMENT),
     "missing meta.json": (lambda f: (f / "layout_free/meta.json").unlink(), "meta.json"),
     "missing rng file": (lambda f: (f / "rng/pp000-tp000.pt").unlink(), "pp000-tp000.pt"),
-    "file grown": (lambda f: (f / "rng/pp000-tp000.pt").write_bytes(b"rng-bytes++"),
-                   "pp000-tp000.pt"),
+    "file grown": (
+        lambda f: (f / "rng/pp000-tp000.pt").write_bytes(b"rng-bytes++"),
+        "pp000-tp000.pt",
+    ),
 }
 
 

@@ -26,8 +26,15 @@ def assert_same(a: dict, b: dict):
 def test_qkv_permutation_moves_each_head_row_to_its_place():
     heads, hd = 4, 3
     # blocks layout row r = kind * heads * hd + head * hd + d; encode (kind, head, d) in the value
-    blocks = torch.tensor([[kind * 100 + head * 10 + d] for kind in range(3)
-                           for head in range(heads) for d in range(hd)], dtype=torch.float32)
+    blocks = torch.tensor(
+        [
+            [kind * 100 + head * 10 + d]
+            for kind in range(3)
+            for head in range(heads)
+            for d in range(hd)
+        ],
+        dtype=torch.float32,
+    )
     inter = qkv_blocks_to_interleaved(blocks, heads)
     for head in range(heads):
         for kind in range(3):
@@ -98,8 +105,11 @@ def test_wrong_shape_names_tensor_and_both_shapes(tmp_path, cfg, state):
     key = "language_model.encoder.layers.1.mlp.dense_4h_to_h.weight"
     sd[key] = sd[key][:, :100]
     torch.save(sd, tmp_path / "ms" / "model" / "mp_rank_00_model_states.pt")
-    with pytest.raises(CheckpointError, match=r"layers\.1\.mlp\.dense_4h_to_h\.weight.*"
-                       r"\[32, 100\].*\[32, 128\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"layers\.1\.mlp\.dense_4h_to_h\.weight.*"
+        r"\[32, 100\].*\[32, 128\]",
+    ):
         modelscope.read(str(tmp_path / "ms"))
 
 
@@ -108,13 +118,19 @@ def test_missing_and_unexpected_keys(tmp_path, cfg, state):
     sd = dict(shards[0])
     del sd["language_model.encoder.final_layernorm.bias"]
     torch.save(sd, tmp_path / "ms" / "model" / "mp_rank_00_model_states.pt")
-    with pytest.raises(CheckpointError, match=r"missing tensor 'final_norm\.final_layernorm"
-                       r"\.bias' \(expected shape \[32\]\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"missing tensor 'final_norm\.final_layernorm"
+        r"\.bias' \(expected shape \[32\]\)",
+    ):
         modelscope.read(str(tmp_path / "ms"))
     sd["language_model.output_layer.weight"] = torch.zeros(96, 32)
     torch.save(sd, tmp_path / "ms" / "model" / "mp_rank_00_model_states.pt")
-    with pytest.raises(CheckpointError, match=r"unexpected key 'language_model\.output_layer"
-                       r"\.weight' with shape \[96, 32\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"unexpected key 'language_model\.output_layer"
+        r"\.weight' with shape \[96, 32\]",
+    ):
         modelscope.read(str(tmp_path / "ms"))
 
 
@@ -122,8 +138,11 @@ def test_vocab_mismatch_and_head_count(tmp_path, cfg, state):
     build_distributed_dir(tmp_path / "ms", cfg, state, 2)
     conf = json.loads((tmp_path / "ms" / "config.json").read_text())
     (tmp_path / "ms" / "config.json").write_text(json.dumps({**conf, "vocab_size": 100}))
-    with pytest.raises(CheckpointError, match=r"word_embeddings\.weight' has shape \[96, 32\], "
-                       r"the model expects \[100, 32\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"word_embeddings\.weight' has shape \[96, 32\], "
+        r"the model expects \[100, 32\]",
+    ):
         modelscope.read(str(tmp_path / "ms"))
     (tmp_path / "ms" / "config.json").write_text(json.dumps({**conf, "num_attention_heads": 5}))
     with pytest.raises(CheckpointError, match="5 attention heads do not divide hidden size 32"):
@@ -134,7 +153,8 @@ def test_export_refuses_unsplittable_vocab(tmp_path, cfg, state):
     odd = cfg.__class__(**{**cfg.__dict__, "vocab_size": 95})
     st = dict(state)
     st["embedding.word.word_embeddings.weight"] = state["embedding.word.word_embeddings.weight"][
-        :95]
+        :95
+    ]
     with pytest.raises(CheckpointError, match=r"vocabulary 95 does not split into 2 TP shards"):
         modelscope.write(str(tmp_path / "out"), odd, st, tp=2)
 
@@ -147,20 +167,70 @@ def test_cli_round_trip_through_every_kind(tmp_path, cfg, state):
 
     build_distributed_dir(tmp_path / "ms", cfg, state, 2)
     assert convert.detect(str(tmp_path / "ms")) == "modelscope"
-    assert main(["convert", "--input", str(tmp_path / "ms"), "--output", str(tmp_path / "m1"),
-                 "--to", "megagpt"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--input",
+                str(tmp_path / "ms"),
+                "--output",
+                str(tmp_path / "m1"),
+                "--to",
+                "megagpt",
+            ]
+        )
+        == 0
+    )
     assert convert.detect(str(tmp_path / "m1")) == "megagpt"
     assert_same(model_dir.load_tensors(str(tmp_path / "m1")), state)
     assert (tmp_path / "m1" / "tokenizer" / "tokenizer.json").is_file()
-    assert main(["convert", "--input", str(tmp_path / "m1"), "--output", str(tmp_path / "hf"),
-                 "--to", "hf"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--input",
+                str(tmp_path / "m1"),
+                "--output",
+                str(tmp_path / "hf"),
+                "--to",
+                "hf",
+            ]
+        )
+        == 0
+    )
     assert convert.detect(str(tmp_path / "hf")) == "hf"
-    assert main(["convert", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "m2"),
-                 "--to", "megagpt"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--input",
+                str(tmp_path / "hf"),
+                "--output",
+                str(tmp_path / "m2"),
+                "--to",
+                "megagpt",
+            ]
+        )
+        == 0
+    )
     assert_same(model_dir.load_tensors(str(tmp_path / "m2")), state)
     assert model_dir.read_config(str(tmp_path / "m2")).activation == "gelu_tanh"
-    assert main(["convert", "--input", str(tmp_path / "m2"), "--output", str(tmp_path / "ms2"),
-                 "--to", "modelscope", "--tp", "4"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--input",
+                str(tmp_path / "m2"),
+                "--output",
+                str(tmp_path / "ms2"),
+                "--to",
+                "modelscope",
+                "--tp",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert_same(modelscope.read(str(tmp_path / "ms2"))[1], state)
 
 
@@ -168,12 +238,19 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     from megagpt.checkpoint.convert import run
 
     (tmp_path / "junk").mkdir()
-    rc = run(Namespace(input=str(tmp_path / "junk"), output=str(tmp_path / "o"), to="hf",
-                       tp=None, pp=None))
+    rc = run(
+        Namespace(
+            input=str(tmp_path / "junk"), output=str(tmp_path / "o"), to="hf", tp=None, pp=None
+        )
+    )
     assert rc == 2 and "not a checkpoint megagpt knows" in capsys.readouterr().err
-    rc = run(Namespace(input=str(tmp_path / "nope"), output=str(tmp_path / "o"), to="hf",
-                       tp=None, pp=None))
+    rc = run(
+        Namespace(
+            input=str(tmp_path / "nope"), output=str(tmp_path / "o"), to="hf", tp=None, pp=None
+        )
+    )
     assert rc == 2 and "does not exist" in capsys.readouterr().err
-    rc = run(Namespace(input=str(tmp_path / "junk"), output=str(tmp_path / "o"), to="hf",
-                       tp=2, pp=None))
+    rc = run(
+        Namespace(input=str(tmp_path / "junk"), output=str(tmp_path / "o"), to="hf", tp=2, pp=None)
+    )
     assert rc == 2 and "--to hf takes no --tp/--pp" in capsys.readouterr().err

@@ -12,8 +12,8 @@ from argparse import Namespace
 import pytest
 import torch
 
-from megagpt.checkpoint import convert, model_dir, reshard
-from megagpt.checkpoint.canonical import CheckpointError
+from megagpt.checkpoint import convert, model_dir
+from megagpt.checkpoint.canonical import WORD, CheckpointError
 from megagpt.config import ConfigError
 from megagpt.training.finetune import resolve_start
 from tests.unit.checkpoint.conftest import ms_config_json
@@ -54,17 +54,28 @@ def _ms_distributed(tmp_path, cfg, marker):
 def _hf(tmp_path, cfg, marker):
     d = tmp_path / "hf"
     plant(d / "pytorch_model.bin", marker)
-    (d / "config.json").write_text(json.dumps({
-        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": cfg.num_layers,
-        "n_head": cfg.num_heads, "n_embd": cfg.hidden_size, "n_positions": 24,
-        "vocab_size": cfg.vocab_size}))
+    (d / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "gpt2",
+                "architectures": ["GPT2LMHeadModel"],
+                "n_layer": cfg.num_layers,
+                "n_head": cfg.num_heads,
+                "n_embd": cfg.hidden_size,
+                "n_positions": 24,
+                "vocab_size": cfg.vocab_size,
+            }
+        )
+    )
     return d
 
 
-SOURCES = {"native step folder": (_native_step, "mp_rank_00_model_states.pt"),
-           "ModelScope base": (_ms_base, "pytorch_model.bin"),
-           "ModelScope 1.3B+": (_ms_distributed, "mp_rank_00_model_states.pt"),
-           "Hugging Face": (_hf, "pytorch_model.bin")}
+SOURCES = {
+    "native step folder": (_native_step, "mp_rank_00_model_states.pt"),
+    "ModelScope base": (_ms_base, "pytorch_model.bin"),
+    "ModelScope 1.3B+": (_ms_distributed, "mp_rank_00_model_states.pt"),
+    "Hugging Face": (_hf, "pytorch_model.bin"),
+}
 
 
 def _build(kind, tmp_path, cfg, marker):
@@ -79,8 +90,9 @@ def test_convert_refuses_and_names_the_file(tmp_path, cfg, kind, capsys):
     src, name = _build(kind, tmp_path, cfg, marker)
     with pytest.raises(CheckpointError, match=name):
         convert.read(str(src))
-    code = convert.run(Namespace(input=str(src), output=str(tmp_path / "out"), to="megagpt",
-                                 tp=None, pp=None))
+    code = convert.run(
+        Namespace(input=str(src), output=str(tmp_path / "out"), to="megagpt", tp=None, pp=None)
+    )
     assert code == 2 and name in capsys.readouterr().err
     assert not marker.exists(), "the payload ran"
 
@@ -102,7 +114,7 @@ def test_payload_beside_a_record_is_never_opened(tmp_path, cfg, state):
     plant(out / "step_0000000" / "mp_rank_00_model_states.pt", marker)
     plant(out / "step_0000000" / "layout_free" / "extra.pt", marker)
     src = convert.read(str(out))
-    assert torch.equal(src.tensors[reshard.WORD], state[reshard.WORD])
+    assert torch.equal(src.tensors[WORD], state[WORD])
     assert resolve_start(str(out)).kind == "training"
     assert not marker.exists(), "the payload ran"
 
@@ -140,8 +152,10 @@ def test_every_loader_in_the_package_is_safe():
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
                 continue
             if node.func.attr == "load" and getattr(node.func.value, "id", "") == "torch":
-                safe = any(k.arg == "weights_only" and getattr(k.value, "value", None) is True
-                           for k in node.keywords)
+                safe = any(
+                    k.arg == "weights_only" and getattr(k.value, "value", None) is True
+                    for k in node.keywords
+                )
                 loads.append((f"{f.name}:{node.lineno}", safe))
             if node.func.attr == "load_checkpoint":
                 ds_loads.append(f.name)
@@ -150,8 +164,9 @@ def test_every_loader_in_the_package_is_safe():
     engine = (root / "engine" / "engine.py").read_text(encoding="utf-8")
     native = engine.index("def _load_native(")
     assert native < engine.index(".load_checkpoint(") < native + 500
-    callers = sorted(f.name for f in root.rglob("*.py")
-                     if ".load_native(" in f.read_text(encoding="utf-8"))
+    callers = sorted(
+        f.name for f in root.rglob("*.py") if ".load_native(" in f.read_text(encoding="utf-8")
+    )
     assert callers == ["training.py"], callers
     fmt = (root / "checkpoint" / "training.py").read_text(encoding="utf-8")
     gate = fmt.index("if native and trust and")

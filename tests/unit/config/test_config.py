@@ -16,7 +16,8 @@ from megagpt.config.sizes import names
 
 ROOT = Path(__file__).resolve().parents[3]
 
-# The seed's size table (DEVELOPERS.md / ModelScope cards): layers, heads, d_model, LR, tokens.
+# The size table of the ModelScope GPT-3 model cards (`../shared/reference/modelscope-gpt3.md`
+# §1.1): layers, heads, d_model, peak LR, batch in millions of tokens.
 TABLE = {
     "gpt3-base": (12, 12, 768, 6.0e-4, 0.5),
     "gpt3-large": (24, 16, 1024, 3.0e-4, 0.5),
@@ -51,8 +52,9 @@ def test_parameter_counts_match_documented_sizes():
     assert billions["gpt3-30b"] == pytest.approx(29.798, abs=0.001)
     assert billions["gpt3-175b"] == pytest.approx(174.3, abs=0.05)
     # The hand formula for base: 25600*768 + 2048*768 + 12*(12*768^2 + 13*768) + 2*768.
-    assert parameter_count(from_name("base")) == (25600 * 768 + 2048 * 768
-                                                  + 12 * (12 * 768**2 + 13 * 768) + 2 * 768)
+    assert parameter_count(from_name("base")) == (
+        25600 * 768 + 2048 * 768 + 12 * (12 * 768**2 + 13 * 768) + 2 * 768
+    )
 
 
 def test_unknown_size_lists_known_ones():
@@ -60,8 +62,9 @@ def test_unknown_size_lists_known_ones():
         get_size("gpt3-7b")
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(str(ROOT / "configs" / "**" / "*.yaml"),
-                                                  recursive=True)))
+@pytest.mark.parametrize(
+    "path", sorted(glob.glob(str(ROOT / "configs" / "**" / "*.yaml"), recursive=True))
+)
 def test_every_recipe_loads_and_validates(path):
     cfg = load_config(path)
     # A recipe must fit at least one world size: the smallest its TP x PP allows.
@@ -77,8 +80,7 @@ def test_pretrain_recipes_follow_the_gpt3_recipe():
         assert cfg.optim.lr == s.lr
         assert cfg.train.global_batch_size * cfg.model.seq_length == s.batch_tokens
         o = cfg.optim
-        assert (o.beta1, o.beta2, o.eps, o.weight_decay, o.clip_grad) == (0.9, 0.95, 1e-8,
-                                                                           0.1, 1.0)
+        assert (o.beta1, o.beta2, o.eps, o.weight_decay, o.clip_grad) == (0.9, 0.95, 1e-8, 0.1, 1.0)
         assert (o.warmup_tokens, o.decay_tokens, o.min_lr_ratio) == (375e6, 260e9, 0.1)
 
 
@@ -90,8 +92,11 @@ def _write(tmp_path, text: str) -> Path:
 
 def test_unknown_key_names_file_line_and_suggests(tmp_path):
     p = _write(tmp_path, "model:\n  name: gpt3-tiny\noptim:\n  lrr: 0.1\n")
-    with pytest.raises(ConfigError, match=r"recipe.yaml:4: unknown key 'optim.lrr' "
-                                          r"\(did you mean 'optim.lr'\?\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"recipe.yaml:4: unknown key 'optim.lrr' "
+        r"\(did you mean 'optim.lr'\?\)",
+    ):
         load_config(p)
 
 
@@ -108,8 +113,16 @@ def test_unknown_section_and_wrong_type(tmp_path):
 
 def test_overrides_apply_on_top_of_the_recipe_and_size(tmp_path):
     p = _write(tmp_path, "model:\n  name: gpt3-1.3b\noptim:\n  lr: 1.0e-4\n")
-    cfg = load_config(p, ["optim.lr=3e-4", "parallel.tensor=2", "model.dropout=0",
-                          "run.dir=/tmp/x", "data.paths=[a, b]"])
+    cfg = load_config(
+        p,
+        [
+            "optim.lr=3e-4",
+            "parallel.tensor=2",
+            "model.dropout=0",
+            "run.dir=/tmp/x",
+            "data.paths=[a, b]",
+        ],
+    )
     assert cfg.optim.lr == 3e-4 and cfg.parallel.tensor == 2 and cfg.model.dropout == 0.0
     assert cfg.model.hidden_size == 2048 and cfg.train.global_batch_size == 1024
     assert cfg.data.paths == ["a", "b"] and cfg.run.name == "x"
@@ -118,27 +131,39 @@ def test_overrides_apply_on_top_of_the_recipe_and_size(tmp_path):
 
 
 def _base(*extra):
-    return load_config(None, ["model.name=gpt3-tiny", "data.paths=[x]", "data.tokenizer=t",
-                              *extra])
+    return load_config(None, ["model.name=gpt3-tiny", "data.paths=[x]", "data.tokenizer=t", *extra])
 
 
 def test_validation_names_the_keys():
     msgs = {
-        "model.num_heads (4) must be divisible by parallel.tensor (3)":
-            (_base("parallel.tensor=3"), 3),
-        "model.num_layers (4) must be divisible by parallel.pipeline (3)":
-            (_base("parallel.pipeline=3"), 3),
-        "train.global_batch_size (8) must be divisible by train.micro_batch_size (3)":
-            (_base("train.micro_batch_size=3"), 1),
-        "parallel.zero_stage=2 cannot be combined with parallel.pipeline=2":
-            (_base("parallel.pipeline=2", "parallel.zero_stage=2"), 2),
-        "world size 3 is not divisible by parallel.tensor x parallel.pipeline = 2 x 1":
-            (_base("parallel.tensor=2"), 3),
-        "model.seq_length (33) must be divisible by parallel.tensor":
-            (_base("parallel.tensor=2", "parallel.sequence_parallel=true",
-                   "model.seq_length=33"), 2),
-        "parallel.sequence_parallel needs parallel.tensor > 1":
-            (_base("parallel.sequence_parallel=true"), 1),
+        "model.num_heads (4) must be divisible by parallel.tensor (3)": (
+            _base("parallel.tensor=3"),
+            3,
+        ),
+        "model.num_layers (4) must be divisible by parallel.pipeline (3)": (
+            _base("parallel.pipeline=3"),
+            3,
+        ),
+        "train.global_batch_size (8) must be divisible by train.micro_batch_size (3)": (
+            _base("train.micro_batch_size=3"),
+            1,
+        ),
+        "parallel.zero_stage=2 cannot be combined with parallel.pipeline=2": (
+            _base("parallel.pipeline=2", "parallel.zero_stage=2"),
+            2,
+        ),
+        "world size 3 is not divisible by parallel.tensor x parallel.pipeline = 2 x 1": (
+            _base("parallel.tensor=2"),
+            3,
+        ),
+        "model.seq_length (33) must be divisible by parallel.tensor": (
+            _base("parallel.tensor=2", "parallel.sequence_parallel=true", "model.seq_length=33"),
+            2,
+        ),
+        "parallel.sequence_parallel needs parallel.tensor > 1": (
+            _base("parallel.sequence_parallel=true"),
+            1,
+        ),
         "train.precision=fp16 is not supported on CPU": (_base("train.precision=fp16"), 1),
     }
     for expected, (cfg, world) in msgs.items():
@@ -149,13 +174,17 @@ def test_validation_names_the_keys():
 
 def test_sequence_parallel_is_valid_on_cpu_gloo():
     """Sequence parallelism runs on gloo (megagpt.parallel.regions): no CUDA needed."""
-    validate(_base("parallel.tensor=2", "parallel.sequence_parallel=true",
-                   "parallel.backend=gloo"), 2, cuda=False)
+    validate(
+        _base("parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.backend=gloo"),
+        2,
+        cuda=False,
+    )
 
 
 def test_all_problems_are_reported_at_once():
-    cfg = load_config(None, ["model.name=gpt3-tiny", "parallel.tensor=3",
-                             "train.micro_batch_size=3"])
+    cfg = load_config(
+        None, ["model.name=gpt3-tiny", "parallel.tensor=3", "train.micro_batch_size=3"]
+    )
     with pytest.raises(ConfigError) as e:
         validate(cfg, 3, cuda=False)
     text = str(e.value)
@@ -164,13 +193,22 @@ def test_all_problems_are_reported_at_once():
 
 def test_cli_reports_config_errors_before_any_process_group(tmp_path):
     """A bad layout under torchrun-like env exits 2 with the keys named, starting nothing."""
-    p = _write(tmp_path, "model:\n  name: gpt3-tiny\ndata:\n  paths: [nope]\n"
-                         "  tokenizer: nope\n")
-    env = dict(os.environ, WORLD_SIZE="3", RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT="1", PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-m", "megagpt.cli", "train", "--config", str(p),
-                        "parallel.tensor=3"], env=env, capture_output=True, text=True,
-                       timeout=120)
+    p = _write(tmp_path, "model:\n  name: gpt3-tiny\ndata:\n  paths: [nope]\n  tokenizer: nope\n")
+    env = dict(
+        os.environ,
+        WORLD_SIZE="3",
+        RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT="1",
+        PYTHONPATH=str(ROOT),
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "megagpt.cli", "train", "--config", str(p), "parallel.tensor=3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2, r.stderr
     assert "model.num_heads (4) must be divisible by parallel.tensor (3)" in r.stderr
     assert "Traceback" not in r.stderr
@@ -183,8 +221,11 @@ def test_config_reference_documents_every_field():
     from megagpt.config.schema import Config
 
     for section in fields(Config):
-        for f in fields(section.type if not isinstance(section.type, str)
-                        else getattr(Config(), section.name).__class__):
+        for f in fields(
+            section.type
+            if not isinstance(section.type, str)
+            else getattr(Config(), section.name).__class__
+        ):
             assert f"`{section.name}.{f.name}`" in text
             assert f.metadata.get("doc"), f"{section.name}.{f.name} has no description"
 
@@ -194,10 +235,16 @@ def test_registry_has_test_sizes():
 
 
 def test_cli_names_the_key_of_a_missing_tokenizer(tmp_path):
-    p = _write(tmp_path, "model:\n  name: gpt3-tiny\ndata:\n  paths: [nope]\n"
-                         "  tokenizer: /no/such/tokenizer\n")
-    r = subprocess.run([sys.executable, "-m", "megagpt.cli", "train", "--config", str(p)],
-                       env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
-                       text=True, timeout=120)
+    p = _write(
+        tmp_path,
+        "model:\n  name: gpt3-tiny\ndata:\n  paths: [nope]\n  tokenizer: /no/such/tokenizer\n",
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "megagpt.cli", "train", "--config", str(p)],
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert "data.tokenizer='/no/such/tokenizer'" in r.stderr and "Traceback" not in r.stderr

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import WIKI, read_jsonl
+
 ROOT = Path(__file__).resolve().parents[3]
-WIKI = ROOT.parent / "shared" / "data" / "corpus" / "wiki_cmrc2018.jsonl"
 
 
 def write_jsonl(path: Path, texts: list[str], key: str = "text") -> Path:
@@ -22,12 +23,10 @@ def write_jsonl(path: Path, texts: list[str], key: str = "text") -> Path:
 def wiki_docs() -> list[str]:
     """Distinct real Chinese Wikipedia paragraphs of 300-1500 characters."""
     out, seen = [], set()
-    with open(WIKI, encoding="utf-8") as f:
-        for line in f:
-            text = json.loads(line)["text"]
-            if 300 <= len(text) <= 1500 and text[:50] not in seen:
-                seen.add(text[:50])
-                out.append(text)
+    for text in read_jsonl(WIKI):
+        if 300 <= len(text) <= 1500 and text[:50] not in seen:
+            seen.add(text[:50])
+            out.append(text)
             if len(out) >= 120:
                 break
     return out

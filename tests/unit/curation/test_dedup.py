@@ -13,8 +13,8 @@ from megagpt.curation.synthetic import EDITS, near_copy
 
 def _jaccard(a: str, b: str, n: int = 5) -> float:
     a, b = normalized_key(a), normalized_key(b)
-    sa = {a[i:i + n] for i in range(len(a) - n + 1)}
-    sb = {b[i:i + n] for i in range(len(b) - n + 1)}
+    sa = {a[i : i + n] for i in range(len(a) - n + 1)}
+    sb = {b[i : i + n] for i in range(len(b) - n + 1)}
     return len(sa & sb) / len(sa | sb)
 
 
@@ -35,8 +35,9 @@ def test_signature_estimates_jaccard(backend, wiki_docs):
         errors.append(abs(est - _jaccard(text, copy)))
         assert (h.signature(text) == h.signature(wiki_docs[i + 40])).mean() < 0.1
     assert np.mean(errors) < 0.04  # std of the estimate at 256 permutations is <= 0.031
-    assert np.array_equal(h.signature(wiki_docs[0]), MinHasher(256, backend=backend)
-                          .signature(wiki_docs[0]))  # same seed, same signature
+    assert np.array_equal(
+        h.signature(wiki_docs[0]), MinHasher(256, backend=backend).signature(wiki_docs[0])
+    )  # same seed, same signature
 
 
 def test_optimal_bands_favour_recall_at_the_threshold():

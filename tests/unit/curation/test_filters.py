@@ -19,9 +19,11 @@ from megagpt.curation.filters import (
 )
 from megagpt.curation.synthetic import JUNK
 
-PARA = ("长城是中国古代的军事防御工程，是一道高大、坚固而且连绵不断的长垣，用以限隔敌骑的行动。"
-        "长城不是一道单纯孤立的城墙，而是以城墙为主体，同大量的城、障、亭、标相结合的防御体系。"
-        "春秋战国时期，各国为了防御别国入侵，修筑烽火台，并用城墙连接起来，形成最早的长城。")
+PARA = (
+    "长城是中国古代的军事防御工程，是一道高大、坚固而且连绵不断的长垣，用以限隔敌骑的行动。"
+    "长城不是一道单纯孤立的城墙，而是以城墙为主体，同大量的城、障、亭、标相结合的防御体系。"
+    "春秋战国时期，各国为了防御别国入侵，修筑烽火台，并用城墙连接起来，形成最早的长城。"
+)
 
 
 def _cleaner(**filters) -> Cleaner:
@@ -91,7 +93,7 @@ def test_invalid_characters_deleted_or_document_dropped():
     doc = PARA + PARA[::-1]  # ~260 characters: 2 invalid ones are under the default 1%
     r = c.clean(doc[:80] + "\x0b\u200b" + doc[80:])  # a stray control and zero-width space
     assert r.text == doc and r.invalid_chars == 2
-    r = c.clean("\x00\x01\ufffd".join(PARA[i:i + 5] for i in range(0, len(PARA), 5)))
+    r = c.clean("\x00\x01\ufffd".join(PARA[i : i + 5] for i in range(0, len(PARA), 5)))
     assert r.reason == "invalid-chars"
 
 

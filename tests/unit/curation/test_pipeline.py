@@ -34,8 +34,9 @@ def _corpus(tmp_path: Path, wiki_docs: list[str]) -> tuple[list[Path], dict[int,
     b_texts, truth = [], {}
     for i in range(20):
         truth[len(b_texts) + 1] = i + 1
-        b_texts.append(near_copy(docs[i], rng, EDITS[i % 4], docs[i + 30]) if i < 16
-                       else docs[i])  # 16 near copies, 4 exact copies
+        b_texts.append(
+            near_copy(docs[i], rng, EDITS[i % 4], docs[i + 30]) if i < 16 else docs[i]
+        )  # 16 near copies, 4 exact copies
         maker, _ = list(JUNK.values())[i % len(JUNK)]
         b_texts.append(maker(docs[40 + i % 20], rng))
     b = write_jsonl(tmp_path / "b.jsonl", b_texts)
@@ -61,8 +62,11 @@ def test_dedup_precision_recall_and_duplicates_file(tmp_path, wiki_docs):
     dups = [json.loads(x) for x in (tmp_path / "out" / "duplicates.jsonl").read_text().splitlines()]
     removed = {int(d["removed"].rsplit(":", 1)[1]): d for d in dups}
     assert all(d["removed"].startswith(str(files[1])) for d in dups)  # no false positive
-    hits = [line for line in truth if line in removed
-            and removed[line]["kept"] == f"{files[0]}:{truth[line]}"]
+    hits = [
+        line
+        for line in truth
+        if line in removed and removed[line]["kept"] == f"{files[0]}:{truth[line]}"
+    ]
     assert len(hits) / len(truth) >= 0.9  # recall on planted copies
     # the 4 verbatim copies are exact; punctuation-only edits also are after normalisation
     assert all(removed[line]["kind"] == "exact" for line, orig in truth.items() if orig > 16)
@@ -89,17 +93,33 @@ def test_byte_identical_for_1_and_2_workers(tmp_path, wiki_docs):
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, wiki_docs):
     files, _ = _corpus(tmp_path, wiki_docs)
     sets = ["output.chunk_docs=5", "output.commit_chunks=2", "output.shard_bytes=15000"]
-    cmd = [sys.executable, "-m", "megagpt.cli", "clean", "--input", *map(str, files),
-           "--no-progress", "--workers", "2"] + [a for s in sets for a in ("--set", s)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "megagpt.cli",
+        "clean",
+        "--input",
+        *map(str, files),
+        "--no-progress",
+        "--workers",
+        "2",
+    ] + [a for s in sets for a in ("--set", s)]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    subprocess.run(cmd + ["--output", str(tmp_path / "ref")], env=env, check=True,
-                   capture_output=True)
+    subprocess.run(
+        cmd + ["--output", str(tmp_path / "ref")], env=env, check=True, capture_output=True
+    )
     # Commits fall after units 1, 3, 5, 7, 9 (journal next_chunk 2..10). Stall after unit 10:
     # its output is written and flushed but not committed; then SIGKILL the real process.
     out = tmp_path / "killed"
-    proc = subprocess.Popen(cmd + ["--output", str(out)], env=dict(
-        env, MEGAGPT_CLEAN_STALL_AFTER_CHUNK="10"), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE)
+    # Its own session: the SIGKILL below goes to the whole job (main process and its 2 workers),
+    # as a scheduler's kill does; a worker left behind would sleep forever and outlive the test.
+    proc = subprocess.Popen(
+        cmd + ["--output", str(out)],
+        env=dict(env, MEGAGPT_CLEAN_STALL_AFTER_CHUNK="10"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     journal = out / STATE_DIR / "journal.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -109,7 +129,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, wiki_docs):
         time.sleep(0.2)
     time.sleep(1.0)
     assert proc.poll() is None  # still running (stalled), not finished
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     entry = json.loads(journal.read_text().splitlines()[-1])
     assert entry["next_chunk"] == 10 and not (out / "report.json").exists()
@@ -127,18 +147,28 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, wiki_docs):
 def test_bad_lines_error_with_file_line_or_are_counted(tmp_path, wiki_docs):
     path = tmp_path / "bad.jsonl"
     good = json.dumps({"text": wiki_docs[0]}, ensure_ascii=False).encode()
-    path.write_bytes(b"\n".join([good, b"{not json", json.dumps({"t": "x"}).encode(),
-                                 b'{"text": "\xff\xfe"}', good.replace(b"\xe9\x95", b"\xe9\x95")]))
+    path.write_bytes(
+        b"\n".join(
+            [
+                good,
+                b"{not json",
+                json.dumps({"t": "x"}).encode(),
+                b'{"text": "\xff\xfe"}',
+                good.replace(b"\xe9\x95", b"\xe9\x95"),
+            ]
+        )
+    )
     spec = make_input_spec(str(path))
     with pytest.raises(BadRecordError, match=r"bad\.jsonl:2: malformed JSON"):
         clean([spec], str(tmp_path / "o1"), _cfg(), progress=False)
     report = clean([spec], str(tmp_path / "o2"), _cfg(), skip_bad_lines=True, progress=False)
     j = report.to_json()
-    assert j["bad_records"]["counts"] == {"invalid-utf8": 1, "malformed-json": 1,
-                                          "missing-key": 1}
-    assert j["bad_records"]["examples"][0].endswith("bad.jsonl:2: malformed JSON "
-                                                    "(Expecting property name enclosed in "
-                                                    "double quotes at column 2)")
+    assert j["bad_records"]["counts"] == {"invalid-utf8": 1, "malformed-json": 1, "missing-key": 1}
+    assert j["bad_records"]["examples"][0].endswith(
+        "bad.jsonl:2: malformed JSON "
+        "(Expecting property name enclosed in "
+        "double quotes at column 2)"
+    )
     assert j["documents"]["written"] == 1 and j["filters"]["exact-duplicate"]["documents"] == 1
 
 
@@ -147,8 +177,10 @@ def test_txt_csv_gz_inputs_and_text_key(tmp_path, wiki_docs):
     with gzip.open(txt, "wt", encoding="utf-8") as f:
         f.write("\n".join(wiki_docs[:3]) + "\n")
     csv_path = tmp_path / "b.csv"
-    csv_path.write_text("id,body\n" + "".join(f'{i},"{t}"\n' for i, t in
-                                              enumerate(wiki_docs[3:5])), encoding="utf-8")
+    csv_path.write_text(
+        "id,body\n" + "".join(f'{i},"{t}"\n' for i, t in enumerate(wiki_docs[3:5])),
+        encoding="utf-8",
+    )
     specs = [make_input_spec(str(txt)), make_input_spec(str(csv_path), csv_column="body")]
     clean(specs, str(tmp_path / "o"), _cfg(**{"output.text_key": "content"}), progress=False)
     rows = [json.loads(x) for x in (tmp_path / "o" / "part-00000.jsonl").read_text().splitlines()]
@@ -164,13 +196,18 @@ def _cli(capsys, *argv) -> tuple[int, str]:
 def test_cli_one_line_errors(tmp_path, capsys, wiki_docs):
     f = write_jsonl(tmp_path / "a.jsonl", wiki_docs[:3])
     code, err = _cli(capsys, "--input", str(tmp_path / "nope.jsonl"), "--output", "o")
-    assert code == 2 and err == f"megagpt clean: error: {tmp_path}/nope.jsonl: input file " \
-        "does not exist"
+    assert (
+        code == 2
+        and err == f"megagpt clean: error: {tmp_path}/nope.jsonl: input file does not exist"
+    )
     cfg = tmp_path / "c.yaml"
     cfg.write_text("filters:\n  min_charz: 10\n")
     code, err = _cli(capsys, "--input", str(f), "--output", "o", "--config", str(cfg))
-    assert code == 2 and "unknown key 'filters.min_charz' (did you mean 'filters.min_chars'?)" \
-        in err and "\n" not in err
+    assert (
+        code == 2
+        and "unknown key 'filters.min_charz' (did you mean 'filters.min_chars'?)" in err
+        and "\n" not in err
+    )
     code, err = _cli(capsys, "--input", str(f), "--output", "o", "--set", "dedup.threshold=2")
     assert code == 2 and "dedup.threshold" in err
     out = tmp_path / "o"
@@ -186,8 +223,13 @@ def test_changed_config_is_not_resumed(tmp_path, wiki_docs):
     clean([spec], str(tmp_path / "o"), _cfg(), progress=False)
     with pytest.raises(DataError, match="other config"):
         clean([spec], str(tmp_path / "o"), _cfg(**{"dedup.threshold": 0.7}), progress=False)
-    clean([spec], str(tmp_path / "o"), _cfg(**{"dedup.threshold": 0.7}), overwrite=True,
-          progress=False)
+    clean(
+        [spec],
+        str(tmp_path / "o"),
+        _cfg(**{"dedup.threshold": 0.7}),
+        overwrite=True,
+        progress=False,
+    )
 
 
 def test_print_config_round_trips(tmp_path, capsys):

@@ -1,25 +1,19 @@
-"""Shared fixtures of the data tests: real corpora from ../shared/data, a small trained tokenizer,
-tiny synthetic indexed datasets."""
+"""Shared fixtures of the data tests: real corpora from the shared data (read through
+tests/conftest.py's ``shared_path``: absent files skip), a small trained tokenizer, tiny synthetic
+indexed datasets."""
 
 from __future__ import annotations
 
 import json
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from megagpt.data.indexed import IndexedDatasetWriter
+from tests import conftest as shared
 
-ROOT = Path(__file__).resolve().parents[3]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-WIKI = SHARED_DATA / "corpus" / "wiki_cmrc2018.jsonl"
-LAWS = SHARED_DATA / "corpus" / "laws.jsonl"
-POETRY = SHARED_DATA / "poetry" / "test.jsonl"
-BERT_VOCAB = SHARED_DATA / "vocab" / "bert-chinese" / "vocab.txt"
-CPM_MODEL = SHARED_DATA / "vocab" / "cpm-jieba-sp" / "chinese_vocab.model"
 
 # Every kind of character the jieba-BPE round trip must keep.
 MIXED_TEXT = (
@@ -29,12 +23,6 @@ MIXED_TEXT = (
     "全角：，。！？（）【】「」《》“”‘’１２３ＡＢＣ\n"
     "emoji 😀👍🏽🇨🇳 与生僻字 𠀀𪚥 and digits 0123456789 3.1415926\n"
 )
-
-
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "slow: slower data tests (seconds); deselect with -m 'not slow'"
-    )
 
 
 def read_texts(path: Path, limit: int, key: str = "text") -> list[str]:
@@ -47,31 +35,48 @@ def read_texts(path: Path, limit: int, key: str = "text") -> list[str]:
     return texts
 
 
-@pytest.fixture(scope="session")
-def data() -> SimpleNamespace:
-    """Paths and helpers for the tests (fixtures, so that no test imports conftest)."""
-    return SimpleNamespace(
-        WIKI=WIKI,
-        LAWS=LAWS,
-        POETRY=POETRY,
-        BERT_VOCAB=BERT_VOCAB,
-        CPM_MODEL=CPM_MODEL,
-        MIXED_TEXT=MIXED_TEXT,
-        read_texts=read_texts,
-        write_dataset=write_dataset,
-    )
+class DataFiles:
+    """Paths and helpers for the tests (a fixture, so that no test imports conftest). A shared
+    file's path is looked up when a test reads the attribute: a test that needs an absent file
+    is skipped, one that needs none of them runs."""
+
+    MIXED_TEXT = MIXED_TEXT
+    read_texts = staticmethod(read_texts)
+
+    @property
+    def WIKI(self) -> Path:  # noqa: N802  (named like the constants they replace)
+        return shared.shared_path(shared.WIKI)
+
+    @property
+    def LAWS(self) -> Path:  # noqa: N802
+        return shared.shared_path(shared.LAWS)
+
+    @property
+    def POETRY(self) -> Path:  # noqa: N802
+        return shared.shared_path(shared.POETRY_TEST)
+
+    @property
+    def BERT_VOCAB(self) -> Path:  # noqa: N802
+        return shared.shared_path(shared.BERT_VOCAB)
+
+    @property
+    def CPM_MODEL(self) -> Path:  # noqa: N802
+        return shared.shared_path(shared.CPM_MODEL)
+
+    @staticmethod
+    def write_dataset(prefix: Path | str, docs: list, dtype=np.uint16) -> str:
+        return write_dataset(prefix, docs, dtype)
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not WIKI.exists():
-        pytest.skip(f"shared test data not found at {SHARED_DATA}")
-    return SHARED_DATA
+def data() -> DataFiles:
+    """The shared files and helpers of the data tests."""
+    return DataFiles()
 
 
 @pytest.fixture(scope="session")
-def wiki_texts(shared_data) -> list[str]:
-    return read_texts(WIKI, 300)
+def wiki_texts() -> list[str]:
+    return shared.read_jsonl(shared.WIKI, 300)
 
 
 @pytest.fixture(scope="session")

@@ -52,7 +52,7 @@ def test_tokenizer_train_writes_a_lossless_tokenizer(tmp_path, wiki_texts, data,
     assert code == 0
     assert "vocab size 1000" in capsys.readouterr().out
     tok = build_tokenizer(str(out))
-    assert tok.vocab_size == 1000 and tok.eod is not None and tok.sep is not None
+    assert tok.vocab_size == 1000 and (tok.pad, tok.eod, tok.sep) == (0, 1, 2)
     assert tok.decode(tok.encode(data.MIXED_TEXT)) == data.MIXED_TEXT
 
 

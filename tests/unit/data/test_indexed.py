@@ -126,8 +126,9 @@ def test_pickling_sends_the_prefix_not_the_tokens(tmp_path, data):
 
 
 @pytest.mark.parametrize("copy_file_range", [True, False])
-def test_shards_merge_into_the_same_bytes_as_one_writer(tmp_path, monkeypatch, copy_file_range,
-                                                        megatron_indexed):
+def test_shards_merge_into_the_same_bytes_as_one_writer(
+    tmp_path, monkeypatch, copy_file_range, megatron_indexed
+):
     """Parallel preprocessing's path (ShardWriter parts + append_shard) against plain writes,
     with the index streamed in blocks smaller than the dataset."""
     from megagpt.data import indexed
@@ -143,13 +144,14 @@ def test_shards_merge_into_the_same_bytes_as_one_writer(tmp_path, monkeypatch, c
         w.add_document(docs[0])  # a plain write before the shards
         for part, start in enumerate(range(1, 40, 13)):
             with indexed.ShardWriter(str(tmp_path / f"shard{part}"), np.uint16) as shard:
-                chunk = docs[start:start + 13]
+                chunk = docs[start : start + 13]
                 shard.add_documents(np.concatenate(chunk), [len(d) for d in chunk])
             w.append_shard(shard.close())
     for ext in (".bin", ".idx", ".vocab.json"):
         assert (tmp_path / f"merged{ext}").read_bytes() == (tmp_path / f"one{ext}").read_bytes()
     assert sorted(os.listdir(tmp_path)) == sorted(
-        f"{name}{ext}" for name in ("one", "merged") for ext in (".bin", ".idx", ".vocab.json"))
+        f"{name}{ext}" for name in ("one", "merged") for ext in (".bin", ".idx", ".vocab.json")
+    )
     theirs = megatron_indexed.IndexedDataset(str(tmp_path / "merged"))
     assert [theirs[i].tolist() for i in range(40)] == [d.tolist() for d in docs]
 

@@ -140,17 +140,25 @@ def test_workers_reading_their_own_byte_ranges_write_the_same_bytes(
 ):
     src = _awkward_jsonl(tmp_path / "in.jsonl", wiki_texts[:120])
     text = tmp_path / "in.txt"
-    text.write_text("".join(t.replace("\n", " ") + "\n" for t in wiki_texts[120:160]),
-                    encoding="utf-8")
+    text.write_text(
+        "".join(t.replace("\n", " ") + "\n" for t in wiki_texts[120:160]), encoding="utf-8"
+    )
     packed = tmp_path / "in.jsonl.gz"  # not splittable: records read by the main process
     with gzip.open(packed, "wb") as f:
         f.write(Path(src).read_bytes())
     inputs = [src, text, packed]
     outputs = []
     for workers, range_bytes in ((1, None), (2, 3000), (3, 777), (2, None)):
-        prefix, stats = _run(tmp_path, inputs, tokenizer_dir, f"w{workers}r{range_bytes}",
-                             workers=workers, append_eod=True, chunk_docs=5,
-                             range_bytes=range_bytes)
+        prefix, stats = _run(
+            tmp_path,
+            inputs,
+            tokenizer_dir,
+            f"w{workers}r{range_bytes}",
+            workers=workers,
+            append_eod=True,
+            chunk_docs=5,
+            range_bytes=range_bytes,
+        )
         outputs.append(tuple(Path(prefix + ext).read_bytes() for ext in (".bin", ".idx")))
         assert stats.documents == 120 + 40 + 120
         if workers > 1:
@@ -159,8 +167,9 @@ def test_workers_reading_their_own_byte_ranges_write_the_same_bytes(
     assert not [n for n in os.listdir(tmp_path) if ".tmp." in n]  # shards removed
 
 
-def test_main_process_does_not_read_splittable_inputs(tmp_path, tokenizer_dir, wiki_texts,
-                                                      monkeypatch):
+def test_main_process_does_not_read_splittable_inputs(
+    tmp_path, tokenizer_dir, wiki_texts, monkeypatch
+):
     """With workers, a jsonl file is read by the workers, range by range, not by the main
     process (which on a small machine would compete with them for a core)."""
     src = _jsonl(tmp_path / "in.jsonl", wiki_texts[:40])
@@ -180,13 +189,16 @@ def test_line_numbers_count_the_lines_of_earlier_ranges(tmp_path, tokenizer_dir)
     lines = good[:100] + [""] * 5 + good[100:200] + ["{bad one"] + good[200:] + ["{bad two"]
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    _, stats = _run(tmp_path, [src], tokenizer_dir, "skip", workers=2, range_bytes=500,
-                    skip_bad_lines=True)
+    _, stats = _run(
+        tmp_path, [src], tokenizer_dir, "skip", workers=2, range_bytes=500, skip_bad_lines=True
+    )
     assert stats.documents == 300
-    assert stats.skipped_examples == [f"{src}:206: malformed JSON (Expecting property name "
-                                      "enclosed in double quotes at column 2)",
-                                      f"{src}:307: malformed JSON (Expecting property name "
-                                      "enclosed in double quotes at column 2)"]
+    assert stats.skipped_examples == [
+        f"{src}:206: malformed JSON (Expecting property name "
+        "enclosed in double quotes at column 2)",
+        f"{src}:307: malformed JSON (Expecting property name "
+        "enclosed in double quotes at column 2)",
+    ]
     with pytest.raises(DataError, match=r"in\.jsonl:206: malformed JSON"):
         _run(tmp_path, [src], tokenizer_dir, workers=3, range_bytes=300)
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "skip.bin", "skip.idx", "skip.vocab.json"]
@@ -293,8 +305,15 @@ def test_interrupt_mid_write_leaves_no_dataset(
 
     monkeypatch.setattr(indexed_module.IndexedDatasetWriter, method, flaky)
     with pytest.raises(interrupt):
-        _run(tmp_path, [src], tokenizer_dir, workers=workers, chunk_docs=5, range_bytes=4096,
-             overwrite=True)
+        _run(
+            tmp_path,
+            [src],
+            tokenizer_dir,
+            workers=workers,
+            chunk_docs=5,
+            range_bytes=4096,
+            overwrite=True,
+        )
     assert calls["n"] == 3
     # The previous dataset is untouched and no temporary file is left behind.
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "out.bin", "out.idx"]
@@ -393,8 +412,16 @@ def test_cli_preprocess_prints_summary(tmp_path, tokenizer_dir, capsys):
 def test_cli_bad_input_exits_2_with_file_line_and_no_traceback(tmp_path, tokenizer_dir, capsys):
     src = tmp_path / "in.jsonl"
     src.write_text('{"text": "好"}\n{"text": \n')
-    argv = ["preprocess", "--input", str(src), "--tokenizer", str(tokenizer_dir),
-            "--output-prefix", str(tmp_path / "o"), "--no-progress"]
+    argv = [
+        "preprocess",
+        "--input",
+        str(src),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--output-prefix",
+        str(tmp_path / "o"),
+        "--no-progress",
+    ]
     code = main(argv)
     err = capsys.readouterr().err
     assert code == 2
@@ -405,7 +432,7 @@ def test_cli_bad_input_exits_2_with_file_line_and_no_traceback(tmp_path, tokeniz
     assert f"skipped {src}:2: malformed JSON" in captured.err
 
 
-def test_cli_unknown_suffix_asks_for_input_format(tmp_path, tokenizer_dir, capsys):
+def test_cli_unknown_suffix_asks_for_input_format(tmp_path, tokenizer, tokenizer_dir, capsys):
     src = tmp_path / "data.dat"
     src.write_text("一行\n")
     assert (
@@ -440,7 +467,7 @@ def test_cli_unknown_suffix_asks_for_input_format(tmp_path, tokenizer_dir, capsy
         )
         == 0
     )
-    assert np.asarray(IndexedDataset(str(tmp_path / "o"))[0]).size > 0
+    assert np.asarray(IndexedDataset(str(tmp_path / "o"))[0]).tolist() == tokenizer.encode("一行")
 
 
 def test_output_folder_is_created(tmp_path):

@@ -5,6 +5,7 @@ record) naming the data.paths entry, the largest id and the vocabulary size."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,20 +14,27 @@ from megagpt.data import DataError, make_input_spec, preprocess
 from megagpt.data.indexed import check_vocab, max_token_id, vocab_path, vocab_record
 
 
-def test_preprocess_records_the_tokenizer_size_and_largest_id(tmp_path, tokenizer_dir,
-                                                              tokenizer, wiki_texts):
+def test_preprocess_records_the_tokenizer_size_and_largest_id(
+    tmp_path, tokenizer_dir, tokenizer, wiki_texts
+):
     src = tmp_path / "docs.jsonl"
-    src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
-                           for t in wiki_texts[:20]), encoding="utf-8")
+    src.write_text(
+        "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in wiki_texts[:20]),
+        encoding="utf-8",
+    )
     prefix = str(tmp_path / "ds")
-    preprocess([make_input_spec(str(src))], str(tokenizer_dir), prefix, append_eod=True,
-               progress=False)
+    preprocess(
+        [make_input_spec(str(src))], str(tokenizer_dir), prefix, append_eod=True, progress=False
+    )
     record = vocab_record(prefix)
     assert record == {"vocab_size": tokenizer.vocab_size, "max_token_id": max_token_id(prefix)}
     assert 0 < record["max_token_id"] < tokenizer.vocab_size
     check_vocab(prefix, tokenizer.vocab_size, "data.paths[0]")  # fits: no error
-    with pytest.raises(DataError, match=rf"data.paths\[0\]={prefix}: preprocessed with a "
-                       rf"tokenizer of {tokenizer.vocab_size} tokens .* has 1000"):
+    with pytest.raises(
+        DataError,
+        match=rf"data.paths\[0\]={prefix}: preprocessed with a "
+        rf"tokenizer of {tokenizer.vocab_size} tokens .* has 1000",
+    ):
         check_vocab(prefix, 1000, "data.paths[0]")
 
 
@@ -40,8 +48,11 @@ def test_dataset_without_record_is_scanned(tmp_path, data, monkeypatch):
     assert not (tmp_path / "old.vocab.json").exists()
     assert max_token_id(prefix) == 1500
     check_vocab(prefix, 1501, "data.paths[1]")
-    with pytest.raises(DataError, match=r"data.paths\[1\]=.*old: token id 1500 does not fit "
-                       r"the model's vocabulary of 1024"):
+    with pytest.raises(
+        DataError,
+        match=r"data.paths\[1\]=.*old: token id 1500 does not fit "
+        r"the model's vocabulary of 1024",
+    ):
         check_vocab(prefix, 1024, "data.paths[1]")
 
 
@@ -62,6 +73,6 @@ def test_record_is_written_atomically_and_replaced(tmp_path):
 
 def test_damaged_record_names_the_file(tmp_path, data):
     prefix = data.write_dataset(tmp_path / "ds", [[1, 2]])
-    open(vocab_path(prefix), "w").write("{not json")
+    Path(vocab_path(prefix)).write_text("{not json")
     with pytest.raises(DataError, match=r"ds.vocab.json: unreadable vocabulary record"):
         check_vocab(prefix, 100, "data.paths[0]")

@@ -13,8 +13,15 @@ CLUSTER = Path(__file__).resolve().parents[3] / "configs" / "cluster"
 
 
 def _cfg(*overrides: str):
-    return load_config(None, ["model.name=gpt3-tiny", "train.global_batch_size=64",
-                              "train.micro_batch_size=1", *overrides])
+    return load_config(
+        None,
+        [
+            "model.name=gpt3-tiny",
+            "train.global_batch_size=64",
+            "train.micro_batch_size=1",
+            *overrides,
+        ],
+    )
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -39,12 +46,12 @@ def test_no_zero_partitioning_at_data_parallel_size_1(precision, expected):
     """DP=1: nothing to partition, so no ZeRO optimizer's flat copies (fp32: plain AdamW; bf16:
     the BF16_Optimizer for fp32 accumulation; fp16 keeps its stage). DP=2 keeps the config's."""
     for world, tp in ((1, 1), (2, 2)):  # DP = 1 both times
-        cfg = _cfg(f"train.precision={precision}", "parallel.zero_stage=2",
-                   f"parallel.tensor={tp}")
+        cfg = _cfg(f"train.precision={precision}", "parallel.zero_stage=2", f"parallel.tensor={tp}")
         assert deepspeed_zero_stage(cfg, world) == expected
         assert deepspeed_config(cfg, world)["zero_optimization"]["stage"] == expected
-    assert deepspeed_zero_stage(_cfg(f"train.precision={precision}", "parallel.zero_stage=2"),
-                                2) == 2
+    assert (
+        deepspeed_zero_stage(_cfg(f"train.precision={precision}", "parallel.zero_stage=2"), 2) == 2
+    )
 
 
 def test_fp32_and_fp16_keep_deepspeed_defaults_for_accumulation():
@@ -57,8 +64,11 @@ def test_fp32_and_fp16_keep_deepspeed_defaults_for_accumulation():
 def test_pipeline_partitioning_off_under_sequence_parallel(sp, tp, expected):
     """pipe/grad_partitioned all-gather the stage-to-stage tensor over TP, assuming it is the same
     on every TP rank; under sequence parallelism each rank holds its own sequence chunk."""
-    cfg = _cfg("parallel.pipeline=2", f"parallel.tensor={tp}",
-               f"parallel.sequence_parallel={'true' if sp else 'false'}")
+    cfg = _cfg(
+        "parallel.pipeline=2",
+        f"parallel.tensor={tp}",
+        f"parallel.sequence_parallel={'true' if sp else 'false'}",
+    )
     pipe = deepspeed_config(cfg, 2 * tp)["pipeline"]
     assert pipe == {"pipe_partitioned": expected, "grad_partitioned": expected}
 

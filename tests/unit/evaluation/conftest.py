@@ -10,48 +10,38 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.unit.inference.conftest import _LocalGroup
+from tests.conftest import BERT_VOCAB, build_model_dir, shared_path
 
-BERT_VOCAB = (Path(__file__).resolve().parents[3].parent / "shared" / "data" / "vocab"
-              / "bert-chinese" / "vocab.txt")
+
+def bert_scale(name: str) -> float:
+    """Word embeddings 8x (choices differ clearly), positions 20x (positions steer the output:
+    decoding does not repeat one token)."""
+    if "word_embeddings" in name:
+        return 8.0
+    if "position_embeddings" in name:
+        return 20.0
+    return 1.0
 
 
 def build_bert_model_dir(root: Path, seed: int = 11) -> str:
     """A 2-layer model directory (hidden 32, 32 positions, the 21,128-token BERT vocab)."""
-    from megagpt.checkpoint import model_dir
-    from megagpt.config import ParallelConfig, from_name
-    from megagpt.model import GPTModel, initialize_weights, megatron_config
-
-    cfg = from_name("gpt3-tiny")
-    cfg.num_layers, cfg.hidden_size, cfg.ffn_hidden_size = 2, 32, 128
-    cfg.max_position_embeddings = cfg.seq_length = 32
-    cfg.vocab_size = 21128
-    cfg.dropout = cfg.attention_dropout = 0.0
-    model = GPTModel(cfg, megatron_config(cfg, ParallelConfig()))
-    initialize_weights(model, cfg, seed, 0, 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "word_embeddings" in name:
-                p.mul_(8.0)  # sharper than a random init: choices differ clearly
-            if "position_embeddings" in name:
-                p.mul_(20.0)  # positions steer the output: decoding does not repeat one token
-    out = root / "model"
-    model_dir.save_tensors(str(out), model_dir.full_tensors(model, cfg))
-    model_dir.write_config(str(out), cfg)
-    model_dir.copy_tokenizer(str(out), str(BERT_VOCAB))
-    return str(out)
+    return build_model_dir(
+        root / "model",
+        str(shared_path(BERT_VOCAB)),
+        seed=seed,
+        scale=bert_scale,
+        num_layers=2,
+        hidden_size=32,
+        ffn_hidden_size=128,
+        max_position_embeddings=32,
+        seq_length=32,
+        vocab_size=21128,
+    )
 
 
 @pytest.fixture(scope="session")
-def eval_group():
-    with _LocalGroup():
-        yield
-
-
-@pytest.fixture(scope="session")
-def bert_model_dir(tmp_path_factory, eval_group) -> str:
+def bert_model_dir(tmp_path_factory) -> str:
     return build_bert_model_dir(tmp_path_factory.mktemp("eval_model"))
 
 

@@ -4,6 +4,7 @@ lm-eval's own ``hf`` model on the same weights exported to Hugging Face."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,7 +33,8 @@ def _choice_lls(sample) -> list[float]:
 def test_task_items_are_well_formed():
     from megagpt.evaluation.harness import TASKS_DIR
 
-    rows = [json.loads(x) for x in open(f"{TASKS_DIR}/{TASK}/items.jsonl", encoding="utf-8")]
+    items = Path(TASKS_DIR) / TASK / "items.jsonl"
+    rows = [json.loads(x) for x in items.read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 40
     assert all(len(r["choices"]) == 4 and len(set(r["choices"])) == 4 for r in rows)
     assert sorted({r["answer"] for r in rows}) == [0, 1, 2, 3]  # answer positions rotate
@@ -49,7 +51,7 @@ def test_harness_equals_direct_computation(scorer, ours):
         want = []
         for choice in doc["choices"]:
             ctx = tok.encode(context)
-            cont = tok.encode(context + choice)[len(ctx):]
+            cont = tok.encode(context + choice)[len(ctx) :]
             want.append(-sum(token_nll(scorer.model, ctx, cont)))
         assert _choice_lls(s) == pytest.approx(want, abs=1e-5)
         correct += int(max(range(4), key=lambda i: want[i]) == doc["answer"])
@@ -68,10 +70,16 @@ def test_hf_export_scores_the_same_with_lm_eval_hf(bert_model_dir, scorer, ours,
     # add_bos_token=False: lm-eval's hf model would otherwise let the BERT tokenizer add
     # [CLS]/[SEP]; megagpt's tokenizers add no special tokens. The export names the family's
     # end-of-document token ([SEP]) as eos, which lm-eval's hf model prefixes rolling scores with.
-    res = simple_evaluate(model="hf", model_args={"pretrained": str(tmp_path / "hf"),
-                                                  "add_bos_token": False, "dtype": "float32"},
-                          device="cpu", tasks=[TASK], task_manager=task_manager([TASK]),
-                          log_samples=True, batch_size=8, verbosity="WARNING")
+    res = simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(tmp_path / "hf"), "add_bos_token": False, "dtype": "float32"},
+        device="cpu",
+        tasks=[TASK],
+        task_manager=task_manager([TASK]),
+        log_samples=True,
+        batch_size=8,
+        verbosity="WARNING",
+    )
     theirs = sorted(res["samples"][TASK], key=lambda s: s["doc_id"])
     results, samples = ours
     for a, b in zip(samples, theirs, strict=True):
@@ -98,16 +106,17 @@ def test_generate_until_equals_kv_cache_greedy_decoding(scorer):
     for p, text in zip(prompts, got):
         ids = tok.encode(p)
         full = scorer.generator.generate([ids], make_params(top_k=1), max_new_tokens=6)[0][0]
-        want = tok.decode(full[len(ids):]).split("。")[0]
+        want = tok.decode(full[len(ids) :]).split("。")[0]
         assert text == want
     alone = [lm.generate_until(_instances("generate_until", [(p, kwargs)]))[0] for p in prompts]
     assert alone == got  # batching changes nothing
     # An `until` string inside the continuation cuts it there (and stops decoding early).
     stop = got[0][4:6]
     assert len(stop) == 2, got
-    cut = lm.generate_until(_instances("generate_until", [
-        (prompts[0], {"until": [stop], "max_gen_toks": 6})]))[0]
-    assert cut == got[0][:got[0].index(stop)]
+    cut = lm.generate_until(
+        _instances("generate_until", [(prompts[0], {"until": [stop], "max_gen_toks": 6})])
+    )[0]
+    assert cut == got[0][: got[0].index(stop)]
 
 
 def test_loglikelihood_rolling_is_the_document_nll(scorer):
@@ -121,8 +130,9 @@ def test_loglikelihood_rolling_is_the_document_nll(scorer):
         seq = [tok.eod] + tok.encode(text)
         want = 0.0
         for begin in range(0, len(seq) - 1, 12):  # disjoint 12-token windows
-            want -= sum(token_nll(scorer.model, seq[begin:begin + 1],
-                                  seq[begin + 1:begin + 13]))
+            want -= sum(
+                token_nll(scorer.model, seq[begin : begin + 1], seq[begin + 1 : begin + 13])
+            )
         assert value == pytest.approx(want, rel=1e-6)
 
 
@@ -146,14 +156,42 @@ def test_megagpt_eval_tasks_and_lm_eval_cli(bert_model_dir, tmp_path, monkeypatc
     from megagpt.evaluation import lm_eval_cli
 
     out = tmp_path / "res.json"
-    assert main(["eval", "--model", bert_model_dir, "--tasks", TASK, "--limit", "8",
-                 "--device", "cpu", "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                bert_model_dir,
+                "--tasks",
+                TASK,
+                "--limit",
+                "8",
+                "--device",
+                "cpu",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     ours = json.loads(out.read_text())
     acc = ours["metrics"][f"eval/{TASK}/acc"]
     # lm-eval's own command line, with --model megagpt registered by the wrapper.
     monkeypatch.chdir(tmp_path)
-    lm_eval_cli.main(["--model", "megagpt", "--model_args", f"path={bert_model_dir},device=cpu",
-                      "--tasks", TASK, "--limit", "8", "--output_path", str(tmp_path / "lm")])
+    lm_eval_cli.main(
+        [
+            "--model",
+            "megagpt",
+            "--model_args",
+            f"path={bert_model_dir},device=cpu",
+            "--tasks",
+            TASK,
+            "--limit",
+            "8",
+            "--output_path",
+            str(tmp_path / "lm"),
+        ]
+    )
     files = list((tmp_path / "lm").rglob("results_*.json"))
     assert len(files) == 1
     theirs = json.loads(files[0].read_text())
@@ -164,7 +202,7 @@ def test_scores_do_not_depend_on_the_batch(scorer):
     rows = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
     together = scorer.token_logprobs([r[:-1] for r in rows], [r[1:] for r in rows])
     for r, (lp, _) in zip(rows, together):
-        (alone, _), = scorer.token_logprobs([r[:-1]], [r[1:]])
+        ((alone, _),) = scorer.token_logprobs([r[:-1]], [r[1:]])
         assert torch.allclose(lp, alone, atol=1e-6)
 
 

@@ -11,13 +11,17 @@ from megagpt.evaluation.model import EvalError
 from megagpt.evaluation.perplexity import perplexity, windows
 from tests.unit.evaluation.helpers import token_nll
 
-TEXTS = ["床前明月光，疑是地上霜。", "人工智能正在改变世界。",
-         "长江是中国最长的河流，全长约六千三百公里。"]
+TEXTS = [
+    "床前明月光，疑是地上霜。",
+    "人工智能正在改变世界。",
+    "长江是中国最长的河流，全长约六千三百公里。",
+]
 
 
 def _jsonl(path, texts):
-    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts),
-                    encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8"
+    )
     return str(path)
 
 
@@ -60,8 +64,8 @@ def test_long_document_windows_keep_context(scorer, tmp_path):
     want, done, begin = 0.0, 0, 0
     while done < len(seq) - 1:
         end = min(begin + w, len(seq) - 1)
-        nll = token_nll(scorer.model, seq[begin:begin + 1], seq[begin + 1:end + 1])
-        want += sum(nll[done - begin:])
+        nll = token_nll(scorer.model, seq[begin : begin + 1], seq[begin + 1 : end + 1])
+        want += sum(nll[done - begin :])
         done, begin = end, begin + s
     assert got["nll"] == pytest.approx(want, rel=1e-6)
     assert got["tokens"] == len(seq) - 1
@@ -75,7 +79,7 @@ def test_windows_score_every_token_once():
         ws = windows(0, seq, w, s)
         assert sum(x.scored for x in ws) == 49
         assert all(len(x.inputs) <= w and x.scored <= len(x.inputs) for x in ws)
-        scored = [t for x in ws for t in x.targets[len(x.targets) - x.scored:]]
+        scored = [t for x in ws for t in x.targets[len(x.targets) - x.scored :]]
         assert scored == seq[1:]
         # After the first window, every scored token has at least w - s tokens of context.
         assert all(len(x.inputs) - x.scored >= w - s for x in ws[1:])
@@ -92,15 +96,19 @@ def test_text_and_indexed_datasets(scorer, tmp_path):
     from_jsonl, _ = perplexity(scorer, src)
     from_txt, _ = perplexity(scorer, str(txt))
     assert from_txt["nll"] == pytest.approx(from_jsonl["nll"], rel=1e-9)
-    preprocess([make_input_spec(src)], scorer.tokenizer.path, str(tmp_path / "idx"),
-               append_eod=True, progress=False)
+    preprocess(
+        [make_input_spec(src)],
+        scorer.tokenizer.path,
+        str(tmp_path / "idx"),
+        append_eod=True,
+        progress=False,
+    )
     got, records = perplexity(scorer, str(tmp_path / "idx"))
     tok = scorer.tokenizer
     for text, rec in zip(TEXTS, records):
         ids = tok.encode(text) + [tok.eod]  # the stored document ends with its EOD
         assert rec["tokens"] == len(ids)
-        assert rec["nll"] == pytest.approx(sum(token_nll(scorer.model, [tok.eod], ids)),
-                                           rel=1e-6)
+        assert rec["nll"] == pytest.approx(sum(token_nll(scorer.model, [tok.eod], ids)), rel=1e-6)
     assert perplexity(scorer, str(tmp_path / "idx.bin"))[0]["nll"] == got["nll"]
 
 
@@ -109,9 +117,27 @@ def test_cli_writes_summary_and_per_document(bert_model_dir, tmp_path, capsys):
 
     data = _jsonl(tmp_path / "d.jsonl", TEXTS + [""])
     out, per_doc = tmp_path / "res" / "ppl.json", tmp_path / "docs.jsonl"
-    assert main(["eval", "--model", bert_model_dir, "--data", data, "--device", "cpu",
-                 "--output", str(out), "--per-document", str(per_doc), "--stride", "8",
-                 "--skip-bad-lines"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                bert_model_dir,
+                "--data",
+                data,
+                "--device",
+                "cpu",
+                "--output",
+                str(out),
+                "--per-document",
+                str(per_doc),
+                "--stride",
+                "8",
+                "--skip-bad-lines",
+            ]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())["perplexity"]
     assert res["documents"] == 3 and res["skipped_records"] == {"empty-document": 1}
     assert res["stride"] == 8
@@ -120,20 +146,25 @@ def test_cli_writes_summary_and_per_document(bert_model_dir, tmp_path, capsys):
     assert sum(d["nll"] for d in docs) == pytest.approx(res["nll"])
 
 
-@pytest.mark.parametrize("argv,message", [
-    ([], "needs --data FILE"),
-    (["--data", "EMPTY"], "d.jsonl:4: empty document"),
-    (["--data", "NOPE.jsonl"], "--data NOPE.jsonl: no such file or indexed dataset"),
-    (["--data", "D", "--window", "64"], "--window 64: must be between 1 and the model's 32"),
-    (["--data", "D", "--stride", "0"], "--stride must be >= 1"),
-    (["--tasks", "megagpt_zh_mc", "--per-document", "x.jsonl"], "--per-document needs --data"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        ([], "needs --data FILE"),
+        (["--data", "EMPTY"], "d.jsonl:4: empty document"),
+        (["--data", "NOPE.jsonl"], "--data NOPE.jsonl: no such file or indexed dataset"),
+        (["--data", "D", "--window", "64"], "--window 64: must be between 1 and the model's 32"),
+        (["--data", "D", "--stride", "0"], "--stride must be >= 1"),
+        (["--tasks", "megagpt_zh_mc", "--per-document", "x.jsonl"], "--per-document needs --data"),
+    ],
+)
 def test_cli_errors_name_the_option(bert_model_dir, tmp_path, capsys, argv, message):
     from megagpt.cli import main
 
     data = _jsonl(tmp_path / "d.jsonl", TEXTS + [""])
-    argv = [data if a == "EMPTY" else _jsonl(tmp_path / "ok.jsonl", TEXTS) if a == "D" else a
-            for a in argv]
+    argv = [
+        data if a == "EMPTY" else _jsonl(tmp_path / "ok.jsonl", TEXTS) if a == "D" else a
+        for a in argv
+    ]
     assert main(["eval", "--model", bert_model_dir, "--device", "cpu", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("megagpt eval: error:") and message in err, err
@@ -147,8 +178,9 @@ def test_bad_model_path_is_a_user_error(tmp_path, capsys):
     assert "no such model directory or checkpoint" in capsys.readouterr().err
 
 
-def test_training_checkpoint_of_any_layout_scores_like_the_model_dir(bert_model_dir, scorer,
-                                                                     tmp_path, capsys):
+def test_training_checkpoint_of_any_layout_scores_like_the_model_dir(
+    bert_model_dir, scorer, tmp_path, capsys
+):
     """A training checkpoint (here written for TP=2 x PP=2) is read through the checkpoint
     package's reshard path and scores exactly as its model directory."""
     from megagpt.checkpoint.convert import convert
@@ -158,8 +190,24 @@ def test_training_checkpoint_of_any_layout_scores_like_the_model_dir(bert_model_
     convert(bert_model_dir, str(tmp_path / "ckpt"), "megagpt", tp=2, pp=2)
     want, _ = perplexity(scorer, data)
     out = tmp_path / "ppl.json"
-    assert main(["eval", "--model", str(tmp_path / "ckpt"), "--data", data, "--device", "cpu",
-                 "--tokenizer", scorer.tokenizer.path, "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tmp_path / "ckpt"),
+                "--data",
+                data,
+                "--device",
+                "cpu",
+                "--tokenizer",
+                scorer.tokenizer.path,
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     got = json.loads(out.read_text())["perplexity"]
     assert got["nll"] == pytest.approx(want["nll"], rel=1e-6)
     # Converted from a model directory, the checkpoint names no tokenizer: say which flag.

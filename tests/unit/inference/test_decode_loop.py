@@ -29,8 +29,14 @@ def ids(pipe):
 
 def twin(gen, **kw) -> TextGenerator:
     """Another generator over the same model with other loop options."""
-    return TextGenerator(gen.model, vocab_size=gen.vocab_size, max_positions=gen.max_positions,
-                         stop_ids=gen.stop_ids, pad_id=gen.pad_id, **kw)
+    return TextGenerator(
+        gen.model,
+        vocab_size=gen.vocab_size,
+        max_positions=gen.max_positions,
+        stop_ids=gen.stop_ids,
+        pad_id=gen.pad_id,
+        **kw,
+    )
 
 
 def test_kv_cache_is_allocated_once_for_the_longest_row(gen, ids, monkeypatch):
@@ -81,7 +87,8 @@ def test_no_concatenation_per_token(gen, ids):
 def test_static_decode_steps_give_the_default_tokens(gen, ids, params):
     static = twin(gen, static=True)
     assert static.generate(ids, params, max_new_tokens=16, seed=4) == gen.generate(
-        ids, params, max_new_tokens=16, seed=4)
+        ids, params, max_new_tokens=16, seed=4
+    )
 
 
 def test_static_decode_step_compiles_to_one_graph(gen, ids):
@@ -91,8 +98,9 @@ def test_static_decode_step_compiles_to_one_graph(gen, ids):
     import torch._dynamo
 
     static = twin(gen, static=True)
-    static._compiled = torch.compile(static._decode_static, backend="eager", fullgraph=True,
-                                     dynamic=False)
+    static._compiled = torch.compile(
+        static._decode_static, backend="eager", fullgraph=True, dynamic=False
+    )
     static.compile = True
     torch._dynamo.reset()
     try:
@@ -105,8 +113,14 @@ def test_static_decode_step_compiles_to_one_graph(gen, ids):
 
 def test_compile_with_tensor_parallel_is_refused(gen):
     with pytest.raises(ValueError, match="tensor-parallel size 1"):
-        TextGenerator(gen.model, vocab_size=gen.vocab_size, max_positions=gen.max_positions,
-                      stop_ids=[], compile=True, tp_size=2)
+        TextGenerator(
+            gen.model,
+            vocab_size=gen.vocab_size,
+            max_positions=gen.max_positions,
+            stop_ids=[],
+            compile=True,
+            tp_size=2,
+        )
 
 
 @torch.no_grad()

@@ -36,8 +36,13 @@ def ids(pipe):
 def twin(gen, model=None, **kw) -> TextGenerator:
     """Another generator (over the same model unless given) with other loop options."""
     kw.setdefault("stop_ids", [])
-    return TextGenerator(model or gen.model, vocab_size=gen.vocab_size,
-                         max_positions=gen.max_positions, pad_id=gen.pad_id, **kw)
+    return TextGenerator(
+        model or gen.model,
+        vocab_size=gen.vocab_size,
+        max_positions=gen.max_positions,
+        pad_id=gen.pad_id,
+        **kw,
+    )
 
 
 def test_the_pipeline_decodes_with_the_fast_path(gen):
@@ -46,8 +51,9 @@ def test_the_pipeline_decodes_with_the_fast_path(gen):
 
 
 @pytest.mark.parametrize("prepack", [False, True], ids=["plain", "prepacked"])
-@pytest.mark.parametrize("params", [GREEDY, SAMPLED, PENALISED],
-                         ids=["greedy", "sampled", "penalised"])
+@pytest.mark.parametrize(
+    "params", [GREEDY, SAMPLED, PENALISED], ids=["greedy", "sampled", "penalised"]
+)
 def test_fast_path_gives_the_reference_tokens(gen, ids, params, prepack):
     if prepack and not prepack_available(gen.model.word.word_embeddings.weight):
         pytest.skip("oneDNN prepacked linear not available")
@@ -55,7 +61,8 @@ def test_fast_path_gives_the_reference_tokens(gen, ids, params, prepack):
     # batch 1, then a ragged batch (one prefill, per-row positions)
     for batch in ([ids[1]], ids):
         assert fast.generate(batch, params, max_new_tokens=14, seed=3) == ref.generate(
-            batch, params, max_new_tokens=14, seed=3)
+            batch, params, max_new_tokens=14, seed=3
+        )
 
 
 def test_ragged_batch_equals_one_at_a_time_with_stop_tokens(gen, ids):
@@ -65,8 +72,7 @@ def test_ragged_batch_equals_one_at_a_time_with_stop_tokens(gen, ids):
     stopping = twin(gen, stop_ids=stops)
     batch = stopping.generate(ids, GREEDY, max_new_tokens=12)
     assert batch == [stopping.generate([p], GREEDY, max_new_tokens=12)[0] for p in ids]
-    assert batch == twin(gen, stop_ids=stops, fast=False).generate(ids, GREEDY,
-                                                                   max_new_tokens=12)
+    assert batch == twin(gen, stop_ids=stops, fast=False).generate(ids, GREEDY, max_new_tokens=12)
     assert len(batch[0][0]) < len(ids[0]) + 12  # the stop really cut a row
 
 
@@ -102,9 +108,15 @@ def test_greedy_tokens_equal_hugging_face_generate(gen, ids, tiny_model_dir):
     # one prompt; a batch of 3 (of equal length: HF would need left padding)
     for batch in ([ids[0]], [ids[1]], [p[:7] for p in (ids[0], ids[1], ids[3])]):
         x = torch.tensor(batch)
-        theirs = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
-                             max_new_tokens=16, min_new_tokens=16, eos_token_id=None,
-                             pad_token_id=0).tolist()
+        theirs = hf.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            do_sample=False,
+            max_new_tokens=16,
+            min_new_tokens=16,
+            eos_token_id=None,
+            pad_token_id=0,
+        ).tolist()
         assert [r[0] for r in fast.generate(batch, GREEDY, max_new_tokens=16)] == theirs
 
 
@@ -140,8 +152,11 @@ def test_packed_weights_follow_a_training_step(gen, ids, how):
             with torch.no_grad():
                 gen_ = torch.Generator().manual_seed(0)
                 for layer in model.layers:
-                    for w in (layer.attention.query_key_value.weight,
-                              layer.mlp.dense_h_to_4h.weight, layer.mlp.dense_4h_to_h.weight):
+                    for w in (
+                        layer.attention.query_key_value.weight,
+                        layer.mlp.dense_h_to_4h.weight,
+                        layer.mlp.dense_4h_to_h.weight,
+                    ):
                         w.data.copy_(torch.randn(w.shape, generator=gen_) * 0.5)
         after = fast.generate([ids[1]], GREEDY, max_new_tokens=10)
         assert after == twin(gen, fast=False).generate([ids[1]], GREEDY, max_new_tokens=10)
@@ -174,7 +189,8 @@ def test_prepack_refused_where_unavailable(gen):
     assert isinstance(FastDecoder(gen.model).weights, DecodeWeights)
 
 
-def test_fast_cache_is_allocated_once_and_written_in_place(gen, ids, monkeypatch):
+@pytest.mark.parametrize("speculate", [0, 7], ids=["plain", "speculative"])
+def test_fast_cache_is_allocated_once_and_written_in_place(gen, ids, monkeypatch, speculate):
     made = []
     real = FastDecoder.new_cache
 
@@ -183,10 +199,12 @@ def test_fast_cache_is_allocated_once_and_written_in_place(gen, ids, monkeypatch
         return made[-1]
 
     monkeypatch.setattr(FastDecoder, "new_cache", spy)
-    fast = twin(gen)
+    fast = twin(gen, speculate=speculate)
     pointers = set()
     for _ in fast.steps(ids, GREEDY, [len(p) + 12 for p in ids]):
         pointers.add(tuple(k.data_ptr() for k in made[0].keys))
     (cache,) = made
-    assert cache.max_length == max(len(p) for p in ids) + 12
+    # speculation: room for one pass of guesses past the longest row's limit
+    spare = speculate
+    assert cache.max_length == max(len(p) for p in ids) + 12 + spare
     assert len(pointers) == 1

@@ -63,7 +63,7 @@ def test_stop_tokens_end_a_row_and_are_not_returned(gen, ids):
     try:
         gen.stop_ids = []
         free = gen.generate([ids[0]], GREEDY, max_new_tokens=12)[0][0]
-        new = free[len(ids[0]):]
+        new = free[len(ids[0]) :]
         gen.stop_ids = [new[4]]
         cut = gen.generate([ids[0]], GREEDY, max_new_tokens=12)[0][0]
     finally:
@@ -81,11 +81,9 @@ def test_pipeline_output_format(pipe):
     assert set(one) == {"text"} and one["text"].startswith(PROMPTS[0])
     many = pipe(PROMPTS[:2], top_k=1, max_new_tokens=8)
     assert many[0] == one and many[1]["text"].startswith(PROMPTS[1])
-    copies = pipe(PROMPTS[0], num_return_sequences=3, max_new_tokens=8, seed=5,
-                  temperature=1.5)
+    copies = pipe(PROMPTS[0], num_return_sequences=3, max_new_tokens=8, seed=5, temperature=1.5)
     assert len(copies) == 3 and len({c["text"] for c in copies}) > 1
-    assert pipe(PROMPTS[0], max_new_tokens=8, seed=5) == pipe(PROMPTS[0], max_new_tokens=8,
-                                                              seed=5)
+    assert pipe(PROMPTS[0], max_new_tokens=8, seed=5) == pipe(PROMPTS[0], max_new_tokens=8, seed=5)
 
 
 def test_stream_grows_to_the_full_result(pipe):
@@ -97,11 +95,12 @@ def test_stream_grows_to_the_full_result(pipe):
 
 def test_repetition_penalty_changes_greedy_output(gen, ids):
     plain = gen.generate([ids[2]], GREEDY, max_new_tokens=30)
-    penalised = gen.generate([ids[2]], make_params(top_k=1, repetition_penalty=5.0),
-                             max_new_tokens=30)
+    penalised = gen.generate(
+        [ids[2]], make_params(top_k=1, repetition_penalty=5.0), max_new_tokens=30
+    )
     assert plain != penalised
-    new = penalised[0][0][len(ids[2]):]
-    assert len(set(new)) >= len(set(plain[0][0][len(ids[2]):]))
+    new = penalised[0][0][len(ids[2]) :]
+    assert len(set(new)) >= len(set(plain[0][0][len(ids[2]) :]))
 
 
 def test_empty_prompt_starts_a_document(pipe):

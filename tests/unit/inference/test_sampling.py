@@ -44,8 +44,9 @@ def test_greedy_is_argmax_and_sampling_stays_in_the_nucleus():
     logits = torch.tensor([[0.0, 5.0, 4.9, -3.0], [2.0, 0.0, 0.0, 0.0]])
     assert sample(logits, make_params(top_k=1)).tolist() == [1, 0]
     keys = torch.tensor([1, 2])
-    draws = {tuple(sample(logits, make_params(top_p=0.6), keys, step).tolist())
-             for step in range(50)}
+    draws = {
+        tuple(sample(logits, make_params(top_p=0.6), keys, step).tolist()) for step in range(50)
+    }
     assert all(a in (1, 2) and b in (0, 1, 2, 3) for a, b in draws)
     assert len(draws) > 1, "different steps must draw different noise"
 
@@ -58,8 +59,9 @@ def test_seeded_sampling_is_reproducible_and_per_row():
         return sample(logits, params, torch.tensor(keys), step).tolist()
 
     assert draw([1, 2, 3]) == draw([1, 2, 3])
-    assert [draw([1, 2, 3], step) for step in range(20)] != [draw([4, 5, 6], step)
-                                                             for step in range(20)]
+    assert [draw([1, 2, 3], step) for step in range(20)] != [
+        draw([4, 5, 6], step) for step in range(20)
+    ]
     # Row 1's draw depends only on its own key, not on the other rows of the batch.
     for step in range(20):
         alone = sample(logits[1:2], params, torch.tensor([2]), step)
@@ -92,13 +94,16 @@ def test_noise_is_the_same_on_every_call_and_device_independent_bits():
     assert abs(float(a.mean()) - 1.0) < 0.1
 
 
-@pytest.mark.parametrize("kw,msg", [
-    ({"top_k": 5, "top_p": 0.9}, "cannot be combined"),
-    ({"temperature": 0.0}, "temperature"),
-    ({"top_p": 1.5}, "top_p"),
-    ({"top_k": 100}, "smaller than the vocabulary"),
-    ({"repetition_penalty": 0.0}, "repetition_penalty"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        ({"top_k": 5, "top_p": 0.9}, "cannot be combined"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": 100}, "smaller than the vocabulary"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ],
+)
 def test_invalid_options_name_the_option(kw, msg):
     with pytest.raises(ValueError, match=msg):
         make_params(**kw).check(vocab_size=100)

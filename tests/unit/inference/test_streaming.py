@@ -37,8 +37,9 @@ class Scripted:
         new = self.continuation[: limits[0] - len(prompt)]
         tokens = torch.tensor([prompt + new])
         for i in range(1, len(new) + 1):
-            yield DecodeState(tokens, torch.tensor([len(prompt) + i]),
-                              torch.tensor([i == len(new)]))
+            yield DecodeState(
+                tokens, torch.tensor([len(prompt) + i]), torch.tensor([i == len(new)])
+            )
 
     def generate(self, prompts, params, max_new_tokens=None, **kw):
         return [[p + self.continuation[:max_new_tokens]] for p in prompts]

@@ -38,7 +38,7 @@ def _loss_and_grads(model, tokens, labels, seed: int):
 
 @pytest.mark.slow  # one inductor compile of the layer (~30-90 s on a loaded 2-core CPU)
 @pytest.mark.parametrize("recompute", ["none", "full"])
-def test_compiled_layers_equal_eager_with_dropout(process_group, recompute):
+def test_compiled_layers_equal_eager_with_dropout(recompute):
     """Same seeds: the same loss and gradients, residual dropout (default stream) and attention
     dropout (the forked TP-region stream, eager inside the compiled layer) included; the
     generator ends in the same state, so the next step draws the same masks too."""

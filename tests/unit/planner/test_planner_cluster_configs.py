@@ -22,9 +22,11 @@ LAYOUT_KEYS = set(Layout(1, 1, 1, 1).overrides())
 def test_every_required_size_has_a_layout():
     sizes = {parse_plan_header(p)["model"] for p in CLUSTER}
     assert {"gpt3-1.3b", "gpt3-2.7b", "gpt3-13b", "gpt3-30b", "gpt3-175b"} <= sizes
-    assert any(parse_plan_header(p)["model"] == "gpt3-175b"
-               and int(parse_plan_header(p)["nodes"]) * int(parse_plan_header(p)["gpus_per_node"])
-               == 1024 for p in CLUSTER)
+    assert any(
+        parse_plan_header(p)["model"] == "gpt3-175b"
+        and int(parse_plan_header(p)["nodes"]) * int(parse_plan_header(p)["gpus_per_node"]) == 1024
+        for p in CLUSTER
+    )
 
 
 @pytest.mark.parametrize("path", CLUSTER, ids=[p.stem for p in CLUSTER])
@@ -38,8 +40,10 @@ def test_cluster_layout_passes_the_planner(path):
     assert plan.fits, plan.problems
     # Same global batch in tokens as the size's table row (the seed recipe).
     size = get_size(head["model"])
-    assert cfg.train.global_batch_size * cfg.model.seq_length == \
-        size.global_batch_sequences * size.seq_length
+    assert (
+        cfg.train.global_batch_size * cfg.model.seq_length
+        == size.global_batch_sequences * size.seq_length
+    )
     # Hyperparameters: exactly the recipe's keys, only layout keys differ or are added.
     recipe = {k: v for k, v, _ in load_yaml(ROOT / head["recipe"])}
     mine = {k: v for k, v, _ in load_yaml(path)}

@@ -17,10 +17,10 @@ ROOT = Path(__file__).resolve().parents[3]
 
 @pytest.mark.parametrize("tp, pp", [(1, 1), (2, 1), (4, 2), (1, 4), (2, 2)])
 def test_meta_device_counts_match_the_analytic_model(tp, pp):
-    cfg = load_config(None, ["model.name=gpt3-tiny", f"parallel.tensor={tp}",
-                             f"parallel.pipeline={pp}"])
-    assert meta_stage_params(cfg, tp, pp) == [s.params for s in
-                                              stage_parameters(cfg.model, tp, pp)]
+    cfg = load_config(
+        None, ["model.name=gpt3-tiny", f"parallel.tensor={tp}", f"parallel.pipeline={pp}"]
+    )
+    assert meta_stage_params(cfg, tp, pp) == [s.params for s in stage_parameters(cfg.model, tp, pp)]
     reports, lines, ok = dry_run(cfg, tp * pp * 2)
     assert ok, "\n".join(lines)
     assert [len(r.layers) for r in reports] == [4 // pp] * pp
@@ -28,8 +28,18 @@ def test_meta_device_counts_match_the_analytic_model(tp, pp):
 
 def test_175b_on_1024_ranks_in_seconds(capsys):
     start = time.perf_counter()
-    code = main(["train", "--config", str(ROOT / "configs/pretrain/175b.yaml"), "--dry-run",
-                 "--world-size", "1024", "parallel.tensor=8", "parallel.pipeline=8"])
+    code = main(
+        [
+            "train",
+            "--config",
+            str(ROOT / "configs/pretrain/175b.yaml"),
+            "--dry-run",
+            "--world-size",
+            "1024",
+            "parallel.tensor=8",
+            "parallel.pipeline=8",
+        ]
+    )
     elapsed = time.perf_counter() - start
     out = capsys.readouterr().out
     assert code == 0, out
@@ -41,14 +51,28 @@ def test_175b_on_1024_ranks_in_seconds(capsys):
 
 
 def test_dry_run_rejects_impossible_world_sizes(capsys):
-    code = main(["train", "--config", str(ROOT / "configs/pretrain/175b.yaml"), "--dry-run",
-                 "--world-size", "100", "parallel.tensor=8", "parallel.pipeline=8"])
+    code = main(
+        [
+            "train",
+            "--config",
+            str(ROOT / "configs/pretrain/175b.yaml"),
+            "--dry-run",
+            "--world-size",
+            "100",
+            "parallel.tensor=8",
+            "parallel.pipeline=8",
+        ]
+    )
     assert code == 2
-    assert "world size 100 is not divisible by parallel.tensor x parallel.pipeline" in \
-        capsys.readouterr().err
+    assert (
+        "world size 100 is not divisible by parallel.tensor x parallel.pipeline"
+        in capsys.readouterr().err
+    )
 
 
 def test_world_size_needs_dry_run(capsys):
-    assert main(["train", "--config", str(ROOT / "configs/pretrain/175b.yaml"),
-                 "--world-size", "8"]) == 2
+    assert (
+        main(["train", "--config", str(ROOT / "configs/pretrain/175b.yaml"), "--world-size", "8"])
+        == 2
+    )
     assert "--world-size only applies with --dry-run" in capsys.readouterr().err

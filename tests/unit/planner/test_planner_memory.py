@@ -14,6 +14,7 @@ from megagpt.planner.memory import (
     activation_bytes_per_layer,
     in_flight,
     layer_params_per_rank,
+    FUSED_MIN_ROWS,
     logits_bytes,
     memory_per_stage,
     model_state,
@@ -60,8 +61,9 @@ def test_activations_reduce_to_korthikanti_formulas():
     sbh, as2b = s * b * h, a * s * s * b
 
     def act(tp, sp, rc, flash=False):
-        return activation_bytes_per_layer(m, s, b, tp, sp=sp, recompute=rc, act_bytes=2,
-                                          flash=flash)
+        return activation_bytes_per_layer(
+            m, s, b, tp, sp=sp, recompute=rc, act_bytes=2, flash=flash
+        )
 
     assert act(1, False, "none") == pytest.approx(sbh * 34 + 5 * as2b)
     assert act(8, False, "none") == pytest.approx(sbh * (10 + 24 / 8) + 5 * as2b / 8)
@@ -73,8 +75,9 @@ def test_activations_reduce_to_korthikanti_formulas():
     assert act(8, True, "none", flash=True) == pytest.approx(sbh * 34 / 8)
     # Without dropout the masks (and the attention dropout output) are not kept.
     m0 = dataclasses.replace(m, dropout=0.0, attention_dropout=0.0)
-    assert activation_bytes_per_layer(m0, s, b, 1, sp=False, recompute="none", act_bytes=2,
-                                      flash=False) == pytest.approx(sbh * 32 + 2 * as2b)
+    assert activation_bytes_per_layer(
+        m0, s, b, 1, sp=False, recompute="none", act_bytes=2, flash=False
+    ) == pytest.approx(sbh * 32 + 2 * as2b)
 
 
 def test_pipeline_in_flight_micro_batches():
@@ -138,8 +141,9 @@ def test_zero1_under_the_pipeline_engine_holds_a_second_bucket():
 def test_plain_path_is_the_same_with_data_parallel():
     # DeepSpeed's flattened all-reduce copies come after the backward, past the peak.
     n = parameter_count(TINY)
-    assert model_state("fp32", 0, n, 1, pipeline=False) == \
-        model_state("fp32", 0, n, 4, pipeline=False)
+    assert model_state("fp32", 0, n, 1, pipeline=False) == model_state(
+        "fp32", 0, n, 4, pipeline=False
+    )
 
 
 def test_pipeline_last_stage_keeps_the_last_loss_logits():
@@ -158,14 +162,45 @@ def test_logits_at_the_loss_backward():
     # gpt3-175b on a GPU: 2048 rows of 25600/8, chunks of 2**25 elements hold them all.
     assert logits_bytes(M175, 2048, 1, 8, "bf16") == 2048 * 3200 * (2 * 2 + 2 * 4)
     # On CPU a chunk is 2**20 elements: 327 rows of 3200.
-    assert logits_bytes(M175, 2048, 1, 8, "bf16", cuda=False) == \
-        2048 * 3200 * 2 * 2 + 327 * 3200 * 4 * 2
+    assert (
+        logits_bytes(M175, 2048, 1, 8, "bf16", cuda=False)
+        == 2048 * 3200 * 2 * 2 + 327 * 3200 * 4 * 2
+    )
+
+
+def test_fused_output_layer_keeps_gradients_not_logits():
+    # pipeline size 1: dh [rows, h] + dW [V/t, h] in the training dtype, one fp32 chunk
+    # (gpt3-tiny: h 64; 64 rows fit one chunk of at least 256 rows)
+    h = TINY.hidden_size
+    assert (
+        logits_bytes(TINY, 32, 2, 1, "fp32", cuda=False, fused=True)
+        == (64 + 1024) * h * 4 + 64 * 1024 * 4
+    )
+    # bf16: the chunk's fp32 logits plus their bf16 copy and gradient; one chunk, no fp32 sum
+    assert logits_bytes(TINY, 32, 2, 2, "bf16", cuda=False, fused=True) == (
+        64 + 512
+    ) * h * 2 + 64 * 512 * (4 + 2 * 2)
+    # gpt3-175b on CPU at TP 8: 2048 rows in chunks of 1024 (the 16-bit minimum), so the
+    # chunks' weight gradients are summed in an fp32 [3200, h] buffer
+    h = M175.hidden_size
+    assert (
+        logits_bytes(M175, 2048, 1, 8, "bf16", cuda=False, fused=True)
+        == (2048 + 3200) * h * 2 + 1024 * 3200 * 8 + 3200 * h * 4
+    )
+    lay = Layout(tp=1, pp=1, dp=1, micro_batch=2, zero_stage=0)
+    (only,) = memory_per_stage(TINY, lay, precision="fp32", global_batch=2, cuda=False)
+    assert only.logits == logits_bytes(TINY, 32, 2, 1, "fp32", cuda=False, fused=True)
 
 
 def test_loss_chunk_matches_the_model():
+    import torch
+
     from megagpt.model import fused
 
     assert fused._CHUNK_ELEMENTS == LOSS_CHUNK_ELEMENTS
+    assert {torch.finfo(d).bits // 8: n for d, n in fused._MIN_FUSED_ROWS.items()} == {
+        k: v for k, v in FUSED_MIN_ROWS.items() if k == 4
+    }
 
 
 def test_activation_total_of_a_stage_by_hand():
@@ -187,7 +222,12 @@ def test_fp32_counts_four_byte_weights_and_grads():
     # ZeRO 1 at DP=2: fp32 .grad and the averaged fp32 partition, master + moments sharded, one
     # whole fp32 bucket (on CPU too: the allocator holds all of it).
     assert (b.weights, b.grads, b.optimizer, b.flat, b.buffers) == (
-        4 * n, 4 * n + 4 * n / 2, 8 * n / 2, 4 * n / 2, 4 * 5e7)
+        4 * n,
+        4 * n + 4 * n / 2,
+        8 * n / 2,
+        4 * n / 2,
+        4 * 5e7,
+    )
 
 
 def test_zero_at_data_parallel_size_1_is_stage_0():

@@ -35,10 +35,12 @@ def test_pipeline_bubble_and_compute_by_hand():
 def test_tensor_parallel_across_nodes_is_slower_than_within():
     cfg = cfg_175b()
     lay = Layout(tp=8, pp=8, dp=16, micro_batch=1)
-    inside = step_time(cfg.model, lay, ClusterShape(128, 8, H100), precision="bf16",
-                       global_batch=3072)
-    across = step_time(cfg.model, lay, ClusterShape(256, 4, H100), precision="bf16",
-                       global_batch=3072)
+    inside = step_time(
+        cfg.model, lay, ClusterShape(128, 8, H100), precision="bf16", global_batch=3072
+    )
+    across = step_time(
+        cfg.model, lay, ClusterShape(256, 4, H100), precision="bf16", global_batch=3072
+    )
     assert across.tp_comm_s > 5 * inside.tp_comm_s
 
 
@@ -57,41 +59,66 @@ def test_too_small_cluster_is_rejected_naming_flags():
 
 
 def test_layout_that_does_not_fit_names_the_stage():
-    plan = evaluate(cfg_175b(), Layout(tp=8, pp=1, dp=128, micro_batch=1, zero_stage=1),
-                    ClusterShape(128, 8, H100))
+    plan = evaluate(
+        cfg_175b(),
+        Layout(tp=8, pp=1, dp=128, micro_batch=1, zero_stage=1),
+        ClusterShape(128, 8, H100),
+    )
     assert not plan.fits and "GiB on stage 0" in plan.problems[0]
 
 
 def test_invalid_layout_reports_megagpt_validation():
-    plan = evaluate(cfg_175b(), Layout(tp=8, pp=8, dp=16, micro_batch=1, zero_stage=2),
-                    ClusterShape(128, 8, H100))
+    plan = evaluate(
+        cfg_175b(),
+        Layout(tp=8, pp=8, dp=16, micro_batch=1, zero_stage=2),
+        ClusterShape(128, 8, H100),
+    )
     assert not plan.fits and "zero_stage" in plan.problems[0]
 
 
 def test_plan_command_prints_best_and_assumptions(capsys):
-    assert main(["plan", "--model", "gpt3-175b", "--nodes", "128", "--gpu", "h100-80gb",
-                 "--top", "3"]) == 0
+    assert (
+        main(["plan", "--model", "gpt3-175b", "--nodes", "128", "--gpu", "h100-80gb", "--top", "3"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "layouts fit" in out and "MFU" in out and "assumptions:" in out
     assert "Korthikanti" in out and "989" in out
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--model", "gpt3-13b", "--nodes", "2", "--gpu", "b300"], "--gpu 'b300'"),
-    (["--model", "gpt3-13b", "--nodes", "0"], "--nodes must be >= 1"),
-    (["--model", "gpt3-13b", "--nodes", "2", "--gpus-per-node", "0"], "--gpus-per-node"),
-    (["--model", "gpt3-99b", "--nodes", "2"], "unknown model size"),
-    (["--model", "gpt3-175b", "--nodes", "1", "--gpu", "a100-40gb"], "no layout"),
-    (["--model", "gpt3-13b", "--nodes", "2", "--efficiency", "1.5"], "--efficiency"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--model", "gpt3-13b", "--nodes", "2", "--gpu", "b300"], "--gpu 'b300'"),
+        (["--model", "gpt3-13b", "--nodes", "0"], "--nodes must be >= 1"),
+        (["--model", "gpt3-13b", "--nodes", "2", "--gpus-per-node", "0"], "--gpus-per-node"),
+        (["--model", "gpt3-99b", "--nodes", "2"], "unknown model size"),
+        (["--model", "gpt3-175b", "--nodes", "1", "--gpu", "a100-40gb"], "no layout"),
+        (["--model", "gpt3-13b", "--nodes", "2", "--efficiency", "1.5"], "--efficiency"),
+    ],
+)
 def test_plan_errors_name_the_flag(argv, needle, capsys):
     assert main(["plan", *argv]) == 2
     assert needle in capsys.readouterr().err
 
 
 def test_plan_write_emits_a_loadable_pair(tmp_path, capsys):
-    assert main(["plan", "--model", "gpt3-2.7b", "--nodes", "2", "--gpu", "a100-80gb",
-                 "--write", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                "gpt3-2.7b",
+                "--nodes",
+                "2",
+                "--gpu",
+                "a100-80gb",
+                "--write",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     cfg_path = tmp_path / "gpt3-2.7b_2x8-a100-80gb.yaml"
     sbatch = (tmp_path / "gpt3-2.7b_2x8-a100-80gb.sbatch").read_text()
     assert "#SBATCH --nodes=2" in sbatch and "#SBATCH --gpus-per-node=8" in sbatch
@@ -100,5 +127,7 @@ def test_plan_write_emits_a_loadable_pair(tmp_path, capsys):
     assert header["nodes"] == "2" and header["gpu"] == "a100-80gb"
     cfg = load_config(cfg_path)
     assert cfg.train.global_batch_size * cfg.model.seq_length == 2 * 2**20
-    assert main(["plan", "--config", str(cfg_path), "--nodes", "2", "--gpu", "a100-80gb",
-                 "--check"]) == 0
+    assert (
+        main(["plan", "--config", str(cfg_path), "--nodes", "2", "--gpu", "a100-80gb", "--check"])
+        == 0
+    )

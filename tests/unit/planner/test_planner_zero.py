@@ -29,8 +29,7 @@ def test_zero2_pays_per_micro_batch_zero1_once_per_step():
     # ZeRO 1 = fp32 reduce-scatter + bf16 all-gather; ZeRO 0 (fp32 run) = all-reduce.
     rs, ag = 7 / 8 * N13 * 4 / NVLINK, 7 / 8 * N13 * 2 / NVLINK
     assert dp(1, 64) == pytest.approx(rs + ag)
-    assert timing.data_parallel_time("fp32", 0, N13, 8, NVLINK, 64, 0.1) == \
-        pytest.approx(2 * rs)
+    assert timing.data_parallel_time("fp32", 0, N13, 8, NVLINK, 64, 0.1) == pytest.approx(2 * rs)
 
 
 def test_zero2_reduction_that_outlasts_the_backward_is_exposed():

@@ -14,11 +14,9 @@ import time
 
 import pytest
 
+from tests.conftest import build_model_dir
 from tests.distributed.launcher import free_port
-from tests.unit.inference.conftest import (  # noqa: F401  (fixtures shared with inference)
-    process_group,
-    shared_assets,
-)
+from tests.unit.inference.conftest import shared_assets
 
 MODEL_NAME = "tiny"
 
@@ -37,8 +35,9 @@ class RunningServer:
         app = create_app(Service(self.engine, tokenizer, MODEL_NAME))
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                                    log_level="warning"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -53,29 +52,14 @@ class RunningServer:
         self.engine.close()
 
 
-def build_context_model_dir(root, tokenizer: str, seed: int = 7) -> str:
-    """A gpt3-tiny model directory (dropout off) whose greedy choices depend on the context."""
-    import torch
-
-    from megagpt.checkpoint import model_dir
-    from megagpt.config import ParallelConfig, from_name
-    from megagpt.model import GPTModel, initialize_weights, megatron_config
-
-    cfg = from_name("gpt3-tiny")
-    cfg.dropout = cfg.attention_dropout = 0.0
-    model = GPTModel(cfg, megatron_config(cfg, ParallelConfig()))
-    initialize_weights(model, cfg, seed, 0, 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "word_embeddings" in name:
-                p.mul_(3.0)
-            elif "position_embeddings" in name or ("weight" in name and "norm" not in name):
-                p.mul_(10.0)
-    out = root / "serve_model"
-    model_dir.save_tensors(str(out), model_dir.full_tensors(model, cfg))
-    model_dir.write_config(str(out), cfg)
-    model_dir.copy_tokenizer(str(out), tokenizer)
-    return str(out)
+def context_scale(name: str) -> float:
+    """Word embeddings 3x; positions and every non-norm weight 10x: greedy choices then depend on
+    the context (see the module docstring)."""
+    if "word_embeddings" in name:
+        return 3.0
+    if "position_embeddings" in name or ("weight" in name and "norm" not in name):
+        return 10.0
+    return 1.0
 
 
 _MODEL: dict = {}
@@ -84,16 +68,15 @@ _MODEL: dict = {}
 def context_model_dir(tmp_path_factory) -> str:
     """The serving model directory, built once per session (also for the TP tests)."""
     if not _MODEL:
-        from tests.unit.inference.conftest import _LocalGroup
-
         assets = shared_assets(tmp_path_factory)
-        with _LocalGroup():
-            _MODEL["dir"] = build_context_model_dir(assets["root"], assets["tokenizer"])
+        _MODEL["dir"] = build_model_dir(
+            assets["root"] / "serve_model", assets["tokenizer"], scale=context_scale
+        )
     return _MODEL["dir"]
 
 
 @pytest.fixture(scope="session")
-def serve_model_dir(tmp_path_factory, process_group) -> str:  # noqa: F811
+def serve_model_dir(tmp_path_factory) -> str:
     return context_model_dir(tmp_path_factory)
 
 

@@ -16,9 +16,15 @@ def run_cli(args: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    return subprocess.run([sys.executable, "-m", "megagpt.cli", "serve", *args],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120,
-                          check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "megagpt.cli", "serve", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+        check=False,
+    )
 
 
 def test_a_bad_argument_is_a_one_line_error(serve_model_dir):
@@ -28,12 +34,15 @@ def test_a_bad_argument_is_a_one_line_error(serve_model_dir):
     assert len(lines) == 1 and lines[0].startswith("megagpt serve: error: --max-batch 0")
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--model", "{tmp}/missing"], "no such directory"),
-    (["--model", "{tmp}"], "not a megagpt model directory"),
-    (["--model", "{model}", "--port", "70000"], "--port 70000"),
-    (["--model", "{model}", "--served-model-name", " "], "--served-model-name"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--model", "{tmp}/missing"], "no such directory"),
+        (["--model", "{tmp}"], "not a megagpt model directory"),
+        (["--model", "{model}", "--port", "70000"], "--port 70000"),
+        (["--model", "{model}", "--served-model-name", " "], "--served-model-name"),
+    ],
+)
 def test_arguments_are_checked_before_loading(tmp_path, serve_model_dir, args, needle):
     from megagpt.cli import build_parser
     from megagpt.serving.cli import ServeError, check_args

@@ -56,9 +56,12 @@ def test_a_client_that_leaves_frees_its_row(server, monkeypatch):
         return run(op)
 
     monkeypatch.setattr(executor, "run", slow_run)
-    with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60,
-                      json={"prompt": "春眠不觉晓", "max_tokens": 55, "stream": True,
-                            "temperature": 0}) as r:
+    with httpx.stream(
+        "POST",
+        f"{server.url}/v1/completions",
+        timeout=60,
+        json={"prompt": "春眠不觉晓", "max_tokens": 55, "stream": True, "temperature": 0},
+    ) as r:
         first = next(r.iter_lines())
         assert first.startswith("data: ")
     # The connection closed after one chunk: the sequence is dropped, not decoded to the end.
@@ -83,7 +86,7 @@ def test_sixteen_sequences_give_one_at_a_time_tokens(server, pipe):
     for prompt, n, seq in zip(PROMPTS, lengths, seqs):
         ids = pipe.tokenizer.encode(prompt)
         (want,) = pipe.generator.generate([ids], GREEDY, max_new_tokens=n)[0]
-        assert seq.generated == want[len(ids):], prompt
+        assert seq.generated == want[len(ids) :], prompt
 
 
 def test_a_failing_step_is_a_500_and_the_loop_goes_on(server, monkeypatch):
@@ -103,4 +106,8 @@ def test_a_failing_step_is_a_500_and_the_loop_goes_on(server, monkeypatch):
     assert "injected step failure" in r.json()["error"]["message"] and failed
     r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
     assert r.status_code == 200 and r.json()["choices"][0]["text"]
+    # The reply leaves with the last token's event, just before the engine thread frees the row.
+    deadline = time.monotonic() + 10
+    while server.engine.active and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert server.engine.alive and not server.engine.active

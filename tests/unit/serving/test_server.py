@@ -12,14 +12,28 @@ import pytest
 
 from tests.unit.serving.conftest import MODEL_NAME
 
-PROMPTS = ["中华人民共和国", "床前明月光，疑是地上霜。", "北京", "上海的天气", "我们", "山",
-           "春眠不觉晓", "人工智能", "今天", "大学", "他说", "河水", "白日依山尽", "长江",
-           "小明", "历史上"]
+PROMPTS = [
+    "中华人民共和国",
+    "床前明月光，疑是地上霜。",
+    "北京",
+    "上海的天气",
+    "我们",
+    "山",
+    "春眠不觉晓",
+    "人工智能",
+    "今天",
+    "大学",
+    "他说",
+    "河水",
+    "白日依山尽",
+    "长江",
+    "小明",
+    "历史上",
+]
 
 
 def complete(server, **body) -> dict:
-    r = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL_NAME, **body},
-                   timeout=120)
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL_NAME, **body}, timeout=120)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -27,8 +41,12 @@ def complete(server, **body) -> dict:
 def stream(server, **body) -> list[dict]:
     """The parsed ``data:`` chunks of a streamed completion (``[DONE]`` checked, dropped)."""
     chunks = []
-    with httpx.stream("POST", f"{server.url}/v1/completions", timeout=120,
-                      json={"model": MODEL_NAME, "stream": True, **body}) as r:
+    with httpx.stream(
+        "POST",
+        f"{server.url}/v1/completions",
+        timeout=120,
+        json={"model": MODEL_NAME, "stream": True, **body},
+    ) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         raw = b"".join(r.iter_raw())
@@ -36,7 +54,7 @@ def stream(server, **body) -> list[dict]:
     assert events[-1] == b"" and events[-2] == b"data: [DONE]"
     for e in events[:-2]:
         assert e.startswith(b"data: ")
-        chunks.append(json.loads(e[len(b"data: "):].decode("utf-8")))  # strict UTF-8
+        chunks.append(json.loads(e[len(b"data: ") :].decode("utf-8")))  # strict UTF-8
     return chunks
 
 
@@ -46,7 +64,7 @@ def expected(pipe, prompt: str, **kw) -> str:
     full = pipe(prompt, **kw)["text"]
     shown = pipe.tokenizer.decode(ids)
     assert full.startswith(shown)
-    return full[len(shown):]
+    return full[len(shown) :]
 
 
 def test_the_model_uses_its_context(pipe):
@@ -95,8 +113,9 @@ def test_seeded_sampling_does_not_depend_on_batch_companions(server, pipe):
     body = {"prompt": "春眠不觉晓", "max_tokens": 12, "top_p": 0.9, "seed": 11}
     alone = complete(server, **body)["choices"][0]["text"]
     with ThreadPoolExecutor(8) as pool:
-        crowd = list(pool.map(lambda i: complete(server, **dict(body, seed=11 + (i > 0) * i)),
-                              range(8)))
+        crowd = list(
+            pool.map(lambda i: complete(server, **dict(body, seed=11 + (i > 0) * i)), range(8))
+        )
     assert crowd[0]["choices"][0]["text"] == alone
     # The same rows as the pipeline's seeded sampling (same keys, same positions).
     assert alone == expected(pipe, "春眠不觉晓", top_p=0.9, seed=11, max_new_tokens=12)
@@ -110,12 +129,11 @@ def test_n_copies_with_seed(server, pipe):
     assert [c["text"] for c in again["choices"]] == [c["text"] for c in choices]
     assert len({c["text"] for c in choices[:3]}) > 1, "copies must be sampled apart"
     # Copy c of prompt p is num_return_sequences' row c of the pipeline with the same seed.
-    pipe_out = pipe(["北京", "长江"], top_p=1.0, seed=5, max_new_tokens=10,
-                    num_return_sequences=3)
+    pipe_out = pipe(["北京", "长江"], top_p=1.0, seed=5, max_new_tokens=10, num_return_sequences=3)
     for p, prompt in enumerate(["北京", "长江"]):
         shown = pipe.tokenizer.decode(pipe.tokenizer.encode(prompt))
         for c in range(3):
-            assert choices[p * 3 + c]["text"] == pipe_out[p][c]["text"][len(shown):]
+            assert choices[p * 3 + c]["text"] == pipe_out[p][c]["text"][len(shown) :]
 
 
 def test_stream_joins_to_the_plain_text(server):
@@ -138,17 +156,24 @@ def test_stream_joins_to_the_plain_text(server):
 
 
 def test_stop_strings_cut_the_text(server):
-    full = complete(server, prompt="床前明月光，疑是地上霜。", max_tokens=24,
-                    temperature=0)["choices"][0]
+    full = complete(server, prompt="床前明月光，疑是地上霜。", max_tokens=24, temperature=0)[
+        "choices"
+    ][0]
     text = full["text"]
     assert len(text) >= 4, text
     stop = text[2:4]  # a two-character stop string from the middle of the text
     cut = text[: text.find(stop)]
-    out = complete(server, prompt="床前明月光，疑是地上霜。", max_tokens=24, temperature=0,
-                   stop=[stop, "never-seen"])["choices"][0]
+    out = complete(
+        server,
+        prompt="床前明月光，疑是地上霜。",
+        max_tokens=24,
+        temperature=0,
+        stop=[stop, "never-seen"],
+    )["choices"][0]
     assert out["text"] == cut and out["finish_reason"] == "stop"
-    chunks = stream(server, prompt="床前明月光，疑是地上霜。", max_tokens=24, temperature=0,
-                    stop=stop)
+    chunks = stream(
+        server, prompt="床前明月光，疑是地上霜。", max_tokens=24, temperature=0, stop=stop
+    )
     assert "".join(ch["text"] for c in chunks for ch in c["choices"]) == cut
 
 
@@ -161,8 +186,9 @@ def test_echo_penalty_token_prompts_and_empty_prompt(server, pipe):
     assert by_ids["choices"][0]["text"] == plain
     # The repetition penalty is the pipeline's (prompt and generated tokens penalised).
     out = complete(server, prompt="长江", max_tokens=12, temperature=0, repetition_penalty=1.5)
-    assert out["choices"][0]["text"] == expected(pipe, "长江", top_k=1, max_new_tokens=12,
-                                                 repetition_penalty=1.5)
+    assert out["choices"][0]["text"] == expected(
+        pipe, "长江", top_k=1, max_new_tokens=12, repetition_penalty=1.5
+    )
     assert out["choices"][0]["text"] != expected(pipe, "长江", top_k=1, max_new_tokens=12)
     # An empty prompt starts a new document, as pipe("") does.
     empty = complete(server, prompt="", max_tokens=5, temperature=0)["choices"][0]["text"]
@@ -179,36 +205,48 @@ def test_models_and_health(server):
 
 
 def test_generate_endpoint_is_the_pipelines_shape(server, pipe):
-    r = httpx.post(f"{server.url}/generate", timeout=120,
-                   json={"text": "北京", "top_k": 1, "max_new_tokens": 6})
+    r = httpx.post(
+        f"{server.url}/generate",
+        timeout=120,
+        json={"text": "北京", "top_k": 1, "max_new_tokens": 6},
+    )
     assert r.status_code == 200
     assert r.json() == pipe("北京", top_k=1, max_new_tokens=6)
-    r = httpx.post(f"{server.url}/generate", timeout=120,
-                   json={"text": ["北京", "山"], "seed": 2, "max_length": 12})
+    r = httpx.post(
+        f"{server.url}/generate",
+        timeout=120,
+        json={"text": ["北京", "山"], "seed": 2, "max_length": 12},
+    )
     assert r.json() == pipe(["北京", "山"], seed=2, max_length=12)
 
 
-@pytest.mark.parametrize("body, status, param", [
-    ({"max_tokens": 4}, 400, "prompt"),
-    ({"prompt": "北京" * 80}, 400, "prompt"),
-    ({"prompt": "北京", "max_tokens": 0}, 400, "max_tokens"),
-    ({"prompt": "北京", "max_tokens": "8"}, 400, "max_tokens"),
-    ({"prompt": 5}, 400, "prompt"),
-    ({"prompt": "北京", "temperature": "hot"}, 400, "temperature"),
-    ({"prompt": "北京", "top_p": 1.5}, 400, "top_p"),
-    ({"prompt": "北京", "top_k": 5, "top_p": 0.5}, 400, "top_k"),
-    ({"prompt": "北京", "stop": [1]}, 400, "stop"),
-    ({"prompt": "北京", "n": 0}, 400, "n"),
-    ({"prompt": "北京", "stream": "yes"}, 400, "stream"),
-    ({"prompt": [5000]}, 400, "prompt"),
-    ({"prompt": "北京", "bogus": 1}, 400, "bogus"),
-    ({"prompt": "北京", "model": "gpt-4"}, 404, "model"),
-])
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ({"max_tokens": 4}, 400, "prompt"),
+        ({"prompt": "北京" * 80}, 400, "prompt"),
+        ({"prompt": "北京", "max_tokens": 0}, 400, "max_tokens"),
+        ({"prompt": "北京", "max_tokens": "8"}, 400, "max_tokens"),
+        ({"prompt": 5}, 400, "prompt"),
+        ({"prompt": "北京", "temperature": "hot"}, 400, "temperature"),
+        ({"prompt": "北京", "top_p": 1.5}, 400, "top_p"),
+        ({"prompt": "北京", "top_k": 5, "top_p": 0.5}, 400, "top_k"),
+        ({"prompt": "北京", "stop": [1]}, 400, "stop"),
+        ({"prompt": "北京", "n": 0}, 400, "n"),
+        ({"prompt": "北京", "stream": "yes"}, 400, "stream"),
+        ({"prompt": [5000]}, 400, "prompt"),
+        ({"prompt": "北京", "bogus": 1}, 400, "bogus"),
+        ({"prompt": "北京", "model": "gpt-4"}, 404, "model"),
+    ],
+)
 def test_bad_requests_name_the_field_and_the_server_keeps_serving(server, body, status, param):
     good = {"prompt": "北京", "max_tokens": 3, "temperature": 0}
     before = complete(server, **good)
-    r = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL_NAME, **body}
-                   if "model" not in body else body, timeout=60)
+    r = httpx.post(
+        f"{server.url}/v1/completions",
+        json={"model": MODEL_NAME, **body} if "model" not in body else body,
+        timeout=60,
+    )
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["param"] == param and param in error["message"]
@@ -216,8 +254,11 @@ def test_bad_requests_name_the_field_and_the_server_keeps_serving(server, body, 
 
 
 def test_malformed_json_and_unknown_route(server):
-    r = httpx.post(f"{server.url}/v1/completions", content=b"{not json",
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        f"{server.url}/v1/completions",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = httpx.get(f"{server.url}/v1/nothing")
     assert r.status_code == 404 and "error" in r.json()

@@ -4,7 +4,6 @@ package: users run ``python tools/NAME.py``), a small jieba-BPE tokenizer, the s
 from __future__ import annotations
 
 import importlib.util
-import json
 import subprocess
 import sys
 import warnings
@@ -12,12 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import WIKI, read_jsonl
+
 ROOT = Path(__file__).resolve().parents[3]
 TOOLS = ROOT / "tools"
-SHARED = ROOT.parent / "shared" / "data"
-WIKI = SHARED / "corpus" / "wiki_cmrc2018.jsonl"
-BERT_VOCAB = SHARED / "vocab" / "bert-chinese" / "vocab.txt"
-CPM_MODEL = SHARED / "vocab" / "cpm-jieba-sp" / "chinese_vocab.model"
 
 
 def load_tool(name: str):
@@ -34,16 +31,18 @@ def load_tool(name: str):
 
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
     """``python tools/NAME.py ARGS`` as a user runs it (from another directory)."""
-    return subprocess.run([sys.executable, str(TOOLS / f"{name}.py"), *args], cwd="/",
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(TOOLS / f"{name}.py"), *args],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.fixture(scope="session")
 def wiki_texts() -> list[str]:
-    if not WIKI.exists():
-        pytest.skip(f"shared test data not found at {SHARED}")
-    lines = WIKI.read_text(encoding="utf-8").splitlines()[:120]
-    return [json.loads(x)["text"] for x in lines]
+    return read_jsonl(WIKI, 120)
 
 
 @pytest.fixture(scope="session")

@@ -30,28 +30,53 @@ def trained(tmp_path_factory, jieba_tokenizer, wiki_texts):
 
     root = tmp_path_factory.mktemp("ckpt")
     src = root / "wiki.jsonl"
-    src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
-                           for t in wiki_texts), encoding="utf-8")
-    preprocess([make_input_spec(str(src))], str(jieba_tokenizer), str(root / "wiki"),
-               append_eod=True, progress=False)
+    src.write_text(
+        "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in wiki_texts),
+        encoding="utf-8",
+    )
+    preprocess(
+        [make_input_spec(str(src))],
+        str(jieba_tokenizer),
+        str(root / "wiki"),
+        append_eod=True,
+        progress=False,
+    )
     corpus = {"tokenizer": str(jieba_tokenizer), "prefix": str(root / "wiki")}
     recipe = tiny_recipe(root / "tiny.yaml", corpus, root / "run")
     out = subprocess.run(
-        [sys.executable, "-m", "megagpt.cli", "train", "--config", str(recipe),
-         f"train.steps={STEPS}", "checkpoint.interval=2", "checkpoint.keep_last=5",
-         "model.vocab_size=800", "train.eval_interval=2", "logging.tensorboard=true"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "megagpt.cli",
+            "train",
+            "--config",
+            str(recipe),
+            f"train.steps={STEPS}",
+            "checkpoint.interval=2",
+            "checkpoint.keep_last=5",
+            "model.vocab_size=800",
+            "train.eval_interval=2",
+            "logging.tensorboard=true",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return root / "run"
 
 
 @pytest.mark.slow  # the `trained` fixture trains for real (~1 min on 2 cores)
-def test_training_checkpoint_from_run_dir_checkpoints_dir_and_step_folder(trained, tool,
-                                                                         jieba_tokenizer):
+def test_training_checkpoint_from_run_dir_checkpoints_dir_and_step_folder(
+    trained, tool, jieba_tokenizer
+):
     from megagpt.checkpoint.reshard import read_meta
 
-    infos = [tool.describe(str(p)) for p in (trained, trained / "checkpoints",
-                                             trained / "checkpoints" / "step_0000004")]
+    infos = [
+        tool.describe(str(p))
+        for p in (trained, trained / "checkpoints", trained / "checkpoints" / "step_0000004")
+    ]
     assert all(i["path"] == infos[0]["path"] for i in infos)
     info = infos[0]
     assert info["kind"] == "training" and info["tag"] == info["latest"] == "step_0000004"
@@ -119,8 +144,14 @@ def test_offline_tp2_pp2_record_without_manifest(tmp_path, tool):
 
     cfg = small_config(num_layers=4)
     folder = tmp_path / "step_0000100"
-    reshard.write_record(str(folder), {"param": random_state(cfg)}, cfg, tp=2, pp=2,
-                         client={"step": 100, "consumed_samples": 1600})
+    reshard.write_record(
+        str(folder),
+        {"param": random_state(cfg)},
+        cfg,
+        tp=2,
+        pp=2,
+        client={"step": 100, "consumed_samples": 1600},
+    )
     info = tool.describe(str(folder))
     assert info["step"] == 100 and info["tokens"] == 1600 * cfg.seq_length
     assert (info["layout"]["tp"], info["layout"]["pp"]) == (2, 2)

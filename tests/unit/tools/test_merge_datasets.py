@@ -104,8 +104,9 @@ def test_sentence_split_input_is_refused(tmp_path, tool, capsys):
 def test_script_help_and_wrong_path(tmp_path):
     out = run_script("merge_datasets", "--help")
     assert out.returncode == 0 and "--output-prefix" in out.stdout
-    out = run_script("merge_datasets", "--input", str(tmp_path / "nope"), "--output-prefix",
-                     str(tmp_path / "o"))
+    out = run_script(
+        "merge_datasets", "--input", str(tmp_path / "nope"), "--output-prefix", str(tmp_path / "o")
+    )
     assert out.returncode == 2 and f"{tmp_path / 'nope'}: no dataset here" in out.stderr
     assert "Traceback" not in out.stderr
 
@@ -114,15 +115,13 @@ def test_tokenizer_size_records_are_carried_and_checked(tmp_path, tool, capsys):
     from megagpt.data import indexed
 
     def write(name, vocab):
-        with IndexedDatasetWriter(str(tmp_path / name), np.dtype(np.uint16),
-                                  vocab_size=vocab) as w:
+        with IndexedDatasetWriter(str(tmp_path / name), np.dtype(np.uint16), vocab_size=vocab) as w:
             w.add_document(np.array([1, 2, vocab - 1], np.uint16))
         return str(tmp_path / name)
 
     a, b, c = write("a", 1000), write("b", 1000), write("c", 2000)
     assert tool.main(["--input", a, b, "--output-prefix", str(tmp_path / "ab")]) == 0
-    assert indexed.vocab_record(str(tmp_path / "ab")) == {"vocab_size": 1000,
-                                                          "max_token_id": 999}
+    assert indexed.vocab_record(str(tmp_path / "ab")) == {"vocab_size": 1000, "max_token_id": 999}
     assert tool.main(["--input", a, c, "--output-prefix", str(tmp_path / "ac")]) == 2
     err = capsys.readouterr().err
     assert "tokenizers of different sizes" in err and f"{c}: 2000" in err

@@ -12,5 +12,6 @@ def load(**kwargs):
     arguments; none is needed)."""
     import datasets
 
-    return datasets.DatasetDict({"test": datasets.load_dataset(
-        "json", data_files=str(ITEMS), split="train")})
+    return datasets.DatasetDict(
+        {"test": datasets.load_dataset("json", data_files=str(ITEMS), split="train")}
+    )

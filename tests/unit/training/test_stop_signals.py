@@ -1,4 +1,4 @@
-"""The trainer's stop signals (``_StopFlag``), each in a child process signalled for real.
+"""The trainer's stop signals (``signals.StopFlag``), each in a child process signalled for real.
 
 SIGUSR1 (Slurm's pre-timeout) is caught from the start; SIGTERM kills a rank that is still
 setting up (torchrun stopping an attempt must not wait on it); once training, SIGTERM asks for
@@ -15,20 +15,25 @@ import textwrap
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 PRELUDE = """
 import sys, time
 from megagpt.training import watchdog
-from megagpt.training.trainer import _StopFlag
-_StopFlag.TERM_GRACE_S = 1.0
-stop = _StopFlag()
+from megagpt.training.signals import StopFlag
+StopFlag.TERM_GRACE_S = 1.0
+stop = StopFlag()
 """
 
 
 def _start(body: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(body)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PRELUDE + textwrap.dedent(body)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
     return proc
 

@@ -1,31 +1,44 @@
 """The engine at data-parallel size 1 pays for nothing it does not use, and computes the same
-step: no gradient all-reduce over a group of one, fused AdamW, one multi-tensor grad norm."""
+step: no gradient all-reduce over a group of one, fused AdamW, one multi-tensor grad norm.
+
+A distributed test although it runs in this process: the engine (DeepSpeed, megatron-core's
+layers) needs a process group even for one rank, so each test holds a single-process gloo group.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tests.unit.inference.conftest import _LocalGroup
+from tests.distributed.local_group import _LocalGroup
 
 
 @pytest.fixture(scope="module")
 def engine():
-    from megagpt import parallel
     from megagpt.config import load_config, validate
     from megagpt.engine import Engine, build_model
     from megagpt.model import initialize_weights
 
-    cfg = load_config(None, ["model.name=gpt3-tiny", "model.num_layers=2", "model.dropout=0",
-                             "model.attention_dropout=0", "train.precision=fp32",
-                             "train.micro_batch_size=2", "train.global_batch_size=2",
-                             "optim.lr=1e-3", "optim.clip_grad=0.05"])
+    cfg = load_config(
+        None,
+        [
+            "model.name=gpt3-tiny",
+            "model.num_layers=2",
+            "model.dropout=0",
+            "model.attention_dropout=0",
+            "train.precision=fp32",
+            "train.micro_batch_size=2",
+            "train.global_batch_size=2",
+            "optim.lr=1e-3",
+            "optim.clip_grad=0.05",
+        ],
+    )
     validate(cfg, 1, cuda=False, need_data=False)
-    with _LocalGroup():
-        device = torch.device("cpu")
-        module = build_model(cfg, parallel.dims(), device)
+    with _LocalGroup() as group:
+        ctx = group.ctx
+        module = build_model(cfg, ctx.dims, ctx.device)
         initialize_weights(module, cfg.model, 3, 0, 1)
-        yield Engine(cfg, module, parallel.dims(), device), cfg
+        yield Engine(cfg, module, ctx), cfg
 
 
 def _batch(cfg, seed):
@@ -52,14 +65,19 @@ def test_plain_step_at_dp1_does_not_all_reduce_and_matches_torch(engine, monkeyp
     for p, r in zip(params, ref):
         r.grad, p.grad = p.grad, None
     norm = torch.nn.utils.clip_grad_norm_(ref, cfg.optim.clip_grad)
-    groups = [{"params": [r for p, r in zip(params, ref) if p.ndim >= 2],
-               "weight_decay": cfg.optim.weight_decay},
-              {"params": [r for p, r in zip(params, ref) if p.ndim < 2], "weight_decay": 0.0}]
-    torch.optim.AdamW(groups, lr=1e-3, betas=(cfg.optim.beta1, cfg.optim.beta2),
-                      eps=cfg.optim.eps).step()
+    groups = [
+        {
+            "params": [r for p, r in zip(params, ref) if p.ndim >= 2],
+            "weight_decay": cfg.optim.weight_decay,
+        },
+        {"params": [r for p, r in zip(params, ref) if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    torch.optim.AdamW(
+        groups, lr=1e-3, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps
+    ).step()
     eng.set_lr(1e-3)
     out = eng.train_step(batch)
-    assert out["loss"] == pytest.approx(float(loss), rel=1e-6)
+    assert out["loss"] == pytest.approx(float(loss.detach()), rel=1e-6)
     assert out["grad_norm"] == pytest.approx(float(norm), rel=1e-5)
     for p, r in zip(params, ref):
         torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-5, atol=1e-7)
@@ -70,23 +88,32 @@ def test_plain_step_at_dp1_does_not_all_reduce_and_matches_torch(engine, monkeyp
 def test_first_compiled_step_reports_its_compile_time():
     """train.compile=always: the first step says how long torch.compile took (the trainer logs
     it and writes it to metrics.jsonl); later steps do not."""
-    from megagpt import parallel
     from megagpt.config import load_config, validate
     from megagpt.engine import Engine, build_model
     from megagpt.model import initialize_weights
 
-    cfg = load_config(None, ["model.name=gpt3-tiny", "model.num_layers=1", "model.dropout=0",
-                             "model.attention_dropout=0", "train.precision=fp32",
-                             "train.micro_batch_size=2", "train.global_batch_size=2",
-                             "optim.lr=1e-3", "train.compile=always"])
+    cfg = load_config(
+        None,
+        [
+            "model.name=gpt3-tiny",
+            "model.num_layers=1",
+            "model.dropout=0",
+            "model.attention_dropout=0",
+            "train.precision=fp32",
+            "train.micro_batch_size=2",
+            "train.global_batch_size=2",
+            "optim.lr=1e-3",
+            "train.compile=always",
+        ],
+    )
     validate(cfg, 1, cuda=False, need_data=False)
-    with _LocalGroup():
+    with _LocalGroup() as group:
         torch._dynamo.reset()
-        device = torch.device("cpu")
-        module = build_model(cfg, parallel.dims(), device)
+        ctx = group.ctx
+        module = build_model(cfg, ctx.dims, ctx.device)
         assert module.layers[0]._compiled is not None
         initialize_weights(module, cfg.model, 3, 0, 1)
-        eng = Engine(cfg, module, parallel.dims(), device)
+        eng = Engine(cfg, module, ctx)
         first, second = eng.train_step(_batch(cfg, 1)), eng.train_step(_batch(cfg, 2))
     assert first["compile_s"] > 0
     assert "compile_s" not in second

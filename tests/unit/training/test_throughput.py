@@ -1,20 +1,36 @@
-"""Throughput accounting: the MFU denominator (exact device, precision, TF32) and the logging
-window that leaves evaluation and checkpoint time out of tokens/s. No GPU: device names are
-passed in, and the clock is a fake one that tests advance by hand."""
+"""Throughput accounting: the FLOPs-per-token formula (the MFU numerator), the MFU
+denominator (exact device, precision, TF32) and the logging window that leaves evaluation and
+checkpoint time out of tokens/s. No GPU: device names are passed in, and the clock is a fake one
+that tests advance by hand."""
 
 from __future__ import annotations
 
+import math
 import types
 
 import pytest
 import torch
 
-from megagpt.config import Config
+from megagpt.config import Config, from_name
 from megagpt.training import metrics
-from megagpt.training.metrics import ThroughputWindow, device_peak_tflops, peak_tflops
+from megagpt.training.metrics import (
+    ThroughputWindow,
+    device_peak_tflops,
+    flops_per_token,
+    peak_tflops,
+)
 from megagpt.training.precision import configure_matmul_precision, uses_tf32
 
 H100_SXM, H100_PCIE, H100_NVL = "NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL"
+
+
+def test_flops_per_token_formula():
+    m = from_name("gpt3-1.3b")
+    h, L, s, V = 2048, 24, 2048, 25600
+    want = 6 * 12 * L * h * h + 6 * L * s * h + 6 * h * V
+    assert flops_per_token(m, V, s) == want
+    # 6N is the familiar approximation: within 15% here (attention adds ~8%).
+    assert math.isclose(flops_per_token(m, V, s), 6 * 1.265e9, rel_tol=0.15)
 
 
 def test_h100_variants_have_their_own_peaks():
@@ -22,13 +38,15 @@ def test_h100_variants_have_their_own_peaks():
     sxm, pcie, nvl = (peak_tflops(n, "bf16", tf32=True) for n in (H100_SXM, H100_PCIE, H100_NVL))
     assert sxm == 989.0
     assert pcie < nvl < sxm
-    assert peak_tflops("NVIDIA H200 NVL", "bf16", tf32=True) < \
-        peak_tflops("NVIDIA H200", "bf16", tf32=True)
+    assert peak_tflops("NVIDIA H200 NVL", "bf16", tf32=True) < peak_tflops(
+        "NVIDIA H200", "bf16", tf32=True
+    )
 
 
 def test_names_match_exactly_after_normalising_case_and_spaces():
-    assert peak_tflops("  nvidia h100   pcie ", "bf16", tf32=True) == \
-        peak_tflops(H100_PCIE, "bf16", tf32=True)
+    assert peak_tflops("  nvidia h100   pcie ", "bf16", tf32=True) == peak_tflops(
+        H100_PCIE, "bf16", tf32=True
+    )
     # "NVIDIA A10" is a prefix of every A100 name: it must not answer for an unknown A100-ish
     # card, nor an H100 row for a name that only contains "H100".
     assert peak_tflops("NVIDIA A100X", "bf16", tf32=True) is None
@@ -74,8 +92,9 @@ def test_tf32_decision_and_flags(monkeypatch):
     assert uses_tf32("cuda", True) and not uses_tf32("cuda", False)
     assert not uses_tf32("cpu", True)
     # The flags themselves can be set without a GPU; restore them afterwards.
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32",
-                        torch.backends.cuda.matmul.allow_tf32)
+    monkeypatch.setattr(
+        torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32
+    )
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
     assert configure_matmul_precision(torch.device("cuda", 0), True) is True
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
@@ -146,20 +165,26 @@ def test_trainer_run_leaves_eval_and_save_out_of_tokens_per_s(monkeypatch):
     tr.dims = types.SimpleNamespace(dp=1, world=1, tp=1, pp=1)
     tr.padded_vocab, tr.train_ds, tr.valid_ds = 25600, object(), object()
     tr.stop = types.SimpleNamespace(any_rank=lambda device: False, release=lambda: None)
-    tr.metrics = types.SimpleNamespace(log=records.append, close=lambda: None,
-                                       truncate_after=lambda step: None)
+    tr.metrics = types.SimpleNamespace(
+        log=records.append, close=lambda: None, truncate_after=lambda step: None
+    )
 
     def advance(seconds, value=None):
         def f(*args, **kwargs):
             clock.now += seconds
             return value
+
         return f
 
     tr._micro_batches = advance(0.5, [{}])
     tr.engine = types.SimpleNamespace(
-        set_global_batch=lambda gb: None, set_lr=lambda lr: None, weights_finite=lambda: True,
-        train_step=advance(1.0, {"loss": 5.0, "skipped": False, "grad_norm": 1.0,
-                                 "loss_scale": 1.0}))
+        set_global_batch=lambda gb: None,
+        set_lr=lambda lr: None,
+        weights_finite=lambda: True,
+        train_step=advance(
+            1.0, {"loss": 5.0, "skipped": False, "grad_norm": 1.0, "loss_scale": 1.0}
+        ),
+    )
     tr.evaluate, tr.save, tr.export_model = advance(50.0), advance(100.0), advance(0.0)
     tr.run_dir = "unused"
     monkeypatch.setattr(trainer_mod, "log0", lambda msg: None)

@@ -25,14 +25,21 @@ def make_run(root, name, *, steps=20, seq=64, gb=4, resume_at=None, mfu=True, ex
     step, validation every 5); ``resume_at`` repeats the steps after it with other values."""
     d = root / name
     d.mkdir()
-    (d / "config.yaml").write_text(f"model:\n  seq_length: {seq}\nrun:\n  name: ''\n",
-                                   encoding="utf-8")
+    (d / "config.yaml").write_text(
+        f"model:\n  seq_length: {seq}\nrun:\n  name: ''\n", encoding="utf-8"
+    )
     lines = []
 
     def train(step, bump=0.0):
-        return {"step": step, "loss": 8.0 / step + bump, "lr": 1e-3 * min(1, step / 5),
-                "grad_norm": 2.0 / step, "consumed_samples": step * gb,
-                "tokens_per_s": 1000.0 + step, "mfu": 0.3 if mfu else None}
+        return {
+            "step": step,
+            "loss": 8.0 / step + bump,
+            "lr": 1e-3 * min(1, step / 5),
+            "grad_norm": 2.0 / step,
+            "consumed_samples": step * gb,
+            "tokens_per_s": 1000.0 + step,
+            "mfu": 0.3 if mfu else None,
+        }
 
     for step in range(1, steps + 1):
         lines.append(_line(train(step)))
@@ -75,8 +82,13 @@ def test_plot_two_runs_png_and_axes(tmp_path):
 
 
 def test_resume_repeats_keep_last_record_and_nan_is_a_gap(tmp_path):
-    d = make_run(tmp_path, "r", steps=10, resume_at=6,
-                 extra=_line({"step": 11, "loss": math.nan, "lr": None}) + '{"step": 12, "lo')
+    d = make_run(
+        tmp_path,
+        "r",
+        steps=10,
+        resume_at=6,
+        extra=_line({"step": 11, "loss": math.nan, "lr": None}) + '{"step": 12, "lo',
+    )
     run = read_run(str(d))
     steps, loss = run.points("loss")
     assert steps == list(range(1, 12))  # one point per step, half-written last line skipped
@@ -119,11 +131,18 @@ def test_tensorboard_sink_writes_event_files(tmp_path):
     from megagpt.config import load_config
     from megagpt.training.metrics import MetricsWriter
 
-    recipe = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "tiny.yaml"
+    recipe = Path(__file__).resolve().parents[3] / "configs" / "pretrain" / "tiny.yaml"
     cfg = load_config(str(recipe), ["logging.tensorboard=true"])
     assert cfg.logging.tensorboard is True
-    w = MetricsWriter(str(tmp_path), enabled=True, wandb_mode="disabled", project="p",
-                      run_name="r", config={}, tensorboard=cfg.logging.tensorboard)
+    w = MetricsWriter(
+        str(tmp_path),
+        enabled=True,
+        wandb_mode="disabled",
+        project="p",
+        run_name="r",
+        config={},
+        tensorboard=cfg.logging.tensorboard,
+    )
     w.log({"step": 1, "loss": 2.5, "lr": 1e-3, "mfu": None})
     w.log({"step": 2, "loss": 2.0, "lr": 2e-3, "mfu": None})
     w.close()
@@ -134,14 +153,16 @@ def test_tensorboard_sink_writes_event_files(tmp_path):
     assert "mfu" not in acc.Tags()["scalars"]  # null is not a value
     loss = acc.Scalars("loss")
     assert [(e.step, e.value) for e in loss] == [(1, 2.5), (2, 2.0)]
-    assert [r["step"] for r in map(json.loads, (tmp_path / "metrics.jsonl").open())] == [1, 2]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in lines] == [1, 2]
 
 
 def test_tensorboard_off_by_default(tmp_path):
     from megagpt.training.metrics import MetricsWriter
 
-    w = MetricsWriter(str(tmp_path), enabled=True, wandb_mode="disabled", project="p",
-                      run_name="r", config={})
+    w = MetricsWriter(
+        str(tmp_path), enabled=True, wandb_mode="disabled", project="p", run_name="r", config={}
+    )
     w.log({"step": 1, "loss": 2.5})
     w.close()
     assert not (tmp_path / "tensorboard").exists()
@@ -158,8 +179,15 @@ def test_tensorboard_resume_hides_the_re_run_steps(tmp_path):
     from megagpt.training.metrics import MetricsWriter
 
     def writer():
-        return MetricsWriter(str(tmp_path), enabled=True, wandb_mode="disabled", project="p",
-                             run_name="r", config={}, tensorboard=True)
+        return MetricsWriter(
+            str(tmp_path),
+            enabled=True,
+            wandb_mode="disabled",
+            project="p",
+            run_name="r",
+            config={},
+            tensorboard=True,
+        )
 
     w = writer()
     for step in range(1, 5):

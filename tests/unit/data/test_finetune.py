@@ -54,6 +54,7 @@ def _tokenizer():
 
         def encode_batch(self, texts):
             return [self.encode(t) for t in texts]
+
     return Tok()
 
 
@@ -72,12 +73,14 @@ def test_jsonl_with_renamed_column_is_continuation(tmp_path):
 def test_csv_with_source_and_target_columns(tmp_path):
     path = tmp_path / "qa.csv"
     path.write_text("question,answer\n北京在哪,中国\n上海,东部\n", encoding="utf-8")
-    ds = build_finetune_dataset(str(path), _tokenizer(), 8, src_column="question",
-                                tgt_column="answer")
+    ds = build_finetune_dataset(
+        str(path), _tokenizer(), 8, src_column="question", tgt_column="answer"
+    )
     assert ds.paired and ds.targets == ["中国", "东部"]
     assert ds.loss_mask.sum(axis=1).tolist() == [3, 3]  # two target tokens + <sep>
-    cont = build_finetune_dataset(str(path), _tokenizer(), 8, src_column="question",
-                                  tgt_column="answer", mode="continuation")
+    cont = build_finetune_dataset(
+        str(path), _tokenizer(), 8, src_column="question", tgt_column="answer", mode="continuation"
+    )
     assert not cont.paired
 
 

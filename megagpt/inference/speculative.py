@@ -1,0 +1,222 @@
+"""Greedy decoding that checks several guessed tokens per pass: n-gram (prompt-lookup) drafts.
+
+One decoding step reads every weight once for a handful of rows (at gpt3-base, ~340 MB of fp32
+per step on CPU), so feeding a row ``1 + k`` tokens costs little more than feeding it one. Text
+repeats itself (names, numbers, phrases from the prompt, a model's own loops), so the tokens
+that followed the last occurrence of a row's most recent n-gram are a cheap guess of what comes
+next. ``speculative_loop`` feeds each row its last token plus up to ``k`` such guesses
+(``FastDecoder.verify``), takes the model's greedy choice at every fed position, and keeps the
+guesses up to the first one the model disagrees with, plus the model's own token there: every
+pass yields at least one token and up to ``k + 1``. How many guesses a pass feeds (``choose_width``)
+weighs each row's running rate of kept guesses against what a pass of more rows costs, so text
+that does not repeat falls back to plain one-token steps.
+
+The output is the greedy output: each kept token is the argmax of the logits at its position
+given the kept tokens before it (the check computes those logits in one pass instead of one
+pass per token; attention only reads slots up to each token's position, so rejected guesses
+change nothing). Rows with no n-gram match in a batch where no row has one take a plain
+one-token step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from megagpt.inference.decode import FastDecoder
+
+# The longest and shortest suffix looked up: a 3-token match predicts better than a 1-token one;
+# 1-token matches still pay off when the model repeats itself.
+MAX_NGRAM = 3
+MIN_NGRAM = 1
+# The cost of a pass of r rows relative to a 1-row step is taken as 1 + (r - 1) / ROWS_PER_STEP:
+# each row adds little while a pass is bound by reading the weights. At gpt3-base on one CPU
+# thread, alone, 8 rows cost 1.47x a 1-row step, 16 rows 2.0x, 32 rows 3.1x (i.e. ~16); inside
+# the decoding loop at batch 8, checking passes of 16-32 rows cost more than that model says
+# (speculation at 16 was 10 % slower than plain steps, BENCHMARKS-generate.md), so the CPU figure
+# is the conservative 8. A GPU reads the weights for many more rows at once.
+ROWS_PER_STEP = {"cpu": 8, "cuda": 128}
+# Guesses a lone row feeds at least: oneDNN's CPU kernels took as long for 2 rows as for 4-5
+# (and a 4-row pass as long as a 1-row step), so fewer guesses would not be cheaper.
+MIN_GUESSES_ONE_ROW = 3
+
+
+class NgramDrafter:
+    """Guesses for one row: the tokens that followed the most recent earlier occurrence of the
+    row's last ``n`` tokens (``n`` from ``max_n`` down to ``min_n``)."""
+
+    def __init__(self, tokens: list[int], max_n: int = MAX_NGRAM, min_n: int = MIN_NGRAM):
+        self.ctx: list[int] = []
+        self.sizes = range(max_n, min_n - 1, -1)
+        self.index: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.sizes}
+        self.extend(tokens)
+
+    def extend(self, tokens: list[int]) -> None:
+        """Append tokens. The index holds every n-gram ending before the last token (where it
+        ended, the latest occurrence): the suffix being looked up is never its own match."""
+        for t in tokens:
+            end = len(self.ctx) - 1
+            if end >= 0:
+                for n in self.sizes:
+                    if end - n + 1 >= 0:
+                        self.index[n][tuple(self.ctx[end - n + 1 : end + 1])] = end
+            self.ctx.append(t)
+
+    def propose(self, k: int) -> list[int]:
+        """``k`` guessed next tokens (none when no suffix occurred before). A match that ends
+        ``p`` tokens before the last one says the text may be repeating with period ``p``: the
+        guesses continue that repetition past the end of the text (a loop of one token gets
+        ``k`` guesses, not one)."""
+        for n in self.sizes:
+            if len(self.ctx) >= n:
+                end = self.index[n].get(tuple(self.ctx[-n:]))
+                if end is not None:
+                    period = len(self.ctx) - 1 - end
+                    return [self.ctx[len(self.ctx) - period + (i % period)] for i in range(k)]
+        return []
+
+
+class Acceptance:
+    """A row's running estimate of the chance that its next guess is kept (each guess is
+    checked only if those before it were kept; older checks count less)."""
+
+    def __init__(self, prior: float = 0.5, weight: float = 2.0, decay: float = 0.8):
+        self.prior, self.weight, self.decay = prior, weight, decay
+        self.kept, self.tried = prior * weight, weight
+
+    def update(self, offered: int, kept: int) -> None:
+        """A check of ``offered`` guesses kept ``kept`` (then one failed, unless all were)."""
+        self.kept = self.kept * self.decay + kept
+        self.tried = self.tried * self.decay + kept + (kept < offered)
+
+    def relax(self) -> None:
+        """A pass that checked none of this row's guesses: the estimate drifts back towards the
+        prior, so a row whose text starts repeating later is tried again."""
+        self.kept = self.kept * self.decay + self.prior * self.weight * (1 - self.decay)
+        self.tried = self.tried * self.decay + self.weight * (1 - self.decay)
+
+    @property
+    def rate(self) -> float:
+        return self.kept / self.tried
+
+
+def choose_width(
+    rates: list[float], offered: list[int], k: int, rows_per_step: float, least: int = 1
+) -> int:
+    """Guesses to feed per row in the next pass (0: a plain step), the width with the most
+    expected tokens per unit of cost. A row with acceptance rate ``a`` offering ``g`` guesses
+    is expected to yield 1 + a + a^2 + ... + a^min(w, g) tokens from a pass of width ``w``; a
+    pass of r rows costs 1 + (r - 1) / rows_per_step. Widths below ``least`` are not
+    considered (except 0)."""
+    b = len(rates)
+
+    def value(w: int) -> float:
+        tokens = 0.0
+        for a, g in zip(rates, offered):
+            tokens += sum(a**j for j in range(min(w, g) + 1))
+        return tokens / (1 + (b * (w + 1) - 1) / rows_per_step)
+
+    widths = [0, *range(max(1, least), k + 1)] if max(offered, default=0) else [0]
+    return max(widths, key=value)
+
+
+def speculative_loop(
+    dec: FastDecoder,
+    tokens: torch.Tensor,
+    prompt_lengths: list[int],
+    limits: list[int],
+    stop_ids: list[int],
+    vocab_size: int,
+    max_position: int,
+    k: int,
+    stats: dict | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Greedy decoding of right-padded prompts ``tokens`` [b, T] (T = the longest limit) with
+    n-gram drafts of up to ``k`` tokens; yields (tokens, ends, done) after every pass, updated
+    in place, as ``TextGenerator.steps`` does. ``stats`` (optional) receives the counts of
+    passes, checking passes, guesses fed and guesses kept."""
+    device = tokens.device
+    b, total = tokens.shape
+    stop = set(stop_ids)
+    host = tokens.cpu()
+    rows = [NgramDrafter(host[i, :n].tolist()) for i, n in enumerate(prompt_lengths)]
+    ends = list(prompt_lengths)  # tokens each row holds (without a stop token)
+    done = [False] * b
+    accept = [Acceptance() for _ in range(b)]
+    least = min(k, MIN_GUESSES_ONE_ROW) if b == 1 else 1
+    rows_per_step = ROWS_PER_STEP.get(device.type, ROWS_PER_STEP["cuda"])
+    uniform = len(set(prompt_lengths)) == 1
+    longest = max(prompt_lengths)
+    lengths = torch.tensor(prompt_lengths, device=device)
+    # k spare slots: a row near its limit is still fed k guesses (their results are dropped).
+    cache = dec.new_cache(b, total + k, zeroed=True)
+    dec.begin()
+    local = dec.prefill(tokens[:, :longest], None if uniform else lengths, cache)
+    chosen = dec.greedy(local, vocab_size).view(b, 1).tolist()  # the first new token per row
+    counts = {"passes": 1, "checks": 0, "guessed": 0, "kept": 0}
+    ends_t = torch.empty(b, dtype=torch.long, device=device)
+    done_t = torch.empty(b, dtype=torch.bool, device=device)
+    while True:
+        for i in range(b):  # keep each row's new tokens, up to its limit and first stop token
+            if done[i]:
+                continue
+            new = chosen[i][: limits[i] - ends[i]]
+            cut = next((j for j, t in enumerate(new) if t in stop), None)
+            if cut is not None:
+                new, done[i] = new[:cut], True
+            if new:
+                tokens[i, ends[i] : ends[i] + len(new)] = torch.tensor(new, device=device)
+                rows[i].extend(new)
+                ends[i] += len(new)
+            done[i] = done[i] or ends[i] >= limits[i]
+        ends_t.copy_(torch.tensor(ends))
+        done_t.copy_(torch.tensor(done))
+        yield tokens, ends_t, done_t
+        if all(done):
+            break
+        # Each row's last token is at slot ends[i] - 1 (not yet in the cache); done rows are
+        # fed their last token again, at a slot they never read, and their results dropped.
+        last = [rows[i].ctx[-1] for i in range(b)]
+        guesses = [[] if done[i] else rows[i].propose(k) for i in range(b)]
+        live = [i for i in range(b) if not done[i]]
+        width = choose_width(
+            [accept[i].rate for i in live], [len(guesses[i]) for i in live], k, rows_per_step, least
+        )
+        guesses = [g[:width] for g in guesses]
+        if width == 0:
+            for i in live:
+                accept[i].relax()
+        counts["passes"] += 1
+        if width == 0:
+            ids = torch.tensor(last, device=device)
+            if uniform and len(set(ends)) == 1:
+                local = dec.step(ids, ends[0] - 1, cache)
+            else:
+                pos = torch.tensor([e - 1 for e in ends], device=device)
+                local = dec.step(ids, pos, cache, span=max(ends))
+            chosen = dec.greedy(local, vocab_size).view(b, 1).tolist()
+            continue
+        fed = [[last[i], *g, *([last[i]] * (width - len(g)))] for i, g in enumerate(guesses)]
+        start = torch.tensor([e - 1 for e in ends], device=device)
+        local = dec.verify(
+            torch.tensor(fed, device=device),
+            start,
+            cache,
+            span=max(ends) + width,
+            max_position=max_position,
+        )
+        model = dec.greedy(local, vocab_size).view(b, width + 1).tolist()  # [b, 1 + width]
+        counts["checks"] += 1
+        for i in range(b):
+            g = guesses[i]
+            kept = 0
+            while kept < len(g) and g[kept] == model[i][kept]:
+                kept += 1
+            counts["guessed"] += len(g)
+            counts["kept"] += kept
+            if g:
+                accept[i].update(len(g), kept)
+            chosen[i] = model[i][: kept + 1]  # the kept guesses and the model's next token
+    if stats is not None:
+        stats.update(counts)

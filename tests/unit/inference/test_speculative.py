@@ -1,0 +1,223 @@
+"""Greedy decoding with n-gram drafts (megagpt/inference/speculative.py): the drafter's guesses,
+the loop's bookkeeping on a model whose greedy output is known, and the real model's tokens with
+and without speculation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megagpt.inference.generate import TextGenerator
+from megagpt.inference.sampling import make_params
+from megagpt.inference.speculative import (
+    Acceptance,
+    NgramDrafter,
+    choose_width,
+    speculative_loop,
+)
+
+GREEDY = make_params(top_k=1)
+
+
+def test_drafter_continues_the_latest_occurrence_of_the_longest_suffix():
+    d = NgramDrafter([1, 2, 3, 9, 5, 2, 3, 7, 8, 4, 2, 3])
+    # suffix (2, 3) last occurred at 5..6, followed by 7 8 4 2 3
+    assert d.propose(4) == [7, 8, 4, 2]
+    d.extend([7])
+    # (2, 3, 7) occurred at 5..7: followed by 8 4 2 3 7
+    assert d.propose(3) == [8, 4, 2]
+
+
+def test_drafter_extends_a_repetition_past_the_end_of_the_text():
+    assert NgramDrafter([5, 6, 6, 6]).propose(5) == [6, 6, 6, 6, 6]
+    assert NgramDrafter([1, 4, 7, 4, 7]).propose(5) == [4, 7, 4, 7, 4]
+
+
+def test_drafter_never_matches_the_suffix_with_itself():
+    assert NgramDrafter([1, 2, 3]).propose(4) == []
+    assert NgramDrafter([]).propose(4) == []
+    assert NgramDrafter([8]).propose(2) == []
+
+
+def test_width_weighs_kept_guesses_against_the_cost_of_more_rows():
+    # a lone row that keeps most guesses checks many; one that keeps few takes plain steps
+    assert choose_width([0.9], [7], 7, rows_per_step=16) == 7
+    assert choose_width([0.05], [7], 7, rows_per_step=16) == 0
+    # eight rows: a wide pass costs real work on a CPU, not on a GPU
+    rates, offered = [0.6] * 8, [7] * 8
+    cpu, gpu = choose_width(rates, offered, 7, 16), choose_width(rates, offered, 7, 128)
+    assert 0 < cpu < gpu
+    assert choose_width([0.9, 0.9], [0, 0], 7, 16) == 0  # nothing to check
+    assert choose_width([0.3], [7], 7, 16, least=3) in (0, 3, 4, 5, 6, 7)
+
+
+def test_acceptance_estimate_follows_checks_and_relaxes_to_the_prior():
+    a = Acceptance()
+    for _ in range(6):
+        a.update(4, 0)
+    low = a.rate
+    assert low < 0.2
+    for _ in range(10):
+        a.relax()
+    assert low < a.rate < 0.5
+    for _ in range(6):
+        a.update(4, 4)
+    assert a.rate > 0.8
+
+
+class ChainModel:
+    """A stand-in for FastDecoder over a model whose greedy choice after token t is
+    ``nxt[t]`` whatever came before: checks the loop's positions and bookkeeping, not the
+    attention. It records each pass's rows."""
+
+    def __init__(self, nxt: list[int]):
+        self.nxt = torch.tensor(nxt)
+        self.vocab = len(nxt)
+        self.passes: list[int] = []
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(self.nxt[ids.reshape(-1)], self.vocab).float()
+
+    def new_cache(self, b, length, zeroed=False):
+        return None
+
+    def begin(self):
+        pass
+
+    def prefill(self, tokens, lengths, cache):
+        b = tokens.shape[0]
+        last = tokens[:, -1] if lengths is None else tokens[torch.arange(b), lengths - 1]
+        self.passes.append(b)
+        return self.logits(last)
+
+    def step(self, ids, position, cache, span=None):
+        self.passes.append(ids.shape[0])
+        return self.logits(ids)
+
+    def verify(self, ids, start, cache, span, max_position):
+        assert span > int(start.max()) + ids.shape[1] - 1  # every fed slot is readable
+        self.passes.append(ids.numel())
+        return self.logits(ids)
+
+    def greedy(self, local, vocab_size):
+        return local[:, :vocab_size].argmax(dim=-1)
+
+
+def chain(nxt, first, n):
+    out = [first]
+    for _ in range(n):
+        out.append(nxt[out[-1]])
+    return out
+
+
+def run(model, prompts, limits, stop_ids=(), k=4):
+    total = max(limits)
+    tokens = torch.zeros(len(prompts), total, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.tensor(p)
+    stats: dict = {}
+    *_, (toks, ends, done) = speculative_loop(
+        model,
+        tokens,
+        [len(p) for p in prompts],
+        limits,
+        list(stop_ids),
+        model.vocab,
+        10_000,
+        k,
+        stats,
+    )
+    return [toks[i, : ends[i]].tolist() for i in range(len(prompts))], done.tolist(), stats
+
+
+# 0 -> 1 -> 2 -> 0 (a loop of 3), 3 -> 4 -> 5 -> 6 -> 3 (a loop of 4), 7 -> 7
+NEXT = [1, 2, 0, 4, 5, 6, 3, 7]
+
+
+def test_loop_gives_the_greedy_chain_with_fewer_passes():
+    model = ChainModel(NEXT)
+    prompts = [[0, 1], [3, 4, 5, 6, 3], [7]]
+    limits = [len(p) + 20 for p in prompts]
+    out, done, stats = run(model, prompts, limits)
+    assert out == [p[:-1] + chain(NEXT, p[-1], 20) for p in prompts]
+    assert all(done)
+    assert stats["kept"] > 0 and stats["passes"] < 20  # guesses were kept
+    assert stats["passes"] == len(model.passes)
+
+
+def test_loop_stops_at_stop_tokens_and_limits_mid_pass():
+    model = ChainModel(NEXT)
+    prompts = [[3, 4, 5, 6, 3, 4], [0, 1, 2, 0], [7, 7]]
+    limits = [30, 11, 5]
+    out, done, _ = run(model, prompts, limits, stop_ids=[6], k=7)
+    assert out[0] == [3, 4, 5, 6, 3, 4, 5]  # the stop token 6 ends the row, not returned
+    assert out[1] == [0, 1, 2, 0] + chain(NEXT, 0, 7)[1:]  # exactly to its limit (11)
+    assert out[2] == [7, 7, 7, 7, 7]
+    assert done == [True, True, True]
+
+
+def test_text_that_does_not_repeat_takes_plain_steps():
+    model = ChainModel(list(range(1, 40)) + [0])  # one long cycle: nothing repeats early
+    out, _, stats = run(model, [[0]], [12])
+    assert out == [chain(model.nxt.tolist(), 0, 11)]
+    assert stats["checks"] == 0 and stats["passes"] == 11  # one per new token
+
+
+# -- the real (tiny) model ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gen(pipe):
+    return pipe.generator
+
+
+def twin(gen, **kw) -> TextGenerator:
+    kw.setdefault("stop_ids", [])
+    return TextGenerator(
+        gen.model,
+        vocab_size=gen.vocab_size,
+        max_positions=gen.max_positions,
+        pad_id=gen.pad_id,
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def ids(pipe):
+    texts = ["床前明月光，疑是地上霜。床前明月光，", "北京", "中华人民共和国中华人民", "举头望明月"]
+    return [pipe.tokenizer.encode(t) for t in texts]
+
+
+def test_greedy_tokens_equal_plain_decoding(gen, ids):
+    assert gen.speculate > 0  # on by default
+    spec, plain = twin(gen), twin(gen, speculate=0)
+    ref = twin(gen, fast=False)
+    for batch in ([ids[0]], [ids[1]], ids):
+        want = plain.generate(batch, GREEDY, max_new_tokens=24)
+        assert spec.generate(batch, GREEDY, max_new_tokens=24) == want
+        assert ref.generate(batch, GREEDY, max_new_tokens=24) == want
+        assert spec.last_stats["checks"] > 0
+
+
+def test_stop_tokens_and_row_limits_with_speculation(gen, ids):
+    free = twin(gen, speculate=0).generate(ids, GREEDY, max_new_tokens=16)
+    stops = [free[0][0][len(ids[0]) + 3]]
+    limits = [len(p) + n for p, n in zip(ids, (16, 5, 9, 13))]
+    plain_state = list(twin(gen, stop_ids=stops, speculate=0).steps(ids, GREEDY, limits))[-1]
+    spec_state = list(twin(gen, stop_ids=stops).steps(ids, GREEDY, limits))[-1]
+    assert spec_state.ends.tolist() == plain_state.ends.tolist()
+    assert spec_state.done.tolist() == plain_state.done.tolist() == [True] * len(ids)
+    for i in range(len(ids)):
+        assert spec_state.row(i) == plain_state.row(i)
+        assert len(plain_state.row(i)) <= limits[i]
+    assert len(spec_state.row(0)) < limits[0]  # the stop token cut row 0
+
+
+def test_sampling_and_penalties_do_not_speculate(gen, ids):
+    spec = twin(gen)
+    spec.generate([ids[0]], make_params(top_p=0.9, temperature=1.2), max_new_tokens=6, seed=1)
+    assert spec.last_stats == {}
+    spec.generate([ids[0]], make_params(top_k=1, repetition_penalty=1.5), max_new_tokens=6)
+    assert spec.last_stats == {}
+    with pytest.raises(ValueError, match="speculate must be >= 0"):
+        twin(gen, speculate=-1)
