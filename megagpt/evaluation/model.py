@@ -205,15 +205,11 @@ def load_scorer(
 def _load_checkpoint(path: str, device: str, dtype: str, tp: int, tokenizer: str | None):
     """(TextGenerator, tokenizer, ParallelContext) from any checkpoint kind, read by
     megagpt.checkpoint; the groups are started once the checkpoint has been read."""
-    from megagpt.checkpoint import load_into
     from megagpt.checkpoint.canonical import CheckpointError
     from megagpt.checkpoint.convert import read
     from megagpt.checkpoint.model_dir import ModelDirError
-    from megagpt.config import ParallelConfig
     from megagpt.data import build_tokenizer
-    from megagpt.inference.generate import TextGenerator
-    from megagpt.inference.pipeline import inference_context
-    from megagpt.model import GPTModel, megatron_config
+    from megagpt.inference.pipeline import generator_for, inference_context
 
     try:
         src = read(path)
@@ -232,22 +228,7 @@ def _load_checkpoint(path: str, device: str, dtype: str, tp: int, tokenizer: str
             f"{path}: {cfg.num_heads} heads cannot be split over tensor-parallel size {tp}"
         )
     ctx = inference_context(device, tp)
-    if dtype == "auto":
-        dtype = "bf16" if ctx.device.type == "cuda" else "fp32"
-    model = GPTModel(cfg, megatron_config(cfg, ParallelConfig(tensor=tp), _DTYPES[dtype]))
-    load_into(model, src.tensors, cfg, ctx.tp_rank, tp, source=path)
-    model.to(ctx.device).eval()
-    stops = [t for t in (tok.eod, tok.sep) if t is not None]
-    pad = next((t for t in (tok.pad, tok.eod) if t is not None), 0)
-    gen = TextGenerator(
-        model,
-        vocab_size=cfg.vocab_size,
-        max_positions=cfg.max_position_embeddings,
-        stop_ids=stops,
-        pad_id=pad,
-        tp_group=ctx.tp_group,
-        tp_size=tp,
-    )
+    gen = generator_for(cfg, src.tensors, tok, ctx, dtype, source=path)
     return gen, tok, ctx
 
 

@@ -61,10 +61,8 @@ def load_generator(
     ``dtype`` "auto" is bf16 on CUDA and fp32 on CPU.
     """
     from megagpt import parallel
-    from megagpt.checkpoint import load_into, load_tensors, read_config, tokenizer_path
-    from megagpt.config import ParallelConfig
+    from megagpt.checkpoint import load_tensors, read_config, tokenizer_path
     from megagpt.data import build_tokenizer
-    from megagpt.model import GPTModel, megatron_config
 
     warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
     warnings.filterwarnings("ignore", message=".*[Aa]pex.*")
@@ -82,14 +80,31 @@ def load_generator(
         )
     if ctx is None:  # checked above first: a bad model fails before any rendezvous
         ctx = inference_context(device, tp)
+    gen = generator_for(cfg, load_tensors(directory), tokenizer, ctx, dtype, source=directory)
+    return gen, tokenizer
+
+
+def generator_for(
+    cfg, tensors: dict, tokenizer, ctx: ParallelContext, dtype: str = "auto", *, source: str = ""
+) -> TextGenerator:
+    """A ``TextGenerator`` over a model of ``cfg`` holding ``tensors`` (full canonical tensors;
+    this TP rank's shard is cut from them), on ``ctx``'s device and tensor-parallel group.
+    ``dtype`` "auto" is bf16 on CUDA and fp32 on CPU; stop ids are the tokenizer's end of
+    document and separator, padding its pad (else end of document). ``source`` names the
+    tensors' origin in errors."""
+    from megagpt.checkpoint import load_into
+    from megagpt.config import ParallelConfig
+    from megagpt.model import GPTModel, megatron_config
+
+    tp = ctx.dims.tp
     if dtype == "auto":
         dtype = "bf16" if ctx.device.type == "cuda" else "fp32"
     model = GPTModel(cfg, megatron_config(cfg, ParallelConfig(tensor=tp), _DTYPES[dtype]))
-    load_into(model, load_tensors(directory), cfg, ctx.tp_rank, tp, source=directory)
+    load_into(model, tensors, cfg, ctx.tp_rank, tp, source=source)
     model.to(ctx.device).eval()
     stops = [t for t in (tokenizer.eod, tokenizer.sep) if t is not None]
     pad = next((t for t in (tokenizer.pad, tokenizer.eod) if t is not None), 0)
-    gen = TextGenerator(
+    return TextGenerator(
         model,
         vocab_size=cfg.vocab_size,
         max_positions=cfg.max_position_embeddings,
@@ -98,7 +113,6 @@ def load_generator(
         tp_group=ctx.tp_group,
         tp_size=tp,
     )
-    return gen, tokenizer
 
 
 class TextGenerationPipeline:
