@@ -230,7 +230,9 @@ class TextGenerator:
             )
         return self._compiled
 
-    def _use_fast(self, use_cache: bool) -> bool:
+    def uses_fast_path(self, use_cache: bool = True) -> bool:
+        """Whether decoding goes through ``FastDecoder`` (``decoder()``): on by default; off
+        with ``fast=False``, without the KV cache, or with the static (compilable) step."""
         return self.fast and use_cache and not self.static and hasattr(self.model, "final_norm")
 
     def decoder(self) -> FastDecoder:
@@ -270,7 +272,7 @@ class TextGenerator:
         host = torch.full((b, total), self.pad_id, dtype=torch.long)
         for i, p in enumerate(prompts):
             host[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-        loop = self._fast_loop if self._use_fast(use_cache) else self._reference_loop
+        loop = self._fast_loop if self.uses_fast_path(use_cache) else self._reference_loop
         if (
             loop == self._fast_loop
             and self.speculate > 0

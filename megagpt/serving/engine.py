@@ -6,9 +6,13 @@ Layout:
 - ``Sequence``: one completion being generated (a request with ``n`` copies of ``p`` prompts
   is ``n * p`` sequences), with its sampling options, key, limit and text state.
 - ``Executor``: the model operations (prefill a row, decode all active rows, move a row). It
-  runs on every tensor-parallel rank; the forward's collectives keep the ranks together.
+  runs on every tensor-parallel rank; the forward's collectives keep the ranks together. It
+  decodes with the generator's fast path (``FastDecoder``, the same as ``megagpt generate``:
+  oneDNN-packed weights on CPU, keys and values written in place into one buffer per layer with
+  a row per slot, a prefill written straight into its row), or with the model's own forward and
+  a ``SlotCache`` where the generator does not take that path.
 - ``Engine``: the scheduler (rank 0 only). It admits waiting sequences into free rows (prefill:
-  the prompt through the model with a plain ``KVCache``, copied into the row of a ``SlotCache``),
+  the prompt through the model into the row's cache slot),
   runs one decode step for all active rows (each at its own position), samples every row's next
   token, hands new text to the request's sink and frees the rows of finished sequences. Under
   tensor parallelism each operation is broadcast to the other ranks before it runs
@@ -31,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megagpt.inference.decode import DecodeCache, FastDecoder
 from megagpt.inference.generate import TextGenerator
 from megagpt.inference.sampling import SamplingParams, penalise_seen, sample
 from megagpt.model import KVCache
@@ -104,9 +109,31 @@ class Executor:
         self.num_layers = generator.num_layers
         self.max_length = generator.max_positions
         self.device = generator.device
-        self.cache = SlotCache(self.num_layers, slots, self.max_length)
         # Vocab-parallel [b, V_padded/tp] -> float32 [b, V_true], gathered over TP.
         self._full_logits = generator._full_logits
+        # The generator's fast path (``FastDecoder``: packed weights on CPU, in-place cache
+        # writes, the output layer only where needed) decodes into one buffer per layer of
+        # [slots, heads, max_length, head_dim]; a row's prefill writes straight into its slot.
+        # Without it (``fast=False``, the static/compiled step), the model's own forward with a
+        # ``SlotCache``.
+        self.decoder: FastDecoder | None = None
+        self.slots: DecodeCache | None = None
+        if generator.uses_fast_path():
+            self.decoder = generator.decoder()
+            self.decoder.begin()
+        else:
+            self.cache = SlotCache(self.num_layers, slots, self.max_length)
+        self._slot_count = slots
+
+    def _rows(self, start: int, stop: int) -> DecodeCache:
+        """The fast path's cache restricted to rows start..stop-1 (views; allocated on first
+        use, zeroed: a masked slot must not hold NaN)."""
+        if self.slots is None:
+            assert self.decoder is not None
+            self.slots = self.decoder.new_cache(self._slot_count, self.max_length, zeroed=True)
+        return DecodeCache(
+            [k[start:stop] for k in self.slots.keys], [v[start:stop] for v in self.slots.values]
+        )
 
     @torch.no_grad()
     def run(self, op: tuple) -> torch.Tensor | None:
@@ -114,6 +141,13 @@ class Executor:
         if kind == "prefill":
             _, row, ids = op
             tokens = torch.tensor([ids], dtype=torch.long, device=self.device)  # [1, n]
+            if self.decoder is not None:
+                # A new request: the weights are looked up (and their packs checked against
+                # the model) here, not at every step.
+                self.decoder.begin()
+                return self._full_logits(
+                    self.decoder.prefill(tokens, None, self._rows(row, row + 1))
+                )
             prefill = KVCache(self.num_layers, len(ids))
             last = self.model(tokens, kv_cache=prefill)[-1]  # [1, V/tp]
             self.cache.store(row, prefill, len(ids))
@@ -122,25 +156,37 @@ class Executor:
             _, ids, positions = op
             return self._decode(
                 torch.tensor(ids, dtype=torch.long, device=self.device),
-                torch.tensor(positions, dtype=torch.long, device=self.device),
-                max(positions) + 1,
+                positions,
             )
         if kind == "move":
             _, src, dst, length = op
-            self.cache.move(src, dst, length)
+            if self.decoder is None:
+                self.cache.move(src, dst, length)
+            elif self.slots is not None:
+                for buf in (*self.slots.keys, *self.slots.values):
+                    buf[dst, :, :length] = buf[src, :, :length]
             return None
         if kind in ("idle", "stop"):
             return None
         raise ValueError(f"unknown serving operation {kind!r}")
 
-    def _decode(self, ids: torch.Tensor, positions: torch.Tensor, span: int) -> torch.Tensor:
-        """One token per active row: ids [rows] at positions [rows] -> float32 logits [rows, V].
-        ``GPTModel.forward`` for one token (as ``TextGenerator._decode_static``), with a
-        position per row instead of one offset for the batch."""
+    def _decode(self, ids: torch.Tensor, positions: list[int]) -> torch.Tensor:
+        """One token per active row: ids [rows] at ``positions`` (one per row) -> float32
+        logits [rows, V]."""
+        span = max(positions) + 1
+        if self.decoder is not None:
+            cache = self._rows(0, len(positions))
+            if len(set(positions)) == 1:  # every row at the same slot: no mask needed
+                return self._full_logits(self.decoder.step(ids, positions[0], cache))
+            pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+            return self._full_logits(self.decoder.step(ids, pos, cache, span=span))
+        # ``GPTModel.forward`` for one token (as ``TextGenerator._decode_static``), with a
+        # position per row instead of one offset for the batch.
         m = self.model
-        self.cache.begin_step(positions, span)
-        pos = m.position.position_embeddings(positions)  # [rows, h]
-        h = (m.word(ids.unsqueeze(1)) + pos.unsqueeze(1)).transpose(0, 1)  # [rows,1,h]->[1,rows,h]
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        self.cache.begin_step(pos, span)
+        pos_emb = m.position.position_embeddings(pos)  # [rows, h]
+        h = (m.word(ids.unsqueeze(1)) + pos_emb.unsqueeze(1)).transpose(0, 1)  # [1, rows, h]
         for layer in m.layers:
             h = layer(h, self.cache)
         local = F.linear(m.final_norm(h)[-1], m.word.word_embeddings.weight)  # [rows, V/tp]

@@ -46,8 +46,8 @@ def twin(gen, model=None, **kw) -> TextGenerator:
 
 
 def test_the_pipeline_decodes_with_the_fast_path(gen):
-    assert gen._use_fast(True) and not gen._use_fast(False)
-    assert not twin(gen, static=True)._use_fast(True)
+    assert gen.uses_fast_path(True) and not gen.uses_fast_path(False)
+    assert not twin(gen, static=True).uses_fast_path(True)
 
 
 @pytest.mark.parametrize("prepack", [False, True], ids=["plain", "prepacked"])

@@ -111,3 +111,72 @@ def test_a_failing_step_is_a_500_and_the_loop_goes_on(server, monkeypatch):
     while server.engine.active and time.monotonic() < deadline:
         time.sleep(0.01)
     assert server.engine.alive and not server.engine.active
+
+
+def _engine_tokens(generator, tokenizer, prompts, lengths, params, seed=None, max_batch=4):
+    """The tokens each prompt gets from an Engine over ``generator`` (no HTTP): all prompts
+    submitted at once, decoded through ``max_batch`` rows."""
+    from megagpt.serving.engine import Engine
+
+    engine = Engine(generator, max_batch)
+    service = Service(engine, tokenizer, "tiny")
+    events = [threading.Event() for _ in prompts]
+    seqs = []
+    for prompt, n, event in zip(prompts, lengths, events):
+        ids = tokenizer.encode(prompt)
+
+        def sink(e, event=event):
+            if e.finish_reason:
+                event.set()
+
+        (seq,) = service.sequences([ids], [len(ids) + n], params, 1, seed, (), sink)
+        seqs.append(seq)
+    engine.start()
+    try:
+        engine.submit(seqs)
+        assert all(e.wait(120) for e in events)
+    finally:
+        engine.close()
+    return [s.generated for s in seqs], engine
+
+
+def test_the_engine_decodes_with_the_fast_path_and_the_reference_forward_alike(pipe, monkeypatch):
+    """The executor decodes with the generator's FastDecoder (packed weights, a prefill written
+    into its row's slot, per-row positions in one step); with ``fast=False`` it falls back to
+    the model's forward over a SlotCache. Both give, token for token, one-at-a-time greedy
+    decoding, and sampled rows (a seed) the same tokens on both paths."""
+    from megagpt.inference.decode import FastDecoder
+    from megagpt.inference.generate import TextGenerator
+    from tests.unit.serving.test_server import PROMPTS
+
+    gen = pipe.generator
+    reference = TextGenerator(
+        gen.model,
+        vocab_size=gen.vocab_size,
+        max_positions=gen.max_positions,
+        pad_id=gen.pad_id,
+        stop_ids=gen.stop_ids,
+        fast=False,
+    )
+    steps = []
+    real_step = FastDecoder.step
+
+    def counting_step(self, ids, position, cache, span=None):
+        steps.append(ids.shape[0])
+        return real_step(self, ids, position, cache, span)
+
+    monkeypatch.setattr(FastDecoder, "step", counting_step)
+    lengths = [3 + (i * 7) % 17 for i in range(len(PROMPTS))]
+    fast, engine = _engine_tokens(gen, pipe.tokenizer, PROMPTS, lengths, GREEDY)
+    assert engine.executor.decoder is not None and steps and max(steps) == 4
+    n_fast = len(steps)
+    slow, engine = _engine_tokens(reference, pipe.tokenizer, PROMPTS, lengths, GREEDY)
+    assert engine.executor.decoder is None and len(steps) == n_fast  # no FastDecoder step
+    for prompt, n, a, b in zip(PROMPTS, lengths, fast, slow):
+        ids = pipe.tokenizer.encode(prompt)
+        (want,) = gen.generate([ids], GREEDY, max_new_tokens=n)[0]
+        assert a == b == want[len(ids) :], prompt
+    sampled = SamplingParams(temperature=0.8, top_k=20, top_p=0.95)
+    a, _ = _engine_tokens(gen, pipe.tokenizer, PROMPTS[:6], lengths[:6], sampled, seed=7)
+    b, _ = _engine_tokens(reference, pipe.tokenizer, PROMPTS[:6], lengths[:6], sampled, seed=7)
+    assert a == b and any(x != y for x, y in zip(a, fast[:6]))
