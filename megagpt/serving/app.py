@@ -148,6 +148,8 @@ def create_app(service: Service):
             "active": len(engine.active),
             "waiting": engine.waiting.qsize(),
             "max_batch": engine.max_batch,
+            # Greedy speculation so far: checking steps, guesses fed and guesses kept.
+            "speculation": dict(engine.spec_stats),
         }
         return JSONResponse(body, status_code=200 if engine.alive else 503)
 

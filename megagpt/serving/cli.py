@@ -41,6 +41,14 @@ def add_serve_parser(sub) -> None:
     p.add_argument(
         "--served-model-name", help="the model name clients send (default: the directory's name)"
     )
+    p.add_argument(
+        "--speculate",
+        type=int,
+        default=None,
+        metavar="N",
+        help="greedy requests check up to N guessed tokens per step (n-gram drafts from "
+        "their text; same tokens; default 7, 0 = one token per step)",
+    )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument(
@@ -65,6 +73,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ServeError(f"--port {args.port}: must be in 0..65535")
     if args.max_batch < 1:
         raise ServeError(f"--max-batch {args.max_batch}: must be >= 1")
+    if args.speculate is not None and args.speculate < 0:
+        raise ServeError(f"--speculate {args.speculate}: must be >= 0")
     if args.served_model_name is not None and not args.served_model_name.strip():
         raise ServeError("--served-model-name must not be empty")
     try:
@@ -88,6 +98,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         generator, tokenizer = load_generator(args.model, dtype=args.dtype, ctx=ctx)
     except ValueError as e:
         raise ServeError(f"--model {args.model}: {e}") from None
+    if args.speculate is not None:
+        generator.speculate = args.speculate
     if generator.tp_size > 1 and ctx.rank != 0:
         follow(Executor(generator, args.max_batch))
         return 0

@@ -38,6 +38,13 @@ import torch.nn.functional as F
 from megagpt.inference.decode import DecodeCache, FastDecoder
 from megagpt.inference.generate import TextGenerator
 from megagpt.inference.sampling import SamplingParams, penalise_seen, sample
+from megagpt.inference.speculative import (
+    MIN_GUESSES_ONE_ROW,
+    ROWS_PER_STEP,
+    Acceptance,
+    NgramDrafter,
+    choose_width,
+)
 from megagpt.model import KVCache
 from megagpt.serving.cache import SlotCache
 from megagpt.serving.text import CompletionText
@@ -79,6 +86,9 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     row: int = -1
     cancelled: bool = False
+    # Greedy rows under speculation: n-gram guesses from the row's text, and their kept rate.
+    drafter: NgramDrafter | None = field(default=None, repr=False)
+    accept: Acceptance | None = field(default=None, repr=False)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -97,8 +107,10 @@ class Executor:
 
     Operations are tuples (so that they can be broadcast as they are):
     ``("prefill", row, ids)`` -> logits [1, V]; ``("decode", tokens, positions)`` -> logits
-    [rows, V] (row r feeds ``tokens[r]`` at ``positions[r]``); ``("move", src, dst, length)``;
-    ``("idle",)``; ``("stop",)``.
+    [rows, V] (row r feeds ``tokens[r]`` at ``positions[r]``); ``("verify", fed, starts)`` ->
+    logits [rows * s, V] (row r feeds the s tokens ``fed[r]`` at ``starts[r]``..; fast path
+    only: speculative decoding's check); ``("move", src, dst, length)``; ``("idle",)``;
+    ``("stop",)``.
     """
 
     def __init__(self, generator: TextGenerator, slots: int):
@@ -118,9 +130,13 @@ class Executor:
         # ``SlotCache``.
         self.decoder: FastDecoder | None = None
         self.slots: DecodeCache | None = None
+        # Speculation (greedy rows, fast path): a check feeds a row up to this many guesses
+        # past its last token, so the cache has as many spare slots past the longest row.
+        self.speculate = 0
         if generator.uses_fast_path():
             self.decoder = generator.decoder()
             self.decoder.begin()
+            self.speculate = generator.speculate
         else:
             self.cache = SlotCache(self.num_layers, slots, self.max_length)
         self._slot_count = slots
@@ -130,7 +146,9 @@ class Executor:
         use, zeroed: a masked slot must not hold NaN)."""
         if self.slots is None:
             assert self.decoder is not None
-            self.slots = self.decoder.new_cache(self._slot_count, self.max_length, zeroed=True)
+            self.slots = self.decoder.new_cache(
+                self._slot_count, self.max_length + self.speculate, zeroed=True
+            )
         return DecodeCache(
             [k[start:stop] for k in self.slots.keys], [v[start:stop] for v in self.slots.values]
         )
@@ -158,6 +176,17 @@ class Executor:
                 torch.tensor(ids, dtype=torch.long, device=self.device),
                 positions,
             )
+        if kind == "verify" and self.decoder is not None:
+            _, fed, starts = op
+            ids = torch.tensor(fed, dtype=torch.long, device=self.device)  # [rows, s]
+            local = self.decoder.verify(
+                ids,
+                torch.tensor(starts, dtype=torch.long, device=self.device),
+                self._rows(0, len(fed)),
+                span=max(starts) + ids.shape[1],
+                max_position=self.max_length - 1,
+            )
+            return self._full_logits(local)
         if kind == "move":
             _, src, dst, length = op
             if self.decoder is None:
@@ -229,6 +258,11 @@ class Engine:
         self.active: list[Sequence] = []
         self.steps = 0  # decode steps run (for tests and the benchmark)
         self.max_rows_seen = 0  # the most rows one decode step carried
+        # Greedy rows check up to ``speculate`` n-gram guesses per step (the generator's
+        # setting, as ``TextGenerator`` does; fast path only); other rows take one token.
+        self.speculate = self.executor.speculate
+        self.rows_per_step = ROWS_PER_STEP.get(generator.device.type, ROWS_PER_STEP["cuda"])
+        self.spec_stats = {"checks": 0, "guessed": 0, "kept": 0}
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -310,6 +344,8 @@ class Engine:
                 s.sink(Event(s.index, finish_reason="error", error=str(e)))
                 raise
             self.active.append(s)
+            if self.speculate and s.params.greedy and s.params.repetition_penalty == 1.0:
+                s.drafter, s.accept = NgramDrafter(s.prompt), Acceptance()
             token = self._sample(logits, [s], [len(s.prompt)])[0]
             if self._advance(s, token):
                 self._release([s])
@@ -321,13 +357,74 @@ class Engine:
             if not self.active:
                 return
         rows = self.active
-        logits = self._run(("decode", [s.last for s in rows], [s.length - 1 for s in rows]))
+        width, guesses = self._width(rows)
+        positions = [s.length - 1 for s in rows]
+        if width == 0:
+            logits = self._run(("decode", [s.last for s in rows], positions))
+            new = [[t] for t in self._sample(logits, rows, [s.length for s in rows])]
+        else:
+            new = self._check(rows, guesses, width, positions)
         self.steps += 1
         self.max_rows_seen = max(self.max_rows_seen, len(rows))
-        tokens = self._sample(logits, rows, [s.length for s in rows])
-        done = [s for s, t in zip(list(rows), tokens) if self._advance(s, t)]
+        done = []
+        for s, tokens in zip(list(rows), new):
+            for t in tokens:
+                if self._advance(s, t):
+                    done.append(s)
+                    break
         if done:
             self._release(done)
+
+    def _width(self, rows: list[Sequence]) -> tuple[int, list[list[int]]]:
+        """Guesses per row for this step (0: a plain step) and each row's guesses, chosen as
+        ``speculative_loop`` does from the greedy rows' n-gram drafts and kept rates; rows that
+        sample count as rows that keep nothing."""
+        if not self.speculate or not any(s.drafter for s in rows):
+            return 0, []
+        guesses = [s.drafter.propose(self.speculate) if s.drafter else [] for s in rows]
+        width = 0
+        if any(guesses):
+            least = min(self.speculate, MIN_GUESSES_ONE_ROW) if len(rows) == 1 else 1
+            rates = [s.accept.rate if s.accept else 0.0 for s in rows]
+            width = choose_width(
+                rates, [len(g) for g in guesses], self.speculate, self.rows_per_step, least
+            )
+        if width == 0:
+            for s in rows:
+                if s.accept:
+                    s.accept.relax()
+        return width, [g[:width] for g in guesses]
+
+    def _check(
+        self, rows: list[Sequence], guesses: list[list[int]], width: int, positions: list[int]
+    ) -> list[list[int]]:
+        """One pass feeding each row its last token and up to ``width`` guesses: a greedy row
+        keeps its guesses up to the first the model disagrees with, plus the model's token
+        there; a sampling row draws its one token from the logits at its last token."""
+        fed = [[s.last, *g, *([s.last] * (width - len(g)))] for s, g in zip(rows, guesses)]
+        logits = self._run(("verify", fed, positions))  # [rows * (1 + width), V]
+        choices = logits.argmax(dim=-1).view(len(rows), width + 1).tolist()
+        sampling = [i for i, s in enumerate(rows) if s.drafter is None]
+        drawn = {}
+        if sampling:
+            first = logits.view(len(rows), width + 1, -1)[sampling, 0]  # [n, V]
+            picked = [rows[i] for i in sampling]
+            drawn = dict(zip(sampling, self._sample(first, picked, [s.length for s in picked])))
+        new = []
+        for i, (s, g) in enumerate(zip(rows, guesses)):
+            if s.drafter is None:
+                new.append([drawn[i]])
+                continue
+            kept = 0
+            while kept < len(g) and g[kept] == choices[i][kept]:
+                kept += 1
+            if g:
+                s.accept.update(len(g), kept)
+            self.spec_stats["guessed"] += len(g)
+            self.spec_stats["kept"] += kept
+            new.append(choices[i][: kept + 1])
+        self.spec_stats["checks"] += 1
+        return new
 
     def _sample(self, logits: torch.Tensor, rows: list[Sequence], steps: list[int]) -> list[int]:
         """Next token of each row; rows are grouped by sampling options (``sample`` takes one
@@ -357,6 +454,8 @@ class Engine:
         if token in self.stop_ids:
             return self._finish(s, "stop")
         s.generated.append(token)
+        if s.drafter is not None:
+            s.drafter.extend([token])
         delta, stopped = s.text.advance(s.generated)
         if delta:
             s.sink(Event(s.index, delta))

@@ -127,6 +127,8 @@ def test_tp2_server_equals_tp1_greedy_and_stops_cleanly(model_dir):
         with ThreadPoolExecutor(len(PROMPTS)) as pool:
             got = list(pool.map(ask, range(len(PROMPTS))))
         assert got == want
+        # Greedy rows checked n-gram guesses: the follower ran the same checking passes.
+        assert httpx.get(f"{url}/health").json()["speculation"]["checks"] > 0
         bad = httpx.post(f"{url}/v1/completions", json={"prompt": "北京", "n": "2"})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "n"
         assert ask(2) == want[2]  # still serving, the follower still in step

@@ -41,6 +41,7 @@ def test_a_bad_argument_is_a_one_line_error(serve_model_dir):
         (["--model", "{tmp}"], "not a megagpt model directory"),
         (["--model", "{model}", "--port", "70000"], "--port 70000"),
         (["--model", "{model}", "--served-model-name", " "], "--served-model-name"),
+        (["--model", "{model}", "--speculate", "-1"], "--speculate -1"),
     ],
 )
 def test_arguments_are_checked_before_loading(tmp_path, serve_model_dir, args, needle):

@@ -7,6 +7,7 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from megagpt.inference.sampling import SamplingParams
 from megagpt.serving.app import Service
@@ -180,3 +181,81 @@ def test_the_engine_decodes_with_the_fast_path_and_the_reference_forward_alike(p
     a, _ = _engine_tokens(gen, pipe.tokenizer, PROMPTS[:6], lengths[:6], sampled, seed=7)
     b, _ = _engine_tokens(reference, pipe.tokenizer, PROMPTS[:6], lengths[:6], sampled, seed=7)
     assert a == b and any(x != y for x, y in zip(a, fast[:6]))
+
+
+@pytest.fixture(scope="module")
+def looping_pipe(tmp_path_factory):
+    """The generation tests' tiny model: its greedy choice follows the last token alone, so
+    its text soon repeats (what n-gram guesses need; the serving model's does not)."""
+    from megagpt import pipeline
+    from tests.unit.inference.conftest import shared_assets
+
+    model = shared_assets(tmp_path_factory)["model"]
+    return pipeline("text-generation", model=model, device="cpu")
+
+
+def test_greedy_rows_check_guesses_and_keep_one_at_a_time_tokens(looping_pipe):
+    """With speculation on (the generator's default), greedy rows whose text repeats are fed
+    n-gram guesses several per step: fewer steps than tokens, guesses kept, and token for token
+    the output of one-at-a-time greedy decoding without speculation; a sampling row sharing
+    the batch draws what it draws alone. ``speculate=0`` takes one token per step."""
+    from megagpt.inference.generate import TextGenerator
+
+    pipe = looping_pipe
+    gen = pipe.generator
+    assert gen.speculate > 0
+    plain = TextGenerator(
+        gen.model,
+        vocab_size=gen.vocab_size,
+        max_positions=gen.max_positions,
+        pad_id=gen.pad_id,
+        stop_ids=gen.stop_ids,
+        speculate=0,
+    )
+    prompts = ["床前明月光床前明月光床前明月光", "北京北京北京北京", "上海的天气", "山山山山山山"]
+    lengths = [40, 33, 12, 45]
+    got, engine = _engine_tokens(gen, pipe.tokenizer, prompts, lengths, GREEDY)
+    stats = engine.spec_stats
+    assert stats["checks"] > 0 and stats["kept"] > 0, stats
+    assert engine.steps < sum(len(g) for g in got) / 2 + len(prompts)
+    for prompt, n, tokens in zip(prompts, lengths, got):
+        ids = pipe.tokenizer.encode(prompt)
+        (want,) = plain.generate([ids], GREEDY, max_new_tokens=n)[0]
+        assert tokens == want[len(ids) :], prompt
+    off, engine = _engine_tokens(plain, pipe.tokenizer, prompts, lengths, GREEDY)
+    assert off == got and engine.spec_stats["checks"] == 0
+
+    # A sampling row decoded with greedy rows that speculate: its tokens are its own.
+    sampled = SamplingParams(temperature=0.8, top_k=20, top_p=0.95)
+    alone, _ = _engine_tokens(gen, pipe.tokenizer, ["春眠不觉晓"], [30], sampled, seed=3)
+    engine = _mixed(gen, pipe.tokenizer, prompts[:2], sampled)
+    assert engine[0] == alone[0] and engine[1]["checks"] > 0
+
+
+def _mixed(gen, tokenizer, greedy_prompts, sampled):
+    """A sampled sequence (prompt 春眠不觉晓, seed 3, 30 tokens) decoded alongside greedy ones;
+    -> (its tokens, the engine's speculation counts)."""
+    from megagpt.serving.engine import Engine
+
+    engine = Engine(gen, 4)
+    service = Service(engine, tokenizer, "tiny")
+    events, seqs = [], []
+    jobs = [(p, 40, GREEDY, None) for p in greedy_prompts] + [("春眠不觉晓", 30, sampled, 3)]
+    for prompt, n, params, seed in jobs:
+        ids = tokenizer.encode(prompt)
+        event = threading.Event()
+
+        def sink(e, event=event):
+            if e.finish_reason:
+                event.set()
+
+        (seq,) = service.sequences([ids], [len(ids) + n], params, 1, seed, (), sink)
+        events.append(event)
+        seqs.append(seq)
+    engine.start()
+    try:
+        engine.submit(seqs)
+        assert all(e.wait(120) for e in events)
+    finally:
+        engine.close()
+    return seqs[-1].generated, engine.spec_stats
