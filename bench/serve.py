@@ -76,7 +76,7 @@ def free_port() -> int:
 class Server:
     """A `megagpt serve` subprocess."""
 
-    def __init__(self, model: str, max_batch: int, threads: int):
+    def __init__(self, model: str, max_batch: int, threads: int, speculate: int | None = None):
         import httpx
 
         self.port = free_port()
@@ -100,6 +100,7 @@ class Server:
                 "cpu",
                 "--log-level",
                 "warning",
+                *([] if speculate is None else ["--speculate", str(speculate)]),
             ],
             env=env,
             cwd=ROOT,
@@ -118,6 +119,12 @@ class Server:
     def cpu_seconds(self) -> float:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+    def speculation(self) -> dict:
+        """The server's counts of checking steps, guesses fed and guesses kept."""
+        import httpx
+
+        return httpx.get(f"{self.url}/health", timeout=10).json().get("speculation", {})
 
     def close(self) -> None:
         self.proc.terminate()
@@ -179,6 +186,11 @@ def main() -> int:
         help="runs per level and server (best kept; the servers' order alternates)",
     )
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each server")
+    ap.add_argument(
+        "--speculate",
+        type=int,
+        help="both servers' --speculate (greedy guesses per step; default: the server's)",
+    )
     ap.add_argument("--output", help="write a markdown report here")
     args = ap.parse_args()
 
@@ -188,7 +200,8 @@ def main() -> int:
     prompts = [d[: args.prompt_chars] for d in docs[300 : 300 + args.requests]]
     levels = [int(x) for x in args.clients.split(",")]
     load_before = os.getloadavg()
-    batched, serial = Server(model, args.max_batch, args.threads), Server(model, 1, args.threads)
+    batched = Server(model, args.max_batch, args.threads, args.speculate)
+    serial = Server(model, 1, args.threads, args.speculate)
     rows = []
     try:
         run_level(batched, prompts[:2], 1, 4)  # warm-up (first-call allocations)
@@ -208,6 +221,7 @@ def main() -> int:
                 f"{s['cpu_per_ktok'] / b['cpu_per_ktok']:.2f}x CPU/token",
                 flush=True,
             )
+        spec = {"batched": batched.speculation(), "one-at-a-time": serial.speculation()}
     finally:
         batched.close()
         serial.close()
@@ -243,6 +257,15 @@ def main() -> int:
             f"{s['cpu_per_ktok'] / b['cpu_per_ktok']:.2f}x |"
         )
     lines += [
+        "",
+        "Greedy speculation (n-gram guesses, `--speculate`; from each server's `/health`, all "
+        "levels and the warm-up): "
+        + "; ".join(
+            f"{name}: {c.get('checks', 0):,} checking steps, {c.get('kept', 0):,} of "
+            f"{c.get('guessed', 0):,} guesses kept"
+            for name, c in spec.items()
+        )
+        + ".",
         "",
         "Reading: wall figures are what the clients saw (requests and generated tokens per "
         "second over the level); the CPU column is the server process's user + system time per "
