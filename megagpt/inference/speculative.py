@@ -121,6 +121,43 @@ def choose_width(
     return max(widths, key=value)
 
 
+def plan_pass(
+    drafters: list[NgramDrafter | None],
+    accepts: list[Acceptance | None],
+    k: int,
+    rows_per_step: float,
+    least: int = 1,
+) -> tuple[int, list[list[int]]]:
+    """(guesses per row for the next pass, each row's guesses cut to that width) for rows with
+    a drafter (None: a row that does not speculate, e.g. one that samples: it offers no guess
+    and counts as a row that keeps none). A plain pass (width 0) lets every estimate relax
+    towards its prior."""
+    guesses = [d.propose(k) if d is not None else [] for d in drafters]
+    width = 0
+    if any(guesses):
+        rates = [a.rate if a is not None else 0.0 for a in accepts]
+        width = choose_width(rates, [len(g) for g in guesses], k, rows_per_step, least)
+    if width == 0:
+        for a in accepts:
+            if a is not None:
+                a.relax()
+    return width, [g[:width] for g in guesses]
+
+
+def settle(
+    guess: list[int], choices: list[int], accept: Acceptance | None
+) -> tuple[list[int], int]:
+    """A checked row's new tokens: its guesses up to the first one the model's choices (its
+    greedy token at each fed position) disagree with, plus the model's token there; and how
+    many guesses were kept. Updates the row's acceptance estimate when it offered guesses."""
+    kept = 0
+    while kept < len(guess) and guess[kept] == choices[kept]:
+        kept += 1
+    if guess and accept is not None:
+        accept.update(len(guess), kept)
+    return choices[: kept + 1], kept
+
+
 def speculative_loop(
     dec: FastDecoder,
     tokens: torch.Tensor,
@@ -178,15 +215,13 @@ def speculative_loop(
         # Each row's last token is at slot ends[i] - 1 (not yet in the cache); done rows are
         # fed their last token again, at a slot they never read, and their results dropped.
         last = [rows[i].ctx[-1] for i in range(b)]
-        guesses = [[] if done[i] else rows[i].propose(k) for i in range(b)]
         live = [i for i in range(b) if not done[i]]
-        width = choose_width(
-            [accept[i].rate for i in live], [len(guesses[i]) for i in live], k, rows_per_step, least
+        width, planned = plan_pass(
+            [rows[i] for i in live], [accept[i] for i in live], k, rows_per_step, least
         )
-        guesses = [g[:width] for g in guesses]
-        if width == 0:
-            for i in live:
-                accept[i].relax()
+        guesses: list[list[int]] = [[] for _ in range(b)]
+        for i, g in zip(live, planned):
+            guesses[i] = g
         counts["passes"] += 1
         if width == 0:
             ids = torch.tensor(last, device=device)
@@ -209,14 +244,8 @@ def speculative_loop(
         model = dec.greedy(local, vocab_size).view(b, width + 1).tolist()  # [b, 1 + width]
         counts["checks"] += 1
         for i in range(b):
-            g = guesses[i]
-            kept = 0
-            while kept < len(g) and g[kept] == model[i][kept]:
-                kept += 1
-            counts["guessed"] += len(g)
+            chosen[i], kept = settle(guesses[i], model[i], accept[i])
+            counts["guessed"] += len(guesses[i])
             counts["kept"] += kept
-            if g:
-                accept[i].update(len(g), kept)
-            chosen[i] = model[i][: kept + 1]  # the kept guesses and the model's next token
     if stats is not None:
         stats.update(counts)

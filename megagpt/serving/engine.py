@@ -43,7 +43,8 @@ from megagpt.inference.speculative import (
     ROWS_PER_STEP,
     Acceptance,
     NgramDrafter,
-    choose_width,
+    plan_pass,
+    settle,
 )
 from megagpt.model import KVCache
 from megagpt.serving.cache import SlotCache
@@ -377,23 +378,17 @@ class Engine:
 
     def _width(self, rows: list[Sequence]) -> tuple[int, list[list[int]]]:
         """Guesses per row for this step (0: a plain step) and each row's guesses, chosen as
-        ``speculative_loop`` does from the greedy rows' n-gram drafts and kept rates; rows that
-        sample count as rows that keep nothing."""
+        ``speculative_loop`` does from the greedy rows' n-gram drafts and kept rates."""
         if not self.speculate or not any(s.drafter for s in rows):
             return 0, []
-        guesses = [s.drafter.propose(self.speculate) if s.drafter else [] for s in rows]
-        width = 0
-        if any(guesses):
-            least = min(self.speculate, MIN_GUESSES_ONE_ROW) if len(rows) == 1 else 1
-            rates = [s.accept.rate if s.accept else 0.0 for s in rows]
-            width = choose_width(
-                rates, [len(g) for g in guesses], self.speculate, self.rows_per_step, least
-            )
-        if width == 0:
-            for s in rows:
-                if s.accept:
-                    s.accept.relax()
-        return width, [g[:width] for g in guesses]
+        least = min(self.speculate, MIN_GUESSES_ONE_ROW) if len(rows) == 1 else 1
+        return plan_pass(
+            [s.drafter for s in rows],
+            [s.accept for s in rows],
+            self.speculate,
+            self.rows_per_step,
+            least,
+        )
 
     def _check(
         self, rows: list[Sequence], guesses: list[list[int]], width: int, positions: list[int]
@@ -415,14 +410,10 @@ class Engine:
             if s.drafter is None:
                 new.append([drawn[i]])
                 continue
-            kept = 0
-            while kept < len(g) and g[kept] == choices[i][kept]:
-                kept += 1
-            if g:
-                s.accept.update(len(g), kept)
+            tokens, kept = settle(g, choices[i], s.accept)
             self.spec_stats["guessed"] += len(g)
             self.spec_stats["kept"] += kept
-            new.append(choices[i][: kept + 1])
+            new.append(tokens)
         self.spec_stats["checks"] += 1
         return new
 

@@ -13,6 +13,8 @@ from megagpt.inference.speculative import (
     Acceptance,
     NgramDrafter,
     choose_width,
+    plan_pass,
+    settle,
     speculative_loop,
 )
 
@@ -63,6 +65,29 @@ def test_acceptance_estimate_follows_checks_and_relaxes_to_the_prior():
     for _ in range(6):
         a.update(4, 4)
     assert a.rate > 0.8
+
+
+def test_settle_keeps_guesses_up_to_the_first_disagreement():
+    a = Acceptance()
+    assert settle([5, 6, 7], [5, 6, 9, 4], a) == ([5, 6, 9], 2)
+    assert settle([5, 6], [5, 6, 8], a) == ([5, 6, 8], 2)  # all kept, plus the model's next
+    assert settle([5], [3, 1], a) == ([3], 0)
+    before = a.rate
+    assert settle([], [3], a) == ([3], 0) and a.rate == before  # no guess: no evidence
+
+
+def test_a_pass_is_planned_for_drafting_rows_and_others_count_as_keeping_nothing():
+    looping = NgramDrafter([1, 2, 3, 1, 2, 3, 1, 2])  # repeats: guesses 3, 1, 2, ...
+    good = Acceptance()
+    for _ in range(5):
+        good.update(4, 4)
+    width, guesses = plan_pass([looping, None], [good, None], 4, rows_per_step=16)
+    assert width == 4 and guesses == [[3, 1, 2, 3], []]
+    # nothing to guess: a plain pass, and the estimates relax towards the prior
+    fresh = NgramDrafter([1, 2, 3])
+    rate = good.rate
+    assert plan_pass([fresh], [good], 4, rows_per_step=16) == (0, [[]])
+    assert good.rate < rate
 
 
 class ChainModel:
