@@ -114,23 +114,25 @@ def test_a_failing_step_is_a_500_and_the_loop_goes_on(server, monkeypatch):
     assert server.engine.alive and not server.engine.active
 
 
-def _engine_tokens(generator, tokenizer, prompts, lengths, params, seed=None, max_batch=4):
-    """The tokens each prompt gets from an Engine over ``generator`` (no HTTP): all prompts
-    submitted at once, decoded through ``max_batch`` rows."""
+def _run_engine(generator, tokenizer, jobs, max_batch=4):
+    """Decode ``jobs`` ((prompt, new tokens, sampling params, seed) each) on an Engine over
+    ``generator`` (no HTTP), all submitted at once through ``max_batch`` rows; -> (each job's
+    tokens, the engine)."""
     from megagpt.serving.engine import Engine
 
     engine = Engine(generator, max_batch)
     service = Service(engine, tokenizer, "tiny")
-    events = [threading.Event() for _ in prompts]
-    seqs = []
-    for prompt, n, event in zip(prompts, lengths, events):
+    events, seqs = [], []
+    for prompt, n, params, seed in jobs:
         ids = tokenizer.encode(prompt)
+        event = threading.Event()
 
         def sink(e, event=event):
             if e.finish_reason:
                 event.set()
 
         (seq,) = service.sequences([ids], [len(ids) + n], params, 1, seed, (), sink)
+        events.append(event)
         seqs.append(seq)
     engine.start()
     try:
@@ -141,24 +143,36 @@ def _engine_tokens(generator, tokenizer, prompts, lengths, params, seed=None, ma
     return [s.generated for s in seqs], engine
 
 
+def _engine_tokens(generator, tokenizer, prompts, lengths, params, seed=None):
+    """Every prompt with the same sampling params (and seed) through ``_run_engine``."""
+    jobs = [(p, n, params, seed) for p, n in zip(prompts, lengths)]
+    return _run_engine(generator, tokenizer, jobs)
+
+
+def _twin(gen, **kw):
+    """Another TextGenerator over ``gen``'s model with other decoding options."""
+    from megagpt.inference.generate import TextGenerator
+
+    return TextGenerator(
+        gen.model,
+        vocab_size=gen.vocab_size,
+        max_positions=gen.max_positions,
+        pad_id=gen.pad_id,
+        stop_ids=gen.stop_ids,
+        **kw,
+    )
+
+
 def test_the_engine_decodes_with_the_fast_path_and_the_reference_forward_alike(pipe, monkeypatch):
     """The executor decodes with the generator's FastDecoder (packed weights, a prefill written
     into its row's slot, per-row positions in one step); with ``fast=False`` it falls back to
     the model's forward over a SlotCache. Both give, token for token, one-at-a-time greedy
     decoding, and sampled rows (a seed) the same tokens on both paths."""
     from megagpt.inference.decode import FastDecoder
-    from megagpt.inference.generate import TextGenerator
     from tests.unit.serving.test_server import PROMPTS
 
     gen = pipe.generator
-    reference = TextGenerator(
-        gen.model,
-        vocab_size=gen.vocab_size,
-        max_positions=gen.max_positions,
-        pad_id=gen.pad_id,
-        stop_ids=gen.stop_ids,
-        fast=False,
-    )
+    reference = _twin(gen, fast=False)
     steps = []
     real_step = FastDecoder.step
 
@@ -199,19 +213,10 @@ def test_greedy_rows_check_guesses_and_keep_one_at_a_time_tokens(looping_pipe):
     n-gram guesses several per step: fewer steps than tokens, guesses kept, and token for token
     the output of one-at-a-time greedy decoding without speculation; a sampling row sharing
     the batch draws what it draws alone. ``speculate=0`` takes one token per step."""
-    from megagpt.inference.generate import TextGenerator
-
     pipe = looping_pipe
     gen = pipe.generator
     assert gen.speculate > 0
-    plain = TextGenerator(
-        gen.model,
-        vocab_size=gen.vocab_size,
-        max_positions=gen.max_positions,
-        pad_id=gen.pad_id,
-        stop_ids=gen.stop_ids,
-        speculate=0,
-    )
+    plain = _twin(gen, speculate=0)
     prompts = ["床前明月光床前明月光床前明月光", "北京北京北京北京", "上海的天气", "山山山山山山"]
     lengths = [40, 33, 12, 45]
     got, engine = _engine_tokens(gen, pipe.tokenizer, prompts, lengths, GREEDY)
@@ -228,34 +233,6 @@ def test_greedy_rows_check_guesses_and_keep_one_at_a_time_tokens(looping_pipe):
     # A sampling row decoded with greedy rows that speculate: its tokens are its own.
     sampled = SamplingParams(temperature=0.8, top_k=20, top_p=0.95)
     alone, _ = _engine_tokens(gen, pipe.tokenizer, ["春眠不觉晓"], [30], sampled, seed=3)
-    engine = _mixed(gen, pipe.tokenizer, prompts[:2], sampled)
-    assert engine[0] == alone[0] and engine[1]["checks"] > 0
-
-
-def _mixed(gen, tokenizer, greedy_prompts, sampled):
-    """A sampled sequence (prompt 春眠不觉晓, seed 3, 30 tokens) decoded alongside greedy ones;
-    -> (its tokens, the engine's speculation counts)."""
-    from megagpt.serving.engine import Engine
-
-    engine = Engine(gen, 4)
-    service = Service(engine, tokenizer, "tiny")
-    events, seqs = [], []
-    jobs = [(p, 40, GREEDY, None) for p in greedy_prompts] + [("春眠不觉晓", 30, sampled, 3)]
-    for prompt, n, params, seed in jobs:
-        ids = tokenizer.encode(prompt)
-        event = threading.Event()
-
-        def sink(e, event=event):
-            if e.finish_reason:
-                event.set()
-
-        (seq,) = service.sequences([ids], [len(ids) + n], params, 1, seed, (), sink)
-        events.append(event)
-        seqs.append(seq)
-    engine.start()
-    try:
-        engine.submit(seqs)
-        assert all(e.wait(120) for e in events)
-    finally:
-        engine.close()
-    return seqs[-1].generated, engine.spec_stats
+    jobs = [(p, 40, GREEDY, None) for p in prompts[:2]] + [("春眠不觉晓", 30, sampled, 3)]
+    mixed, engine = _run_engine(gen, pipe.tokenizer, jobs)
+    assert mixed[-1] == alone[0] and engine.spec_stats["checks"] > 0
