@@ -125,3 +125,34 @@ def test_nccl_layouts_match_single_gpu(extra):
     one = run_distributed(LOSSES, 1, overrides=BASE, steps=3, device="cuda")[0]
     two = run_distributed(LOSSES, 2, overrides=BASE + extra, steps=3, device="cuda")[0]
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-3)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_serving_on_cuda_decodes_with_the_fast_path_and_speculates(tmp_path_factory, dtype):
+    """The serving engine on CUDA: the fast path (no oneDNN packs there), greedy rows checking
+    n-gram guesses (``FastDecoder.verify``) next to one-token rows, continuous batching through
+    4 rows; the tokens equal one-at-a-time greedy decoding without speculation on the same
+    device (the generation tests' model: its greedy margins are wide, so bf16's rounding does
+    not flip a choice)."""
+    from megagpt import pipeline
+    from tests.unit.inference.conftest import shared_assets
+    from tests.unit.serving.test_engine import GREEDY, _run_engine, _twin
+
+    model = shared_assets(tmp_path_factory)["model"]
+    pipe = pipeline("text-generation", model=model, device="cuda", dtype=dtype)
+    gen = pipe.generator
+    prompts = [
+        "床前明月光床前明月光",
+        "北京北京北京",
+        "上海的天气",
+        "山山山山",
+        "春眠不觉晓",
+        "长江",
+    ]
+    got, engine = _run_engine(gen, pipe.tokenizer, [(p, 24, GREEDY, None) for p in prompts])
+    assert engine.executor.decoder is not None and engine.spec_stats["checks"] > 0
+    plain = _twin(gen, speculate=0)
+    for prompt, tokens in zip(prompts, got):
+        ids = pipe.tokenizer.encode(prompt)
+        (want,) = plain.generate([ids], GREEDY, max_new_tokens=24)[0]
+        assert tokens == want[len(ids) :], (prompt, dtype)
