@@ -107,7 +107,9 @@ class Executor:
     """The model operations of the serving loop, identical on every tensor-parallel rank.
 
     Operations are tuples (so that they can be broadcast as they are):
-    ``("prefill", row, ids)`` -> logits [1, V]; ``("decode", tokens, positions)`` -> logits
+    ``("prefill", row, prompts)`` -> logits [n, V] at each prompt's last token (the n prompts
+    go into rows ``row``..``row + n - 1``, in one pass on the fast path); ``("decode", tokens,
+    positions)`` -> logits
     [rows, V] (row r feeds ``tokens[r]`` at ``positions[r]``); ``("verify", fed, starts)`` ->
     logits [rows * s, V] (row r feeds the s tokens ``fed[r]`` at ``starts[r]``..; fast path
     only: speculative decoding's check); ``("move", src, dst, length)``; ``("idle",)``;
@@ -122,6 +124,7 @@ class Executor:
         self.num_layers = generator.num_layers
         self.max_length = generator.max_positions
         self.device = generator.device
+        self.pad_id = generator.pad_id
         # Vocab-parallel [b, V_padded/tp] -> float32 [b, V_true], gathered over TP.
         self._full_logits = generator._full_logits
         # The generator's fast path (``FastDecoder``: packed weights on CPU, in-place cache
@@ -158,19 +161,33 @@ class Executor:
     def run(self, op: tuple) -> torch.Tensor | None:
         kind = op[0]
         if kind == "prefill":
-            _, row, ids = op
-            tokens = torch.tensor([ids], dtype=torch.long, device=self.device)  # [1, n]
+            _, first, prompts = op
             if self.decoder is not None:
-                # A new request: the weights are looked up (and their packs checked against
+                # Right-padded into one pass; a row's padding slots are written over by its
+                # own decode steps before anything reads them.
+                longest = max(len(p) for p in prompts)
+                tokens = torch.full(
+                    (len(prompts), longest), self.pad_id, dtype=torch.long, device=self.device
+                )
+                for i, p in enumerate(prompts):
+                    tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long, device=self.device)
+                lengths = (
+                    None
+                    if all(len(p) == longest for p in prompts)
+                    else torch.tensor([len(p) for p in prompts], device=self.device)
+                )
+                # New requests: the weights are looked up (and their packs checked against
                 # the model) here, not at every step.
                 self.decoder.begin()
-                return self._full_logits(
-                    self.decoder.prefill(tokens, None, self._rows(row, row + 1))
-                )
-            prefill = KVCache(self.num_layers, len(ids))
-            last = self.model(tokens, kv_cache=prefill)[-1]  # [1, V/tp]
-            self.cache.store(row, prefill, len(ids))
-            return self._full_logits(last)
+                rows = self._rows(first, first + len(prompts))
+                return self._full_logits(self.decoder.prefill(tokens, lengths, rows))
+            out = []
+            for row, ids in enumerate(prompts, start=first):
+                tokens = torch.tensor([ids], dtype=torch.long, device=self.device)  # [1, n]
+                prefill = KVCache(self.num_layers, len(ids))
+                out.append(self.model(tokens, kv_cache=prefill)[-1])  # [1, V/tp]
+                self.cache.store(row, prefill, len(ids))
+            return self._full_logits(torch.cat(out))
         if kind == "decode":
             _, ids, positions = op
             return self._decode(
@@ -324,32 +341,43 @@ class Engine:
             self._run(("stop",))
 
     def _admit(self) -> None:
-        """Move waiting sequences into free rows; block while there is nothing to do."""
-        while len(self.active) < self.max_batch and not self._closing.is_set():
+        """Move waiting sequences into free rows, all that joined since the last step in one
+        prefill; block while there is nothing to do."""
+        joining: list[Sequence] = []
+        while len(self.active) + len(joining) < self.max_batch and not self._closing.is_set():
             try:
-                if self.active:
+                if self.active or joining:
                     s = self.waiting.get_nowait()
                 else:
                     s = self.waiting.get(timeout=HEARTBEAT_S)
             except queue.Empty:
-                if not self.active:
+                if not self.active and not joining:
                     self._run(("idle",))
                     continue
-                return
+                break
             if s is None or s.cancelled:
                 continue
-            s.row = len(self.active)
-            try:
-                logits = self._run(("prefill", s.row, s.prompt))
-            except Exception as e:  # not yet active: the loop's handler would not tell it
+            joining.append(s)
+        if not joining:
+            return
+        first = len(self.active)
+        for i, s in enumerate(joining):
+            s.row = first + i
+        try:
+            logits = self._run(("prefill", first, [s.prompt for s in joining]))
+        except Exception as e:  # not yet active: the loop's handler would not tell them
+            for s in joining:
+                s.row = -1
                 s.sink(Event(s.index, finish_reason="error", error=str(e)))
-                raise
-            self.active.append(s)
+            raise
+        self.active.extend(joining)
+        for s in joining:
             if self.speculate and s.params.greedy and s.params.repetition_penalty == 1.0:
                 s.drafter, s.accept = NgramDrafter(s.prompt), Acceptance()
-            token = self._sample(logits, [s], [len(s.prompt)])[0]
-            if self._advance(s, token):
-                self._release([s])
+        tokens = self._sample(logits, joining, [len(s.prompt) for s in joining])
+        done = [s for s, t in zip(joining, tokens) if self._advance(s, t)]
+        if done:
+            self._release(done)
 
     def _step(self) -> None:
         gone = [s for s in self.active if s.cancelled]  # their clients left: no event

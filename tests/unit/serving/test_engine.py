@@ -114,13 +114,22 @@ def test_a_failing_step_is_a_500_and_the_loop_goes_on(server, monkeypatch):
     assert server.engine.alive and not server.engine.active
 
 
-def _run_engine(generator, tokenizer, jobs, max_batch=4):
+def _run_engine(generator, tokenizer, jobs, max_batch=4, queued=False, ops=None):
     """Decode ``jobs`` ((prompt, new tokens, sampling params, seed) each) on an Engine over
-    ``generator`` (no HTTP), all submitted at once through ``max_batch`` rows; -> (each job's
+    ``generator`` (no HTTP), all submitted at once through ``max_batch`` rows (``queued``: before
+    the scheduler starts); ``ops`` (a list) receives every executor operation. -> (each job's
     tokens, the engine)."""
     from megagpt.serving.engine import Engine
 
     engine = Engine(generator, max_batch)
+    if ops is not None:
+        run = engine.executor.run
+
+        def recording_run(op):
+            ops.append(op)
+            return run(op)
+
+        engine.executor.run = recording_run
     service = Service(engine, tokenizer, "tiny")
     events, seqs = [], []
     for prompt, n, params, seed in jobs:
@@ -134,9 +143,12 @@ def _run_engine(generator, tokenizer, jobs, max_batch=4):
         (seq,) = service.sequences([ids], [len(ids) + n], params, 1, seed, (), sink)
         events.append(event)
         seqs.append(seq)
+    if queued:
+        engine.submit(seqs)
     engine.start()
     try:
-        engine.submit(seqs)
+        if not queued:
+            engine.submit(seqs)
         assert all(e.wait(120) for e in events)
     finally:
         engine.close()
@@ -236,3 +248,25 @@ def test_greedy_rows_check_guesses_and_keep_one_at_a_time_tokens(looping_pipe):
     jobs = [(p, 40, GREEDY, None) for p in prompts[:2]] + [("春眠不觉晓", 30, sampled, 3)]
     mixed, engine = _run_engine(gen, pipe.tokenizer, jobs)
     assert mixed[-1] == alone[0] and engine.spec_stats["checks"] > 0
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_requests_waiting_together_are_prefilled_in_one_pass(pipe, fast):
+    """Ten requests waiting when the scheduler starts, 4 rows: the first four (prompts of
+    different lengths) join in one prefill, later ones as rows free up, several at a time when
+    they free together; every sequence's tokens equal one-at-a-time greedy decoding."""
+    from tests.unit.serving.test_server import PROMPTS
+
+    gen = pipe.generator if fast else _twin(pipe.generator, fast=False)
+    prompts, lengths = PROMPTS[:10], [6, 6, 6, 6, 9, 3, 12, 5, 5, 7]
+    ops: list = []
+    jobs = [(p, n, GREEDY, None) for p, n in zip(prompts, lengths)]
+    got, _ = _run_engine(gen, pipe.tokenizer, jobs, queued=True, ops=ops)
+    prefills = [op for op in ops if op[0] == "prefill"]
+    assert prefills[0][1] == 0 and len(prefills[0][2]) == 4  # rows 0-3, one pass
+    assert len({len(p) for p in prefills[0][2]}) > 1  # ragged prompts
+    assert sum(len(op[2]) for op in prefills) == 10 and len(prefills) < 10
+    for prompt, n, tokens in zip(prompts, lengths, got):
+        ids = pipe.tokenizer.encode(prompt)
+        (want,) = pipe.generator.generate([ids], GREEDY, max_new_tokens=n)[0]
+        assert tokens == want[len(ids) :], prompt
