@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from megagpt.data.readers import FORMATS, make_input_spec
+from megagpt.data.cli import add_reader_args, input_specs
 
 
 def add_clean_parser(subparsers) -> argparse.ArgumentParser:
@@ -20,31 +20,7 @@ def add_clean_parser(subparsers) -> argparse.ArgumentParser:
         "duplicates (MinHash + LSH) and write OUTPUT/part-*.jsonl, duplicates.jsonl and "
         "report.json/report.md. Rerunning an interrupted command resumes it.",
     )
-    p.add_argument(
-        "--input",
-        nargs="+",
-        metavar="FILE",
-        help="input files, read in order: .jsonl, .txt, .csv, each optionally .gz",
-    )
-    p.add_argument(
-        "--input-format",
-        choices=("auto",) + FORMATS,
-        default="auto",
-        help="input format; auto: from the file suffix",
-    )
-    p.add_argument("--json-key", default="text", help="jsonl key holding the document text")
-    p.add_argument("--csv-column", default="text", help="csv column holding the document text")
-    p.add_argument(
-        "--blank-line-separated",
-        action="store_true",
-        help="plain text: documents are separated by blank lines (default: one document per line)",
-    )
-    p.add_argument(
-        "--skip-bad-lines",
-        action="store_true",
-        help="skip and count malformed / non-UTF-8 / keyless / empty records "
-        "instead of stopping at the first one",
-    )
+    add_reader_args(p, required=False)  # --print-config needs none
     p.add_argument("--output", metavar="DIR", help="output directory")
     p.add_argument("--config", metavar="YAML", help="clean config (see --print-config)")
     p.add_argument(
@@ -98,12 +74,7 @@ def _run_clean(args: argparse.Namespace) -> int:
         return 0
     if not args.input or not args.output:
         raise DataError("--input and --output are required (or --print-config)")
-    specs = [
-        make_input_spec(
-            path, args.input_format, args.json_key, args.csv_column, args.blank_line_separated
-        )
-        for path in args.input
-    ]
+    specs = input_specs(args)
     from megagpt.curation.pipeline import clean
 
     report = clean(

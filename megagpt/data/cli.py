@@ -18,11 +18,13 @@ from megagpt.data.segment import SEGMENTERS
 from megagpt.data.tokenizer_train import DEFAULT_VOCAB_SIZE
 
 
-def _add_input_args(p: argparse.ArgumentParser) -> None:
+def add_reader_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """The input files and how to read them (``input_specs`` turns them into reader specs),
+    shared by ``tokenizer train``, ``preprocess`` and ``clean``."""
     p.add_argument(
         "--input",
         nargs="+",
-        required=True,
+        required=required,
         metavar="FILE",
         help="input files, read in order: .jsonl, .txt, .csv, each optionally .gz",
     )
@@ -45,6 +47,10 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
         help="skip and count malformed / non-UTF-8 / keyless / empty records "
         "instead of stopping at the first one",
     )
+
+
+def _add_input_args(p: argparse.ArgumentParser) -> None:
+    add_reader_args(p)
     p.add_argument(
         "--segmenter",
         choices=SEGMENTERS,
@@ -54,7 +60,8 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _specs(args: argparse.Namespace) -> list:
+def input_specs(args: argparse.Namespace) -> list:
+    """Reader specs of ``--input`` (parsed with ``add_reader_args``), in order."""
     return [
         make_input_spec(
             path, args.input_format, args.json_key, args.csv_column, args.blank_line_separated
@@ -90,7 +97,7 @@ def run_tokenizer_train(args: argparse.Namespace) -> int:
     from megagpt.data.tokenizer_train import train_tokenizer_from_files
 
     tok, skipped = train_tokenizer_from_files(
-        _specs(args), args.output, args.vocab_size, args.segmenter, args.skip_bad_lines
+        input_specs(args), args.output, args.vocab_size, args.segmenter, args.skip_bad_lines
     )
     print(
         f"wrote {tok.path}: vocab size {tok.vocab_size}, eod {tok.eod}, sep {tok.sep}, "
@@ -149,7 +156,7 @@ def run_preprocess(args: argparse.Namespace) -> int:
     from megagpt.data.preprocess import preprocess
 
     stats = preprocess(
-        _specs(args),
+        input_specs(args),
         args.tokenizer,
         args.output_prefix,
         workers=args.workers,
