@@ -270,3 +270,52 @@ def test_requests_waiting_together_are_prefilled_in_one_pass(pipe, fast):
         ids = pipe.tokenizer.encode(prompt)
         (want,) = pipe.generator.generate([ids], GREEDY, max_new_tokens=n)[0]
         assert tokens == want[len(ids) :], prompt
+
+
+def test_a_failing_prefill_ends_every_joining_request_and_the_engine_goes_on(pipe):
+    """Three requests waiting together, their one prefill fails (as an out-of-memory would):
+    each gets an "error" event naming the failure, no row stays taken, and the next requests
+    decode as usual."""
+    from megagpt.serving.engine import Engine
+
+    engine = Engine(pipe.generator, 4)
+    run, failed = engine.executor.run, []
+
+    def failing_run(op):
+        if op[0] == "prefill" and not failed:
+            failed.append(len(op[2]))
+            raise RuntimeError("injected prefill failure")
+        return run(op)
+
+    engine.executor.run = failing_run
+    service = Service(engine, pipe.tokenizer, "tiny")
+    finals: dict = {}
+    events = {}
+
+    def sequence(prompt):
+        ids = pipe.tokenizer.encode(prompt)
+        events[prompt] = threading.Event()
+
+        def sink(e):
+            if e.finish_reason:
+                finals[prompt] = e
+                events[prompt].set()
+
+        return service.sequences([ids], [len(ids) + 5], GREEDY, 1, None, (), sink)[0]
+
+    first = [sequence(p) for p in ("北京", "上海的天气", "长江")]
+    engine.submit(first)  # queued before the scheduler starts: one prefill for all three
+    engine.start()
+    try:
+        assert all(events[p].wait(60) for p in ("北京", "上海的天气", "长江"))
+        assert failed == [3]
+        for p in ("北京", "上海的天气", "长江"):
+            assert finals[p].finish_reason == "error"
+            assert "injected prefill failure" in finals[p].error
+        assert not engine.active and all(s.row == -1 for s in first)
+        later = sequence("山")
+        engine.submit([later])
+        assert events["山"].wait(60) and finals["山"].finish_reason == "length"
+        assert len(later.generated) == 5 and engine.alive
+    finally:
+        engine.close()
