@@ -279,17 +279,35 @@ class FastDecoder:
         return torch.ops.mkldnn._linear_pointwise.binary(y, x, packed, b, "add")
 
     def _layer(
-        self, lw: _Layer, x: torch.Tensor, b: int, s: int, cache: DecodeCache, i: int, attend
+        self,
+        lw: _Layer,
+        x: torch.Tensor,
+        b: int,
+        s: int,
+        cache: DecodeCache,
+        i: int,
+        attend,
+        packed: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One pre-LN block on x [b*s, h] (in place); ``attend(q, k, v, keys, values)`` stores
-        k, v [b, nh, s, hd] in the layer's cache and returns the context [b, nh, s, hd]."""
+        k, v [b, nh, s, hd] in the layer's cache and returns the context [b, nh, s, hd].
+
+        ``packed`` (ragged prompts): x holds only the real tokens, [N, h], and ``packed`` [N]
+        their places in the [b*s] grid; the linears run on the N rows, the attention on the
+        grid (padding zero, never attended to by a real token: prompts are right-padded)."""
         a = F.layer_norm(x, lw.ln1.normalized_shape, lw.ln1.weight, lw.ln1.bias, lw.ln1.eps)
         qkv = self._linear(a, lw.qkv_w, lw.qkv_b, lw.qkv_p)  # [b*s, 3h/tp], q|k|v per head
+        if packed is not None:  # [N, 3h/tp] -> the [b*s, 3h/tp] grid
+            grid = qkv.new_zeros(b * s, qkv.shape[1])
+            grid[packed] = qkv
+            qkv = grid
         # [b*s, 3h/tp] -> [b, s, nh, 3hd] -> [b, nh, s, 3hd]
         qkv = qkv.view(b, s, self.heads, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.split(self.head_dim, dim=-1)  # 3 x [b, nh, s, hd]
         ctx = attend(q, k, v, cache.keys[i], cache.values[i])  # [b, nh, s, hd]
         ctx = ctx.transpose(1, 2).reshape(b * s, self.heads * self.head_dim)  # -> [b*s, h/tp]
+        if packed is not None:
+            ctx = ctx[packed]  # the real tokens' rows, [N, h/tp]
         x = self._residual_linear(x, ctx, lw.dense_w, lw.dense_b, lw.dense_p)
         a = F.layer_norm(x, lw.ln2.normalized_shape, lw.ln2.weight, lw.ln2.bias, lw.ln2.eps)
         f = self._linear(a, lw.fc1_w, lw.fc1_b, lw.fc1_p, self.approximate)  # [b*s, 4h/tp]
@@ -334,20 +352,31 @@ class FastDecoder:
         self, tokens: torch.Tensor, lengths: torch.Tensor | None, cache: DecodeCache
     ) -> torch.Tensor:
         """Right-padded prompts [b, L] at positions 0..L-1 -> local logits [b, V/tp] at each
-        row's last prompt token (``lengths`` [b]; None: all rows have L tokens)."""
+        row's last prompt token (``lengths`` [b]; None: all rows have L tokens). Prompts of
+        different lengths go through the linears packed (only their real tokens); the padding
+        slots of the cache are left holding zeros, for the decode steps to write over."""
         b, s = tokens.shape
-        x = self._embed(tokens, torch.arange(s, device=tokens.device)).view(b * s, -1)
+        positions = torch.arange(s, device=tokens.device)
+        packed = None
+        if lengths is not None and int(lengths.min()) < s:
+            real = (positions.unsqueeze(0) < lengths.unsqueeze(1)).view(-1)  # [b*s]
+            packed = real.nonzero().squeeze(1)  # [N]: row r's tokens at r*s .. r*s+len-1
+            x = self._embed(tokens.reshape(-1)[packed], positions.repeat(b)[packed])  # [N, h]
+        else:
+            x = self._embed(tokens, positions).view(b * s, -1)
 
         def attend(q, k, v, keys, values):
             keys[:, :, :s] = k
             values[:, :, :s] = v
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-        layers, _ = self._params(b * s)
+        layers, _ = self._params(b * s if packed is None else int(packed.numel()))
         for i, lw in enumerate(layers):
-            x = self._layer(lw, x, b, s, cache, i, attend)
-        x = x.view(b, s, -1)  # [b*s, h] -> [b, s, h]
-        last = x[:, -1] if lengths is None else x[torch.arange(b, device=x.device), lengths - 1]
+            x = self._layer(lw, x, b, s, cache, i, attend, packed)
+        if packed is not None:  # each row's last token: the end of its run of N rows
+            last = x[torch.cumsum(lengths, 0) - 1]
+        else:  # every row is L tokens long: its last row of the [b, s] grid
+            last = x.view(b, s, -1)[:, -1]
         return self._logits(last, self._params(b)[1])
 
     @torch.no_grad()

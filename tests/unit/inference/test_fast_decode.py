@@ -208,3 +208,29 @@ def test_fast_cache_is_allocated_once_and_written_in_place(gen, ids, monkeypatch
     spare = speculate
     assert cache.max_length == max(len(p) for p in ids) + 12 + spare
     assert len(pointers) == 1
+
+
+def test_a_ragged_prefill_runs_the_linears_on_real_tokens_only(gen, ids, monkeypatch):
+    """Prompts of different lengths in one prefill: every linear sees the sum of the lengths in
+    rows, not batch x longest; each row's logits equal its own prefill's."""
+    dec = gen.decoder()
+    rows_seen: list[int] = []
+    real = FastDecoder._linear
+
+    def spy(x, *a, **kw):
+        rows_seen.append(x.shape[0])
+        return real(x, *a, **kw)
+
+    lengths = [len(p) for p in ids]
+    tokens = torch.zeros(len(ids), max(lengths), dtype=torch.long)
+    for i, p in enumerate(ids):
+        tokens[i, : len(p)] = torch.tensor(p)
+    dec.begin()
+    monkeypatch.setattr(FastDecoder, "_linear", staticmethod(spy))
+    cache = dec.new_cache(len(ids), max(lengths), zeroed=True)
+    together = dec.prefill(tokens, torch.tensor(lengths), cache)
+    layer_rows = rows_seen[:-1]  # the last call is the output layer, one row per prompt
+    assert set(layer_rows) == {sum(lengths)} and rows_seen[-1] == len(ids)
+    for i, p in enumerate(ids):
+        alone = dec.prefill(torch.tensor([p]), None, dec.new_cache(1, len(p)))
+        torch.testing.assert_close(together[i], alone[0], rtol=1e-4, atol=1e-4)
