@@ -8,8 +8,8 @@ so every Python op and every slow matmul shows. ``FastDecoder`` reads the same p
 its own except the optional packed copies below) and runs:
 
 - ``prefill``: all prompts in one pass, right-padded to the longest (positions 0..L-1 for every
-  row, causal attention, so no real token ever attends to padding), and the output layer only at
-  each row's last prompt token;
+  row, causal attention, so no real token ever attends to padding; the linears run on the real
+  tokens only, packed), and the output layer only at each row's last prompt token;
 - ``step``: one token per row at its own position (a Python int when all rows share it, else a
   [b] tensor with a per-row mask over the cache), keys/values written in place into buffers
   allocated once (``new_cache``).
