@@ -12,8 +12,9 @@ Layout:
   a row per slot, a prefill written straight into its row), or with the model's own forward and
   a ``SlotCache`` where the generator does not take that path.
 - ``Engine``: the scheduler (rank 0 only). It admits waiting sequences into free rows (prefill:
-  the prompt through the model into the row's cache slot),
-  runs one decode step for all active rows (each at its own position), samples every row's next
+  the prompts that arrived together through the model in one pass, into their rows' slots),
+  runs one decode step for all active rows (each at its own position; greedy rows may check
+  guessed tokens, speculative decoding), samples every row's next
   token, hands new text to the request's sink and frees the rows of finished sequences. Under
   tensor parallelism each operation is broadcast to the other ranks before it runs
   (``follow`` is their loop).
@@ -107,13 +108,13 @@ class Executor:
     """The model operations of the serving loop, identical on every tensor-parallel rank.
 
     Operations are tuples (so that they can be broadcast as they are):
-    ``("prefill", row, prompts)`` -> logits [n, V] at each prompt's last token (the n prompts
-    go into rows ``row``..``row + n - 1``, in one pass on the fast path); ``("decode", tokens,
-    positions)`` -> logits
-    [rows, V] (row r feeds ``tokens[r]`` at ``positions[r]``); ``("verify", fed, starts)`` ->
-    logits [rows * s, V] (row r feeds the s tokens ``fed[r]`` at ``starts[r]``..; fast path
-    only: speculative decoding's check); ``("move", src, dst, length)``; ``("idle",)``;
-    ``("stop",)``.
+    - ``("prefill", row, prompts)`` -> logits [n, V] at each prompt's last token; the n
+      prompts go into rows ``row`` .. ``row + n - 1`` (in one pass on the fast path);
+    - ``("decode", tokens, positions)`` -> logits [rows, V]; row r feeds ``tokens[r]`` at
+      ``positions[r]``;
+    - ``("verify", fed, starts)`` -> logits [rows * s, V]; row r feeds the s tokens ``fed[r]``
+      from ``starts[r]`` on (fast path only: speculative decoding's check);
+    - ``("move", src, dst, length)``; ``("idle",)``; ``("stop",)``.
     """
 
     def __init__(self, generator: TextGenerator, slots: int):
