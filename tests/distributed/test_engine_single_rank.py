@@ -117,3 +117,61 @@ def test_first_compiled_step_reports_its_compile_time():
         first, second = eng.train_step(_batch(cfg, 1)), eng.train_step(_batch(cfg, 2))
     assert first["compile_s"] > 0
     assert "compile_s" not in second
+
+
+def test_bf16_step_at_dp1_does_not_all_reduce_and_equals_the_reducing_step(monkeypatch):
+    """bf16 at DP=1 runs DeepSpeed's BF16_Optimizer; its bucketed all-reduce of the fp32
+    gradients over a group of one (flatten, reduce, copy back at every boundary) is skipped,
+    and two steps of two accumulated micro-batches give bit for bit the weights of an engine
+    that still runs it."""
+    from megagpt.config import load_config, validate
+    from megagpt.engine import Engine, build_model
+    from megagpt.model import initialize_weights
+
+    cfg = load_config(
+        None,
+        [
+            "model.name=gpt3-tiny",
+            "model.num_layers=2",
+            "model.dropout=0",
+            "model.attention_dropout=0",
+            "train.precision=bf16",
+            "train.micro_batch_size=2",
+            "train.global_batch_size=4",
+            "optim.lr=1e-3",
+        ],
+    )
+    validate(cfg, 1, cuda=False, need_data=False)
+    with _LocalGroup() as group:
+        ctx = group.ctx
+        engines = []
+        for _ in range(2):
+            module = build_model(cfg, ctx.dims, ctx.device)
+            initialize_weights(module, cfg.model, 3, 0, 1)
+            engines.append(Engine(cfg, module, ctx))
+        quiet, reducing = engines
+        assert type(quiet.ds.optimizer).__name__ == "BF16_Optimizer"
+        assert not quiet.ds.enable_backward_allreduce
+        reducing.ds.enable_backward_allreduce = True  # what DeepSpeed does by default
+        reduced = []
+        real = reducing.ds.allreduce_gradients
+
+        def counting(*a, **k):
+            reduced.append(1)
+            return real(*a, **k)
+
+        monkeypatch.setattr(reducing.ds, "allreduce_gradients", counting)
+
+        def no_reduce(*a, **k):
+            raise AssertionError("bf16 gradients all-reduced over a data-parallel group of one")
+
+        monkeypatch.setattr(quiet.ds, "allreduce_gradients", no_reduce)
+        for seed in (0, 1):
+            batch = _batch(cfg, 2 * seed) + _batch(cfg, 2 * seed + 1)
+            for eng in engines:
+                eng.set_lr(1e-3)
+            a, b = quiet.train_step(batch), reducing.train_step(batch)
+            assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]
+        assert reduced  # the reference did reduce
+        for p, q in zip(quiet.module.parameters(), reducing.module.parameters()):
+            assert torch.equal(p, q)
