@@ -479,22 +479,32 @@ class Engine:
         optimizer.step = step_if_finite
 
     def _no_allreduce_alone(self) -> None:
-        """Data-parallel size 1 without a pipeline, on the plain path (ZeRO 0, torch's
-        optimizer) or bf16's ``BF16_Optimizer``: DeepSpeed would still flatten every gradient
-        (bf16: the fp32 accumulated ones, 4 bytes a parameter) into buckets, all-reduce them
-        over a group of one and copy them back after each accumulation boundary. Nothing to
-        average: skip it (at gpt3-base in bf16 on a CPU that pass was ~15 % of the step). The
-        BF16_Optimizer moves its gradients into fp32 in its own epilogue, which still runs.
-        Other wrappers (ZeRO 1-3 partitioning, fp16) keep their reduction, which also moves
-        their gradients."""
+        """Data-parallel size 1 on the plain path (ZeRO 0, torch's optimizer) or bf16's
+        ``BF16_Optimizer``: DeepSpeed (and its pipeline engine) would still flatten every
+        gradient (bf16: the fp32 accumulated ones, 4 bytes a parameter) into buckets, all-reduce
+        them over a group of one and copy them back at each accumulation boundary. Nothing to
+        average: skip it (at gpt3-base in bf16 on a CPU that pass was a quarter of the step).
+        The BF16_Optimizer moves its gradients into fp32 on its own, which still runs, and the
+        pipeline still sums the tied embedding's gradients across its stages. Other wrappers
+        (ZeRO 1-3 partitioning, fp16) keep their reduction, which also moves their
+        gradients."""
         from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
-        if (
-            self.dims.dp == 1
-            and not self.pipeline
-            and isinstance(self.ds.optimizer, torch.optim.Optimizer | BF16_Optimizer)
+        if self.dims.dp == 1 and isinstance(
+            self.ds.optimizer, torch.optim.Optimizer | BF16_Optimizer
         ):
             self.ds.enable_backward_allreduce = False
+            if self.pipeline:
+                self.ds.pipeline_enable_backward_allreduce = False
+
+    @property
+    def reduces_over_data_parallel(self) -> bool:
+        """Whether DeepSpeed all-reduces the gradients over the data-parallel group after the
+        backward (False where ``_no_allreduce_alone`` found nothing to average)."""
+        flag = (
+            "pipeline_enable_backward_allreduce" if self.pipeline else "enable_backward_allreduce"
+        )
+        return bool(getattr(self.ds, flag))
 
     def _sp_hooks(self, module: torch.nn.Module) -> None:
         """Sequence parallel: replicated parameters see s/tp tokens per rank, so their grads

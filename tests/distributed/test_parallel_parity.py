@@ -66,5 +66,10 @@ def test_layout_matches_single_process(name, reference):
             assert got == pytest.approx(want, rel=1e-3), (
                 f"{name}: rank {rank} step {step + 1} grad norm {got} != {want}"
             )
+    # No gradient all-reduce over a data-parallel group of one (pipelines included).
+    tp = next((int(o.split("=")[1]) for o in overrides if o.startswith("parallel.tensor=")), 1)
+    pp = next((int(o.split("=")[1]) for o in overrides if o.startswith("parallel.pipeline=")), 1)
+    dp = world // (tp * pp)
+    assert all(r["reduces_over_dp"] == (dp > 1) for r in results), (name, dp, results)
     # The run must actually train: a constant LR of 1e-3 on 8x32 tokens moves the loss.
     assert reference["losses"][0] != reference["losses"][-1]

@@ -86,8 +86,9 @@ def engine_losses(
         out = engine.train_step(mbs)
         losses.append(out["loss"])
         norms.append(out["grad_norm"])
+    reduces = engine.reduces_over_data_parallel
     parallel.destroy()
-    return {"losses": losses, "grad_norms": norms}
+    return {"losses": losses, "grad_norms": norms, "reduces_over_dp": reduces}
 
 
 def train_run(config: str, overrides: list[str]) -> dict:
