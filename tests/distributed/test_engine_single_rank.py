@@ -13,11 +13,10 @@ import torch
 from tests.distributed.local_group import _LocalGroup
 
 
-@pytest.fixture(scope="module")
-def engine():
+def _config(*overrides: str):
+    """A validated config of a small gpt3-tiny for one process (fp32, micro-batch 2, lr 1e-3;
+    ``overrides`` on top)."""
     from megagpt.config import load_config, validate
-    from megagpt.engine import Engine, build_model
-    from megagpt.model import initialize_weights
 
     cfg = load_config(
         None,
@@ -30,15 +29,31 @@ def engine():
             "train.micro_batch_size=2",
             "train.global_batch_size=2",
             "optim.lr=1e-3",
-            "optim.clip_grad=0.05",
+            *overrides,
         ],
     )
     validate(cfg, 1, cuda=False, need_data=False)
+    return cfg
+
+
+def _engine(cfg, ctx, check=None):
+    """The training engine of ``cfg`` on ``ctx``, weights seeded alike every time
+    (``check(module)`` runs on the model before it goes into the engine)."""
+    from megagpt.engine import Engine, build_model
+    from megagpt.model import initialize_weights
+
+    module = build_model(cfg, ctx.dims, ctx.device)
+    if check is not None:
+        check(module)
+    initialize_weights(module, cfg.model, 3, 0, 1)
+    return Engine(cfg, module, ctx)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    cfg = _config("optim.clip_grad=0.05")
     with _LocalGroup() as group:
-        ctx = group.ctx
-        module = build_model(cfg, ctx.dims, ctx.device)
-        initialize_weights(module, cfg.model, 3, 0, 1)
-        yield Engine(cfg, module, ctx), cfg
+        yield _engine(cfg, group.ctx), cfg
 
 
 def _batch(cfg, seed):
@@ -88,32 +103,14 @@ def test_plain_step_at_dp1_does_not_all_reduce_and_matches_torch(engine, monkeyp
 def test_first_compiled_step_reports_its_compile_time():
     """train.compile=always: the first step says how long torch.compile took (the trainer logs
     it and writes it to metrics.jsonl); later steps do not."""
-    from megagpt.config import load_config, validate
-    from megagpt.engine import Engine, build_model
-    from megagpt.model import initialize_weights
+    cfg = _config("model.num_layers=1", "train.compile=always")
 
-    cfg = load_config(
-        None,
-        [
-            "model.name=gpt3-tiny",
-            "model.num_layers=1",
-            "model.dropout=0",
-            "model.attention_dropout=0",
-            "train.precision=fp32",
-            "train.micro_batch_size=2",
-            "train.global_batch_size=2",
-            "optim.lr=1e-3",
-            "train.compile=always",
-        ],
-    )
-    validate(cfg, 1, cuda=False, need_data=False)
+    def compiled(module):
+        assert module.layers[0]._compiled is not None
+
     with _LocalGroup() as group:
         torch._dynamo.reset()
-        ctx = group.ctx
-        module = build_model(cfg, ctx.dims, ctx.device)
-        assert module.layers[0]._compiled is not None
-        initialize_weights(module, cfg.model, 3, 0, 1)
-        eng = Engine(cfg, module, ctx)
+        eng = _engine(cfg, group.ctx, compiled)
         first, second = eng.train_step(_batch(cfg, 1)), eng.train_step(_batch(cfg, 2))
     assert first["compile_s"] > 0
     assert "compile_s" not in second
@@ -124,31 +121,9 @@ def test_bf16_step_at_dp1_does_not_all_reduce_and_equals_the_reducing_step(monke
     gradients over a group of one (flatten, reduce, copy back at every boundary) is skipped,
     and two steps of two accumulated micro-batches give bit for bit the weights of an engine
     that still runs it."""
-    from megagpt.config import load_config, validate
-    from megagpt.engine import Engine, build_model
-    from megagpt.model import initialize_weights
-
-    cfg = load_config(
-        None,
-        [
-            "model.name=gpt3-tiny",
-            "model.num_layers=2",
-            "model.dropout=0",
-            "model.attention_dropout=0",
-            "train.precision=bf16",
-            "train.micro_batch_size=2",
-            "train.global_batch_size=4",
-            "optim.lr=1e-3",
-        ],
-    )
-    validate(cfg, 1, cuda=False, need_data=False)
+    cfg = _config("train.precision=bf16", "train.global_batch_size=4")
     with _LocalGroup() as group:
-        ctx = group.ctx
-        engines = []
-        for _ in range(2):
-            module = build_model(cfg, ctx.dims, ctx.device)
-            initialize_weights(module, cfg.model, 3, 0, 1)
-            engines.append(Engine(cfg, module, ctx))
+        engines = [_engine(cfg, group.ctx) for _ in range(2)]
         quiet, reducing = engines
         assert type(quiet.ds.optimizer).__name__ == "BF16_Optimizer"
         assert not quiet.ds.enable_backward_allreduce
