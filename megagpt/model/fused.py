@@ -21,6 +21,12 @@ of the loss with respect to them (softmax minus the one-hot target, times the ro
 which it turns at once into that chunk's hidden-state gradient and adds into the weight's. The
 full logits never exist, exp runs once per logit instead of twice, and the backward only scales
 the two stored gradients by the incoming one.
+
+``tied_lookup`` is the word-embedding lookup of the same (tied) weight on one tensor-parallel
+rank: ``linear_cross_entropy`` hands it its [V, h] weight gradient (``TiedGradient``) instead of
+returning it, and the lookup's backward adds its rows into that tensor, so the weight receives
+one gradient. Autograd would otherwise build the lookup's own zero-filled [V, h] gradient and add
+the two (at gpt3-base a fresh 79 MB fill, its page faults and an add, per micro-batch).
 """
 
 from __future__ import annotations
@@ -152,7 +158,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     [N]. Returns the fp32 scalar; the gradients are computed in the forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, target, row_weight, vocab_start, valid, group):
+    def forward(ctx, hidden, weight, target, row_weight, vocab_start, valid, group, tied):
         want_dh, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         loss, dh, dw = _linear_ce_chunks(
             hidden, weight, target, row_weight, vocab_start, valid, group, want_dh, want_dw
@@ -161,6 +167,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # place) by the one backward this graph allows.
         ctx.grads = (dh, dw)
         ctx.want = (want_dh, want_dw)
+        ctx.tied = tied if tied is not None and tied.armed else None
         return loss
 
     @staticmethod
@@ -180,7 +187,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 dh.mul_(grad.to(dh.dtype))
             if want_dw:
                 dw.mul_(grad.to(dw.dtype))
-        return (dh if want_dh else None, dw if want_dw else None, None, None, None, None, None)
+        if want_dw and ctx.tied is not None:  # the lookup of this weight returns it (tied_lookup)
+            ctx.tied.grad, dw = dw, None
+        return (dh if want_dh else None, dw, None, None, None, None, None, None)
 
 
 def _linear_ce_chunks(
@@ -261,9 +270,12 @@ def linear_cross_entropy(
     vocab_start: int = 0,
     valid: int | None = None,
     group: dist.ProcessGroup | None = None,
+    tied: TiedGradient | None = None,
 ) -> torch.Tensor:
     """``sum_n row_weight_n * CE(hidden_n @ weight^T, target_n)`` (fp32 scalar) without the
     logits: hidden [..., h], target ids and row weights [...] of the same leading shape.
+    With ``tied`` (from ``tied_lookup`` of the same weight in this graph), the weight's
+    gradient goes to that lookup, which returns it with its own rows added.
 
     ``weight`` [V_local, h] holds vocabulary rows ``vocab_start`` to ``vocab_start + V_local``
     of the tensor-parallel ``group`` (None or size 1: all of them); its rows from ``valid`` on are
@@ -287,5 +299,55 @@ def linear_cross_entropy(
     x = hidden.reshape(-1, h)  # [..., h] -> [N, h]
     t, rw = target.reshape(-1), row_weight.reshape(-1).float()
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(x, weight, t, rw, vocab_start, valid, group)
+        return _LinearCrossEntropy.apply(x, weight, t, rw, vocab_start, valid, group, tied)
     return _linear_ce_chunks(x, weight, t, rw, vocab_start, valid, group, False, False)[0]
+
+
+class TiedGradient:
+    """The output layer's weight gradient on its way from ``linear_cross_entropy``'s backward to
+    the backward of ``tied_lookup`` of the same weight (which autograd runs after it: the lookup
+    feeds everything the loss depends on). One per forward pass; the loss hands the gradient
+    over only once a lookup has taken this (``armed``), so that no gradient is handed to a lookup
+    that is not in the graph."""
+
+    __slots__ = ("armed", "grad")
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.grad: torch.Tensor | None = None
+
+
+class _TiedLookup(torch.autograd.Function):
+    """``F.embedding(tokens, weight)`` whose weight gradient is the output layer's (handed over
+    in ``tied``) plus the rows of this lookup, added in place."""
+
+    @staticmethod
+    def forward(ctx, tokens, weight, tied):
+        ctx.save_for_backward(tokens)
+        ctx.tied, ctx.weight_meta = tied, (weight.shape, weight.dtype)
+        tied.armed = True
+        return F.embedding(tokens, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (tokens,) = ctx.saved_tensors
+        (shape, dtype), h = ctx.weight_meta, grad.shape[-1]
+        dw, ctx.tied.grad = ctx.tied.grad, None
+        if dw is None:  # no output-layer gradient arrived (the loss was not in this backward)
+            dw = torch.zeros(shape, dtype=dtype, device=grad.device)
+        # Each token's rows summed in fp32 first, then one add per vocabulary row: the rounding
+        # of dw + (sum of the lookup's rows) that autograd's add of the two gradients has.
+        ids, inverse = torch.unique(tokens.reshape(-1), return_inverse=True)
+        rows = torch.zeros(ids.numel(), h, dtype=torch.float32, device=grad.device)
+        rows.index_add_(0, inverse, grad.reshape(-1, h).float())
+        dw.index_add_(0, ids, rows.to(dw.dtype))
+        return None, dw, None
+
+
+def tied_lookup(tokens: torch.Tensor, weight: torch.Tensor, tied: TiedGradient) -> torch.Tensor:
+    """``F.embedding(tokens, weight)``; pass the same ``tied`` to ``linear_cross_entropy`` over
+    ``weight`` in this forward, so the weight's gradient is built once (see the module's
+    docstring). One tensor-parallel rank only (the whole vocabulary here)."""
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return _TiedLookup.apply(tokens, weight, tied)
+    return F.embedding(tokens, weight)

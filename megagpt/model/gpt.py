@@ -15,6 +15,7 @@ from megatron.core import ModelParallelConfig
 from torch import nn
 
 from megagpt.config.schema import ModelConfig
+from megagpt.model.fused import TiedGradient
 from megagpt.model.layers import (
     DecoderLayer,
     FinalNorm,
@@ -88,7 +89,9 @@ class GPTModel(nn.Module):
         kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         offset = kv_cache.length if kv_cache is not None else 0
-        h = self.position(self.word(tokens), position_offset=offset)  # [b, s] -> [s, b, h]
+        # Training with the fused loss: the tied weight's two gradients built as one.
+        tied = TiedGradient() if labels is not None and torch.is_grad_enabled() else None
+        h = self.position(self.word(tokens, tied), position_offset=offset)  # [b, s] -> [s, b, h]
         for layer in self.layers:
             h = layer(h, kv_cache)
         if kv_cache is not None:
@@ -98,7 +101,7 @@ class GPTModel(nn.Module):
             return self.word.logits(h)
         # The output layer and the loss as one (layers.WordEmbedding.loss): the same value as
         # lm_loss(self.word.logits(h), labels, loss_mask), without the full logits.
-        return self.word.loss(h, labels, loss_mask)
+        return self.word.loss(h, labels, loss_mask, tied)
 
 
 def blocks(model: nn.Module):

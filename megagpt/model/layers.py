@@ -20,7 +20,9 @@ from megagpt.config.schema import ModelConfig
 from megagpt.model.fused import (
     bias_dropout_add,
     bias_gelu,
+    TiedGradient,
     linear_cross_entropy,
+    tied_lookup,
     vocab_cross_entropy,
 )
 from megagpt.model.rng import TensorParallelRNG, forked_rng
@@ -108,12 +110,16 @@ class WordEmbedding(nn.Module):
         )
         _mark_partitioned(self.word_embeddings.weight, 0)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, tied: TiedGradient | None = None) -> torch.Tensor:
+        """[b, s] -> [b, s, h]. ``tied`` (TP = 1): this forward's ``loss`` over the same weight
+        gets it too, and the weight receives one gradient (``fused.tied_lookup``)."""
         if _single_rank(self.word_embeddings):
             # TP = 1: megatron-core's lookup is this plus a sum over a group of one, which it
             # asserts exists; a model used without process groups (generation, tests) has none.
-            return F.embedding(tokens, self.word_embeddings.weight)  # [b, s] -> [b, s, h]
-        return self.word_embeddings(tokens)  # [b, s] -> [b, s, h]
+            if tied is not None:
+                return tied_lookup(tokens, self.word_embeddings.weight, tied)
+            return F.embedding(tokens, self.word_embeddings.weight)
+        return self.word_embeddings(tokens)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[s, b, h] -> vocab-parallel logits [s, b, V_padded / tp].
@@ -143,12 +149,17 @@ class WordEmbedding(nn.Module):
         return logits
 
     def loss(
-        self, hidden: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor,
+        loss_mask: torch.Tensor | None,
+        tied: TiedGradient | None = None,
     ) -> torch.Tensor:
         """``lm_loss(self.logits(hidden), labels, loss_mask)`` without the logits: hidden
         [s, b, h] (sequence parallel: [s/tp, b, h]), labels and mask [b, s]. The output layer and
         the loss run as one function (``fused.linear_cross_entropy``) that never holds the full
-        logits; padding rows stay out of the softmax as in ``logits``."""
+        logits; padding rows stay out of the softmax as in ``logits``. ``tied``: the one given
+        to this forward's lookup (``forward``), TP = 1 only."""
         weight = self.word_embeddings.weight
         group = self.word_embeddings.tp_group
         if self.sequence_parallel:  # [s/tp, b, h] -> [s, b, h]; backward: reduce-scatter
@@ -167,6 +178,7 @@ class WordEmbedding(nn.Module):
             start,
             self.true_vocab - start,
             group if tp > 1 else None,
+            tied if tp == 1 else None,
         )
 
 

@@ -221,3 +221,81 @@ def test_model_loss_equals_lm_loss_of_its_logits(dtype, masked):
     # An all-zero mask is a zero loss (not NaN), as lm_loss gives.
     zero = model(tokens, labels, torch.zeros(3, 32))
     assert zero.item() == 0.0
+
+
+def _untied_loss(model, tokens, labels, mask):
+    """GPTModel's forward with the tied weight's two gradients left to autograd (the lookup
+    without a ``TiedGradient``): the reference for the handoff."""
+    h = model.position(model.word(tokens))
+    for layer in model.layers:
+        h = layer(h)
+    return model.word.loss(model.final_norm(h), labels, mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tied_embedding_gradient_is_built_once(dtype):
+    """Training forward: the output layer hands its [V, h] gradient to the word lookup, which
+    adds its rows into it; autograd never builds the lookup's own zero-filled [V, h] gradient
+    (embedding_dense_backward) nor adds the two. Gradients, accumulated over two backward
+    passes, equal those of the path without the handoff (fp32: bit for bit)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                self.seen.append((func.__name__, tuple(out.shape)))
+            return out
+
+    model, cfg = _gpt(dtype)
+    weight = model.word.word_embeddings.weight
+    gen = torch.Generator().manual_seed(4)
+    batches = [torch.randint(0, cfg.vocab_size, (3, 32), generator=gen) for _ in range(2)]
+    grads = []
+    for tied in (True, False):
+        model.zero_grad(set_to_none=True)
+        for i, tokens in enumerate(batches):
+            labels = tokens.roll(-1, 1)
+            loss = model(tokens, labels) if tied else _untied_loss(model, tokens, labels, None)
+            with Ops() as ops:
+                loss.backward()
+            dense = [  # what computes a [V, h] tensor (a detach is autograd taking one as .grad)
+                op
+                for op, shape in ops.seen
+                if shape == tuple(weight.shape) and not op.startswith("detach")
+            ]
+            if tied:  # the lookup's rows into the output layer's gradient; from the second
+                # pass on, autograd's accumulation into .grad
+                assert dense == ["index_add_.default"] + ["add_.Tensor"] * i, dense
+            else:  # the reference builds a zero-filled [V, h] and adds the two
+                assert "embedding_dense_backward.default" in dense, dense
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for (name, _), a, b in zip(model.named_parameters(), *grads):
+        if dtype == torch.float32:
+            assert torch.equal(a, b), name
+        else:
+            torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-5, msg=name)
+
+
+def test_tied_gradient_is_not_handed_to_a_lookup_outside_the_graph():
+    """A loss given a TiedGradient no lookup took keeps its weight gradient (nothing lost), and
+    a lookup whose loss did not hand one over still returns its own rows."""
+    from megagpt.model.fused import TiedGradient, tied_lookup
+
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(16, 8, generator=gen, requires_grad=True)
+    hidden = torch.randn(6, 8, generator=gen, requires_grad=True)
+    target = torch.randint(0, 16, (6,), generator=gen)
+    linear_cross_entropy(hidden, weight, target, torch.ones(6), tied=TiedGradient()).backward()
+    expected = torch.autograd.grad(_unfused(hidden, weight, target, torch.ones(6)), weight)[0]
+    torch.testing.assert_close(weight.grad, expected)
+    weight.grad = None
+    tokens = torch.tensor([[1, 3, 3, 15]])
+    tied_lookup(tokens, weight, TiedGradient()).sum().backward()
+    assert torch.equal(
+        weight.grad, torch.autograd.grad(F.embedding(tokens, weight).sum(), weight)[0]
+    )
