@@ -162,6 +162,12 @@ class TrainConfig:
         "never, or auto = on CUDA only (megagpt/model/compile.py).",
         choices=("auto", "always", "never"),
     )
+    keep_freed_memory: bool = doc(
+        True,
+        "CPU device, glibc: keep memory freed during a step in the process "
+        "for the next (malloc thresholds raised) instead of page-faulting it back every step "
+        "(megagpt/training/host_memory.py); false = the allocator's defaults.",
+    )
 
 
 @dataclass

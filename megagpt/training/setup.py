@@ -35,6 +35,7 @@ from megagpt.checkpoint.training import TrainingCheckpoints
 from megagpt.config import Config, ConfigError, dump_yaml, validate
 from megagpt.config.schema import ModelConfig, to_dict
 from megagpt.training import watchdog
+from megagpt.training.host_memory import keep_freed_memory
 from megagpt.training.metrics import MetricsWriter
 from megagpt.training.precision import configure_matmul_precision
 from megagpt.training.signals import StopFlag
@@ -433,6 +434,7 @@ def build_run(
     if indexed:
         check_data_paths(cfg)
     ctx = start_process_groups(cfg)
+    log0(keep_freed_memory(ctx.device, cfg.train.keep_freed_memory))
     write_run_files(cfg, ctx)
     seed_host_rngs(stage_seed(cfg.train.seed, ctx.pp_rank))
     engine = build_engine(cfg, ctx)
