@@ -8,7 +8,10 @@ layers compiled (``train.compile=always``; ``--no-compile`` skips it); the peer 
 GPT2LMHeadModel (eager) with torch AdamW. The sides alternate step by step after their warm-up
 (the compiled side's includes its compilation, reported apart), so load that drifts hits all of
 them; ``--clock cpu`` times process CPU time instead of wall time (for a shared machine, with
-``--threads 1``). Prints tokens/s for each and the ratios, plus model TFLOP/s and MFU on a GPU,
+``--threads 1``). Both sides share this process's malloc: glibc's defaults, what a plain loop
+gets, unless ``--keep-freed-memory`` gives the process (every side) the trainer's CPU setting
+(``train.keep_freed_memory``; ``bench/trainer_e2e.py`` measures the trainer with it against a
+peer without). Prints tokens/s for each and the ratios, plus model TFLOP/s and MFU on a GPU,
 and there the allocator's peak (``torch.cuda.max_memory_allocated``) next to the planner's
 prediction for the same layout.
 
@@ -304,6 +307,12 @@ def main() -> None:
         help="wall time, or process CPU time (a shared machine; with --threads 1)",
     )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="the trainer's train.keep_freed_memory for this process, i.e. for every side "
+        "(default: glibc's defaults, what a plain loop gets)",
+    )
     args = ap.parse_args()
     if args.micro != "auto" and not args.micro.isdigit():
         ap.error(f"--micro {args.micro!r}: expected a positive integer or auto")
@@ -317,6 +326,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = parallel.resolve_device("auto")
+    if args.keep_freed_memory:
+        from megagpt.training.host_memory import keep_freed_memory
+
+        print(f"# {keep_freed_memory(device, True)}")
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
