@@ -334,6 +334,7 @@ def lockstep_round(args, tok: str, prefix: str, run_dir: Path) -> tuple[float, f
         raise SystemExit(f"{len(ours)} megagpt windows but {len(theirs)} plain-loop windows")
     w = args.warmup_windows
     ratios = [a / b for a, b in zip(ours[w:], theirs[w:])]
+    print("  windows (after warm-up): " + " ".join(f"{r:.2f}" for r in ratios), flush=True)
     return statistics.median(ours[w:]), statistics.median(theirs[w:]), statistics.median(ratios)
 
 
