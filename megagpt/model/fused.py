@@ -23,7 +23,7 @@ full logits never exist, exp runs once per logit instead of twice, and the backw
 the two stored gradients by the incoming one.
 
 ``tied_lookup`` is the word-embedding lookup of the same (tied) weight on one tensor-parallel
-rank: ``linear_cross_entropy`` hands it its [V, h] weight gradient (``TiedGradient``) instead of
+rank, on CPU: ``linear_cross_entropy`` hands it its [V, h] weight gradient (``TiedGradient``) instead of
 returning it, and the lookup's backward adds its rows into that tensor, so the weight receives
 one gradient. Autograd would otherwise build the lookup's own zero-filled [V, h] gradient and add
 the two (at gpt3-base a fresh 79 MB fill, its page faults and an add, per micro-batch).
@@ -347,7 +347,12 @@ class _TiedLookup(torch.autograd.Function):
 def tied_lookup(tokens: torch.Tensor, weight: torch.Tensor, tied: TiedGradient) -> torch.Tensor:
     """``F.embedding(tokens, weight)``; pass the same ``tied`` to ``linear_cross_entropy`` over
     ``weight`` in this forward, so the weight's gradient is built once (see the module's
-    docstring). One tensor-parallel rank only (the whole vocabulary here)."""
-    if torch.is_grad_enabled() and weight.requires_grad:
+    docstring). One tensor-parallel rank only (the whole vocabulary here).
+
+    CPU only: there the extra [V, h] costs page faults and memory passes. On a GPU the caching
+    allocator reuses it and a memset is cheap, while the in-place row adds would sum with
+    atomics (a run no longer bit-reproducible) and ``unique`` would wait for the device; the
+    lookup does not take ``tied`` there, and autograd adds the two gradients as before."""
+    if torch.is_grad_enabled() and weight.requires_grad and weight.device.type == "cpu":
         return _TiedLookup.apply(tokens, weight, tied)
     return F.embedding(tokens, weight)

@@ -299,3 +299,16 @@ def test_tied_gradient_is_not_handed_to_a_lookup_outside_the_graph():
     assert torch.equal(
         weight.grad, torch.autograd.grad(F.embedding(tokens, weight).sum(), weight)[0]
     )
+
+
+def test_tied_lookup_leaves_other_devices_to_autograd():
+    """Off the CPU the lookup does not take the handoff (not armed), so the loss returns its
+    weight gradient to autograd as usual."""
+    from megagpt.model.fused import TiedGradient, tied_lookup
+
+    tied = TiedGradient()
+    weight = torch.empty(16, 8, device="meta", requires_grad=True)
+    out = tied_lookup(torch.zeros(2, 3, dtype=torch.long, device="meta"), weight, tied)
+    assert out.shape == (2, 3, 8) and not tied.armed
+    tied_lookup(torch.zeros(2, 3, dtype=torch.long), torch.zeros(16, 8, requires_grad=True), tied)
+    assert tied.armed
