@@ -151,10 +151,7 @@ def build_megagpt(size: str, args, micro: int, device, compile_mode: str, ctx) -
     module = build_model(cfg, ctx.dims, device)
     initialize_weights(module, cfg.model, 1, 0, 1)
     engine = Engine(cfg, module, ctx)
-    gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(
-        0, cfg.model.vocab_size, (micro * args.accum, args.seq + 1), generator=gen
-    )
+    tokens = hf_tokens(cfg, micro, args)
     batch = [
         {
             "tokens": tokens[i : i + micro, :-1],
@@ -206,15 +203,77 @@ def warm_up(step, n: int, sync) -> float:
 
 
 def alternate(steps: dict, iters: int, sync, clock) -> dict:
-    """``iters`` rounds of one step per side in turn; the per-side step times."""
+    """``iters`` rounds of one step per side in turn; the per-side step times (a side that
+    returns a float timed itself: the HF side in its own process, ``--hf-process``)."""
     times = {name: [] for name in steps}
     for _ in range(iters):
         for name, step in steps.items():
             t = clock()
-            step()
+            out = step()
             sync()
-            times[name].append(clock() - t)
+            times[name].append(out if isinstance(out, float) else clock() - t)
     return times
+
+
+def hf_tokens(cfg, micro: int, args):
+    """The global batch every side trains on: seeded, so a worker process draws the same."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, cfg.model.vocab_size, (micro * args.accum, args.seq + 1), generator=gen)
+
+
+def hf_worker(args) -> int:
+    """``--hf-worker GO,DONE,SIZE,MICRO``: the HF side in its own process with glibc's default
+    malloc. One step per byte read from GO; its seconds (on ``--clock``) back on DONE."""
+    import struct
+
+    import torch
+
+    go, done, size, micro = args.hf_worker.split(",")
+    go, done, micro = int(go), int(done), int(micro)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cpu = torch.device("cpu")
+    cfg = megagpt_config(size, args, micro, cpu, "never")
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    step, clock = build_hf(cfg, hf_tokens(cfg, micro, args), micro, cpu, dtype), CLOCKS[args.clock]
+    while os.read(go, 1) == b"s":
+        t = clock()
+        step()
+        os.write(done, struct.pack("d", clock() - t))
+    return 0
+
+
+def remote_hf(size: str, micro: int, args):
+    """Start ``hf_worker`` for ``size``; returns (its step function, the process)."""
+    import struct
+    import subprocess
+
+    go_r, go_w = os.pipe()
+    done_r, done_w = os.pipe()
+    argv = [a for a in sys.argv[1:] if a != "--hf-process"]
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), *argv]
+        + ["--hf-worker", f"{go_r},{done_w},{size},{micro}"],
+        pass_fds=(go_r, done_w),
+    )
+    os.close(go_r)
+    os.close(done_w)
+
+    def step() -> float:
+        os.write(go_w, b"s")
+        got = os.read(done_r, 8)
+        if len(got) != 8:
+            raise RuntimeError(f"the HF worker process exited ({proc.wait()})")
+        return struct.unpack("d", got)[0]
+
+    def stop() -> None:
+        os.close(go_w)
+        os.close(done_r)
+        proc.wait()
+
+    return step, stop
 
 
 def run_size(size: str, args, micro: int, device, sync, dtype) -> dict:
@@ -230,6 +289,7 @@ def run_size(size: str, args, micro: int, device, sync, dtype) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     ctx = parallel.initialize(megagpt_config(size, args, micro, device, "never").parallel, device)
+    stop_hf = None
     try:
         eager = build_megagpt(size, args, micro, device, "never", ctx)
         steps = {"megagpt": eager.pop("step")}
@@ -237,7 +297,11 @@ def run_size(size: str, args, micro: int, device, sync, dtype) -> dict:
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         if args.compile:
             steps["compiled"] = build_megagpt(size, args, micro, device, "always", ctx)["step"]
-        steps["HF"] = build_hf(eager["cfg"], eager["tokens"], micro, device, dtype)
+        stop_hf = None
+        if args.hf_process:
+            steps["HF"], stop_hf = remote_hf(size, micro, args)
+        else:
+            steps["HF"] = build_hf(eager["cfg"], eager["tokens"], micro, device, dtype)
         before = compile_seconds()
         for name in steps.keys() - {"megagpt"}:
             warm[name] = warm_up(steps[name], args.warmup, sync)
@@ -245,6 +309,8 @@ def run_size(size: str, args, micro: int, device, sync, dtype) -> dict:
         times = alternate(steps, args.iters, sync, CLOCKS[args.clock])
         del steps, eager["engine"]
     finally:
+        if stop_hf is not None:
+            stop_hf()
         parallel.destroy()
     return {**eager, "times": times, "warm": warm, "compile_s": compile_s, "peak": peak}
 
@@ -313,9 +379,19 @@ def main() -> None:
         help="the trainer's train.keep_freed_memory for this process, i.e. for every side "
         "(default: glibc's defaults, what a plain loop gets)",
     )
+    ap.add_argument(
+        "--hf-process",
+        action="store_true",
+        help="CPU: the HF side in its own process with glibc's default malloc, taking turns "
+        "with this one step by step (with --keep-freed-memory: the trainer's setting here "
+        "against a plain loop's)",
+    )
+    ap.add_argument("--hf-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.micro != "auto" and not args.micro.isdigit():
         ap.error(f"--micro {args.micro!r}: expected a positive integer or auto")
+    if args.hf_worker:
+        sys.exit(hf_worker(args))
 
     import torch
 
@@ -326,6 +402,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = parallel.resolve_device("auto")
+    if args.hf_process and device.type != "cpu":
+        ap.error("--hf-process: CPU only (a GPU's allocator is per process anyway)")
     if args.keep_freed_memory:
         from megagpt.training.host_memory import keep_freed_memory
 
