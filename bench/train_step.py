@@ -20,6 +20,7 @@ largest first; an out-of-memory frees everything and tries the next) and 4 on CP
 
     python bench/train_step.py                       # CPU defaults: mini and base shapes
     python bench/train_step.py --sizes gpt3-base --threads 1 --clock cpu   # a loaded machine
+    python bench/train_step.py --sizes gpt3-base --hf-process --keep-freed-memory   # its malloc
     python bench/train_step.py --sizes gpt3-large gpt3-1.3b --seq 2048 --micro auto --precision bf16
 """
 

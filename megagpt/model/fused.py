@@ -23,10 +23,11 @@ full logits never exist, exp runs once per logit instead of twice, and the backw
 the two stored gradients by the incoming one.
 
 ``tied_lookup`` is the word-embedding lookup of the same (tied) weight on one tensor-parallel
-rank, on CPU: ``linear_cross_entropy`` hands it its [V, h] weight gradient (``TiedGradient``) instead of
-returning it, and the lookup's backward adds its rows into that tensor, so the weight receives
-one gradient. Autograd would otherwise build the lookup's own zero-filled [V, h] gradient and add
-the two (at gpt3-base a fresh 79 MB fill, its page faults and an add, per micro-batch).
+rank, on CPU: ``linear_cross_entropy`` hands it its [V, h] weight gradient (``TiedGradient``)
+instead of returning it, and the lookup's backward adds its rows into that tensor, so the weight
+receives one gradient. Autograd would otherwise build the lookup's own zero-filled [V, h]
+gradient and add the two (at gpt3-base a fresh 79 MB fill, its page faults and an add, per
+micro-batch).
 """
 
 from __future__ import annotations

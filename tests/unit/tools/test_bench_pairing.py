@@ -1,0 +1,69 @@
+"""The benchmarks' pairing of megagpt with its peer in two processes taking turns step by step:
+bench/train_step.py --hf-process and bench/trainer_e2e.py's lockstep rounds (see
+docs/training-speed.md). They run for real here, briefly; the figures they print are not
+checked (benchmarks, not tests)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_alternate_takes_the_seconds_a_self_timed_side_reports():
+    ts = _bench("train_step")
+    ticks = iter(range(100))
+    times = ts.alternate(
+        {"here": lambda: {"loss": 1.0}, "remote": lambda: 0.25},
+        2,
+        lambda: None,
+        lambda: float(next(ticks)),
+    )
+    assert times == {"here": [1.0, 1.0], "remote": [0.25, 0.25]}
+
+
+def test_window_rates_are_the_trainers_windows():
+    te = _bench("trainer_e2e")
+    assert te.window_rates([0.5, 0.5, 0.25, 0.25, 1.0], 2, 100) == [200.0, 400.0]
+
+
+def _run(args: list[str], timeout: int) -> str:
+    proc = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_train_step_with_hf_in_its_own_process():
+    out = _run(
+        ["bench/train_step.py", "--sizes", "gpt3-mini", "--seq", "16", "--micro", "1"]
+        + ["--warmup", "1", "--iters", "2", "--no-compile", "--hf-process"],
+        timeout=300,
+    )
+    row = next(line for line in out.splitlines() if line.startswith("gpt3-mini"))
+    ours, theirs = (float(x.replace(",", "")) for x in row.split()[4:7:2])
+    assert ours > 0 and theirs > 0, row
+
+
+def test_trainer_e2e_lockstep_round():
+    """`megagpt train` and the plain loop take turns: the same number of windows each (else the
+    bench stops), one ratio per window after the warm-up one."""
+    out = _run(
+        ["bench/trainer_e2e.py", "--steps", "20", "--window", "10", "--rounds", "1"],
+        timeout=600,
+    )
+    windows = re.search(r"windows \(after warm-up\): (.*)", out)
+    assert windows and len(windows.group(1).split()) == 1, out
+    assert re.search(r"round 1: megagpt train [\d,]+ tok/s \| plain loop [\d,]+ tok/s", out), out
