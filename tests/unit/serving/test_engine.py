@@ -11,6 +11,7 @@ import pytest
 
 from megagpt.inference.sampling import SamplingParams
 from megagpt.serving.app import Service
+from tests.unit.inference.test_decode_loop import twin
 
 GREEDY = SamplingParams(top_k=1, top_p=0.0)
 
@@ -161,20 +162,6 @@ def _engine_tokens(generator, tokenizer, prompts, lengths, params, seed=None):
     return _run_engine(generator, tokenizer, jobs)
 
 
-def _twin(gen, **kw):
-    """Another TextGenerator over ``gen``'s model with other decoding options."""
-    from megagpt.inference.generate import TextGenerator
-
-    return TextGenerator(
-        gen.model,
-        vocab_size=gen.vocab_size,
-        max_positions=gen.max_positions,
-        pad_id=gen.pad_id,
-        stop_ids=gen.stop_ids,
-        **kw,
-    )
-
-
 def test_the_engine_decodes_with_the_fast_path_and_the_reference_forward_alike(pipe, monkeypatch):
     """The executor decodes with the generator's FastDecoder (packed weights, a prefill written
     into its row's slot, per-row positions in one step); with ``fast=False`` it falls back to
@@ -184,7 +171,7 @@ def test_the_engine_decodes_with_the_fast_path_and_the_reference_forward_alike(p
     from tests.unit.serving.test_server import PROMPTS
 
     gen = pipe.generator
-    reference = _twin(gen, fast=False)
+    reference = twin(gen, fast=False)
     steps = []
     real_step = FastDecoder.step
 
@@ -228,7 +215,7 @@ def test_greedy_rows_check_guesses_and_keep_one_at_a_time_tokens(looping_pipe):
     pipe = looping_pipe
     gen = pipe.generator
     assert gen.speculate > 0
-    plain = _twin(gen, speculate=0)
+    plain = twin(gen, speculate=0)
     prompts = ["床前明月光床前明月光床前明月光", "北京北京北京北京", "上海的天气", "山山山山山山"]
     lengths = [40, 33, 12, 45]
     got, engine = _engine_tokens(gen, pipe.tokenizer, prompts, lengths, GREEDY)
@@ -257,7 +244,7 @@ def test_requests_waiting_together_are_prefilled_in_one_pass(pipe, fast):
     they free together; every sequence's tokens equal one-at-a-time greedy decoding."""
     from tests.unit.serving.test_server import PROMPTS
 
-    gen = pipe.generator if fast else _twin(pipe.generator, fast=False)
+    gen = pipe.generator if fast else twin(pipe.generator, fast=False)
     prompts, lengths = PROMPTS[:10], [6, 6, 6, 6, 9, 3, 12, 5, 5, 7]
     ops: list = []
     jobs = [(p, n, GREEDY, None) for p, n in zip(prompts, lengths)]
