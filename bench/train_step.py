@@ -21,6 +21,7 @@ largest first; an out-of-memory frees everything and tries the next) and 4 on CP
     python bench/train_step.py                       # CPU defaults: mini and base shapes
     python bench/train_step.py --sizes gpt3-base --threads 1 --clock cpu   # a loaded machine
     python bench/train_step.py --sizes gpt3-base --hf-process --keep-freed-memory   # its malloc
+    python bench/train_step.py --sizes gpt3-base --set train.cpu_matmul=blas   # torch's BLAS
     python bench/train_step.py --sizes gpt3-large gpt3-1.3b --seq 2048 --micro auto --precision bf16
 """
 
@@ -133,7 +134,7 @@ def megagpt_config(size: str, args, micro: int, device, compile_mode: str):
     ]
     if args.zero is not None:
         overrides.append(f"parallel.zero_stage={args.zero}")
-    cfg = load_config(None, overrides)
+    cfg = load_config(None, overrides + args.set)
     validate(cfg, 1, cuda=device.type == "cuda", need_data=False)
     return cfg
 
@@ -387,6 +388,13 @@ def main() -> None:
         "with this one step by step (with --keep-freed-memory: the trainer's setting here "
         "against a plain loop's)",
     )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra override of megagpt's config, e.g. train.cpu_matmul=blas",
+    )
     ap.add_argument("--hf-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.micro != "auto" and not args.micro.isdigit():
@@ -418,7 +426,7 @@ def main() -> None:
         f"{platform.processor() or platform.machine()} {os.cpu_count()} CPUs  device={device}"
         f"{gpu}  torch {torch.__version__}  threads={torch.get_num_threads()}  "
         f"precision={args.precision}  accum={args.accum}  clock={args.clock}  "
-        f"load {os.getloadavg()[0]:.1f}"
+        f"{''.join(f'{kv}  ' for kv in args.set)}load {os.getloadavg()[0]:.1f}"
     )
     head = (
         f"{'size':<10} {'seq':>5} {'micro':>5} {'ZeRO':>4} {'megagpt tok/s':>14} "

@@ -162,6 +162,13 @@ class TrainConfig:
         "never, or auto = on CUDA only (megagpt/model/compile.py).",
         choices=("auto", "always", "never"),
     )
+    cpu_matmul: str = doc(
+        "auto",
+        "CPU device, fp32: the model's GEMMs (forward and input gradients) on oneDNN, or on "
+        "torch's BLAS (blas); auto = oneDNN on x86-64 where torch has it "
+        "(megagpt/model/matmul.py).",
+        choices=("auto", "onednn", "blas"),
+    )
     keep_freed_memory: bool = doc(
         True,
         "CPU device, glibc: keep memory freed during a step in the process "

@@ -208,6 +208,12 @@ def problems(
                 "inductor generates C++): install g++ or set CXX, or set "
                 "train.compile=never"
             )
+    if t.cpu_matmul == "onednn" and on_cpu:
+        from megagpt.model.matmul import onednn_unavailable
+
+        why = onednn_unavailable()
+        if why is not None:
+            out.append(f"train.cpu_matmul=onednn: {why}; set train.cpu_matmul=auto or blas")
     out += _eval_task_problems(t, p)
     return out
 

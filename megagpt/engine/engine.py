@@ -22,6 +22,7 @@ from megagpt.engine.accelerator import import_deepspeed
 from megagpt.engine.ds_config import deepspeed_config, deepspeed_zero_stage
 from megagpt.engine.optim_state import adapter_for
 from megagpt.model.compile import compile_decoder_layers, compile_enabled, compile_seconds
+from megagpt.model.matmul import cpu_matmul_enabled, use_onednn
 from megagpt.model.gpt import GPTModel, gpt_blocks
 from megagpt.model.layers import lm_loss
 from megagpt.model.mcore import megatron_config
@@ -86,7 +87,8 @@ def build_model(cfg: Config, dims: ParallelDims, device: torch.device) -> torch.
 
     ``dims`` and ``device`` are the run's (``ParallelContext.dims``, ``.device``); the device
     chooses DeepSpeed's accelerator (the model itself is built on the CPU and moved by the
-    engine) and whether ``train.compile`` = auto compiles the decoder layers. Call it after
+    engine), whether ``train.compile`` = auto compiles the decoder layers and whether
+    ``train.cpu_matmul`` = auto puts the fp32 GEMMs on oneDNN. Call it after
     ``megagpt.parallel.initialize``: DeepSpeed's communication layer wraps that process group."""
     mp = megatron_config(cfg.model, cfg.parallel, torch.float32)
     deepspeed = import_deepspeed(device)
@@ -96,6 +98,8 @@ def build_model(cfg: Config, dims: ParallelDims, device: torch.device) -> torch.
         module = _pipeline_module(cfg, mp, dims, device)
     else:
         module = GPTModel(cfg.model, mp, cfg.parallel.recompute)
+    if cpu_matmul_enabled(cfg.train.cpu_matmul, device):
+        use_onednn(module)  # fp32 CPU GEMMs on oneDNN (megagpt/model/matmul.py)
     if compile_enabled(cfg.train.compile, device):
         compile_decoder_layers(module)  # lazily: the graphs are built in the first step
     return module

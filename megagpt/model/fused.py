@@ -36,6 +36,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megagpt.model.matmul import mm_t
+
 
 def bias_gelu(
     x: torch.Tensor, bias: torch.Tensor | None, approximate: str = "none"
@@ -159,10 +161,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     [N]. Returns the fp32 scalar; the gradients are computed in the forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, target, row_weight, vocab_start, valid, group, tied):
+    def forward(ctx, hidden, weight, target, row_weight, vocab_start, valid, group, tied, onednn):
         want_dh, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         loss, dh, dw = _linear_ce_chunks(
-            hidden, weight, target, row_weight, vocab_start, valid, group, want_dh, want_dw
+            hidden, weight, target, row_weight, vocab_start, valid, group, want_dh, want_dw, onednn
         )
         # Intermediates, not inputs or outputs: kept as attributes and handed out (scaled in
         # place) by the one backward this graph allows.
@@ -190,16 +192,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 dw.mul_(grad.to(dw.dtype))
         if want_dw and ctx.tied is not None:  # the lookup of this weight returns it (tied_lookup)
             ctx.tied.grad, dw = dw, None
-        return (dh if want_dh else None, dw, None, None, None, None, None, None)
+        return (dh if want_dh else None, dw, None, None, None, None, None, None, None)
 
 
 def _linear_ce_chunks(
-    hidden, weight, target, row_weight, vocab_start, valid, group, want_dh: bool, want_dw: bool
+    hidden,
+    weight,
+    target,
+    row_weight,
+    vocab_start,
+    valid,
+    group,
+    want_dh: bool,
+    want_dw: bool,
+    onednn: bool = False,
 ):
     """The work of ``_LinearCrossEntropy`` (also its no-grad path): (loss, dh or None, dw or
     None). Per chunk of rows: logits in the weight's dtype, then fp32 for the softmax; the
     gradient of the chunk's logits is cast back to that dtype for the two GEMMs, and the weight
-    gradient is accumulated in fp32 over chunks."""
+    gradient is accumulated in fp32 over chunks. ``onednn``: the logits and input-gradient GEMMs
+    of fp32 CPU tensors on oneDNN (``matmul.mm_t``, ``train.cpu_matmul``)."""
     n, h = hidden.shape
     v_local = weight.shape[0]
     tp = group.size() if group is not None else 1
@@ -219,7 +231,7 @@ def _linear_ce_chunks(
     for a in range(0, n, rows):
         b = min(n, a + rows)
         h_c = hidden[a:b]
-        logits = h_c @ w.t()  # [rows, valid] in the weight's dtype
+        logits = mm_t(h_c, w, onednn)  # [rows, valid] in the weight's dtype
         z = logits if fp32 else logits.float()  # fp32, worked in place from here
         if valid > 0:
             tgt = z.gather(1, local[a:b]).squeeze(1).masked_fill(outside[a:b], 0.0)
@@ -246,8 +258,10 @@ def _linear_ce_chunks(
         p.mul_((rw / sumexp)[:, None])
         p.scatter_add_(1, local[a:b], -(hit[a:b] * rw)[:, None])
         g = p if fp32 else p.to(dtype)
-        if want_dh:
-            torch.mm(g, w, out=dh[a:b])  # [rows, valid] @ [valid, h]
+        if want_dh and onednn:  # [rows, valid] @ [valid, h]
+            dh[a:b] = mm_t(g, w.t(), onednn)
+        elif want_dh:
+            torch.mm(g, w, out=dh[a:b])
         if want_dw and valid > 0:
             # [valid, rows] @ [rows, h], summed over chunks in fp32
             if fp32:
@@ -272,11 +286,13 @@ def linear_cross_entropy(
     valid: int | None = None,
     group: dist.ProcessGroup | None = None,
     tied: TiedGradient | None = None,
+    onednn: bool = False,
 ) -> torch.Tensor:
     """``sum_n row_weight_n * CE(hidden_n @ weight^T, target_n)`` (fp32 scalar) without the
     logits: hidden [..., h], target ids and row weights [...] of the same leading shape.
     With ``tied`` (from ``tied_lookup`` of the same weight in this graph), the weight's
-    gradient goes to that lookup, which returns it with its own rows added.
+    gradient goes to that lookup, which returns it with its own rows added. ``onednn``: fp32
+    CPU logits and input-gradient GEMMs on oneDNN (``megagpt.model.matmul``).
 
     ``weight`` [V_local, h] holds vocabulary rows ``vocab_start`` to ``vocab_start + V_local``
     of the tensor-parallel ``group`` (None or size 1: all of them); its rows from ``valid`` on are
@@ -300,8 +316,8 @@ def linear_cross_entropy(
     x = hidden.reshape(-1, h)  # [..., h] -> [N, h]
     t, rw = target.reshape(-1), row_weight.reshape(-1).float()
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(x, weight, t, rw, vocab_start, valid, group, tied)
-    return _linear_ce_chunks(x, weight, t, rw, vocab_start, valid, group, False, False)[0]
+        return _LinearCrossEntropy.apply(x, weight, t, rw, vocab_start, valid, group, tied, onednn)
+    return _linear_ce_chunks(x, weight, t, rw, vocab_start, valid, group, False, False, onednn)[0]
 
 
 class TiedGradient:

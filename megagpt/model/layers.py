@@ -25,6 +25,7 @@ from megagpt.model.fused import (
     tied_lookup,
     vocab_cross_entropy,
 )
+from megagpt.model.matmul import onednn_linear
 from megagpt.model.rng import TensorParallelRNG, forked_rng
 from megagpt.parallel.regions import (
     gather_from_sequence,
@@ -43,22 +44,30 @@ def _single_rank(layer: nn.Module) -> bool:
     return layer.tp_group is None or layer.tp_group.size() == 1
 
 
-def column_linear(layer: tensor_parallel.ColumnParallelLinear, x: torch.Tensor) -> torch.Tensor:
+def column_linear(
+    layer: tensor_parallel.ColumnParallelLinear, x: torch.Tensor, onednn: bool = False
+) -> torch.Tensor:
     """A column-parallel linear (bias added, output left split).
 
     Sequence parallel: our device-agnostic gather + linear (megatron-core's allocates on CUDA).
     At TP = 1, and without autograd (generation, evaluation), the forward is a plain F.linear on
     the local shard: megatron-core's autograd wrapper is the same matmul there, adds the bias in
     a separate kernel (F.linear folds it into the GEMM) and costs a Python call that dominates
-    one-token decoding steps and that ``torch.compile`` would have to trace."""
+    one-token decoding steps and that ``torch.compile`` would have to trace. ``onednn``: that
+    local matmul's fp32 CPU GEMMs on oneDNN (``matmul.onednn_linear``, ``train.cpu_matmul``)."""
     if layer.sequence_parallel:
         return sequence_parallel_linear(x, layer.weight, layer.bias, layer.tp_group)
-    out, bias = column_linear_apart(layer, x)
+    out, bias = column_linear_apart(layer, x, onednn)
     return out if bias is None else out + bias
 
 
+def _local_linear(onednn: bool):
+    """The matmul of a local shard: ``F.linear``, or its oneDNN form (``train.cpu_matmul``)."""
+    return onednn_linear if onednn else F.linear
+
+
 def column_linear_apart(
-    layer: tensor_parallel.ColumnParallelLinear, x: torch.Tensor
+    layer: tensor_parallel.ColumnParallelLinear, x: torch.Tensor, onednn: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``column_linear`` with the bias returned apart where it cannot be folded into the GEMM
     (tensor parallel with autograd, sequence parallel), for a fused bias + activation; None
@@ -68,11 +77,11 @@ def column_linear_apart(
     if torch.is_grad_enabled() and not _single_rank(layer):
         out, bias = layer(x)  # built with skip_bias_add=True: the bias comes back apart
         return (out, bias) if layer.skip_bias_add else (out, None)
-    return F.linear(x, layer.weight, layer.bias), None
+    return _local_linear(onednn)(x, layer.weight, layer.bias), None
 
 
 def row_linear(
-    layer: tensor_parallel.RowParallelLinear, x: torch.Tensor
+    layer: tensor_parallel.RowParallelLinear, x: torch.Tensor, onednn: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A row-parallel linear with its bias returned apart (skip_bias_add), same paths as
     ``column_linear``: local matmul, then the sum over the tensor-parallel group (sequence
@@ -81,7 +90,7 @@ def row_linear(
         return reduce_scatter_to_sequence(F.linear(x, layer.weight), layer.tp_group), layer.bias
     if torch.is_grad_enabled() and not _single_rank(layer):
         return layer(x)
-    out = F.linear(x, layer.weight)
+    out = _local_linear(onednn)(x, layer.weight)
     if layer.tp_group is not None and layer.tp_group.size() > 1:
         torch.distributed.all_reduce(out, group=layer.tp_group)
     return out, layer.bias
@@ -105,6 +114,7 @@ class WordEmbedding(nn.Module):
         self.true_vocab = cfg.vocab_size
         self.padded_vocab = padded_vocab
         self.sequence_parallel = mp.sequence_parallel
+        self.onednn = False  # fp32 CPU GEMMs on oneDNN (matmul.use_onednn, train.cpu_matmul)
         self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
             padded_vocab, cfg.hidden_size, init_method=nn.init.zeros_, config=mp
         )
@@ -134,7 +144,7 @@ class WordEmbedding(nn.Module):
         else:
             if not _single_rank(self.word_embeddings):  # identity; backward: sum over TP
                 hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
-            logits = F.linear(hidden, weight)
+            logits = _local_linear(self.onednn)(hidden, weight)
         start = self.word_embeddings.vocab_start_index
         n_local = weight.shape[0]
         valid = max(0, min(n_local, self.true_vocab - start))
@@ -179,6 +189,7 @@ class WordEmbedding(nn.Module):
             self.true_vocab - start,
             group if tp > 1 else None,
             tied if tp == 1 else None,
+            self.onednn,
         )
 
 
@@ -298,6 +309,7 @@ class SelfAttention(nn.Module):
         self.head_dim = cfg.head_dim
         self.attention_dropout = cfg.attention_dropout
         self.recompute_core = recompute_core
+        self.onednn = False  # fp32 CPU GEMMs on oneDNN (matmul.use_onednn, train.cpu_matmul)
         self.query_key_value = tensor_parallel.ColumnParallelLinear(
             cfg.hidden_size,
             3 * cfg.hidden_size,
@@ -358,7 +370,9 @@ class SelfAttention(nn.Module):
         dropout_seed: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``dropout_seed``: the attention-dropout seed drawn by the layer (None: no dropout)."""
-        qkv = column_linear(self.query_key_value, x)  # [s, b, h] -> [s, b, 3h/tp] (SP: s gathered)
+        qkv = column_linear(
+            self.query_key_value, x, self.onednn
+        )  # [s, b, h] -> [s, b, 3h/tp] (SP: s gathered)
         s, b, _ = qkv.shape
         qkv = qkv.view(s, b, self.heads_local, 3 * self.head_dim)  # -> [s, b, nh, 3hd]
         q, k, v = qkv.split(self.head_dim, dim=-1)  # 3 x [s, b, nh, hd]
@@ -392,13 +406,14 @@ class SelfAttention(nn.Module):
         # the permute gives back a contiguous [s, b, nh, hd] (the math kernel, taken with
         # attention dropout on CPU, returns [b, nh, s, hd] and the reshape copies there).
         ctx = ctx.permute(2, 0, 1, 3).reshape(s, b, -1)
-        return row_linear(self.dense, ctx)  # -> ([s, b, h], bias [h])
+        return row_linear(self.dense, ctx, self.onednn)  # -> ([s, b, h], bias [h])
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
         super().__init__()
         self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
+        self.onednn = False  # fp32 CPU GEMMs on oneDNN (matmul.use_onednn, train.cpu_matmul)
         # skip_bias_add: where the bias cannot join the GEMM it joins the GELU (bias_gelu).
         self.dense_h_to_4h = tensor_parallel.ColumnParallelLinear(
             cfg.hidden_size,
@@ -422,9 +437,11 @@ class MLP(nn.Module):
         _mark_partitioned(self.dense_4h_to_h.weight, 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h, bias = column_linear_apart(self.dense_h_to_4h, x)  # [s, b, h] -> [s, b, 4h/tp]
+        h, bias = column_linear_apart(
+            self.dense_h_to_4h, x, self.onednn
+        )  # [s, b, h] -> [s, b, 4h/tp]
         h = bias_gelu(h, bias, self.approximate)
-        return row_linear(self.dense_4h_to_h, h)  # -> ([s, b, h], bias)
+        return row_linear(self.dense_4h_to_h, h, self.onednn)  # -> ([s, b, h], bias)
 
 
 class DecoderLayer(nn.Module):

@@ -34,6 +34,7 @@ from megagpt.checkpoint import checkpoint_dir, resolve_load, resume_tag, verify_
 from megagpt.checkpoint.training import TrainingCheckpoints
 from megagpt.config import Config, ConfigError, dump_yaml, validate
 from megagpt.config.schema import ModelConfig, to_dict
+from megagpt.model.matmul import cpu_matmul_note
 from megagpt.training import watchdog
 from megagpt.training.host_memory import keep_freed_memory
 from megagpt.training.metrics import MetricsWriter
@@ -435,6 +436,7 @@ def build_run(
         check_data_paths(cfg)
     ctx = start_process_groups(cfg)
     log0(keep_freed_memory(ctx.device, cfg.train.keep_freed_memory))
+    log0(cpu_matmul_note(cfg.train.cpu_matmul, ctx.device))
     write_run_files(cfg, ctx)
     seed_host_rngs(stage_seed(cfg.train.seed, ctx.pp_rank))
     engine = build_engine(cfg, ctx)
