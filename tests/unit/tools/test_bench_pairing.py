@@ -49,12 +49,24 @@ def _run(args: list[str], timeout: int) -> str:
 def test_train_step_with_hf_in_its_own_process():
     out = _run(
         ["bench/train_step.py", "--sizes", "gpt3-mini", "--seq", "16", "--micro", "1"]
-        + ["--warmup", "1", "--iters", "2", "--no-compile", "--hf-process"],
+        + ["--warmup", "1", "--iters", "2", "--no-compile", "--hf-process"]
+        + ["--set", "train.cpu_matmul=blas"],
         timeout=300,
     )
+    assert "train.cpu_matmul=blas" in out.splitlines()[0]  # the override, in the header
     row = next(line for line in out.splitlines() if line.startswith("gpt3-mini"))
     ours, theirs = (float(x.replace(",", "")) for x in row.split()[4:7:2])
     assert ours > 0 and theirs > 0, row
+    # --set reaches megagpt's config (validated like the trainer's)
+    bad = subprocess.run(
+        [sys.executable, "bench/train_step.py", "--sizes", "gpt3-mini", "--no-compile"]
+        + ["--set", "train.cpu_matmul=mkl"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert bad.returncode != 0 and "train.cpu_matmul" in bad.stderr, bad.stderr[-2000:]
 
 
 def test_trainer_e2e_lockstep_round():
