@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import statistics
 import subprocess
 import sys
 
@@ -13,9 +14,9 @@ from megagpt.training.host_memory import keep_freed_memory, why_not
 
 CPU = torch.device("cpu")
 
-# Eight "steps" allocating, writing and freeing blocks of 16-80 MiB (above glibc's largest
+# Twelve "steps" allocating, writing and freeing blocks of 16-80 MiB (above glibc's largest
 # adaptive mmap threshold, as a step's [V, h] gradient or logits are); prints the page faults of
-# the last four steps and the peak resident MiB.
+# each of the last eight steps and the peak resident MiB.
 _STEPS = """
 import resource, sys, torch
 from megagpt.training.host_memory import keep_freed_memory
@@ -23,16 +24,17 @@ if sys.argv[1] == "keep":
     print(keep_freed_memory(torch.device("cpu"), True), file=sys.stderr)
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 mib = 1 << 18  # fp32 elements
-for step in range(8):
-    if step == 4:
-        start = faults()
+per_step = []
+for step in range(12):
+    start = faults()
     a = torch.empty(64 * mib).fill_(1.0)
     b = torch.empty(16 * mib).fill_(1.0)
     c = torch.empty(80 * mib).fill_(1.0)
     del a
     d = torch.empty(32 * mib).fill_(1.0)
     del b, c, d
-print(faults() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10)
+    per_step.append(faults() - start)
+print(",".join(map(str, per_step[4:])), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10)
 """
 
 
@@ -47,17 +49,19 @@ def test_steps_stop_faulting_in_the_memory_they_freed(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
 
-    def run(mode: str) -> tuple[int, int]:
+    def run(mode: str) -> tuple[list[int], int]:
         out = subprocess.run(
             [sys.executable, "-c", _STEPS, mode], capture_output=True, text=True, check=True
         )
         faults, peak_mib = out.stdout.split()
-        return int(faults), int(peak_mib)
+        return [int(f) for f in faults.split(",")], int(peak_mib)
 
-    system, kept = run("system"), run("keep")
-    assert system[0] > 4 * 40_000, system
-    assert kept[0] < 4 * 1_000, kept
-    assert kept[1] < system[1] + 200, (kept, system)
+    # The median step: a fault storm the kernel causes once (reclaim, NUMA balancing's scan) in
+    # one step of a busy machine is not what is measured; every step faulting is.
+    (system, system_peak), (kept, kept_peak) = run("system"), run("keep")
+    assert statistics.median(system) > 40_000, system
+    assert statistics.median(kept) < 1_000, kept
+    assert kept_peak < system_peak + 200, (kept_peak, system_peak)
 
 
 def test_left_alone_where_it_should_not_apply(monkeypatch):
