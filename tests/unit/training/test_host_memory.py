@@ -56,11 +56,13 @@ def test_steps_stop_faulting_in_the_memory_they_freed(monkeypatch):
         faults, peak_mib = out.stdout.split()
         return [int(f) for f in faults.split(",")], int(peak_mib)
 
-    # The median step: a fault storm the kernel causes once (reclaim, NUMA balancing's scan) in
-    # one step of a busy machine is not what is measured; every step faulting is.
+    # Per step, the median of eight: faults the kernel adds once in a step of a busy machine
+    # (NUMA balancing's scan unmaps pages it then faults back; CI once saw 12,288 over four
+    # steps) are not what is measured; every step faulting its blocks in again is. Measured
+    # here: 45,059 faults a step with glibc's defaults, 0 with the thresholds raised.
     (system, system_peak), (kept, kept_peak) = run("system"), run("keep")
     assert statistics.median(system) > 40_000, system
-    assert statistics.median(kept) < 1_000, kept
+    assert statistics.median(kept) < statistics.median(system) / 10, (kept, system)
     assert kept_peak < system_peak + 200, (kept_peak, system_peak)
 
 
