@@ -27,6 +27,10 @@ PROMPTS = [
     "白日依山尽",
     "长江",
 ]
+# Alone on the server, a greedy row whose prompt repeats offers n-gram guesses from its first
+# step, so the engine checks them whatever the model continues with; the concurrent requests
+# above check guesses only when the arrival timing leaves rows whose guesses pay off together.
+REPEATING = "床前明月光，床前明月光，床前明月光，床前"
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +96,7 @@ def wait_healthy(url: str, procs, timeout: float = 180.0) -> None:
     raise AssertionError("the server did not come up")
 
 
-def one_at_a_time(model_dir: str, lengths: list[int]) -> list[str]:
+def one_at_a_time(model_dir: str, prompts: list[str], lengths: list[int]) -> list[str]:
     """TP=1 greedy continuations from the pipeline in this process."""
     from megagpt import pipeline
     from tests.distributed.local_group import _LocalGroup
@@ -100,7 +104,7 @@ def one_at_a_time(model_dir: str, lengths: list[int]) -> list[str]:
     with _LocalGroup():
         pipe = pipeline("text-generation", model=model_dir, device="cpu")
         out = []
-        for prompt, n in zip(PROMPTS, lengths):
+        for prompt, n in zip(prompts, lengths):
             shown = pipe.tokenizer.decode(pipe.tokenizer.encode(prompt))
             out.append(pipe(prompt, top_k=1, max_new_tokens=n)["text"][len(shown) :])
         return out
@@ -108,7 +112,7 @@ def one_at_a_time(model_dir: str, lengths: list[int]) -> list[str]:
 
 def test_tp2_server_equals_tp1_greedy_and_stops_cleanly(model_dir):
     lengths = [5 + (i * 7) % 11 for i in range(len(PROMPTS))]
-    want = one_at_a_time(model_dir, lengths)
+    want = one_at_a_time(model_dir, [*PROMPTS, REPEATING], [*lengths, 12])
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     procs = start_ranks(model_dir, 2, port)
@@ -116,19 +120,22 @@ def test_tp2_server_equals_tp1_greedy_and_stops_cleanly(model_dir):
         wait_healthy(url, procs)
 
         def ask(i):
+            prompt, n = (PROMPTS[i], lengths[i]) if i < len(PROMPTS) else (REPEATING, 12)
             r = httpx.post(
                 f"{url}/v1/completions",
                 timeout=120,
-                json={"prompt": PROMPTS[i], "max_tokens": lengths[i], "temperature": 0},
+                json={"prompt": prompt, "max_tokens": n, "temperature": 0},
             )
             assert r.status_code == 200, r.text
             return r.json()["choices"][0]["text"]
 
         with ThreadPoolExecutor(len(PROMPTS)) as pool:
             got = list(pool.map(ask, range(len(PROMPTS))))
-        assert got == want
-        # Greedy rows checked n-gram guesses: the follower ran the same checking passes.
-        assert httpx.get(f"{url}/health").json()["speculation"]["checks"] > 0
+        assert got == want[: len(PROMPTS)]
+        # A lone greedy row checks n-gram guesses: the follower runs the same checking passes.
+        before = httpx.get(f"{url}/health").json()["speculation"]["checks"]
+        assert ask(len(PROMPTS)) == want[-1]
+        assert httpx.get(f"{url}/health").json()["speculation"]["checks"] > before
         bad = httpx.post(f"{url}/v1/completions", json={"prompt": "北京", "n": "2"})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "n"
         assert ask(2) == want[2]  # still serving, the follower still in step
