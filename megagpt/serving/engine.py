@@ -91,6 +91,8 @@ class Sequence:
     # Greedy rows under speculation: n-gram guesses from the row's text, and their kept rate.
     drafter: NgramDrafter | None = field(default=None, repr=False)
     accept: Acceptance | None = field(default=None, repr=False)
+    # The finishing event, held until the row is free (``Engine._release``).
+    final: Event | None = field(default=None, repr=False)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -324,9 +326,11 @@ class Engine:
                         self._step()
                 except Exception as e:  # a bad step must not take the server down
                     log.exception("serving step failed")
-                    for s in self.active:
+                    failed = list(self.active)
+                    self.active.clear()  # rows free before the clients hear of it
+                    for s in failed:
+                        s.row = -1
                         s.sink(Event(s.index, finish_reason="error", error=str(e)))
-                    self.active.clear()
         finally:
             for s in self.active:
                 s.sink(Event(s.index, finish_reason="error", error="the server is shutting down"))
@@ -486,17 +490,26 @@ class Engine:
         return False
 
     def _finish(self, s: Sequence, reason: str) -> bool:
-        s.sink(Event(s.index, s.text.finish(), finish_reason=reason, tokens=len(s.generated)))
+        """Hold ``s``'s last event until ``_release`` has freed its row: a client that has its
+        whole answer and then asks ``/health`` sees the row free."""
+        s.final = Event(s.index, s.text.finish(), finish_reason=reason, tokens=len(s.generated))
         return True
 
     def _release(self, done: list[Sequence]) -> None:
         """Free the rows of ``done``; the last active row moves into each freed row so that the
-        active rows stay 0..k-1."""
-        for s in sorted(done, key=lambda x: x.row, reverse=True):
-            last = self.active[-1]
-            if last is not s:
-                self._run(("move", last.row, s.row, min(last.length, self.executor.max_length)))
-                self.active[s.row] = last
-                last.row = s.row
-            self.active.pop()
-            s.row = -1
+        active rows stay 0..k-1. Then the finished ones get their last event (one whose row
+        could not be freed stays active and gets the loop's error event instead)."""
+        try:
+            for s in sorted(done, key=lambda x: x.row, reverse=True):
+                last = self.active[-1]
+                if last is not s:
+                    self._run(("move", last.row, s.row, min(last.length, self.executor.max_length)))
+                    self.active[s.row] = last
+                    last.row = s.row
+                self.active.pop()
+                s.row = -1
+        finally:
+            for s in done:
+                if s.final is not None and s.row == -1:
+                    s.sink(s.final)
+                    s.final = None

@@ -50,9 +50,13 @@ def test_sigterm_during_setup_ends_the_process_at_once():
 
 
 def test_sigusr1_during_setup_is_kept_for_the_first_step():
+    # Setup goes on until the flag shows the signal (or 20 s): a fixed sleep could be over
+    # before the signal arrives when this process gets the CPU late on a busy machine.
     proc = _start("""
         print("ready", flush=True)
-        time.sleep(2)
+        t = time.monotonic()
+        while not stop.raised and time.monotonic() - t < 20:
+            time.sleep(0.05)
         print("raised", stop.raised, flush=True)
     """)
     proc.send_signal(signal.SIGUSR1)
@@ -62,8 +66,12 @@ def test_sigusr1_during_setup_is_kept_for_the_first_step():
 
 
 def test_sigterm_while_training_asks_for_a_save():
-    """A main thread that reaches its step boundary in time: the flag is seen, no forced exit."""
+    """A main thread that reaches its step boundary in time: the flag is seen, no forced exit.
+
+    With the default grace (20 s), not the other tests' 1 s: the child's main thread must wake
+    from its poll and release within the grace, which on a busy machine can take a second."""
     proc = _start("""
+        StopFlag.TERM_GRACE_S = 20.0
         stop.arm()
         watchdog.mark("train_step", 4)
         print("ready", flush=True)
