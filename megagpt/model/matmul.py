@@ -5,12 +5,14 @@ official wheels). oneDNN, which the same wheels ship (torch uses it for bf16 GEM
 inductor's CPU linears), ran the forward and input-gradient GEMMs of a GPT training step
 faster: on a 2-core AMD EPYC (Zen 4), torch 2.13, fp32, 188-196 against 149-168 GFLOP/s inside
 a gpt3-base step, and the whole step took 7.5 % less time (docs/training-speed.md). The weight
-gradients stay on the BLAS, which was as fast or faster there.
+gradients stay on the BLAS, which was as fast or faster there, except where a linear has more
+inputs than outputs (the MLP's second linear): oneDNN ran those 1.09-1.17x faster.
 
 ``onednn_linear(x, weight, bias)`` is ``F.linear`` with that split: an autograd function whose
 forward and input gradient call oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, the
 kernel inductor emits for CPU linears; it reads the weight as it is at each call) and whose
-weight gradient is ``torch.mm``. Results equal ``F.linear`` within fp32 rounding (another
+weight gradient is ``torch.mm``, or oneDNN for a linear with more inputs than outputs
+(``weight_grad``). Results equal ``F.linear`` within fp32 rounding (another
 summation order), and are bit-reproducible from run to run like the BLAS's, so a resume stays
 exact. It applies to fp32 tensors on the CPU outside ``torch.compile`` tracing; anything else
 goes to ``F.linear``.
@@ -82,8 +84,21 @@ def _applies(x: torch.Tensor, w: torch.Tensor) -> bool:
     )
 
 
+def weight_grad(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dW = g^T x: g [n, m] (output gradient), x [n, k] (input) -> [m, k] contiguous.
+
+    Where the linear widens its input's features into fewer outputs (k > m: the MLP's second
+    linear), oneDNN reading both operands transposed ran 1.09-1.17x the BLAS's rate at every
+    shape measured (h 256-2048, 512-2048 tokens, fp32, 2-core Zen 4; docs/training-speed.md);
+    at the other shapes it was as often slower as faster, so those stay on the BLAS. The choice
+    depends on the shapes alone: a resumed run takes the same one."""
+    if x.shape[1] > g.shape[1]:
+        return _dnn(g.t(), x.t(), None)  # [m, n] @ ([k, n])^T
+    return g.t() @ x
+
+
 class _OneDNNLinear(torch.autograd.Function):
-    """y = x @ w^T + b: forward and dx on oneDNN, dw on the BLAS (see the module docstring)."""
+    """y = x @ w^T + b: forward and dx on oneDNN, dw where ``weight_grad`` puts it."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -102,7 +117,7 @@ class _OneDNNLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = _dnn(g, weight.t(), None).view(ctx.x_shape)  # [n, m] @ [m, k]
         if ctx.needs_input_grad[1]:
-            dw = g.t() @ x2  # [m, n] @ [n, k]
+            dw = weight_grad(g, x2)  # [m, n] @ [n, k]
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = g.sum(0)
         return dx, dw, db

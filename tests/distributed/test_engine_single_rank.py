@@ -1,5 +1,6 @@
 """The engine at data-parallel size 1 pays for nothing it does not use, and computes the same
-step: no gradient all-reduce over a group of one, fused AdamW, one multi-tensor grad norm.
+step: no gradient all-reduce over a group of one, fused AdamW, a grad norm of one BLAS dot
+per gradient on CPU.
 
 A distributed test although it runs in this process: the engine (DeepSpeed, megatron-core's
 layers) needs a process group even for one rank, so each test holds a single-process gloo group.
@@ -100,6 +101,33 @@ def test_plain_step_at_dp1_does_not_all_reduce_and_matches_torch(engine, monkeyp
 
 
 @pytest.mark.slow  # one inductor compile of the decoder layer
+def test_the_cpu_grad_norm_reads_each_gradient_once_with_the_blas_dot(engine):
+    """On a CPU the plain path's grad norm is one BLAS dot product per gradient (about twice
+    the rate of torch's norm kernels there), and it equals the fp64 norm."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    eng, cfg = engine
+    batch = _batch(cfg, 5)
+    eng.module.zero_grad(set_to_none=True)
+    eng.module(batch[0]["tokens"], batch[0]["labels"], batch[0]["loss_mask"]).backward()
+    grads = [p.grad for p in eng.module.parameters() if p.grad is not None]
+    calls: dict[str, int] = {}
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0]
+            calls[name] = calls.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        norm = eng._plain_grad_norm()
+    eng.module.zero_grad(set_to_none=True)
+    exact = torch.stack([g.double().square().sum() for g in grads]).sum().sqrt()
+    assert float(norm) == pytest.approx(float(exact), rel=1e-6)
+    assert calls.get("dot") == len(grads), calls
+    assert not {"_foreach_norm", "linalg_vector_norm", "norm"} & calls.keys(), calls
+
+
 def test_first_compiled_step_reports_its_compile_time():
     """train.compile=always: the first step says how long torch.compile took (the trainer logs
     it and writes it to metrics.jsonl); later steps do not."""

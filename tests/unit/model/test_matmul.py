@@ -32,26 +32,44 @@ class Kernels(TorchDispatchMode):
 @needs_onednn
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)])
-def test_onednn_linear_equals_f_linear_on_onednn(bias, needs):
+@pytest.mark.parametrize("k,m", [(48, 80), (192, 48)], ids=["narrowing-blas-dw", "wide-onednn-dw"])
+def test_onednn_linear_equals_f_linear_on_onednn(bias, needs, k, m):
     """Output and every requested gradient equal F.linear's within fp32 rounding; the forward
-    and the input gradient run oneDNN's kernel, the weight gradient the BLAS."""
+    and the input gradient run oneDNN's kernel, and so does the weight gradient of a linear
+    with more inputs than outputs (k > m, the MLP's second linear); other weight gradients run
+    on the BLAS."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 5, 48, generator=gen).requires_grad_(needs[0])  # [s, b, k]
-    w = torch.randn(80, 48, generator=gen).requires_grad_(needs[1])
-    b = torch.randn(80, generator=gen).requires_grad_(needs[1]) if bias else None
-    grad = torch.randn(6, 5, 80, generator=gen)
+    x = torch.randn(6, 5, k, generator=gen).requires_grad_(needs[0])  # [s, b, k]
+    w = torch.randn(m, k, generator=gen).requires_grad_(needs[1])
+    b = torch.randn(m, generator=gen).requires_grad_(needs[1]) if bias else None
+    grad = torch.randn(6, 5, m, generator=gen)
     inputs = [t for t in (x, w, b) if t is not None and t.requires_grad]
-    with Kernels() as k:
+    with Kernels() as kernels:
         out = onednn_linear(x, w, b)
         got = torch.autograd.grad(out, inputs, grad)
     ref = F.linear(x, w, b)
     want = torch.autograd.grad(ref, inputs, grad)
-    assert out.shape == (6, 5, 80)
+    assert out.shape == (6, 5, m)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for a, r in zip(got, want):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
-    assert k.calls.get(ONEDNN) == 1 + needs[0], k.calls  # forward, and dx when asked
-    assert k.calls.get("mm", 0) == int(needs[1]), k.calls  # dw on the BLAS
+    if needs[1]:
+        assert got[1 if needs[0] else 0].is_contiguous()  # autograd takes it as .grad, no copy
+    wide_dw = needs[1] and k > m
+    calls = kernels.calls
+    assert calls.get(ONEDNN) == 1 + needs[0] + wide_dw, calls  # forward, dx when asked, wide dw
+    assert calls.get("mm", 0) == int(needs[1] and not wide_dw), calls  # other dw on the BLAS
+
+
+@needs_onednn
+def test_a_wide_weight_gradient_repeats_bit_for_bit():
+    """The oneDNN weight gradient gives the same bits for the same inputs (a resumed run
+    repeats the uninterrupted one)."""
+    gen = torch.Generator().manual_seed(2)
+    g, x = torch.randn(96, 24, generator=gen), torch.randn(96, 80, generator=gen)
+    first = matmul.weight_grad(g, x)
+    assert torch.equal(matmul.weight_grad(g, x), first)
+    torch.testing.assert_close(first, g.t() @ x, rtol=1e-5, atol=1e-5)
 
 
 @needs_onednn
@@ -138,9 +156,9 @@ def test_a_marked_model_runs_its_gemms_on_onednn_and_learns_the_same():
         results.append((loss, grads, k.calls.get(ONEDNN, 0)))
     (ref, ref_grads, none), (loss, grads, calls) = results
     assert none == 0
-    # per layer: QKV, dense, fc1, fc2 forward and input gradient = 8; output layer: logits and
-    # input gradient (one chunk of 64 rows)
-    assert calls == 2 * 8 + 2
+    # per layer: QKV, dense, fc1, fc2 forward and input gradient = 8, and fc2's weight gradient
+    # (4h inputs, h outputs); output layer: logits and input gradient (one chunk of 64 rows)
+    assert calls == 2 * (8 + 1) + 2
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
     for (name, _), a, b in zip(model.named_parameters(), grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
