@@ -92,7 +92,8 @@ def weight_grad(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     shape measured (h 256-2048, 512-2048 tokens, fp32, 2-core Zen 4; docs/training-speed.md);
     at the other shapes it was as often slower as faster, so those stay on the BLAS. The choice
     depends on the shapes alone: a resumed run takes the same one."""
-    if x.shape[1] > g.shape[1]:
+    # No rows is a reduction of length 0, for which oneDNN builds no primitive: the BLAS's zeros.
+    if x.shape[1] > g.shape[1] and g.shape[0] > 0:
         return _dnn(g.t(), x.t(), None)  # [m, n] @ ([k, n])^T
     return g.t() @ x
 

@@ -72,6 +72,23 @@ def test_a_wide_weight_gradient_repeats_bit_for_bit():
     torch.testing.assert_close(first, g.t() @ x, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("k,m", [(48, 80), (192, 48)])
+def test_an_empty_batch_gives_empty_outputs_and_zero_weight_gradients(k, m):
+    """No rows (for the weight gradient a reduction of length 0, which oneDNN has no primitive
+    for): the output is empty, the input gradient empty and the weight and bias gradients zero,
+    as with F.linear."""
+    x = torch.randn(0, 3, k, requires_grad=True)  # [s=0, b, k]
+    w = torch.randn(m, k, requires_grad=True)
+    b = torch.randn(m, requires_grad=True)
+    out = onednn_linear(x, w, b)
+    assert out.shape == (0, 3, m)
+    dx, dw, db = torch.autograd.grad(out.sum(), (x, w, b))
+    assert dx.shape == x.shape and not dw.any() and not db.any()
+    assert matmul.weight_grad(torch.randn(0, m), torch.randn(0, k)).shape == (m, k)
+    assert not matmul.weight_grad(torch.randn(0, m), torch.randn(0, k)).any()
+    assert mm_t(torch.randn(0, k), w.detach(), True).shape == (0, m)
+
+
 @needs_onednn
 def test_onednn_linear_reads_the_weight_as_it_is_and_repeats_bit_for_bit():
     """oneDNN keeps no stale copy of a weight updated in place (an optimizer step), and the
