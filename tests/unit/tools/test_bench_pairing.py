@@ -1,7 +1,8 @@
 """The benchmarks' pairing of megagpt with its peer in two processes taking turns step by step:
 bench/train_step.py --hf-process and bench/trainer_e2e.py's lockstep rounds (see
-docs/training-speed.md). They run for real here, briefly; the figures they print are not
-checked (benchmarks, not tests)."""
+docs/training-speed.md); and bench/planner_memory.py measuring an outlier again in processes of
+its own. They run for real here, briefly (the planner's launcher faked); the figures they print
+are not checked (benchmarks, not tests)."""
 
 from __future__ import annotations
 
@@ -79,3 +80,35 @@ def test_trainer_e2e_lockstep_round():
     windows = re.search(r"windows \(after warm-up\): (.*)", out)
     assert windows and len(windows.group(1).split()) == 1, out
     assert re.search(r"round 1: megagpt train [\d,]+ tok/s \| plain loop [\d,]+ tok/s", out), out
+
+
+def test_planner_memory_measures_an_outlier_again_in_its_own_processes(monkeypatch, capsys):
+    pm = _bench("planner_memory")
+    layouts = pm.grid(["gpt3-tiny", "gpt3-mini"], ["fp32", "bf16"], 2, 2, 1)[:3]  # world 1
+    names = [lay.name() for lay in layouts]
+    launches = []
+    shared = {names[0]: 1.02, names[1]: 0.80, names[2]: 1.11}  # the last two off by > 10 %
+
+    def launch(batch):
+        launches.append([lay.name() for lay in batch])
+        alone = len(batch) == 1 and len(launches) > 1
+        return [[{"alone": alone}] for _ in batch]
+
+    def compare(lay, ranks):
+        ratio = 0.97 if ranks[0]["alone"] else shared[lay.name()]
+        return {"layout": lay.name(), "ratio": ratio}
+
+    monkeypatch.setattr(pm, "launch", launch)
+    monkeypatch.setattr(pm, "compare", compare)
+    results = pm.run(layouts)
+    assert launches == [names, [names[1]], [names[2]]]
+    assert [r["ratio"] for r in results] == [1.02, 0.97, 0.97]
+    assert "shared_ratio" not in results[0]
+    assert [r["shared_ratio"] for r in results[1:]] == [0.80, 1.11]
+
+    launches.clear()
+    assert [r["ratio"] for r in pm.run(layouts, recheck=0)] == [1.02, 0.80, 1.11]
+    assert launches == [names]  # 0: never measured again
+    launches.clear()
+    pm.run(layouts, fresh=True)
+    assert launches == [[n] for n in names]  # each alone already: nothing measured twice
