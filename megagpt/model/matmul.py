@@ -14,8 +14,9 @@ kernel inductor emits for CPU linears; it reads the weight as it is at each call
 weight gradient is ``torch.mm``, or oneDNN for a linear with more inputs than outputs
 (``weight_grad``). Results equal ``F.linear`` within fp32 rounding (another
 summation order), and are bit-reproducible from run to run like the BLAS's, so a resume stays
-exact. It applies to fp32 tensors on the CPU outside ``torch.compile`` tracing; anything else
-goes to ``F.linear``.
+exact. It applies to fp32 tensors on the CPU, eager or inside a ``torch.compile``d layer (which
+calls the same kernel through the ``megagpt::onednn_linear`` operator); anything else goes to
+``F.linear``.
 
 ``auto`` uses it where torch has the kernel on an x86-64 CPU (elsewhere oneDNN's fp32 GEMM has
 not been measured against the BLAS); the model is marked once, at construction
@@ -70,18 +71,28 @@ def cpu_matmul_note(setting: str, device: torch.device) -> str:
     return f"fp32 GEMMs: torch's BLAS (train.cpu_matmul={setting}{why})"
 
 
+@torch.library.custom_op("megagpt::onednn_linear", mutates_args=())
+def _dnn_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``_dnn`` as an operator that ``torch.compile`` calls as it is (inductor's own lowering of
+    ``mkldnn._linear_pointwise`` expects the prepacked weights of frozen inference graphs)."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+
+
+@_dnn_op.register_fake
+def _(x, w, bias):
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
 def _dnn(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [n, k] @ w[m, k]^T (+ bias [m]) on oneDNN; ``w`` may be a strided view."""
+    """x [n, k] @ w[m, k]^T (+ bias [m]) on oneDNN; ``w`` may be a strided view. Eager calls the
+    kernel directly; a compiled graph calls it through ``megagpt::onednn_linear``."""
+    if torch.compiler.is_compiling():
+        return _dnn_op(x, w, bias)
     return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
 
 
 def _applies(x: torch.Tensor, w: torch.Tensor) -> bool:
-    return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and w.dtype == torch.float32
-        and not torch.compiler.is_compiling()
-    )
+    return x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
 
 
 def weight_grad(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from megagpt.model.compile import compile_decoder_layers, compile_enabled
+from megagpt.model.matmul import onednn_unavailable, use_onednn
 
 
 def test_auto_compiles_on_cuda_only():
@@ -61,6 +62,37 @@ def test_compiled_layers_equal_eager_with_dropout(recompute):
     compiled.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(tokens, labels), eager.eval()(tokens, labels))
+
+
+@pytest.mark.slow  # one inductor compile of the layer
+@pytest.mark.skipif(
+    onednn_unavailable() is not None, reason=f"no oneDNN linear: {onednn_unavailable()}"
+)
+def test_compiled_layers_keep_their_onednn_gemms():
+    """train.cpu_matmul with train.compile: the compiled layers call the same oneDNN kernels as
+    the eager ones (through megagpt::onednn_linear), as many times, with equal results."""
+    from torch.profiler import profile
+
+    def kernels(model, seed):
+        with profile() as prof:
+            out = _loss_and_grads(model, tokens, labels, seed)
+        return [e.name for e in prof.events()].count("mkldnn::_linear_pointwise"), out
+
+    torch._dynamo.reset()
+    eager, cfg = _tiny()
+    compiled, _ = _tiny()
+    assert use_onednn(eager) == use_onednn(compiled) > 0
+    assert compile_decoder_layers(compiled) == 2
+    tokens = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    labels = tokens.roll(-1, 1)
+    _loss_and_grads(compiled, tokens, labels, 11)  # compiles
+    n_eager, (le, ge) = kernels(eager, 12)
+    n_compiled, (lc, gc) = kernels(compiled, 12)
+    # Per layer: 4 forward and 4 input-gradient GEMMs and the [h, 4h] weight gradient (2
+    # layers), and the output layer's two (not compiled).
+    assert n_compiled == n_eager == 2 * 9 + 2
+    torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-6)
 
 
 def test_compile_always_on_cpu_without_a_cxx_compiler_is_a_config_error(monkeypatch):
