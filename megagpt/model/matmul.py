@@ -71,7 +71,12 @@ def cpu_matmul_note(setting: str, device: torch.device) -> str:
     return f"fp32 GEMMs: torch's BLAS (train.cpu_matmul={setting}{why})"
 
 
-@torch.library.custom_op("megagpt::onednn_linear", mutates_args=())
+# The schema spelled out: this module's annotations are strings (``from __future__``).
+@torch.library.custom_op(
+    "megagpt::onednn_linear",
+    mutates_args=(),
+    schema="(Tensor x, Tensor w, Tensor? bias) -> Tensor",
+)
 def _dnn_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``_dnn`` as an operator that ``torch.compile`` calls as it is (inductor's own lowering of
     ``mkldnn._linear_pointwise`` expects the prepacked weights of frozen inference graphs)."""
