@@ -63,27 +63,15 @@ def random_model_dir(size: str, tokenizer: str, out: str) -> str:
 
 def to_gpt2(directory: str):
     """A transformers GPT2LMHeadModel holding the weights of a megagpt model directory."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
+    from bench.peers import gpt2_config
     from megagpt.checkpoint import load_tensors, read_config
 
     cfg = read_config(directory)
     t = load_tensors(directory)
     h, nh, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim
-    hf_cfg = GPT2Config(
-        vocab_size=cfg.vocab_size,
-        n_positions=cfg.max_position_embeddings,
-        n_embd=h,
-        n_layer=cfg.num_layers,
-        n_head=nh,
-        n_inner=cfg.ffn,
-        activation_function="gelu_new" if cfg.activation == "gelu_tanh" else "gelu",
-        layer_norm_epsilon=cfg.layernorm_eps,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        tie_word_embeddings=True,
-    )
+    hf_cfg = gpt2_config(cfg)
     sd = {
         "transformer.wte.weight": t["embedding.word.word_embeddings.weight"],
         "transformer.wpe.weight": t["embedding.position.position_embeddings.weight"],
@@ -135,6 +123,34 @@ def prompts(tokenizer, n: int, length: int) -> list[list[int]]:
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+# bf16 keeps 8 significant bits: two logits closer than 2^-7 of the largest one are a tie that
+# rounding in either side's kernels can break either way.
+BF16_TIE = 2.0**-7
+
+
+def parity(ours: list, theirs: list, prompt_lens: list[int], reference) -> str:
+    """ "yes" when both sides' rows (prompt + new tokens) agree; else which rows part first, and
+    how far apart the two choices' logits are there in float32 (``reference(ids)`` returns the
+    last position's logits): a gap within bf16's resolution is a near tie, not a wrong kernel."""
+    parted = [
+        (next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))), a, b, n)
+        for a, b, n in zip(ours, theirs, prompt_lens)
+        if a != b
+    ]
+    if not parted:
+        return "yes"
+    k, a, b, n = min(parted, key=lambda d: d[0] - d[3])
+    if k == min(len(a), len(b)):
+        return f"no: {len(parted)} of {len(ours)} rows; row lengths differ ({len(a)} vs {len(b)})"
+    logits = reference(a[:k]).float()
+    gap = abs(logits[a[k]] - logits[b[k]]).item() / logits.abs().max().item()
+    tie = ", a near tie at bf16 precision" if gap < BF16_TIE else ""
+    best = int(logits.argmax())
+    pick = {a[k]: "megagpt's", b[k]: "HF's"}.get(best, "neither side's")
+    return (
+        f"no: {len(parted)} of {len(ours)} rows; first at new token {k - n + 1}, where the two "
+        f"choices' fp32 logits differ by {gap:.2%} of the largest{tie}; fp32 picks {pick}"
+    )
 
 
 def timed_pair(
@@ -254,6 +270,19 @@ def main() -> int:
     )
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     ids = prompts(pipe.tokenizer, args.prompts, args.prompt_tokens)
+    fp32_reference: list = []
+
+    @torch.no_grad()
+    def reference(row: list[int]) -> torch.Tensor:
+        """The last position's logits of ``row`` in float32 (HF's model, upcast once)."""
+        if not fp32_reference:
+            fp32_reference.append(to_gpt2(directory).to(device=device, dtype=torch.float32))
+        return fp32_reference[0](torch.tensor([row], device=device)).logits[0, -1]
+
+    def same_tokens(out_ours, out_hf, batches) -> str:
+        lens = [len(p) for batch in batches for p in batch]
+        return parity(out_ours, out_hf, lens, reference)
+
     greedy = make_params(top_k=1)
     n = args.new_tokens
     rows = []
@@ -297,7 +326,7 @@ def main() -> int:
             CLOCKS[args.clock],
         )
         tokens = n * sum(len(x) for x in batches)
-        same = out_ours == out_hf
+        same = same_tokens(out_ours, out_hf, batches)
         print(
             f"{label}, HF with prompt lookup ({args.hf_lookup}): megagpt "
             f"{tokens / t_ours:.1f} tok/s | HF {tokens / t_hf:.1f} tok/s | identical: {same}",
@@ -360,7 +389,7 @@ def main() -> int:
             CLOCKS[args.clock],
         )
         tokens = n * len(ids)
-        same = out_ours == out_hf
+        same = same_tokens(out_ours, out_hf, batches)
         rows.append((label, tokens / t_ours, tokens / t_hf, same))
         print(
             f"{label}: megagpt {tokens / t_ours:.1f} tok/s | HF generate {tokens / t_hf:.1f} "
@@ -377,7 +406,7 @@ def main() -> int:
             args.repeats,
             CLOCKS[args.clock],
         )
-        same = out_ours == out_hf
+        same = same_tokens(out_ours, out_hf, [ids[:1]])
         length_rows.append((m, m / t_ours, m / t_hf, same))
         print(
             f"{m} new tokens, batch 1: megagpt {m / t_ours:.1f} tok/s | HF generate "
@@ -424,7 +453,7 @@ def main() -> int:
         "|---|---|---|---|---|",
     ]
     for label, a, b, same in rows:
-        lines.append(f"| {label} | {a:.1f} | {b:.1f} | {a / b:.2f} | {'yes' if same else 'no'} |")
+        lines.append(f"| {label} | {a:.1f} | {b:.1f} | {a / b:.2f} | {same} |")
     if length_rows:
         first = length_rows[0][1]
         lines += [
@@ -438,10 +467,7 @@ def main() -> int:
             "|---|---|---|---|---|---|",
         ]
         for m, a, b, same in length_rows:
-            lines.append(
-                f"| {m} | {a:.1f} | {a / first:.2f} | {b:.1f} | {a / b:.2f} | "
-                f"{'yes' if same else 'no'} |"
-            )
+            lines.append(f"| {m} | {a:.1f} | {a / first:.2f} | {b:.1f} | {a / b:.2f} | {same} |")
     if gen.speculate and passes["passes"]:
         lines += [
             "",

@@ -94,23 +94,11 @@ def free_cuda() -> None:
 
 
 def hf_model(cfg, device, dtype):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
-    hc = GPT2Config(
-        vocab_size=cfg.vocab_size,
-        n_positions=cfg.max_position_embeddings,
-        n_embd=cfg.hidden_size,
-        n_layer=cfg.num_layers,
-        n_head=cfg.num_heads,
-        n_inner=cfg.ffn,
-        activation_function="gelu_new" if cfg.activation == "gelu_tanh" else "gelu",
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        layer_norm_epsilon=cfg.layernorm_eps,
-        tie_word_embeddings=True,
-    )
-    hc._attn_implementation = "sdpa"  # the same attention kernel megagpt uses
+    from bench.peers import gpt2_config
+
+    hc = gpt2_config(cfg)
     return GPT2LMHeadModel(hc).to(device=device, dtype=dtype)
 
 

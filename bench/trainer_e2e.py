@@ -141,7 +141,9 @@ class PlainLoop:
 
     def __init__(self, args, tok: str, prefix: str):
         import torch
-        from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers import GPT2LMHeadModel
+
+        from bench.peers import gpt2_config
 
         from megagpt.config import load_config
         from megagpt.data import build_gpt_datasets
@@ -162,22 +164,7 @@ class PlainLoop:
             tempfile.mkdtemp(),
         )
         torch.manual_seed(cfg.train.seed)
-        hf = GPT2LMHeadModel(
-            GPT2Config(
-                vocab_size=4096,
-                n_positions=m.max_position_embeddings,
-                n_embd=m.hidden_size,
-                n_layer=m.num_layers,
-                n_head=m.num_heads,
-                n_inner=m.ffn,
-                activation_function="gelu_new",
-                resid_pdrop=0.0,
-                embd_pdrop=0.0,
-                attn_pdrop=0.0,
-                tie_word_embeddings=True,
-            )
-        )
-        hf.config._attn_implementation = "sdpa"
+        hf = GPT2LMHeadModel(gpt2_config(m, vocab_size=4096))
         dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
         self.hf = hf.to(dtype)
         decay = [p for n, p in hf.named_parameters() if p.ndim >= 2]

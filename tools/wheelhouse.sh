@@ -20,6 +20,12 @@
 #   4. writes requirements.txt, checks offline that it resolves from the folder alone (stubs
 #      stand in for the provided packages), prints the size and fails above --max-mib.
 #
+# --leave-out "wandb jieba" leaves packages megagpt imports only when a feature asks for them
+# (wandb: logging.wandb=online; jieba: segmentation without rjieba) out of the folder, with what
+# only they need (wandb + jieba are 38 of its 63 MiB). requirements.txt then pins every package
+# to install and says so on a `# install: --no-deps` line, which bench/gpu_check.sh honours:
+# pip's resolver would otherwise ask for the packages left out.
+#
 # Source-only packages that this script does not know yet are found by the resolver's error and
 # built here, as long as their wheel is pure Python.
 set -euo pipefail
@@ -34,12 +40,14 @@ TORCH_STUB=2.11.0
 # version floor an older install could miss (packaging, typing-extensions, tqdm) stay here.
 PROVIDED="torch triton transformers numpy tokenizers safetensors huggingface-hub regex pyyaml"
 SOURCE_ONLY="deepspeed jieba rouge-score"
+LEAVE_OUT=""
 PY=${PYTHON:-python}
 
 usage() {
     cat <<EOF
 usage: tools/wheelhouse.sh [--python 3.12] [--platform manylinux_2_28_x86_64] --out DIR
                            [--max-mib 64] [--torch-stub 2.11.0] [--provided "NAMES"]
+                           [--leave-out "NAMES"]
 
   --python      target CPython version (X.Y)
   --platform    target platform tag; manylinux_2_N_ARCH also admits every older manylinux
@@ -49,6 +57,8 @@ usage: tools/wheelhouse.sh [--python 3.12] [--platform manylinux_2_28_x86_64] --
   --torch-stub  torch version the resolver assumes the GPU node has
   --provided    packages the GPU node already has (nvidia-* always counts); default:
                 $PROVIDED
+  --leave-out   packages left out with what only they need (megagpt imports them lazily:
+                wandb, jieba); the install is then --no-deps from a fully pinned list
 EOF
 }
 
@@ -60,6 +70,7 @@ while [[ $# -gt 0 ]]; do
         --max-mib) MAX_MIB=$2; shift 2 ;;
         --torch-stub) TORCH_STUB=$2; shift 2 ;;
         --provided) PROVIDED=$2; shift 2 ;;
+        --leave-out) LEAVE_OUT=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "wheelhouse.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
     esac
@@ -90,13 +101,29 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-rm -f "$OUT"/*.whl "$OUT/requirements.txt"
 pip_() { "$PY" -m pip --disable-pip-version-check "$@"; }
 log() { echo "[wheelhouse] $*"; }
 
 "$PY" -c "import torch" 2>/dev/null || {
     echo "wheelhouse.sh: torch must be importable here ($PY): DeepSpeed's build imports it" >&2
     exit 1; }
+
+installed_version() {
+    "$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1" \
+        2>/dev/null || true
+}
+
+# A package left out resolves to a stand-in at the version installed here: it must be installed.
+for name in $LEAVE_OUT; do
+    if [[ -z "$(installed_version "$name")" ]]; then
+        echo "wheelhouse.sh: --leave-out $name: not installed here ($PY), so there is no" \
+             "version to pin it at" >&2
+        exit 2
+    fi
+done
+
+# Checks passed: the folder's previous wheels give way to the new ones.
+rm -f "$OUT"/*.whl "$OUT/requirements.txt"
 
 # Versions installed here pin the resolution; torch, local builds (+cpu) and megagpt excluded.
 "$PY" - "$WORK/constraints.txt" <<'EOF'
@@ -112,10 +139,6 @@ for d in distributions():
 open(sys.argv[1], "w").write("".join(f"{n}=={v}\n" for n, v in sorted(pins.items())))
 EOF
 
-installed_version() {
-    "$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1" \
-        2>/dev/null || true
-}
 
 # A wheel of a source-only package; refuses anything that is not pure Python.
 build_pure_wheel() {
@@ -156,7 +179,7 @@ fi
 pip_ wheel --quiet --no-deps --no-build-isolation "$WORK/src" -w "$OUT"
 MEGAGPT_WHL=$(ls "$OUT"/megagpt-*.whl)
 for name in $SOURCE_ONLY; do
-    build_pure_wheel "$name"
+    [[ " $LEAVE_OUT " == *" $name "* ]] || build_pure_wheel "$name"
 done
 
 # Dependency-free stand-ins for the packages the GPU node has (a wheel is a zip: dist-info only).
@@ -175,6 +198,13 @@ EOF
 }
 mkdir -p "$WORK/stub"
 make_stub torch "$TORCH_STUB+stub" "$WORK/stub"
+# A package left out resolves to a dependency-free stand-in at the version installed here.
+STUB_ARGS=("$WORK/stub/torch-$TORCH_STUB+stub-py3-none-any.whl")
+for name in $LEAVE_OUT; do
+    version=$(installed_version "$name")
+    make_stub "$name" "$version+stub" "$WORK/stub"
+    STUB_ARGS+=("$WORK/stub/${name//-/_}-$version+stub-py3-none-any.whl")
+done
 
 # The test extra's requirements, minus what the GPU node has or does not need (ruff, mypy and
 # its stubs: the checks .ci/run makes before the tests, not needed to run tests/gpu).
@@ -195,16 +225,19 @@ for line in msg.get_all("Requires-Dist") or []:
 EOF
 )
 
-# Resolve for the target; a "no matching distribution" is a source-only package: build, retry.
+# Resolve for the target; a package with no wheel for it is source-only: build it, retry.
 for attempt in 1 2 3 4 5 6; do
     log "resolving for CPython $PYVER on $PLATFORM (attempt $attempt)"
-    if pip_ install --dry-run --quiet --ignore-installed --target "$WORK/target" \
+    if pip_ install --dry-run --ignore-installed --target "$WORK/target" \
             --report "$WORK/report.json" "${TARGET[@]}" --find-links "$OUT" \
-            -c "$WORK/constraints.txt" "$WORK/stub/torch-$TORCH_STUB+stub-py3-none-any.whl" \
-            "$MEGAGPT_WHL" "${EXTRA_REQS[@]}" 2>"$WORK/resolve.err"; then
+            -c "$WORK/constraints.txt" "${STUB_ARGS[@]}" \
+            "$MEGAGPT_WHL" "${EXTRA_REQS[@]}" >"$WORK/resolve.err" 2>&1; then
         break
     fi
-    missing=$(sed -nE 's/.*No matching distribution found for ([A-Za-z0-9._-]+).*/\1/p' \
+    # Either form says no wheel of a pinned version exists: a plain miss, or a conflict of a
+    # dependency with its pin (pip's explanation, printed without --quiet).
+    missing=$(sed -nE -e 's/.*No matching distribution found for ([A-Za-z0-9._-]+).*/\1/p' \
+              -e 's/.*The user requested \(constraint\) ([A-Za-z0-9._-]+)==.*/\1/p' \
               "$WORK/resolve.err" | head -1)
     if [[ -z "$missing" || $attempt == 6 ]]; then
         cat "$WORK/resolve.err" >&2
@@ -215,13 +248,14 @@ for attempt in 1 2 3 4 5 6; do
 done
 
 # Keep what megagpt reaches without passing through a provided package.
-"$PY" - "$WORK/report.json" "$PROVIDED" "$WORK" "$OUT" <<'EOF'
+"$PY" - "$WORK/report.json" "$PROVIDED" "$WORK" "$OUT" "$LEAVE_OUT" <<'EOF'
 import json, sys
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 report = json.load(open(sys.argv[1]))
 provided = {canonicalize_name(n) for n in sys.argv[2].split()}
 work, out = sys.argv[3], sys.argv[4]
+left_out = {canonicalize_name(n) for n in sys.argv[5].split()}
 env = report["environment"]
 items = {canonicalize_name(i["metadata"]["name"]): i for i in report["install"]}
 
@@ -243,7 +277,7 @@ roots = [(n, frozenset(i.get("requested_extras") or ())) for n, i in items.items
 keep, seen, stack = set(), set(), [(n, e | {""}) for n, e in roots]
 while stack:
     name, extras = stack.pop()
-    if (name, extras) in seen or is_provided(name):
+    if (name, extras) in seen or is_provided(name) or name in left_out:
         continue
     seen.add((name, extras))
     keep.add(name)
@@ -254,11 +288,14 @@ with open(f"{work}/download.txt", "w") as f:
         url = items[name]["download_info"]["url"]
         if not url.startswith(f"file://{out}/"):  # built above, or a download
             f.write(f"{name}=={items[name]['metadata']['version']}\n")
+with open(f"{work}/pinned.txt", "w") as f:
+    f.write("".join(f"{n}=={items[n]['metadata']['version']}\n" for n in sorted(keep)))
 with open(f"{work}/provided.txt", "w") as f:
     f.write("".join(f"{n} {items[n]['metadata']['version']}\n" for n in used_provided))
 dropped = sorted(set(items) - keep - set(used_provided))
-print("[wheelhouse] keeping %d packages; provided by the GPU node: %s; reached only through "
-      "them: %s" % (len(keep), " ".join(used_provided) or "-", " ".join(dropped) or "-"))
+print("[wheelhouse] keeping %d packages; provided by the GPU node: %s; left out, or reached "
+      "only through those or the node's: %s" % (
+          len(keep), " ".join(used_provided) or "-", " ".join(dropped) or "-"))
 EOF
 
 log "downloading $(wc -l <"$WORK/download.txt") binary wheels"
@@ -271,8 +308,15 @@ MEGAGPT_VERSION=$(basename "$MEGAGPT_WHL" | cut -d- -f2)
     echo "#   pip install --no-index --find-links DIR -r DIR/requirements.txt"
     echo "# Assumed present there, at versions of its own (not in this folder):" \
          "$(cut -d' ' -f1 "$WORK/provided.txt" | tr '\n' ' ')"
-    echo "megagpt==$MEGAGPT_VERSION"
-    printf '%s\n' "${EXTRA_REQS[@]}"
+    if [[ -n "$LEAVE_OUT" ]]; then
+        echo "# Left out (megagpt imports them only when a feature asks): $LEAVE_OUT"
+        echo "# so every package is pinned below and the install must not resolve dependencies:"
+        echo "# install: --no-deps"
+        cat "$WORK/pinned.txt"
+    else
+        echo "megagpt==$MEGAGPT_VERSION"
+        printf '%s\n' "${EXTRA_REQS[@]}"
+    fi
 } >"$OUT/requirements.txt"
 
 # Offline check: the folder alone (plus stand-ins for what the node provides) must resolve.

@@ -136,7 +136,8 @@ def test_serving_on_cuda_decodes_with_the_fast_path_and_speculates(tmp_path_fact
     not flip a choice)."""
     from megagpt import pipeline
     from tests.unit.inference.conftest import shared_assets
-    from tests.unit.serving.test_engine import GREEDY, _run_engine, _twin
+    from tests.unit.inference.test_decode_loop import twin
+    from tests.unit.serving.test_engine import GREEDY, _run_engine
 
     model = shared_assets(tmp_path_factory)["model"]
     pipe = pipeline("text-generation", model=model, device="cuda", dtype=dtype)
@@ -151,7 +152,7 @@ def test_serving_on_cuda_decodes_with_the_fast_path_and_speculates(tmp_path_fact
     ]
     got, engine = _run_engine(gen, pipe.tokenizer, [(p, 24, GREEDY, None) for p in prompts])
     assert engine.executor.decoder is not None and engine.spec_stats["checks"] > 0
-    plain = _twin(gen, speculate=0)
+    plain = twin(gen, speculate=0)
     for prompt, tokens in zip(prompts, got):
         ids = pipe.tokenizer.encode(prompt)
         (want,) = plain.generate([ids], GREEDY, max_new_tokens=24)[0]

@@ -112,3 +112,36 @@ def test_planner_memory_measures_an_outlier_again_in_its_own_processes(monkeypat
     launches.clear()
     pm.run(layouts, fresh=True)
     assert launches == [[n] for n in names]  # each alone already: nothing measured twice
+
+
+def test_generation_parity_explains_where_rows_part():
+    """bench/generate.py's token check: "yes" when the rows agree; else the first place they
+    part, and whether the two choices were a near tie at bf16 precision (the first GPU run's
+    bf16 rows parted after many tokens; fp32 rows on the CPU never did)."""
+    import torch
+
+    gen = _bench("generate")
+    asked = []
+
+    def reference(logits):
+        def run(row):
+            asked.append(list(row))
+            return torch.tensor(logits)
+
+        return run
+
+    prompts = [[5, 6], [7]]
+    same = [[5, 6, 1, 2], [7, 3, 3]]
+    assert gen.parity(same, [list(r) for r in same], [2, 1], reference([0.0])) == "yes"
+    assert not asked  # no reference pass when nothing differs
+
+    other = [[5, 6, 1, 2], [7, 3, 4]]  # row 1 parts at its second new token
+    tie = gen.parity(same, other, [len(p) for p in prompts], reference([0.0, 1, 9, 10.0, 10.01]))
+    assert asked == [[7, 3]]  # the common prefix
+    assert tie.startswith("no: 1 of 2 rows; first at new token 2")
+    assert "0.10% of the largest" in tie and "near tie" in tie
+    assert tie.endswith("fp32 picks HF's")  # logit 10.01 (HF's token 4) over 10.0
+
+    far = gen.parity(same, other, [2, 1], reference([0.0, 1, 9, 10.0, 2.0]))
+    assert "80.00% of the largest" in far and "near tie" not in far
+    assert far.endswith("fp32 picks megagpt's")

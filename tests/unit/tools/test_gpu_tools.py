@@ -132,3 +132,87 @@ def test_planner_prediction_the_bench_prints_excludes_the_cuda_reserve():
         )
     ).total
     assert ts.planner_bytes(cfg, cfg.parallel.zero_stage) == full - CUDA_RESERVE_BYTES
+
+
+def _imports_in(path: Path) -> list[tuple[int, str, str]]:
+    """(line, module, name) of every `from module import name` in a file, nested ones too."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return [
+        (node.lineno, node.module, alias.name)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+        for alias in node.names
+    ]
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "tests" / "gpu").glob("*.py")), ids=lambda p: p.name
+)
+def test_what_the_gpu_tests_import_exists(path):
+    """tests/gpu skips without CUDA, so a renamed helper it imports inside a test would only
+    show on a GPU (the first GPU run met `_twin`, renamed away in tests/unit/serving): every
+    `from module import name` in those files must resolve here."""
+    import importlib
+
+    missing = []
+    for line, module, name in _imports_in(path):
+        mod = importlib.import_module(module)
+        if name != "*" and not hasattr(mod, name):
+            try:
+                importlib.import_module(f"{module}.{name}")
+            except ImportError:
+                missing.append(f"{path.name}:{line}: {module}.{name}")
+    assert not missing, f"the GPU tests import names that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("pinned", [True, False], ids=["left-out", "resolved"])
+def test_gpu_check_installs_a_pinned_wheelhouse_without_resolving(tmp_path, pinned):
+    """A wheelhouse built with --leave-out pins every package and says `# install: --no-deps`;
+    gpu_check.sh must pass --no-deps then (pip's resolver would ask for what was left out), and
+    only then. Python is a stand-in that records its arguments."""
+    house = tmp_path / "wheelhouse"
+    house.mkdir()
+    lines = ["# megagpt wheelhouse"]
+    if pinned:
+        lines += ["# Left out (megagpt imports them only when a feature asks): wandb jieba"]
+        lines += ["# install: --no-deps", "megagpt==0.1.0", "deepspeed==0.19.8"]
+    else:
+        lines += ["megagpt==0.1.0"]
+    (house / "requirements.txt").write_text("\n".join(lines) + "\n")
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    fake.chmod(0o755)
+    proc = subprocess.run(
+        ["bash", str(GPU_CHECK), str(house), "--out", str(tmp_path / "r.md")],
+        env={"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "GPU_CHECK_SECONDS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    installs = [c for c in calls.read_text().splitlines() if c.startswith("-m pip install")]
+    assert installs, proc.stdout + proc.stderr
+    assert ("--no-deps" in installs[0]) is pinned, installs
+    assert f"-r {house}/requirements.txt" in installs[0]
+    assert ("Left out" in proc.stdout) is pinned
+
+
+def test_wheelhouse_refuses_to_leave_out_what_is_not_installed_and_keeps_the_folder(tmp_path):
+    """--leave-out pins a stand-in at the installed version, so a name not installed is an
+    error, given before the folder's existing wheels are touched."""
+    house = tmp_path / "wheelhouse"
+    house.mkdir()
+    (house / "kept-1.0-py3-none-any.whl").write_bytes(b"wheel")
+    proc = subprocess.run(
+        ["bash", str(WHEELHOUSE), "--out", str(house), "--leave-out", "no-such-package-xyz"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "--leave-out no-such-package-xyz: not installed here" in proc.stderr
+    assert (house / "kept-1.0-py3-none-any.whl").exists()
