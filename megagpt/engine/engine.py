@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from megagpt.checkpoint.training import EngineState, LocalParam
 from megagpt.config.schema import Config
-from megagpt.engine.accelerator import import_deepspeed
+from megagpt.engine.accelerator import import_deepspeed, quiet_memory_reports
 from megagpt.engine.ds_config import deepspeed_config, deepspeed_zero_stage
 from megagpt.engine.optim_state import adapter_for
 from megagpt.model.compile import compile_decoder_layers, compile_enabled, compile_seconds
@@ -146,13 +146,14 @@ class Engine:
         ds_cfg = deepspeed_config(cfg, ctx.dims.world)
         deepspeed = import_deepspeed(device)
         deepspeed_local_rank(ctx)
-        self.ds, self.optimizer, _, _ = deepspeed.initialize(
-            model=module,
-            optimizer=optimizer,
-            config=ds_cfg,
-            mpu=None if self.pipeline else MegatronMPU(ctx),
-            dist_init_required=False,
-        )
+        with quiet_memory_reports():
+            self.ds, self.optimizer, _, _ = deepspeed.initialize(
+                model=module,
+                optimizer=optimizer,
+                config=ds_cfg,
+                mpu=None if self.pipeline else MegatronMPU(ctx),
+                dist_init_required=False,
+            )
         # Chosen once: where this DeepSpeed optimizer wrapper keeps fp32 masters and moments.
         self.optim_state = adapter_for(self.ds.optimizer, device)
         self._sp_hooks(module)

@@ -207,3 +207,34 @@ def test_cpu_matmul_puts_the_steps_gemms_on_onednn_and_trains_alike():
     # a near-zero gradient show at ~1e-6; 1e-5 is 1 % of two steps' update.
     for p, q in zip(*(e.module.parameters() for e in engines)):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
+
+
+def test_a_bf16_engine_starts_without_deepspeeds_memory_reports(capsys, caplog):
+    """DeepSpeed's BF16_Optimizer prints six forced memory reports (18 lines) while it is
+    built; the engine moves them to the debug log, and nothing else printed is lost."""
+    import logging
+
+    cfg = _config("train.precision=bf16", "train.global_batch_size=4")
+    with caplog.at_level(logging.DEBUG, logger="megagpt.engine.accelerator"):
+        with _LocalGroup() as group:
+            eng = _engine(cfg, group.ctx)
+    assert type(eng.ds.optimizer).__name__ == "BF16_Optimizer"
+    out = capsys.readouterr().out
+    assert "bf16_optimizer" not in out and "Max_MA" not in out and "CPU Virtual" not in out, out
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "begin bf16_optimizer" in logged and "Max_MA" in logged
+
+
+def test_memory_report_filter_keeps_every_other_line():
+    from megagpt.engine.accelerator import drop_memory_reports
+
+    text = (
+        "a line of DeepSpeed's own\n"
+        "begin bf16_optimizer\n"
+        "MA 0.62 GB         Max_MA 1.28 GB         CA 1.28 GB         Max_CA 1 GB \n"
+        "CPU Virtual Memory:  used = 1.61 GB, percent = 1.3%\n"
+        "MA is also a word\n"
+    )
+    kept, dropped = drop_memory_reports(text)
+    assert kept == "a line of DeepSpeed's own\nMA is also a word\n"
+    assert dropped[0] == "begin bf16_optimizer" and len(dropped) == 3
