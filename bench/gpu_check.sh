@@ -3,8 +3,9 @@
 # install megagpt's other dependencies from a wheelhouse (tools/wheelhouse.sh), then, within
 # GPU_CHECK_SECONDS (default 480), run
 #   1. python -m pytest tests/gpu          (bf16 vs fp32 losses, flash, MFU, serving on CUDA)
-#   2. bench/train_step.py gpt3-1.3b, seq 2048, bf16, micro auto: tokens/s against HF, MFU, and
-#      the planner's memory prediction against torch.cuda.max_memory_allocated
+#   2. bench/train_step.py gpt3-1.3b, seq 2048, bf16, micro auto: tokens/s against HF, MFU, the
+#      planner's memory prediction against torch.cuda.max_memory_allocated, and one profiled
+#      step per side (kernel time by kind against the wall time: where MFU goes)
 #   3. bench/generate.py                   (generation against HF generate, batch 1 and 8)
 # and append everything to one markdown report. Every stage runs under `timeout`; one failing
 # does not stop the others; the exit status is non-zero when any stage failed.
@@ -19,7 +20,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WHEELHOUSE=""
 REPORT=""
 INSTALL=1
-PY=${PYTHON:-python}
+# $PYTHON, else `python`, else `python3` (images with only python3, such as the H200's).
+PY=${PYTHON:-$(command -v python || command -v python3 || echo python)}
 TOTAL_S=${GPU_CHECK_SECONDS:-480}
 
 usage() {
@@ -177,7 +179,7 @@ stage "nvidia-smi and versions" 30 env_info
 stage "tests/gpu" 180 "$PY" -m pytest -q -rs -p no:cacheprovider tests/gpu
 stage "train step: gpt3-1.3b at seq 2048, bf16 (MFU, planner memory)" 150 \
     "$PY" bench/train_step.py --sizes gpt3-1.3b --seq 2048 --precision bf16 \
-    --micro auto --accum 4 --warmup 2 --iters 4
+    --micro auto --accum 4 --warmup 2 --iters 4 --profile
 stage "generation against HF (gpt3-base, bf16)" 120 "$PY" bench/generate.py --size gpt3-base \
     --prompts 8 --prompt-tokens 32 --new-tokens 64 --device cuda --dtype bf16 --hf-lookup 0
 

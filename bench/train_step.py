@@ -266,6 +266,91 @@ def remote_hf(size: str, micro: int, args):
     return step, stop
 
 
+# Kernel (CUDA) or operator (CPU) names by kind, first match wins; lower-cased substrings.
+PROFILE_KINDS = (
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("communication", ("nccl", "allreduce", "all_reduce", "gloo", "c10d")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    (
+        "GEMM",
+        (
+            "gemm",
+            "cutlass",
+            "xmma",
+            "nvjet",
+            "cublas",
+            "aten::mm",
+            "aten::addmm",
+            "aten::bmm",
+            "aten::baddbmm",
+            "linear_pointwise",
+            "onednn_linear",
+            "mkldnn",
+        ),
+    ),
+    ("loss", ("softmax", "cross_entropy", "logsumexp", "nll_loss")),
+    ("layer norm", ("layer_norm", "layernorm")),
+    ("elementwise", ("elementwise", "triton_", "gelu", "dropout")),
+    ("copy / cast", ("copy", "memcpy", "memset", "fill", "cast")),
+)
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    for kind, keys in PROFILE_KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "other"
+
+
+def profile_step(step, sync, cuda: bool, top: int = 8) -> dict:
+    """One ``step`` under torch.profiler: its wall ms, the ms of GPU kernels (CUDA) or of
+    operators' own CPU time (CPU) by kind (``PROFILE_KINDS``), and the ``top`` names. On CUDA,
+    kernel time far under the wall time means the step waits on the host (launches, Python)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync()
+    with profile(activities=activities) as prof:
+        t = time.perf_counter()
+        step()
+        sync()
+        wall = time.perf_counter() - t
+    by_name: dict[str, float] = {}
+    for evt in prof.key_averages():
+        if cuda:
+            us = getattr(evt, "self_device_time_total", None)
+            if us is None:  # older torch
+                us = evt.self_cuda_time_total
+        else:
+            us = evt.self_cpu_time_total
+        if us > 0:
+            by_name[evt.key] = by_name.get(evt.key, 0.0) + us / 1e3
+    by_kind: dict[str, float] = {}
+    for name, ms in by_name.items():
+        by_kind[kind_of(name)] = by_kind.get(kind_of(name), 0.0) + ms
+    return {
+        "wall_ms": wall * 1e3,
+        "busy_ms": sum(by_name.values()),
+        "by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+        "top": sorted(by_name.items(), key=lambda kv: -kv[1])[:top],
+        "what": "GPU kernels" if cuda else "operators' own CPU time",
+    }
+
+
+def format_profile(label: str, p: dict) -> list[str]:
+    """``# profile`` lines of ``profile_step``'s result."""
+    busy = p["busy_ms"]
+    kinds = ", ".join(f"{k} {ms:,.0f} ms ({ms / busy:.0%})" for k, ms in p["by_kind"].items())
+    lines = [
+        f"# profile {label}: step {p['wall_ms']:,.0f} ms wall; {p['what']} {busy:,.0f} ms "
+        f"({busy / p['wall_ms']:.0%} of it): {kinds}"
+    ]
+    for name, ms in p["top"]:
+        lines.append(f"#   {ms:>9,.1f} ms  {name[:110]}")
+    return lines
+
+
 def run_size(size: str, args, micro: int, device, sync, dtype) -> dict:
     """Build megagpt eager (and compiled) and the HF peer for ``size``; time them in turn.
 
@@ -297,12 +382,24 @@ def run_size(size: str, args, micro: int, device, sync, dtype) -> dict:
             warm[name] = warm_up(steps[name], args.warmup, sync)
         compile_s = compile_seconds() - before
         times = alternate(steps, args.iters, sync, CLOCKS[args.clock])
+        profiles = {}
+        if args.profile:
+            for name, step in steps.items():
+                if not args.hf_process or name != "HF":
+                    profiles[name] = profile_step(step, sync, device.type == "cuda")
         del steps, eager["engine"]
     finally:
         if stop_hf is not None:
             stop_hf()
         parallel.destroy()
-    return {**eager, "times": times, "warm": warm, "compile_s": compile_s, "peak": peak}
+    return {
+        **eager,
+        "times": times,
+        "warm": warm,
+        "compile_s": compile_s,
+        "peak": peak,
+        "profiles": profiles,
+    }
 
 
 def planner_bytes(cfg, zero: int) -> float:
@@ -382,6 +479,12 @@ def main() -> None:
         default=[],
         metavar="KEY=VALUE",
         help="an extra override of megagpt's config, e.g. train.cpu_matmul=blas",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the timing, one more step per side under torch.profiler: time by kind "
+        "(GEMM, attention, optimizer, ...) of GPU kernels on CUDA, of operators on CPU",
     )
     ap.add_argument("--hf-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -467,6 +570,8 @@ def main() -> None:
                 f" {ours['peak'] / 2**30:>8.2f} {pred / 2**30:>11.2f} {pred / ours['peak']:>9.2f}"
             )
         print(line, flush=True)
+        for name, p in ours["profiles"].items():
+            print("\n".join(format_profile(f"{size} {name}", p)), flush=True)
         del ours
         free_cuda()
     print(

@@ -216,3 +216,29 @@ def test_wheelhouse_refuses_to_leave_out_what_is_not_installed_and_keeps_the_fol
     assert proc.returncode == 2
     assert "--leave-out no-such-package-xyz: not installed here" in proc.stderr
     assert (house / "kept-1.0-py3-none-any.whl").exists()
+
+
+def test_profile_breaks_a_step_down_by_kind():
+    """bench/train_step.py --profile: one step under torch.profiler, its time by kind of
+    kernel or operator (on CPU, the operators' own time), and the top names."""
+    ts = _train_step_module()
+    w = torch.nn.Parameter(torch.randn(256, 256))
+    opt = torch.optim.AdamW([w], lr=1e-3)
+    x = torch.randn(512, 256)
+
+    def step():
+        loss = torch.nn.functional.gelu(x @ w).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    p = ts.profile_step(step, lambda: None, cuda=False, top=3)
+    assert p["wall_ms"] > 0 and 0 < p["busy_ms"]
+    assert p["by_kind"]["GEMM"] > 0 and p["by_kind"]["optimizer"] > 0
+    assert "elementwise" in p["by_kind"]  # the GELU and its backward
+    assert len(p["top"]) == 3
+    lines = ts.format_profile("tiny eager", p)
+    assert lines[0].startswith("# profile tiny eager: step ") and "GEMM" in lines[0]
+    assert ts.kind_of("sm90_xmma_gemm_bf16bf16_bf16f32") == "GEMM"
+    assert ts.kind_of("pytorch_flash::flash_fwd_kernel") == "attention"
+    assert ts.kind_of("void at::native::(anonymous)::fused_adamw_kernel") == "optimizer"
