@@ -386,7 +386,9 @@ def run_size(size: str, args, micro: int, device, sync, dtype) -> dict:
         if args.profile:
             for name, step in steps.items():
                 if not args.hf_process or name != "HF":
-                    profiles[name] = profile_step(step, sync, device.type == "cuda")
+                    profiles[name] = profile_step(
+                        step, sync, device.type == "cuda", top=args.profile_top
+                    )
         del steps, eager["engine"]
     finally:
         if stop_hf is not None:
@@ -486,6 +488,7 @@ def main() -> None:
         help="after the timing, one more step per side under torch.profiler: time by kind "
         "(GEMM, attention, optimizer, ...) of GPU kernels on CUDA, of operators on CPU",
     )
+    ap.add_argument("--profile-top", type=int, default=8, help="--profile: how many names to list")
     ap.add_argument("--hf-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.micro != "auto" and not args.micro.isdigit():
