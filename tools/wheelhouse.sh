@@ -139,7 +139,6 @@ for d in distributions():
 open(sys.argv[1], "w").write("".join(f"{n}=={v}\n" for n, v in sorted(pins.items())))
 EOF
 
-
 # A wheel of a source-only package; refuses anything that is not pure Python.
 build_pure_wheel() {
     local name=$1 version spec
