@@ -220,6 +220,18 @@ class TextGenerator:
         # padded rows (``_full_logits`` cuts them off).
         return F.linear(m.final_norm(h)[-1], m.word.word_embeddings.weight)  # [b, V/tp]
 
+    def use_compiled_step(self) -> None:
+        """From now on decode through the static step under ``torch.compile`` (``compile=True``
+        of the constructor): inductor with CUDA graphs on a GPU, one compile per batch size;
+        the reference loop, so no n-gram speculation. Tensor-parallel size 1 only."""
+        if self.tp_size > 1:
+            raise ValueError(
+                "a compiled decode step supports tensor-parallel size 1 only (the logits "
+                f"all-gather is outside the captured step); this model runs at {self.tp_size}"
+            )
+        self.static = self.compile = True
+        self._compiled = None
+
     def _static_step(self):
         if not self.compile:
             return self._decode_static
