@@ -131,15 +131,12 @@ class TextGenerator:
         self.tp_group = tp_group
         self.tp_size = tp_size
         self.num_layers = len(model.layers)
-        if compile and tp_size > 1:
-            raise ValueError(
-                "compile=True supports tensor-parallel size 1 only (the logits "
-                "all-gather is outside the captured step)"
-            )
-        self.static = static or compile
-        self.compile = compile
+        self.static = static
+        self.compile = False
         self.check_every = check_every
         self._compiled = None
+        if compile:
+            self.use_compiled_step()
         self.fast = fast
         self.prepack = prepack
         self._decoder: FastDecoder | None = None
