@@ -259,7 +259,7 @@ def main() -> int:
     gen = pipe.generator
     gen.stop_ids = []  # exactly --new-tokens tokens on both sides
     if args.compile:
-        gen.static = gen.compile = True
+        gen.use_compiled_step()
     if args.reference:
         gen.fast = False
     if args.speculate is not None:
