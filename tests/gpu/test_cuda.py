@@ -157,3 +157,28 @@ def test_serving_on_cuda_decodes_with_the_fast_path_and_speculates(tmp_path_fact
         ids = pipe.tokenizer.encode(prompt)
         (want,) = plain.generate([ids], GREEDY, max_new_tokens=24)[0]
         assert tokens == want[len(ids) :], (prompt, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_compiled_decode_step_on_cuda_gives_the_eager_tokens(tmp_path_factory, dtype):
+    """`megagpt generate --compile` on CUDA: the static step under torch.compile with CUDA
+    graphs (mode reduce-overhead) decodes the eager fast path's greedy tokens, at batch 1 and
+    2 (one graph per batch size), for the generation tests' model (wide greedy margins)."""
+    from megagpt import pipeline
+    from tests.unit.inference.conftest import shared_assets
+    from tests.unit.inference.test_decode_loop import twin
+    from tests.unit.serving.test_engine import GREEDY
+
+    model = shared_assets(tmp_path_factory)["model"]
+    pipe = pipeline("text-generation", model=model, device="cuda", dtype=dtype)
+    gen = pipe.generator
+    compiled = twin(gen, compile=True)
+    assert compiled.static and compiled.compile
+    ids = [pipe.tokenizer.encode(p) for p in ("床前明月光", "北京北京")]
+    try:
+        for batch in ([ids[0]], ids):
+            want = gen.generate(batch, GREEDY, max_new_tokens=16)
+            assert compiled.generate(batch, GREEDY, max_new_tokens=16) == want, (batch, dtype)
+    finally:
+        torch._dynamo.reset()
+    assert compiled._compiled is not None
