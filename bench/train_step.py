@@ -491,6 +491,8 @@ def main() -> None:
     ap.add_argument("--profile-top", type=int, default=8, help="--profile: how many names to list")
     ap.add_argument("--hf-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.profile_top < 1:
+        ap.error(f"--profile-top {args.profile_top}: expected a positive number of names")
     if args.micro != "auto" and not args.micro.isdigit():
         ap.error(f"--micro {args.micro!r}: expected a positive integer or auto")
     if args.hf_worker:
