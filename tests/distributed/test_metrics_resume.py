@@ -29,7 +29,8 @@ def test_metrics_after_kill_and_resume_has_each_step_once(tiny_corpus, tmp_path)
     before = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
     assert before == [1, 2, 3, 4, 5]
     assert (killed / "checkpoints" / "latest").read_text().strip() == "step_0000003"
-    run_distributed("tests.distributed.workers:train_run", 1, config=str(cfg_b), overrides=[])
+    res = run_distributed("tests.distributed.workers:train_run", 1, config=str(cfg_b), overrides=[])
+    assert res[0]["resumed"] == 3  # from the checkpoint, not a fresh start logging steps 1-6
     records = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     reference = {

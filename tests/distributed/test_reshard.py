@@ -78,7 +78,9 @@ def test_resharded_resume_matches_unresharded(case, sources, tiny_corpus):
     res = run_distributed(
         TRAIN, world, config=str(cfg), overrides=layout + STEPS + [f"checkpoint.load={load}"]
     )
-    assert res[0] == {"step": 4, "consumed_samples": 32}  # step and data position continue
+    # Resumed at step 2 (a run that ignored checkpoint.load would also end at step 4), step
+    # and data position continue.
+    assert res[0] == {"step": 4, "consumed_samples": 32, "resumed": 2}
     want, got = records(get(src)), records(run)
     assert sorted(got) == [3, 4], "the resumed run starts at step 3"
     for step in (3, 4):
@@ -181,8 +183,9 @@ def test_bf16_resharded_resume(target, tiny_corpus, tmp_path):
         + STEPS
         + [f"checkpoint.load={src / 'checkpoints' / 'step_0000002'}"],
     )
-    assert res[0] == {"step": 4, "consumed_samples": 32}
+    assert res[0] == {"step": 4, "consumed_samples": 32, "resumed": 2}
     want, got = records(src), records(run)
+    assert sorted(got) == [3, 4], "the resumed run starts at step 3"
     for step in (3, 4):
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=2e-2)
         assert got[step]["lr"] == pytest.approx(want[step]["lr"], rel=1e-6)

@@ -67,6 +67,9 @@ def test_resume_is_exact(tiny_corpus, tmp_path, world, layout):
     run_distributed(TRAIN, world, config=str(cfg_b), overrides=layout + ["train.steps=3"])
     assert sorted(losses(split)) == [1, 2, 3]
     res = run_distributed(TRAIN, world, config=str(cfg_b), overrides=layout)
+    # Resumed from step 3: a run that ignored its checkpoint would train the same seeded steps
+    # 1-6 again and log the same losses.
+    assert [r["resumed"] for r in res] == [3] * world
     assert res[0]["step"] == 6
     a, b = losses(straight), losses(split)
     assert sorted(b) == [1, 2, 3, 4, 5, 6]

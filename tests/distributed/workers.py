@@ -92,14 +92,22 @@ def engine_losses(
 
 
 def train_run(config: str, overrides: list[str]) -> dict:
-    """``megagpt train`` in this process; returns the final step and samples."""
+    """``megagpt train`` in this process; returns the final step and samples, and the step it
+    resumed from (0: a fresh start), so that a resume test can tell a resume from a run that
+    ignored its checkpoint and trained the same seeded steps again."""
     from megagpt import parallel
     from megagpt.config import load_config
-    from megagpt.training.trainer import train
+    from megagpt.training.trainer import Trainer
 
-    state = train(load_config(config, overrides))
+    trainer = Trainer(load_config(config, overrides))
+    resumed = trainer.state.step
+    state = trainer.run()
     parallel.destroy()
-    return {"step": state.step, "consumed_samples": state.consumed_samples}
+    return {
+        "step": state.step,
+        "consumed_samples": state.consumed_samples,
+        "resumed": resumed,
+    }
 
 
 def logits_of_model_dir(directory: str, tokens: list[list[int]], tp: int = 1) -> list:
