@@ -31,3 +31,21 @@ def finetune_run(config: str, overrides: list[str]) -> dict:
     state = finetune(load_config(config, overrides))
     parallel.destroy()
     return {"step": state.step, "consumed_samples": state.consumed_samples}
+
+
+def finetune_echo_run(config: str, overrides: list[str]) -> dict:
+    """``megagpt finetune`` whose evaluation "generates" each source again as its continuation
+    (``TextGenerator.generate`` replaced by an echo), so the BLEU / ROUGE-L it logs are known
+    from the eval file alone: a test of which texts the scores pair, not of the model."""
+    from megagpt import parallel
+    from megagpt.config import load_config
+    from megagpt.inference.generate import TextGenerator
+    from megagpt.training.finetune import finetune
+
+    def echo(self, prompts, params, max_new_tokens=0, **kwargs):
+        return [[list(p) + list(p)] for p in prompts]
+
+    TextGenerator.generate = echo
+    state = finetune(load_config(config, overrides))
+    parallel.destroy()
+    return {"step": state.step}

@@ -178,6 +178,59 @@ def test_src_tgt_csv_under_tensor_parallel_scores_bleu_and_rouge(setup, tmp_path
     assert 0.0 <= ev[-1]["valid_bleu"] <= 100.0 and 0.0 <= ev[-1]["valid_rouge_l"] <= 100.0
 
 
+def test_bleu_and_rouge_pair_each_generation_with_its_own_target(setup, tmp_path):
+    """Over two data-parallel ranks, with every continuation known (the source echoed):
+    the logged scores are those of (source_i, target_i) for the first rows of the eval file,
+    each the tokenizer's rendering; neither the prompt nor another row's text is scored."""
+    from megagpt.checkpoint.model_dir import tokenizer_path
+    from megagpt.data.tokenizer import build_tokenizer
+    from megagpt.training import text_metrics
+
+    pytest.importorskip("sacrebleu")
+    pytest.importorskip("rouge_score")
+    run, n = tmp_path / "run", 6
+    # Targets that share most characters with their own source and few with another row's:
+    # the first line of each poem with its comma turned into a full stop.
+    with open(setup["qa"], encoding="utf-8", newline="") as f:
+        sources = [r["first"] for r in csv.DictReader(f)]
+    rows = [(src, src.replace("，", "。")) for src in sources]
+    qa = tmp_path / "echo.csv"
+    with open(qa, "w", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows([("first", "second"), *rows])
+    cfg = recipe(
+        tmp_path / "qa.yaml",
+        setup,
+        run,
+        train_file=str(qa),
+        eval_file=str(qa),
+        src_column="first",
+        tgt_column="second",
+        seq_length=32,
+        eval_max_new_tokens=8,
+        eval_generate_limit=n,
+        eval_at_start="false",
+    )
+    run_distributed(
+        "tests.distributed.gen_workers:finetune_echo_run",
+        2,
+        config=str(cfg),
+        overrides=["train.steps=1"],
+    )
+    tok = build_tokenizer(tokenizer_path(setup["model"]))
+    preds = [tok.decode(tok.encode(src)) for src, _ in rows[:n]]
+    refs = [tok.decode(tok.encode(tgt)) for _, tgt in rows[:n]]
+    ev = evals(run)[-1]
+    assert ev["valid_generated"] == n
+    assert ev["valid_bleu"] == pytest.approx(text_metrics.bleu(preds, refs), abs=1e-9)
+    assert ev["valid_rouge_l"] == pytest.approx(text_metrics.rouge_l(preds, refs), abs=1e-9)
+    # Not vacuous: rows paired in another order, the prompt scored with its continuation, or
+    # the source taken as the reference, each scores differently.
+    shifted = refs[1:] + refs[:1]
+    assert text_metrics.rouge_l(preds, shifted) < ev["valid_rouge_l"] - 10
+    assert text_metrics.bleu([p + p for p in preds], refs) != pytest.approx(ev["valid_bleu"])
+    assert text_metrics.bleu(preds, preds) > ev["valid_bleu"] + 10
+
+
 def test_eval_tasks_run_at_each_fine_tuning_evaluation(setup, tmp_path):
     """train.eval_tasks is not a pretraining-only key: fine-tuning logs the task beside its
     validation perplexity (it was silently ignored)."""
