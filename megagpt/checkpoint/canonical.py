@@ -121,6 +121,38 @@ def check_tensors(tensors: dict[str, torch.Tensor], cfg: ModelConfig, source: st
         )
 
 
+# The model keys that fix the weights' shapes or the function they compute: weights trained under
+# one value do not fit a model of another. The others may change between runs of the same
+# weights: ``name``, ``seq_length`` (up to ``max_position_embeddings``), the dropouts and
+# ``init_std`` (unused once weights are loaded); so may the whole parallel layout, since the
+# record is resharded on load (reshard.py).
+WEIGHT_KEYS = (
+    "num_layers",
+    "num_heads",
+    "hidden_size",
+    "ffn_hidden_size",
+    "max_position_embeddings",
+    "vocab_size",
+    "activation",
+    "layernorm_eps",
+)
+
+
+def weight_key(cfg: ModelConfig, key: str) -> object:
+    """The value of WEIGHT_KEYS ``key`` in ``cfg``; ``ffn_hidden_size`` resolved (0 = 4 * h)."""
+    return cfg.ffn if key == "ffn_hidden_size" else getattr(cfg, key)
+
+
+def model_differences(here: ModelConfig, there: ModelConfig) -> list[tuple[str, object, object]]:
+    """(key, value in ``here``, value in ``there``) of every WEIGHT_KEYS key on which two model
+    configs differ, in WEIGHT_KEYS order; empty when weights of one fit a model of the other."""
+    return [
+        (k, weight_key(here, k), weight_key(there, k))
+        for k in WEIGHT_KEYS
+        if weight_key(here, k) != weight_key(there, k)
+    ]
+
+
 def check_heads(cfg: ModelConfig, source: str, tp: int = 1) -> None:
     """Heads must divide the hidden size, and the TP degree must divide heads and FFN width."""
     if cfg.num_heads <= 0 or cfg.hidden_size % cfg.num_heads:

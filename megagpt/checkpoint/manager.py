@@ -83,6 +83,14 @@ def resolve_load(path: str) -> tuple[str, str]:
     raise CheckpointError(f"checkpoint.load={path!r}: no 'latest' file and not a step_* folder")
 
 
+def is_training_path(path: str) -> bool:
+    """True when ``resolve_load`` takes ``path`` for a training checkpoint (a run or checkpoints
+    directory with a ``latest`` file, or a step_* folder), even one that then fails to resolve
+    (``latest`` naming a missing folder): its error is the one to show, not "unknown kind"."""
+    p = Path(path)
+    return (p / "checkpoints" / LATEST).is_file() or (p / LATEST).is_file() or is_tag(p.name)
+
+
 def commit(directory: str, tag: str, keep_last: int) -> None:
     """After every rank saved ``tag``: write its manifest, point ``latest`` at it and drop the
     oldest extras.
@@ -122,6 +130,32 @@ def _shared(obj: T | None) -> T:
     return box[0]
 
 
+def _candidates(root: Path) -> tuple[str | None, list[str]]:
+    """(the tag ``latest`` names or None, the tags a resume tries in order): ``latest``, then the
+    older folders; without ``latest``, the folders with a manifest (they were complete)."""
+    latest = read_latest(root)
+    tags = (
+        sorted(
+            (d.name for d in root.iterdir() if is_tag(d.name) and d.is_dir()),
+            key=order,
+            reverse=True,
+        )
+        if root.is_dir()
+        else []
+    )
+    if latest is None:
+        return latest, [t for t in tags if manifest.has_manifest(str(root / t))]
+    return latest, [latest] + [t for t in tags if order(t) < order(latest)]
+
+
+def first_resume_tag(directory: str) -> str | None:
+    """The checkpoint ``resume_tag`` tries first (None: the run has none), without verifying
+    it or any process group: what a run checks its config against before it starts. The
+    resume itself may fall back to an older one when this one is damaged."""
+    candidates = _candidates(Path(directory))[1]
+    return candidates[0] if candidates else None
+
+
 def resume_tag(
     directory: str, *, require_latest: bool = False, log: Callable[[str], object] = print
 ) -> str | None:
@@ -136,23 +170,7 @@ def resume_tag(
     damaged, or when no checkpoint is intact.
     """
     root = Path(directory)
-    listing: tuple[str | None, list[str]] | None = None
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        latest = read_latest(root)
-        tags = (
-            sorted(
-                (d.name for d in root.iterdir() if is_tag(d.name) and d.is_dir()),
-                key=order,
-                reverse=True,
-            )
-            if root.is_dir()
-            else []
-        )
-        if latest is None:
-            candidates = [t for t in tags if manifest.has_manifest(str(root / t))]
-        else:
-            candidates = [latest] + [t for t in tags if order(t) < order(latest)]
-        listing = (latest, candidates)
+    listing = _candidates(root) if not dist.is_initialized() or dist.get_rank() == 0 else None
     latest, candidates = _shared(listing)
     if not candidates:
         return None

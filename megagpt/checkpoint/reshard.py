@@ -271,6 +271,17 @@ def read_meta(checkpoint: str) -> dict | None:
     return meta
 
 
+def model_config(meta: dict, checkpoint: str) -> ModelConfig:
+    """The model config recorded in ``meta`` (``read_meta`` of the tagged folder ``checkpoint``);
+    CheckpointError names meta.json when it holds none this megagpt reads."""
+    try:
+        return ModelConfig(**meta["model"])
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"{record_path(checkpoint) / 'meta.json'}: no model config this megagpt reads ({e})"
+        ) from None
+
+
 class Record:
     """Read access to a record: full tensors by (canonical name, kind), TP shards merged."""
 
@@ -289,7 +300,7 @@ class Record:
             )
         self.meta = meta
         self.folder = record_path(checkpoint)
-        self.model = ModelConfig(**meta["model"])
+        self.model = model_config(meta, checkpoint)
         lay = meta["layout"]
         self.kinds = list(meta.get("kinds", KINDS))
         # name -> kind -> pp stage -> {tp_rank: (file, dim)}
@@ -316,6 +327,11 @@ class Record:
     @property
     def names(self) -> list[str]:
         return list(self._index)
+
+    def file_of(self, name: str) -> Path:
+        """A file of the record that holds tensor ``name`` (for messages)."""
+        stages = next(iter(self._index[name].values()))
+        return next(iter(stages[min(stages)].values()))[0]
 
     def has(self, kind: str) -> bool:
         return kind in self.kinds
@@ -351,14 +367,17 @@ def load_shards(
     params: list[tuple[str, torch.nn.Parameter, list[int], int | None]],
     set_: Callable[[torch.nn.Parameter, str, torch.Tensor], None],
     *,
-    vocab_size: int,
+    model: ModelConfig,
     tp_rank: int,
     tp: int,
     kinds: Iterable[str] = KINDS,
 ) -> None:
     """Set every local parameter (and Adam moments present in the record) from ``record``.
 
-    ``params`` are (canonical name, parameter, full shape, partition dim) of this rank.
+    ``params`` are (canonical name, parameter, full shape, partition dim) of this rank; ``model``
+    the config of the whole model (every pipeline stage). CheckpointError names the tensor when
+    one of ``params`` is missing from the record, or when the record holds a tensor the model
+    has no place for (a record of more layers would otherwise lose them without a word).
     """
     wanted = set(record.names)
     for name, _, shape, _ in params:
@@ -366,6 +385,15 @@ def load_shards(
             raise CheckpointError(
                 f"{record.folder}: missing tensor {name!r} (the model expects shape {shape})"
             )
+    # Against the whole model, not this rank's params: the other stages' tensors are expected.
+    extra = sorted(wanted - set(expected_shapes(model)))
+    if extra:
+        raise CheckpointError(
+            f"{record.file_of(extra[0])}: tensor {extra[0]!r} of the checkpoint, but the model "
+            f"has no place for it ({len(extra)} such tensors in all; the checkpoint was saved "
+            f"with {record.model.num_layers} layers, the model has {model.num_layers}): load it "
+            "into the model it was trained as"
+        )
     for kind in kinds:
         if not record.has(kind):
             continue
@@ -375,6 +403,13 @@ def load_shards(
                 p,
                 kind,
                 local_shard(
-                    name, full, shape, dim, vocab_size, tp_rank, tp, f"{record.folder} ({kind})"
+                    name,
+                    full,
+                    shape,
+                    dim,
+                    model.vocab_size,
+                    tp_rank,
+                    tp,
+                    f"{record.folder} ({kind})",
                 ),
             )

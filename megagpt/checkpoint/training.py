@@ -143,6 +143,43 @@ def _load_rng(checkpoint: str, tp_region: TensorParallelRNG, ctx: ParallelContex
 # -- the checkpoint -------------------------------------------------------------------------
 
 
+def _native_files(path: str) -> list[str]:
+    # DeepSpeed writes its files (mp_rank_XX_model_states.pt, *_optim_states.pt, ...) at the
+    # top of the tag folder; megagpt's own .pt files (rng/) are one level down.
+    return sorted(f for f in os.listdir(path) if f.endswith(".pt")) if os.path.isdir(path) else []
+
+
+def _check_readable(path: str, meta: dict | None, native: list[str], trust: bool) -> None:
+    """CheckpointError naming the file when ``load`` could read nothing of ``path``: no record,
+    and no DeepSpeed native files it may read (``checkpoint.trust_pickle``)."""
+    if meta is None and not (native and trust):
+        if native:
+            raise CheckpointError(
+                f"{os.path.join(path, native[0])}: a DeepSpeed native checkpoint (a pickle) "
+                f"and no layout-free record ({reshard.RECORD}/meta.json). Reading it can run "
+                "code stored in the file; megagpt reads weights only with safetensors or "
+                "torch.load(weights_only=True). If you wrote this checkpoint yourself, set "
+                "checkpoint.trust_pickle=true to load it with DeepSpeed"
+            )
+        raise CheckpointError(
+            f"{path}: no layout-free record ({reshard.RECORD}/meta.json is missing)"
+        )
+
+
+def saved_model(directory: str, tag: str, *, trust_pickle: bool) -> ModelConfig | None:
+    """The model config checkpoint ``directory/tag`` was trained with, read from its record's
+    meta.json alone; None for DeepSpeed native files without a record (readable only with
+    ``trust_pickle``; they carry no config megagpt reads without unpickling). Reads no tensor
+    and needs no process group, so a run checks what it will load before starting any.
+
+    CheckpointError naming the file when ``load`` would refuse the checkpoint (no record and
+    no native files it may read; an unreadable meta.json)."""
+    path = os.path.join(directory, tag)
+    meta = reshard.read_meta(path)
+    _check_readable(path, meta, _native_files(path), trust_pickle)
+    return None if meta is None else reshard.model_config(meta, path)
+
+
 @dataclass
 class Loaded:
     """What ``TrainingCheckpoints.load`` read: the client state saved with it, whether this
@@ -219,24 +256,9 @@ class TrainingCheckpoints:
         e = self.engine
         path = os.path.join(directory, tag)
         meta = reshard.read_meta(path)
-        # DeepSpeed writes its files (mp_rank_XX_model_states.pt, *_optim_states.pt, ...) at the
-        # top of the tag folder; megagpt's own .pt files (rng/) are one level down.
-        native = (
-            sorted(f for f in os.listdir(path) if f.endswith(".pt")) if os.path.isdir(path) else []
-        )
+        native = _native_files(path)
         trust = self.cfg.trust_pickle
-        if meta is None and not (native and trust):
-            if native:
-                raise CheckpointError(
-                    f"{os.path.join(path, native[0])}: a DeepSpeed native checkpoint (a pickle) "
-                    f"and no layout-free record ({reshard.RECORD}/meta.json). Reading it can run "
-                    "code stored in the file; megagpt reads weights only with safetensors or "
-                    "torch.load(weights_only=True). If you wrote this checkpoint yourself, set "
-                    "checkpoint.trust_pickle=true to load it with DeepSpeed"
-                )
-            raise CheckpointError(
-                f"{path}: no layout-free record ({reshard.RECORD}/meta.json is missing)"
-            )
+        _check_readable(path, meta, native, trust)
         if native and trust and (meta is None or meta["layout"] == e.layout):
             source = "DeepSpeed native files (checkpoint.trust_pickle)"
             client = e.load_native(directory, tag)
@@ -255,7 +277,7 @@ class TrainingCheckpoints:
                 record,
                 list(e.params(False)),
                 e.optim.set,
-                vocab_size=e.model.vocab_size,
+                model=e.model,
                 tp_rank=e.parallel.tp_rank,
                 tp=e.layout["tp"],
             )

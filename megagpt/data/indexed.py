@@ -17,7 +17,8 @@ Implemented from the format, so that preprocessing does not import torch. Layout
 
 ``PREFIX.vocab.json`` (megagpt's own, next to them; megatron-core ignores it) records the size of
 the tokenizer the dataset was made with and the largest token id written, so training can check
-that the data fits the model's vocabulary without reading ``.bin`` (``check_vocab``). Datasets
+that the data was made with its tokenizer's size and fits its vocabulary without reading ``.bin``
+(``check_vocab``). Datasets
 without it (older ones, or from other tools) are scanned for their largest id instead.
 
 Writes are crash-safe: both files are written under temporary names and renamed into place at
@@ -470,19 +471,24 @@ def max_token_id(prefix: str) -> int:
 
 
 def check_vocab(prefix: str, vocab_size: int, where: str) -> None:
-    """Raise DataError unless every token id of the dataset at ``prefix`` is below
-    ``vocab_size`` (the model's true vocabulary); ``where`` names it (e.g. ``data.paths[0]``).
+    """Raise DataError unless the dataset at ``prefix`` holds ids of a tokenizer of
+    ``vocab_size`` tokens (the tokenizer the data is read with, e.g. data.tokenizer; its true
+    size, not the model's padded vocabulary); ``where`` names it (e.g. ``data.paths[0]``).
 
-    Uses ``PREFIX.vocab.json`` when the dataset has one (free), else scans ``.bin``. A dataset
-    made with a larger tokenizer is refused even when its ids happen to fit: its ids mean other
-    tokens."""
+    With ``PREFIX.vocab.json`` (free): the recorded tokenizer size must equal ``vocab_size``. A
+    dataset made with another tokenizer is refused even when its ids fit: they mean other
+    tokens (a smaller one's ids all fit a larger vocabulary). The record holds no fingerprint of
+    the tokenizer, so two tokenizers of one size are told apart by nothing. Without the record
+    (older datasets, other tools) ``.bin`` is scanned, and only ids past ``vocab_size`` can be
+    found."""
     record = vocab_record(prefix)
-    if record is not None and record["vocab_size"] > vocab_size:
+    if record is not None and record["vocab_size"] != vocab_size:
         raise DataError(
             f"{where}={prefix}: preprocessed with a tokenizer of {record['vocab_size']} tokens "
-            f"(largest id {record['max_token_id']}), but the model's vocabulary (data.tokenizer)"
-            f" has {vocab_size}; preprocess it again with data.tokenizer, or train with the "
-            "tokenizer it was made with"
+            f"(recorded in {os.path.basename(vocab_path(prefix))}, largest id "
+            f"{record['max_token_id']}), but data.tokenizer has {vocab_size}: the same ids "
+            "would mean other tokens; preprocess it again with data.tokenizer, or train with "
+            "the tokenizer it was made with"
         )
     top = record["max_token_id"] if record is not None else max_token_id(prefix)
     if top >= vocab_size:

@@ -3,7 +3,9 @@
 Order, so that bad input fails before anything expensive or collective starts:
 
 1. the config, validated once (before any process group), the tokenizer (it fixes
-   ``model.vocab_size``) and the indexed data paths;
+   ``model.vocab_size``), the indexed data paths (made with that tokenizer's size) and where the
+   weights will come from (the run's own checkpoint or ``checkpoint.load``: it must exist and
+   have been trained as this model, ``resolve_load_source``);
 2. the device and the process groups (``megagpt.parallel.initialize``: a ``ParallelContext``);
 3. the run directory (``config.yaml``, ``checkpoints/``);
 4. the host RNG seeds (named offsets below);
@@ -31,7 +33,9 @@ import torch.distributed as dist
 
 from megagpt import parallel
 from megagpt.checkpoint import checkpoint_dir, resolve_load, resume_tag, verify_or_raise
-from megagpt.checkpoint.training import TrainingCheckpoints
+from megagpt.checkpoint.canonical import CheckpointError, model_differences
+from megagpt.checkpoint.manager import first_resume_tag, is_training_path
+from megagpt.checkpoint.training import TrainingCheckpoints, saved_model
 from megagpt.config import Config, ConfigError, dump_yaml, validate
 from megagpt.config.schema import ModelConfig, to_dict
 from megagpt.model.matmul import cpu_matmul_note
@@ -115,9 +119,10 @@ def load_tokenizer(cfg: Config, *, vocab_fixed_by: str = ""):
     return tok
 
 
-def check_data_paths(cfg: Config) -> None:
-    """Every data.paths entry must be an existing PREFIX.bin / PREFIX.idx pair whose token ids
-    fit ``cfg.model.vocab_size``; ConfigError / DataError name the entry otherwise."""
+def check_data_paths(cfg: Config, tokenizer_vocab: int) -> None:
+    """Every data.paths entry must be an existing PREFIX.bin / PREFIX.idx pair made with a
+    tokenizer of ``tokenizer_vocab`` tokens (data.tokenizer's size) whose token ids fit it;
+    ConfigError / DataError name the entry otherwise."""
     for i, prefix in enumerate(cfg.data.paths):
         for ext in (".bin", ".idx"):
             if not os.path.isfile(prefix + ext):
@@ -125,12 +130,14 @@ def check_data_paths(cfg: Config) -> None:
                     f"data.paths[{i}]: {prefix + ext} does not exist (give the "
                     "prefix written by `megagpt preprocess --output-prefix`)"
                 )
-    # Every token id must fit the model's vocabulary (set from data.tokenizer by then): an id
-    # past it raises a bare IndexError at TP=1 and silently reads another rank's rows at TP>1.
+    # The data must be data.tokenizer's ids: a dataset recorded with another tokenizer size means
+    # other tokens by the same ids, and an id past the vocabulary raises a bare IndexError at
+    # TP=1 and silently reads another rank's rows at TP>1. (The tokenizer's size, not the
+    # model's padded vocabulary, which is larger by design.)
     from megagpt.data.indexed import check_vocab
 
     for i, prefix in enumerate(cfg.data.paths):
-        check_vocab(prefix, cfg.model.vocab_size, f"data.paths[{i}]")
+        check_vocab(prefix, tokenizer_vocab, f"data.paths[{i}]")
 
 
 # -- start weights ------------------------------------------------------------------------
@@ -169,22 +176,12 @@ def read_start_weights(path: str, key: str, *, training_as_weights: bool) -> Sta
     return StartWeights(src.kind, path, key, src.cfg, src.tensors, src.tokenizer or "")
 
 
-def load_start_weights(engine: Engine, cfg: ModelConfig, start: StartWeights) -> None:
-    """Load ``start`` into the engine (any layout; collective) after checking that it fits the
-    model ``cfg``; ConfigError lists every model key that differs."""
+def check_start_weights(cfg: ModelConfig, start: StartWeights) -> None:
+    """ConfigError listing every model key (``canonical.WEIGHT_KEYS``) on which the weights
+    ``start`` do not fit the model ``cfg``; no process group needed."""
     diff = [
-        f"model.{k}: {getattr(cfg, k)!r} here, {getattr(start.model, k)!r} there"
-        for k in (
-            "num_layers",
-            "num_heads",
-            "hidden_size",
-            "ffn",
-            "max_position_embeddings",
-            "vocab_size",
-            "activation",
-            "layernorm_eps",
-        )
-        if getattr(cfg, k) != getattr(start.model, k)
+        f"model.{k}: {here!r} here, {there!r} there"
+        for k, here, there in model_differences(cfg, start.model)
     ]
     if diff:
         raise ConfigError(
@@ -192,8 +189,100 @@ def load_start_weights(engine: Engine, cfg: ModelConfig, start: StartWeights) ->
             + "; ".join(diff)
             + " (set those model keys)"
         )
+
+
+def load_start_weights(engine: Engine, cfg: ModelConfig, start: StartWeights) -> None:
+    """Load ``start`` into the engine (any layout; collective) after checking that it fits the
+    model ``cfg``; ConfigError lists every model key that differs."""
+    check_start_weights(cfg, start)
     engine.load_weights(start.tensors, source=start.path)
     log0(f"initialised weights from {start.kind} {start.path} (step 0, fresh optimizer)")
+
+
+# A training checkpoint continues under another parallel layout (resharded), dropout or sequence
+# length, never under another model: these say what to do instead.
+_OWN_HINT = "set those model keys back, or give another run.dir to train a new model"
+_LOAD_HINT = (
+    "set those model keys to the checkpoint's (the parallel layout, dropout and seq_length "
+    "may differ: the checkpoint is resharded on load)"
+)
+
+
+def check_checkpoint_model(
+    cfg: Config, directory: str, tag: str, where: str, hint: str, *, unreadable_ok: bool = False
+) -> None:
+    """ConfigError when training checkpoint ``directory/tag`` was trained as another model than
+    ``cfg.model``: ``where`` (e.g. ``checkpoint.load=runs/n (step_0000003)``), then every model
+    key that differs, then ``hint``. Also refuses a checkpoint with nothing ``load`` could read,
+    unless ``unreadable_ok`` (the run's own newest: ``resume_tag`` names the damage and falls
+    back to an older one). Reads the record's meta.json only; no process group needed."""
+    try:
+        saved = saved_model(directory, tag, trust_pickle=cfg.checkpoint.trust_pickle)
+    except CheckpointError as e:
+        if unreadable_ok:
+            return
+        raise ConfigError(f"{where}: {e}") from None
+    if saved is None:  # DeepSpeed's native files: no config to compare without unpickling
+        return
+    diff = model_differences(cfg.model, saved)
+    if diff:
+        tokenizer = " (the size of data.tokenizer)"
+        raise ConfigError(
+            f"{where}: "
+            + "; ".join(
+                f"model.{k}={here}{tokenizer if k == 'vocab_size' else ''} but the checkpoint "
+                f"was trained with {there}"
+                for k, here, there in diff
+            )
+            + f"; {hint}"
+        )
+
+
+@dataclass
+class LoadSource:
+    """``checkpoint.load`` resolved before any process group (``resolve_load_source``): a
+    training checkpoint ``directory``/``tag`` the run continues with its optimizer and step, or
+    the pretrained ``weights`` it starts from at step 0."""
+
+    directory: str = ""
+    tag: str = ""
+    weights: StartWeights | None = None
+
+
+def resolve_load_source(cfg: Config) -> LoadSource | None:
+    """Check where the run's weights will come from, before any process group or file of the
+    run; returns ``checkpoint.load`` resolved when the run will read it, else None.
+
+    The run's own newest checkpoint comes first (``resume`` picks it; ``checkpoint.load`` is then
+    not read, so a restart never depends on it): it must have been trained as ``cfg.model``.
+    Otherwise ``checkpoint.load``, when set, must exist and be a training checkpoint (``latest``
+    naming an existing step_* folder that ``load`` can read) of the same model, or a model,
+    ModelScope or Hugging Face directory whose weights fit it. ConfigError names the key, the
+    checkpoint and each model key that differs. Comparing configs needs the final
+    ``model.vocab_size``: call after ``load_tokenizer``.
+    """
+    own_dir = checkpoint_dir(cfg.run.dir)
+    own = first_resume_tag(own_dir)
+    if own is not None:
+        where = f"run.dir={cfg.run.dir} (checkpoints/{own})"
+        check_checkpoint_model(cfg, own_dir, own, where, _OWN_HINT, unreadable_ok=True)
+        return None
+    path = cfg.checkpoint.load
+    if not path:
+        return None
+    if not os.path.exists(path):
+        raise ConfigError(f"checkpoint.load={path}: {path} does not exist")
+    if not is_training_path(path):
+        weights = read_start_weights(path, "checkpoint.load", training_as_weights=True)
+        assert weights is not None  # training_as_weights: every kind gives weights
+        check_start_weights(cfg.model, weights)
+        return LoadSource(weights=weights)
+    try:
+        directory, tag = resolve_load(path)
+    except CheckpointError as e:
+        raise ConfigError(f"checkpoint.load={path}: {e}") from None
+    check_checkpoint_model(cfg, directory, tag, f"checkpoint.load={path} ({tag})", _LOAD_HINT)
+    return LoadSource(directory, tag)
 
 
 @dataclass
@@ -210,6 +299,7 @@ def resume(
     engine: Engine,
     checkpoints: TrainingCheckpoints,
     start: StartWeights | None = None,
+    load: LoadSource | None = None,
 ) -> TrainState:
     """Where the weights come from, first match wins; returns the state to continue from.
 
@@ -220,22 +310,34 @@ def resume(
        Face dir) that start the run at step 0.
     3. ``start``: weights given by the caller (fine-tuning's ``finetune.init_from``), step 0.
     4. Nothing: the seeded initialisation the model was built with.
-    Collective.
+    ``load`` is ``checkpoint.load`` as ``resolve_load_source`` resolved it before the process
+    groups (None: resolved here). A training checkpoint is checked against ``cfg.model`` again
+    once chosen: a resume may fall back past the one checked then. Collective.
     """
     ck = cfg.checkpoint
     directory = checkpoints.directory
     tag = resume_tag(directory, require_latest=ck.require_latest, log=log0)
+    where, hint = f"run.dir={cfg.run.dir} (checkpoints/{tag})", _OWN_HINT
     if tag is None and ck.load:
-        pretrained = read_start_weights(ck.load, "checkpoint.load", training_as_weights=False)
-        if pretrained is not None:
-            load_start_weights(engine, cfg.model, pretrained)
+        if load is None:
+            load = LoadSource()
+            pretrained = read_start_weights(ck.load, "checkpoint.load", training_as_weights=False)
+            if pretrained is not None:
+                load.weights = pretrained
+            else:
+                load.directory, load.tag = resolve_load(ck.load)
+        if load.weights is not None:
+            load_start_weights(engine, cfg.model, load.weights)
+            load.weights = None  # loaded: free the host copy
             return TrainState()
-        directory, tag = resolve_load(ck.load)
+        directory, tag = load.directory, load.tag
+        where, hint = f"checkpoint.load={ck.load} ({tag})", _LOAD_HINT
         verify_or_raise(directory, tag)
     if tag is None:
         if start is not None:
             load_start_weights(engine, cfg.model, start)
         return TrainState()
+    check_checkpoint_model(cfg, directory, tag, where, hint)
     loaded = checkpoints.load(directory, tag)
     state = TrainState(
         step=int(loaded.client["step"]), consumed_samples=int(loaded.client["consumed_samples"])
@@ -433,7 +535,8 @@ def build_run(
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg)
     if indexed:
-        check_data_paths(cfg)
+        check_data_paths(cfg, tokenizer.vocab_size)
+    load = resolve_load_source(cfg)
     ctx = start_process_groups(cfg)
     log0(keep_freed_memory(ctx.device, cfg.train.keep_freed_memory))
     log0(cpu_matmul_note(cfg.train.cpu_matmul, ctx.device))
@@ -444,7 +547,7 @@ def build_run(
         checkpoint_dir(cfg.run.dir), cfg.checkpoint, engine.checkpoint_state()
     )
     watchdog.mark("resume")
-    state = resume(cfg, ctx, engine, checkpoints, start)
+    state = resume(cfg, ctx, engine, checkpoints, start, load)
     if start is not None:
         start.tensors = {}  # loaded, or superseded by a checkpoint: free the host copy
     watchdog.mark("data", state.step)

@@ -76,3 +76,20 @@ def test_damaged_record_names_the_file(tmp_path, data):
     Path(vocab_path(prefix)).write_text("{not json")
     with pytest.raises(DataError, match=r"ds.vocab.json: unreadable vocabulary record"):
         check_vocab(prefix, 100, "data.paths[0]")
+
+
+def test_a_dataset_of_a_smaller_tokenizer_is_refused(tmp_path):
+    """Ids of a 512-token tokenizer read with a 700-token one: every id fits, and means another
+    token. The recorded size must equal the tokenizer's, not merely fit under it."""
+    from megagpt.data.indexed import IndexedDatasetWriter
+
+    prefix = str(tmp_path / "ds")
+    with IndexedDatasetWriter(prefix, np.dtype(np.uint16), vocab_size=512) as w:
+        w.add_document(np.array([5, 511, 7]))
+    check_vocab(prefix, 512, "data.paths[0]")
+    with pytest.raises(
+        DataError,
+        match=rf"data.paths\[0\]={prefix}: preprocessed with a tokenizer of 512 tokens "
+        r"\(recorded in ds.vocab.json, largest id 511\), but data.tokenizer has 700",
+    ):
+        check_vocab(prefix, 700, "data.paths[0]")

@@ -204,3 +204,137 @@ def test_start_weights_of_another_model_are_refused_naming_each_key(tmp_path):
     assert "model.hidden_size: 64 here, 128 there" in str(err.value)
     assert "finetune.init_from='/models/a'" in str(err.value)
     assert engine.loaded == []
+
+
+# -- where the weights come from: checked before any process group starts ------------------------
+
+
+class _ProcessGroupsStarted(Exception):
+    """Raised in place of starting process groups: setup got past every check."""
+
+
+def _no_process_groups(monkeypatch) -> None:
+    def start(cfg):
+        raise _ProcessGroupsStarted
+
+    monkeypatch.setattr(setup, "start_process_groups", start)
+
+
+def _run_cfg(tmp_path, **model) -> Config:
+    import dataclasses
+
+    from tests.unit.checkpoint.conftest import small_config
+
+    cfg = Config()
+    cfg.model = dataclasses.replace(small_config(**model))
+    cfg.optim.lr = 1e-3
+    cfg.train.global_batch_size, cfg.train.micro_batch_size = 2, 1
+    cfg.run.dir = str(tmp_path / "run")
+    return cfg
+
+
+def _training_checkpoint(directory, *, tp: int = 1, **model) -> str:
+    """A committed training checkpoint (``latest`` + step_0000000) of a small GPT ``model``."""
+    from megagpt.checkpoint.convert import Source, write_training
+    from tests.unit.checkpoint.conftest import random_state, small_config
+
+    cfg = small_config(**model)
+    return write_training(str(directory), Source("megagpt", cfg, random_state(cfg)), tp=tp, pp=1)
+
+
+def _build(cfg: Config) -> None:
+    # Fine-tuning's entry (tokenizer and datasets given): no tokenizer file or data needed.
+    setup.build_run(cfg, types.SimpleNamespace(), tokenizer=object(), datasets=(None, None))
+
+
+def test_checkpoint_load_of_another_model_is_refused_before_any_process_group(
+    tmp_path, monkeypatch
+):
+    _no_process_groups(monkeypatch)
+    src = tmp_path / "src"
+    _training_checkpoint(src / "checkpoints", num_layers=4, activation="gelu")
+    cfg = _run_cfg(tmp_path, num_layers=2)
+    cfg.checkpoint.load = str(src)
+    with pytest.raises(ConfigError) as err:
+        _build(cfg)
+    msg = str(err.value)
+    assert (
+        f"checkpoint.load={src} (step_0000000): model.num_layers=2 but the checkpoint was "
+        "trained with 4" in msg
+    )
+    assert "model.activation=gelu_tanh but the checkpoint was trained with gelu" in msg
+    assert "hidden_size" not in msg  # only the keys that differ
+    assert not (tmp_path / "run").exists()  # nothing written to run.dir
+
+
+def test_the_runs_own_checkpoint_of_another_model_is_refused_before_any_process_group(
+    tmp_path, monkeypatch
+):
+    _no_process_groups(monkeypatch)
+    _training_checkpoint(tmp_path / "run" / "checkpoints", layernorm_eps=1e-12)
+    cfg = _run_cfg(tmp_path, layernorm_eps=1e-5)
+    cfg.checkpoint.load = str(tmp_path / "never-read")  # the run's own checkpoint comes first
+    with pytest.raises(ConfigError) as err:
+        _build(cfg)
+    assert (
+        f"run.dir={tmp_path / 'run'} (checkpoints/step_0000000): model.layernorm_eps=1e-05 "
+        "but the checkpoint was trained with 1e-12" in str(err.value)
+    )
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_a_new_layout_dropout_or_sequence_length_may_resume_a_checkpoint(tmp_path, monkeypatch):
+    """Resharding (another TP size), dropout and a shorter sequence leave the weights' shapes
+    and function alone: the checks let the run go on to its process groups."""
+    _no_process_groups(monkeypatch)
+    _training_checkpoint(tmp_path / "src", tp=2)
+    cfg = _run_cfg(tmp_path, dropout=0.1, attention_dropout=0.1, seq_length=16)
+    cfg.checkpoint.load = str(tmp_path / "src")
+    with pytest.raises(_ProcessGroupsStarted):
+        _build(cfg)
+
+
+@pytest.mark.parametrize(
+    "layout, error",
+    [
+        ("missing", r"checkpoint.load=.*nowhere.*does not exist"),
+        ("empty", r"checkpoint.load=.*nowhere.*not a checkpoint megagpt knows"),
+        ("dangling", r"checkpoint.load=.*nowhere.*latest names checkpoint 'step_0000009'"),
+        ("no_record", r"checkpoint.load=.*step_0000001.*no layout-free record"),
+    ],
+)
+def test_a_wrong_checkpoint_load_is_refused_before_any_process_group(
+    tmp_path, monkeypatch, layout, error
+):
+    _no_process_groups(monkeypatch)
+    where = tmp_path / "nowhere"
+    if layout == "empty":
+        where.mkdir()
+    elif layout == "dangling":
+        (where / "checkpoints").mkdir(parents=True)
+        (where / "checkpoints" / "latest").write_text("step_0000009\n")
+    elif layout == "no_record":
+        where = where / "checkpoints" / "step_0000001"
+        where.mkdir(parents=True)
+    cfg = _run_cfg(tmp_path)
+    cfg.checkpoint.load = str(where)
+    with pytest.raises(ConfigError, match=error):
+        _build(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_refuses_an_older_checkpoint_of_another_model(tmp_path):
+    """After the process groups: the checkpoint resume_tag picked (it may fall back past a
+    damaged newest one) is checked again before anything is loaded."""
+    _training_checkpoint(tmp_path / "checkpoints", num_layers=4)
+    cfg = _run_cfg(tmp_path, num_layers=2)
+    ctx = types.SimpleNamespace(pp_rank=0, tp_rank=0)
+    loaded = []
+    checkpoints = types.SimpleNamespace(
+        directory=str(tmp_path / "checkpoints"), load=lambda d, t: loaded.append(t)
+    )
+    with pytest.raises(
+        ConfigError, match="model.num_layers=2 but the checkpoint was trained with 4"
+    ):
+        setup.resume(cfg, ctx, _Engine(), checkpoints)
+    assert loaded == []
