@@ -1,7 +1,9 @@
 """YAML recipes -> the typed config tree, strictly.
 
-Unknown keys and wrong types are errors naming the key and ``file:line``. Dotted ``KEY=VALUE``
-overrides from the command line go through the same checks.
+Unknown keys, wrong types and duplicate keys are errors naming the key and ``file:line``; an
+empty section (``train:`` with nothing under it) keeps its defaults. Dotted ``KEY=VALUE``
+overrides from the command line go through the same checks (a key given twice there: the last
+one wins, as with any command line).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from megagpt.config.schema import Config, to_dict
+from megagpt.config.schema import SECTIONS, Config, to_dict
 from megagpt.errors import MegagptError
 
 
@@ -34,6 +36,33 @@ def _line_map(node: yaml.Node | None, prefix: str, out: dict[str, int]) -> None:
         key = f"{prefix}{key_node.value}"
         out[key] = key_node.start_mark.line + 1
         _line_map(value_node, key + ".", out)
+
+
+def _check_duplicates(node: yaml.Node | None, prefix: str, path: Path, seen: set[int]) -> None:
+    """Raise ConfigError at the second of two equal keys in any mapping of a composed document.
+
+    PyYAML keeps the last of duplicate keys silently; a recipe that sets ``train.steps`` twice
+    (or has two ``train:`` sections) almost always means one of them is a leftover.
+    """
+    if node is None or id(node) in seen:  # an alias repeats a node already checked
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            line = key_node.start_mark.line + 1
+            name = str(key_node.value)
+            if key_node.tag != "tag:yaml.org,2002:merge":  # "<<: *base" merges, it is no key
+                if name in first:
+                    raise ConfigError(
+                        f"{path}:{line}: duplicate key '{prefix}{name}' "
+                        f"(also at line {first[name]})"
+                    )
+                first[name] = line
+            _check_duplicates(value_node, f"{prefix}{name}.", path, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicates(item, f"{prefix.removesuffix('.')}[{i}].", path, seen)
 
 
 def _coerce(value: Any, typ: Any, key: str, where: str) -> Any:
@@ -112,6 +141,7 @@ def load_yaml(path: str | Path) -> list[tuple[str, Any, str]]:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    _check_duplicates(node, "", path, set())
     if data is None:
         return []
     if not isinstance(data, dict):
@@ -121,8 +151,19 @@ def load_yaml(path: str | Path) -> list[tuple[str, Any, str]]:
     items = []
     for section, body in data.items():
         where = f"{path}:{lines.get(str(section), 0)}"
+        if str(section) in SECTIONS and body is None:
+            # `train:` with every line below it commented out: the section's defaults, as an
+            # empty file means every default (an error here would only make the user delete
+            # the header too).
+            continue
+        if str(section) in SECTIONS and not isinstance(body, dict):
+            raise ConfigError(
+                f"{where}: section '{section}' must be a mapping of its keys (indented "
+                f"'key: value' lines below '{section}:'), got {body!r} "
+                f"({type(body).__name__})"
+            )
         if not isinstance(body, dict):
-            items.append((str(section), body, where))  # reported by _apply as unknown / malformed
+            items.append((str(section), body, where))  # _apply names the unknown section
             continue
         for key, value in body.items():
             dotted = f"{section}.{key}"

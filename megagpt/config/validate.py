@@ -7,8 +7,11 @@ and the DeepSpeed config (``engine/ds_config.py``) use it.
 
 from __future__ import annotations
 
+import functools
+import math
+
 from megagpt.config.loader import ConfigError
-from megagpt.config.schema import Config, ParallelConfig, TrainConfig
+from megagpt.config.schema import Config, DataConfig, ParallelConfig, TrainConfig
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:
@@ -47,6 +50,155 @@ def grad_accumulation_steps(cfg: Config, world_size: int, global_batch: int | No
     return accumulation_steps(gb, cfg.train.micro_batch_size, data_parallel_size(cfg, world_size))
 
 
+def _finite(value: float) -> bool:
+    # An int is finite (math.isfinite would overflow on one past float's range).
+    return isinstance(value, int) or math.isfinite(value)
+
+
+def _at_least(key: str, value: float, low: float, *, strict: bool = False, when: str = "") -> list:
+    """[] when ``value`` is finite and >= ``low`` (> with ``strict``), else the problem, naming
+    ``key`` and the value; ``when`` names the setting that makes the bound apply."""
+    if _finite(value) and (value > low if strict else value >= low):
+        return []
+    number = "a finite number " if isinstance(value, float) else ""
+    return [f"{key} must be {number}{'>' if strict else '>='} {low:g}{when}, got {value!r}"]
+
+
+def _within(key: str, value: float, low: float, high: float, *, closed: bool = False) -> list:
+    """[] when ``low <= value < high`` (``<= high`` when ``closed``), else the problem."""
+    if _finite(value) and low <= value and (value <= high if closed else value < high):
+        return []
+    return [f"{key} must be in [{low:g}, {high:g}{']' if closed else ')'}, got {value!r}"]
+
+
+def _range_problems(cfg: Config) -> list[str]:
+    """Numbers out of their documented range (schema.py), NaN and infinity included.
+
+    Without these, torch's optimizer raises a bare ValueError after the process groups exist
+    (a NaN LR, beta2 >= 1), or the run goes on with a meaningless value (a negative init std,
+    a negative checkpoint interval saving every step).
+    """
+    m, o, t = cfg.model, cfg.optim, cfg.train
+    out: list[str] = []
+    out += _at_least("model.ffn_hidden_size", m.ffn_hidden_size, 0)  # 0 = 4 * hidden_size
+    out += _at_least("model.layernorm_eps", m.layernorm_eps, 0, strict=True)
+    for key in ("dropout", "attention_dropout"):
+        out += _within(f"model.{key}", getattr(m, key), 0, 1)
+    out += _at_least("model.init_std", m.init_std, 0, strict=True)
+    if o.schedule == "constant":  # the LR never moves: 0 trains nothing, but is no error
+        out += _at_least("optim.lr", o.lr, 0, when=" with optim.schedule=constant")
+    else:
+        out += _at_least("optim.lr", o.lr, 0, strict=True)
+    out += _within("optim.min_lr_ratio", o.min_lr_ratio, 0, 1, closed=True)
+    out += _at_least("optim.warmup_tokens", o.warmup_tokens, 0)  # 0 = no warmup
+    out += _at_least("optim.decay_tokens", o.decay_tokens, 0, strict=True)
+    if o.schedule == "noam":  # min(s^-0.5, s * W^-1.5): W = 0 divides by zero
+        out += _at_least("optim.warmup_steps", o.warmup_steps, 1, when=" with optim.schedule=noam")
+    else:
+        out += _at_least("optim.warmup_steps", o.warmup_steps, 0)
+    for key in ("beta1", "beta2"):
+        out += _within(f"optim.{key}", getattr(o, key), 0, 1)
+    out += _at_least("optim.eps", o.eps, 0, strict=True)
+    out += _at_least("optim.weight_decay", o.weight_decay, 0)
+    out += _at_least("optim.clip_grad", o.clip_grad, 0)  # 0 = no clipping
+    out += _at_least("train.steps", t.steps, 0)
+    out += _at_least("train.seed", t.seed, 0)  # NumPy's generators take no negative seed
+    out += _at_least("train.log_interval", t.log_interval, 1)
+    out += _at_least("train.eval_interval", t.eval_interval, 0)  # 0 = no validation
+    out += _at_least("train.eval_iters", t.eval_iters, 0)
+    out += _at_least("train.initial_loss_scale", t.initial_loss_scale, 0, strict=True)
+    out += _at_least("train.loss_scale_window", t.loss_scale_window, 1)
+    out += _at_least("train.max_bad_steps", t.max_bad_steps, 1)
+    out += _at_least("train.rewind_on_bad_steps", t.rewind_on_bad_steps, 0)  # 0 = stop
+    k = t.loss_spike_factor
+    if not (_finite(k) and (k == 0 or k > 1)):
+        # k <= 1 would call about every other ordinary step a spike.
+        out.append(f"train.loss_spike_factor must be 0 (off) or > 1, got {k!r}")
+    out += _at_least("checkpoint.interval", cfg.checkpoint.interval, 0)  # 0 = only at the end
+    out += _at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 1)
+    out += _at_least("logging.peak_tflops", cfg.logging.peak_tflops, 0)  # 0 = look it up
+    return out
+
+
+def _data_problems(d: DataConfig, t: TrainConfig, seq_length: int) -> list[str]:
+    """data.paths, data.weights (or data.weights_schedule), data.split and the validation
+    they feed, checked by the same rules as the data code (megagpt/data) applies later."""
+    from megagpt.data.blending import normalize_weights, parse_weights_schedule
+    from megagpt.data.errors import DataError
+    from megagpt.data.gpt_dataset import parse_split
+
+    out: list[str] = []
+    if not d.paths:
+        out.append(
+            "data.paths is empty: give indexed dataset prefixes (made by `megagpt preprocess`)"
+        )
+    for i, prefix in enumerate(d.paths):
+        if not isinstance(prefix, str) or not prefix:
+            out.append(
+                f"data.paths[{i}] must be a dataset prefix (PREFIX of PREFIX.bin/.idx), got "
+                f"{prefix!r}"
+                + (
+                    "; Megatron-style [weight, prefix, ...] lists are not read here: put "
+                    "the weights in data.weights"
+                    if isinstance(prefix, (int, float))
+                    else ""
+                )
+            )
+    if d.weights:
+        if len(d.weights) != len(d.paths):
+            out.append(f"data.weights has {len(d.weights)} entries for {len(d.paths)} data.paths")
+        not_numbers = False
+        for i, w in enumerate(d.weights):
+            if isinstance(w, bool) or not isinstance(w, (int, float)):
+                not_numbers = True
+                out.append(f"data.weights[{i}] must be a number, got {w!r}{_yaml_text_hint(w)}")
+        if not not_numbers:
+            try:  # the builder's own rule: finite, non-negative, a positive sum
+                normalize_weights(list(d.weights), "data.weights")
+            except DataError as e:
+                out.append(str(e))
+    if d.weights_schedule:
+        if d.weights:
+            out.append("set data.weights or data.weights_schedule, not both")
+        try:
+            parse_weights_schedule(d.weights_schedule, len(d.paths), seq_length)
+        except DataError as e:
+            out.append(str(e))
+    try:
+        split = parse_split(d.split)  # the parser build_gpt_datasets uses
+    except DataError as e:
+        out.append(f"data.split: {e}")
+    else:
+        if not all(math.isfinite(v) for v in split):  # "inf,1" parses, then divides inf/inf
+            out.append(f"data.split {d.split!r}: every part must be a finite number")
+        elif split[1] == 0 and t.eval_interval > 0 and t.eval_iters > 0:
+            out.append(
+                f"data.split {d.split!r} has no validation part (its second number is 0) but "
+                f"train.eval_interval={t.eval_interval} asks for validation: give it one "
+                "(e.g. '969,30,1') or set train.eval_interval=0"
+            )
+    if t.eval_interval > 0 and t.eval_iters == 0:
+        out.append(
+            f"train.eval_iters=0 with train.eval_interval={t.eval_interval}: validation would "
+            "run no batches; set train.eval_iters >= 1, or train.eval_interval=0 for no "
+            "validation"
+        )
+    if not d.tokenizer:
+        out.append("data.tokenizer is empty")
+    return out
+
+
+def _yaml_text_hint(value: object) -> str:
+    """For a number YAML read as text (``1e-1``: YAML 1.1 wants a dot), how to write it."""
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return ""
+        return " (YAML reads a number without a dot such as 1e-1 as text: write 1.0e-1 or 0.1)"
+    return ""
+
+
 def problems(
     cfg: Config, world_size: int, *, cuda: bool | None = None, need_data: bool = True
 ) -> list[str]:
@@ -75,9 +227,7 @@ def problems(
             f"model.seq_length ({m.seq_length}) exceeds model.max_position_embeddings "
             f"({m.max_position_embeddings})"
         )
-    for key in ("dropout", "attention_dropout"):
-        if not 0.0 <= getattr(m, key) < 1.0:
-            out.append(f"model.{key} must be in [0, 1)")
+    out += _range_problems(cfg)
     if p.tensor < 1 or p.pipeline < 1:
         out.append("parallel.tensor and parallel.pipeline must be >= 1")
         return out
@@ -145,10 +295,6 @@ def problems(
                 "train.rampup_batch_size: start and increment must be multiples of "
                 "micro x DP, and (global - start) a multiple of increment"
             )
-    if t.steps < 0:
-        out.append("train.steps must be >= 0")
-    if t.log_interval < 1:
-        out.append("train.log_interval must be >= 1")
     if t.device == "cuda" and cuda is False:
         out.append("train.device=cuda but CUDA is not available")
     on_cpu = t.device == "cpu" or (t.device == "auto" and cuda is False)
@@ -161,41 +307,13 @@ def problems(
             f"parallel.timeout_s must be >= 0 seconds (0 = the backend's default), got "
             f"{p.timeout_s}"
         )
-    if o.lr <= 0 and o.schedule != "constant":
-        out.append("optim.lr must be > 0")
-    if not 0.0 <= o.min_lr_ratio <= 1.0:
-        out.append("optim.min_lr_ratio must be in [0, 1]")
     if o.schedule in ("cosine", "linear") and o.decay_tokens <= o.warmup_tokens:
         out.append(
             f"optim.decay_tokens ({o.decay_tokens:g}) must exceed optim.warmup_tokens "
             f"({o.warmup_tokens:g})"
         )
     if need_data:
-        if not cfg.data.paths:
-            out.append(
-                "data.paths is empty: give indexed dataset prefixes (made by `megagpt preprocess`)"
-            )
-        if cfg.data.weights and len(cfg.data.weights) != len(cfg.data.paths):
-            out.append(
-                f"data.weights has {len(cfg.data.weights)} entries for "
-                f"{len(cfg.data.paths)} data.paths"
-            )
-        if cfg.data.weights_schedule:
-            from megagpt.data.blending import parse_weights_schedule
-            from megagpt.data.errors import DataError
-
-            if cfg.data.weights:
-                out.append("set data.weights or data.weights_schedule, not both")
-            try:
-                parse_weights_schedule(
-                    cfg.data.weights_schedule, len(cfg.data.paths), cfg.model.seq_length
-                )
-            except DataError as e:
-                out.append(str(e))
-        if not cfg.data.tokenizer:
-            out.append("data.tokenizer is empty")
-    if cfg.checkpoint.keep_last < 1:
-        out.append("checkpoint.keep_last must be >= 1")
+        out += _data_problems(cfg.data, t, m.seq_length)
     if t.compile == "always" and cuda is False:
         import os
         import shutil
@@ -225,7 +343,8 @@ def _eval_task_problems(t: TrainConfig, p: ParallelConfig) -> list[str]:
     if not t.eval_tasks:
         return []
     out = []
-    if not all(isinstance(n, str) and n.strip() for n in t.eval_tasks):
+    names_ok = all(isinstance(n, str) and n.strip() for n in t.eval_tasks)
+    if not names_ok:
         out.append(f"train.eval_tasks must be a list of lm-eval task names, got {t.eval_tasks!r}")
     if t.eval_interval <= 0:
         out.append("train.eval_tasks needs train.eval_interval > 0 (tasks run at validation)")
@@ -245,7 +364,23 @@ def _eval_task_problems(t: TrainConfig, p: ParallelConfig) -> list[str]:
         )
     if importlib.util.find_spec("lm_eval") is None:
         out.append('train.eval_tasks needs lm-evaluation-harness: pip install -e ".[eval]"')
+    elif names_ok:
+        unknown = list(_unknown_eval_tasks(tuple(t.eval_tasks)))
+        if unknown:
+            out.append(
+                f"train.eval_tasks: unknown lm-eval task(s) {unknown}; list lm-eval's with "
+                "`lm_eval ls tasks` (megagpt's own are in megagpt/evaluation/tasks)"
+            )
     return out
+
+
+@functools.lru_cache(maxsize=16)  # the planner calls problems() once per candidate layout
+def _unknown_eval_tasks(names: tuple[str, ...]) -> tuple[str, ...]:
+    """The ``names`` that training's evaluation would not find (``harness.find_tasks``, the
+    lookup its ``task_manager`` raises from, worded there for ``megagpt eval``'s flags)."""
+    from megagpt.evaluation.harness import find_tasks
+
+    return tuple(find_tasks(list(names))[1])
 
 
 def validate(

@@ -268,18 +268,24 @@ def _cut(text: str, until: list[str]) -> str:
     return text[:end]
 
 
-def task_manager(names: list[str], include_path: list[str] | None = None):
-    """An lm-eval TaskManager that finds ``names``: the bundled tasks and ``include_path``
-    alone when they hold every name (indexing lm-eval's thousands of default tasks takes
-    seconds), else those plus lm-eval's own."""
+def find_tasks(names: list[str], include_path: list[str] | None = None):
+    """(an lm-eval TaskManager, the ``names`` it does not know): the bundled tasks and
+    ``include_path`` alone when they hold every name (indexing lm-eval's thousands of default
+    tasks takes seconds), else those plus lm-eval's own."""
     from lm_eval.tasks import TaskManager
 
     paths = [TASKS_DIR, *(include_path or [])]
     tm = TaskManager(include_path=paths, include_defaults=False)
     if all(n in tm.all_tasks for n in names):
-        return tm
+        return tm, []
     tm = TaskManager(include_path=paths, include_defaults=True)
-    missing = [n for n in names if n not in tm.all_tasks]
+    return tm, [n for n in names if n not in tm.all_tasks]
+
+
+def task_manager(names: list[str], include_path: list[str] | None = None):
+    """An lm-eval TaskManager that finds ``names`` (``find_tasks``); EvalError naming the
+    ``--tasks`` it does not know."""
+    tm, missing = find_tasks(names, include_path)
     if missing:
         raise EvalError(
             f"--tasks: unknown lm-eval task(s) {missing}; list them with "
