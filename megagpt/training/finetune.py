@@ -95,6 +95,13 @@ def prepare(cfg: Config) -> Prepared:
         problems.append("finetune.seq_length must be >= 2")
     if ft.eval_batch_size < 1:
         problems.append("finetune.eval_batch_size must be >= 1")
+    if ft.eval_max_new_tokens < 1:
+        problems.append(f"finetune.eval_max_new_tokens must be >= 1, got {ft.eval_max_new_tokens}")
+    if ft.eval_generate_limit < 0:
+        problems.append(
+            f"finetune.eval_generate_limit must be >= 0 (0 = every sample), got "
+            f"{ft.eval_generate_limit}"
+        )
     if t.rampup_batch_size:
         problems.append(
             "train.rampup_batch_size is not supported by fine-tuning (epochs are "
