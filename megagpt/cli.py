@@ -150,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="megagpt: training checkpoint for this TP size; modelscope: number of shards",
     )
     p.add_argument("--pp", type=int, help="megagpt: training checkpoint for this many stages")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty --output (the old one is removed once the new one is complete)",
+    )
     p.set_defaults(func=cmd_convert)
 
     from megagpt.data.cli import add_preprocess_parser, add_tokenizer_parser

@@ -14,7 +14,11 @@ directory (either family) and a Hugging Face GPT-2 directory. Outputs:
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
+import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,9 +146,100 @@ def write_training(directory: str, src: Source, tp: int, pp: int) -> str:
     return str(out / tag)
 
 
-def convert(input: str, output: str, to: str, tp: int | None = None, pp: int | None = None) -> str:
+def check_output(input: str, output: str, overwrite: bool = False) -> None:
+    """CheckpointError, before anything is read or written, when writing ``output`` could
+    destroy data: it is the input, lies inside it or holds it (however spelt: relative,
+    ``..``, symlinks), it is a file, or it is a non-empty directory and ``overwrite`` is off."""
+    src, dst = Path(input).resolve(), Path(output).resolve()
+    if dst == src or src in dst.parents or dst in src.parents:
+        relation = (
+            "is the input"
+            if dst == src
+            else "lies inside the input"
+            if src in dst.parents
+            else "holds the input"
+        )
+        raise CheckpointError(
+            f"--output {output} {relation} (--input {input}, at {src}): writing there would "
+            "destroy the checkpoint being read; choose another directory"
+        )
+    if dst.exists() and not dst.is_dir():
+        raise CheckpointError(f"--output {output} is a file; give a directory")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise CheckpointError(
+            f"--output {output} already exists and is not empty; pass --overwrite to replace it"
+        )
+
+
+def _write(
+    src: Source, directory: Path, output: str, to: str, tp: int | None, pp: int | None
+) -> str:
+    """Write ``src`` as ``to`` into ``directory``; the summary names ``output`` (where the
+    files will be once moved into place)."""
+    if to == "megagpt" and (tp or pp):
+        where = Path(write_training(str(directory), src, tp or 1, pp or 1))
+        moments = "with" if src.record is not None else "without"
+        return (
+            f"training checkpoint {Path(output) / where.relative_to(directory)} (TP={tp or 1}, "
+            f"PP={pp or 1}, {moments} optimizer state)"
+        )
+    if to == "megagpt":
+        write_model_dir(str(directory), src)
+        return f"megagpt model directory {output}"
+    if to == "modelscope":
+        shards = modelscope.write(
+            str(directory), src.cfg, src.tensors, tp=tp or 1, tokenizer=src.tokenizer
+        )
+        return f"ModelScope 1.3B+ layout {output} ({len(shards)} shards)"
+    hf.write(str(directory), src.cfg, src.tensors, tokenizer=src.tokenizer)
+    return f"Hugging Face GPT2LMHeadModel {output}"
+
+
+def _replace_dir(target: Path, output: str, fill: Callable[[Path], str]) -> str:
+    """``fill(tmp)`` on a new sibling folder of ``target``, then the folder put in place of
+    ``target``: an old output is moved aside only once the new one is complete (a failed or
+    killed conversion leaves it as it was), and removed last. Returns what ``fill`` returns."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stem = f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = target.parent / f"{stem}.converting"
+    tmp.mkdir()
+    try:
+        summary = fill(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = target.parent / f"{stem}.replaced" if target.exists() else None
+    try:
+        if old is not None:
+            os.rename(target, old)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if old is not None:
+                os.rename(old, target)
+            raise
+    except OSError as e:
+        raise CheckpointError(
+            f"--output {output}: could not move the converted files into place ({e}); the old "
+            f"output is unchanged and the new one is at {tmp}"
+        ) from None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return summary
+
+
+def convert(
+    input: str,
+    output: str,
+    to: str,
+    tp: int | None = None,
+    pp: int | None = None,
+    overwrite: bool = False,
+) -> str:
     """Convert ``input`` into ``to`` (megagpt / modelscope / hf) at ``output``; returns a
-    one-line summary."""
+    one-line summary. ``output`` must not be, lie inside or hold ``input``; a non-empty
+    ``output`` is replaced only with ``overwrite``, and only once the new one is complete
+    (``check_output``, ``_replace_dir``)."""
     if to == "hf" and (tp or pp):
         raise CheckpointError("--to hf takes no --tp/--pp: a Hugging Face model is unsharded")
     if to == "modelscope" and pp:
@@ -152,25 +247,15 @@ def convert(input: str, output: str, to: str, tp: int | None = None, pp: int | N
             "--to modelscope: ModelScope checkpoints have no pipeline "
             "stages; use --tp for the number of shards"
         )
+    if to not in ("megagpt", "modelscope", "hf"):
+        raise CheckpointError(f"--to {to!r}: expected one of megagpt, modelscope, hf")
+    detect(input)  # cheap (no tensors read): an --input that is no checkpoint is named first
+    check_output(input, output, overwrite)
     src = read(input)
-    Path(output).mkdir(parents=True, exist_ok=True)
-    if to == "megagpt" and (tp or pp):
-        where = write_training(output, src, tp or 1, pp or 1)
-        moments = "with" if src.record is not None else "without"
-        return (
-            f"{src.kind} {input} -> training checkpoint {where} (TP={tp or 1}, "
-            f"PP={pp or 1}, {moments} optimizer state)"
-        )
-    if to == "megagpt":
-        write_model_dir(output, src)
-        return f"{src.kind} {input} -> megagpt model directory {output}"
-    if to == "modelscope":
-        shards = modelscope.write(output, src.cfg, src.tensors, tp=tp or 1, tokenizer=src.tokenizer)
-        return f"{src.kind} {input} -> ModelScope 1.3B+ layout {output} ({len(shards)} shards)"
-    if to == "hf":
-        hf.write(output, src.cfg, src.tensors, tokenizer=src.tokenizer)
-        return f"{src.kind} {input} -> Hugging Face GPT2LMHeadModel {output}"
-    raise CheckpointError(f"--to {to!r}: expected one of megagpt, modelscope, hf")
+    summary = _replace_dir(
+        Path(output).resolve(), output, lambda tmp: _write(src, tmp, output, to, tp, pp)
+    )
+    return f"{src.kind} {input} -> {summary}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -181,7 +266,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"megagpt convert: error: --{flag} must be >= 1, got {value}", file=sys.stderr)
             return 2
     try:
-        print(convert(args.input, args.output, args.to, args.tp, args.pp))
+        overwrite = bool(getattr(args, "overwrite", False))
+        print(convert(args.input, args.output, args.to, args.tp, args.pp, overwrite))
     except (CheckpointError, FileNotFoundError) as e:
         print(f"megagpt convert: error: {e}", file=sys.stderr)
         return 2

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from collections.abc import Iterable
+
+from megagpt.errors import MegagptError
 
 
 def add_generate_parser(sub) -> None:
@@ -66,65 +70,175 @@ def add_generate_parser(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
-def _prompts(args: argparse.Namespace) -> list[str]:
-    prompts = list(args.prompt)
-    if args.input:
-        if args.input == "-":
-            prompts += [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
-        else:
-            with open(args.input, encoding="utf-8") as f:
-                prompts += [line.rstrip("\r\n") for line in f if line.strip()]
-    elif not prompts:
-        prompts = [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+class GenerateError(MegagptError, ValueError):
+    """A bad `megagpt generate` flag or prompt, named (flag, FILE:LINE or which --prompt)."""
+
+
+# The Python API's option names, as `megagpt generate` spells them.
+_FLAGS = {
+    "top_k": "--top-k",
+    "top_p": "--top-p",
+    "temperature": "--temperature",
+    "repetition_penalty": "--repetition-penalty",
+    "max_length": "--max-length",
+    "max_new_tokens": "--max-new-tokens",
+    "num_return_sequences": "--num-return-sequences",
+}
+_OPTION = re.compile(r"\b(" + "|".join(_FLAGS) + r")\b(?:=([^\s,;)]+))?")
+
+
+def _as_flags(message: str) -> str:
+    """A message of the Python API (``top_p must be ...``, ``top_k=1``) in the words of the
+    command line (``--top-p must be ...``, ``--top-k 1``). Only for messages that hold no path."""
+    return _OPTION.sub(lambda m: _FLAGS[m[1]] + (f" {m[2]}" if m[2] else ""), message)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """GenerateError naming the flag, before any model loads or process group starts (the
+    model directory's config.json is read for its vocabulary size, and checked on the way)."""
+    from megagpt.checkpoint import read_config
+    from megagpt.inference.sampling import make_params
+
+    for flag, value, least in (
+        ("--batch-size", args.batch_size, 1),
+        ("--max-new-tokens", args.max_new_tokens, 1),
+        ("--max-length", args.max_length, 1),
+        ("--num-return-sequences", args.num_return_sequences, 1),
+        ("--speculate", args.speculate, 0),
+    ):
+        if value is not None and value < least:
+            raise GenerateError(f"{flag} must be >= {least}, got {value}")
+    if args.max_length is not None and args.max_new_tokens is not None:
+        raise GenerateError(
+            "give --max-length (total, prompt included) or --max-new-tokens, not both"
+        )
+    params = make_params(args.top_k, args.top_p, args.temperature, args.repetition_penalty)
+    vocab_size = read_config(args.model).vocab_size  # its errors name config.json
+    try:
+        params.check(vocab_size)
+    except ValueError as e:
+        raise GenerateError(_as_flags(str(e))) from None
+    if args.num_return_sequences > 1 and params.greedy:
+        raise GenerateError(
+            f"--num-return-sequences {args.num_return_sequences} with greedy decoding "
+            "(--top-k 1) would print identical copies; sample instead"
+        )
+
+
+def _lines(lines: Iterable[bytes], where: str) -> list[tuple[str, str]]:
+    """(``where:LINE``, text) of each non-blank line; GenerateError at the first line that is
+    not UTF-8, naming it."""
+    out = []
+    for number, raw in enumerate(lines, 1):
+        try:
+            text = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            raise GenerateError(
+                f"{where}:{number}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte "
+                f"{e.start + 1} of the line); prompts are read as UTF-8, one per line"
+            ) from None
+        if text.strip():
+            out.append((f"{where}:{number}", text))
+    return out
+
+
+def _stdin_lines() -> list[tuple[str, str]]:
+    stream = getattr(sys.stdin, "buffer", None)  # bytes: a bad byte is named by its line
+    if stream is None:  # a text stream standing in for stdin (tests, notebooks)
+        return [(f"<stdin>:{n}", t.rstrip("\r\n")) for n, t in enumerate(sys.stdin, 1) if t.strip()]
+    return _lines(stream, "<stdin>")
+
+
+def _prompts(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(place, prompt) pairs: the place is ``--prompt #N``, ``--input FILE:LINE`` or
+    ``<stdin>:LINE``, for errors about that prompt."""
+    prompts = [(f"--prompt #{n}", p) for n, p in enumerate(args.prompt, 1)]
+    if args.input == "-" or (not args.input and not prompts):
+        prompts += _stdin_lines()
+    elif args.input:
+        try:
+            with open(args.input, "rb") as f:
+                prompts += _lines(f, f"--input {args.input}")
+        except FileNotFoundError:
+            raise GenerateError(f"--input {args.input}: does not exist") from None
+        except IsADirectoryError:
+            raise GenerateError(
+                f"--input {args.input}: is a directory; give a file with one prompt per line"
+            ) from None
+        except OSError as e:
+            raise GenerateError(f"--input {args.input}: cannot be read ({e.strerror})") from None
     if not prompts:
-        raise ValueError("no prompt: give --prompt TEXT, --input FILE or lines on stdin")
+        held = f" (--input {args.input} has only blank lines)" if args.input else ""
+        raise GenerateError(f"no prompt: give --prompt TEXT, --input FILE or lines on stdin{held}")
     return prompts
 
 
+def _check_room(pipe, prompts: list[tuple[str, str]], args: argparse.Namespace) -> None:
+    """GenerateError naming the prompt (FILE:LINE, --prompt #N) that leaves no room to
+    generate; needs the tokenizer, so it runs once the pipeline is built, before decoding."""
+    for where, prompt in prompts:
+        try:
+            ids = pipe.encode(prompt)
+            pipe.generator.limits([len(ids)], args.max_length, args.max_new_tokens)
+        except ValueError as e:
+            raise GenerateError(f"{where}: {_as_flags(str(e))}") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    """``megagpt generate``; user errors raise GenerateError (any MegagptError), which
+    ``megagpt.cli.main`` prints as one line tagged with the rank."""
+    # Everything that can be checked without the model first: before it loads, and before a
+    # torchrun world starts its process groups.
+    check_args(args)
+    placed = _prompts(args)
+    prompts = [p for _, p in placed]
     from megagpt.inference.pipeline import inference_context, pipeline
 
     try:
-        prompts = _prompts(args)
         ctx = inference_context(args.device)
         pipe = pipeline("text-generation", model=args.model, dtype=args.dtype, ctx=ctx)
-        if args.speculate is not None:
-            if args.speculate < 0:
-                raise ValueError(f"--speculate must be >= 0, got {args.speculate}")
-            pipe.generator.speculate = args.speculate
-        if args.compile:
+    except MegagptError:
+        raise
+    except ValueError as e:  # the loader's own checks (heads vs the torchrun world): named
+        raise GenerateError(str(e)) from None
+    if args.speculate is not None:
+        pipe.generator.speculate = args.speculate
+    if args.compile:
+        try:
             pipe.generator.use_compiled_step()
-        rank0 = ctx.rank == 0
-        kw = {
-            "max_length": args.max_length,
-            "max_new_tokens": args.max_new_tokens,
-            "top_k": args.top_k,
-            "top_p": args.top_p,
-            "temperature": args.temperature,
-            "repetition_penalty": args.repetition_penalty,
-            "seed": args.seed,
-        }
-        for prompt in prompts if args.stream else []:
-            shown = ""
-            # Each part extends the last and never ends inside a character (the stream holds
-            # unfinished UTF-8 bytes back), so printing the new suffix is all it takes.
-            for part in pipe.stream(prompt, **kw):
-                if rank0:
-                    print(part["text"][len(shown) :], end="", flush=True)
-                shown = part["text"]
+        except ValueError as e:
+            raise GenerateError(f"--compile: {e}") from None
+    _check_room(pipe, placed, args)
+    # Every option and prompt is checked by now: a ValueError from decoding is a bug, and
+    # shows as one (a traceback), not as a user error without its place.
+    rank0 = ctx.rank == 0
+    kw = {
+        "max_length": args.max_length,
+        "max_new_tokens": args.max_new_tokens,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "temperature": args.temperature,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+    }
+    for prompt in prompts if args.stream else []:
+        shown = ""
+        # Each part extends the last and never ends inside a character (the stream holds
+        # unfinished UTF-8 bytes back), so printing the new suffix is all it takes.
+        for part in pipe.stream(prompt, **kw):
             if rank0:
-                print(flush=True)
-        if args.stream:
-            return 0
-        outputs = pipe(
-            prompts,
-            num_return_sequences=args.num_return_sequences,
-            batch_size=args.batch_size,
-            **kw,
-        )
-    except ValueError as e:
-        print(f"megagpt generate: error: {e}", file=sys.stderr)
-        return 2
+                print(part["text"][len(shown) :], end="", flush=True)
+            shown = part["text"]
+        if rank0:
+            print(flush=True)
+    if args.stream:
+        return 0
+    outputs = pipe(
+        prompts,
+        num_return_sequences=args.num_return_sequences,
+        batch_size=args.batch_size,
+        **kw,
+    )
     if rank0:
         for prompt, out in zip(prompts, outputs):
             for o in out if isinstance(out, list) else [out]:

@@ -134,7 +134,9 @@ class TextGenerationPipeline:
         self.generator = generator
         self.tokenizer = tokenizer
 
-    def _encode(self, text: str) -> list[int]:
+    def encode(self, text: str) -> list[int]:
+        """The ids generation starts from for prompt ``text`` (an empty prompt: end of
+        document); ValueError when an empty prompt has none."""
         ids = self.tokenizer.encode(text)
         if not ids:
             # An empty prompt starts a new document, as in pretraining (decoding drops it).
@@ -163,9 +165,11 @@ class TextGenerationPipeline:
         single = isinstance(inputs, str)
         texts = [inputs] if single else list(inputs)
         params = make_params(top_k, top_p, temperature, repetition_penalty)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         out: list = []
-        for start in range(0, len(texts), max(1, batch_size)):
-            chunk = [self._encode(t) for t in texts[start : start + batch_size]]
+        for start in range(0, len(texts), batch_size):
+            chunk = [self.encode(t) for t in texts[start : start + batch_size]]
             ids = self.generator.generate(
                 chunk,
                 params,
@@ -204,7 +208,7 @@ class TextGenerationPipeline:
         character. The last part equals ``pipe(text, ...)``."""
         params = make_params(top_k, top_p, temperature, repetition_penalty)
         gen = self.generator
-        ids = self._encode(text)
+        ids = self.encode(text)
         limits = gen.limits([len(ids)], max_length, max_new_tokens)
         keys = None if params.greedy else gen.keys_for([ids], 1, seed)
         prompt_text = self.tokenizer.decode(ids)

@@ -13,6 +13,7 @@ of the batch, on the device's random state, or on how many draws came before.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,9 @@ class SamplingParams:
             raise ValueError(
                 f"top_k ({self.top_k}) must be smaller than the vocabulary ({vocab_size})"
             )
+        # Written so that NaN fails them: every comparison with NaN is False, so `x <= 0` would
+        # let it through (a NaN temperature or penalty turns every logit into NaN, and decoding
+        # then yields no text). Infinity is refused too: it is no temperature or penalty either.
         if not 0.0 <= self.top_p <= 1.0:
             raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
         if self.top_k > 1 and 0.0 < self.top_p < 1.0:
@@ -50,12 +54,15 @@ class SamplingParams:
                 f"top_k={self.top_k} and top_p={self.top_p} cannot be combined (as in "
                 "the original sampler): pass top_p=0 with top_k, or top_k=0"
             )
-        if self.temperature <= 0.0:
+        if not (math.isfinite(self.temperature) and self.temperature > 0.0):
             raise ValueError(
-                f"temperature must be > 0, got {self.temperature}; use top_k=1 for greedy decoding"
+                f"temperature must be a finite number > 0, got {self.temperature}; use top_k=1 "
+                "for greedy decoding"
             )
-        if self.repetition_penalty <= 0.0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0.0):
+            raise ValueError(
+                f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}"
+            )
 
 
 def make_params(

@@ -7,6 +7,7 @@ OpenAI API answers; the message says what was wrong and what is accepted.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from megagpt.inference.sampling import DEFAULT_NEW_TOKENS, SamplingParams, make_params
@@ -68,7 +69,16 @@ def _float(body: dict, name: str, default):
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RequestError(f"'{name}' must be a number, got {_type_name(value)} {value!r}", name)
-    return float(value)
+    # Python's JSON reader accepts NaN and Infinity (and integers of any size); a NaN passes
+    # every `x < 0`-style range check below (all its comparisons are False) and decodes to
+    # empty text.
+    try:
+        number, shown = float(value), str(value)
+    except OverflowError:
+        number, shown = math.inf, f"an integer of {len(str(value))} digits"
+    if not math.isfinite(number):
+        raise RequestError(f"'{name}' must be a finite number, got {shown}", name)
+    return number
 
 
 def _bool(body: dict, name: str, default: bool) -> bool:
@@ -251,6 +261,8 @@ def parse_completion(body, model_name: str, vocab_size: int) -> CompletionReques
     echo = _bool(body, "echo", False)
     # Accepted at their "off" values only (clients send them by default); anything else is
     # a feature this server does not have, said plainly rather than ignored.
+    for name in ("presence_penalty", "frequency_penalty"):
+        _float(body, name, 0.0)  # NaN/Infinity: the same 'finite number' error as above
     for name, off in (
         ("logprobs", None),
         ("presence_penalty", 0),

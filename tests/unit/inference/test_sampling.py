@@ -109,6 +109,14 @@ def test_invalid_options_name_the_option(kw, msg):
         make_params(**kw).check(vocab_size=100)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("name", ["temperature", "top_p", "repetition_penalty"])
+def test_non_finite_options_are_refused(name, value):
+    """NaN slips through ``x <= 0``-style checks: NaN logits then decode to no text at all."""
+    with pytest.raises(ValueError, match=f"^{name} must be"):
+        make_params(**{name: value}).check(vocab_size=100)
+
+
 def test_repetition_penalty_lowers_seen_tokens_only():
     logits = torch.tensor([[2.0, -1.0, 3.0, 0.5]])
     out = apply_repetition_penalty(logits, torch.tensor([[0, 1, 0]]), 2.0)

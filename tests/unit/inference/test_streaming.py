@@ -99,13 +99,15 @@ def test_complete_text_keeps_the_prompt():
     assert complete_text("ab" + BAD, keep=3) == "ab" + BAD
 
 
-def test_cli_stream_prints_whole_characters(tokenizer, monkeypatch, capsys):
+def test_cli_stream_prints_whole_characters(tokenizer, tiny_model_dir, monkeypatch, capsys):
     from megagpt.inference import cli, pipeline as pipeline_mod
 
     monkeypatch.setattr(pipeline_mod, "pipeline", lambda *a, **kw: scripted_pipe(tokenizer))
     parser = argparse.ArgumentParser()
     cli.add_generate_parser(parser.add_subparsers())
-    args = parser.parse_args(["generate", "--model", "unused", "--prompt", PROMPT, "--stream"])
+    # --model: a real directory, whose config.json the command checks before any loading.
+    argv = ["generate", "--model", tiny_model_dir, "--prompt", PROMPT, "--stream"]
+    args = parser.parse_args(argv)
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert out == PROMPT + CONTINUATION + "\n"

@@ -277,6 +277,41 @@ def test_bad_requests_name_the_field_and_the_server_keeps_serving(server, body, 
     assert complete(server, **good)["choices"] == before["choices"]
 
 
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1" + "0" * 400])
+@pytest.mark.parametrize(
+    "route, field",
+    [
+        ("/v1/completions", "temperature"),
+        ("/v1/completions", "top_p"),
+        ("/v1/completions", "repetition_penalty"),
+        ("/v1/completions", "presence_penalty"),
+        ("/v1/completions", "frequency_penalty"),
+        ("/generate", "temperature"),
+        ("/generate", "top_p"),
+        ("/generate", "repetition_penalty"),
+    ],
+)
+def test_non_finite_numbers_are_a_400_naming_the_field(server, route, field, value):
+    """Python's JSON reader takes NaN and Infinity (clients such as Python's own json send
+    them); a NaN temperature or penalty used to decode 'max_tokens' tokens of empty text with
+    HTTP 200, and an integer too large for a float was a 500. Sent as raw bytes: httpx's
+    json= refuses to encode NaN."""
+    prompt = '"prompt": "北京", "max_tokens": 4' if route != "/generate" else '"text": "北京"'
+    top_k = ', "top_k": 1' if field == "temperature" else ""  # greedy: the value is unused
+    for extra in ("", top_k):
+        r = httpx.post(
+            f"{server.url}{route}",
+            content=f'{{{prompt}, "{field}": {value}{extra}}}'.encode(),
+            headers={"content-type": "application/json"},
+            timeout=60,
+        )
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == field and field in error["message"], error
+        assert "finite" in error["message"], error
+    assert complete(server, prompt="北京", max_tokens=2, temperature=0)["choices"][0]["text"]
+
+
 def test_malformed_json_and_unknown_route(server):
     r = httpx.post(
         f"{server.url}/v1/completions",
