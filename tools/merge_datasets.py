@@ -68,26 +68,6 @@ def _open(prefix: str) -> indexed.IndexedDataset:
     return ds
 
 
-def _vocab_size(prefixes: list[str]) -> int | None:
-    """The tokenizer size the inputs record in PREFIX.vocab.json, when they all have one;
-    different sizes mean different tokenizers and are refused."""
-    reader = getattr(indexed, "vocab_record", None)  # megagpt >= the vocabulary records
-    if reader is None:
-        return None
-    records = {p: reader(p) for p in prefixes}
-    if any(r is None for r in records.values()):
-        return None
-    sizes = {r["vocab_size"] for r in records.values()}
-    if len(sizes) > 1:
-        listing = ", ".join(f"{p}: {r['vocab_size']}" for p, r in records.items())
-        raise DataError(
-            f"inputs were made with tokenizers of different sizes ({listing}); "
-            "their token ids mean different tokens: preprocess them with one "
-            "tokenizer"
-        )
-    return sizes.pop()
-
-
 def merge(
     inputs: list[str], output_prefix: str, *, overwrite: bool = False, log=print
 ) -> tuple[int, int]:
@@ -121,8 +101,9 @@ def merge(
             "with different tokenizers and cannot be merged"
         )
     dtype = dtypes.pop()
-    vocab = _vocab_size(prefixes)
-    kwargs = {"vocab_size": vocab} if vocab is not None else {}
+    # The tokenizer the inputs record (size, and fingerprint when every input has one): carried
+    # into the merge; different ones are refused, their ids meaning different tokens.
+    kwargs = indexed.merged_vocab(prefixes)
     with indexed.IndexedDatasetWriter(output_prefix, dtype, **kwargs) as writer:
         for ds in datasets:
             lengths = np.asarray(ds.sequence_lengths, dtype=np.int64)

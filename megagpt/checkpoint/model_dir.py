@@ -84,13 +84,28 @@ def write_config(directory: str, cfg: ModelConfig, extra: dict | None = None) ->
 
 
 def copy_tokenizer(directory: str, source: str) -> None:
-    """Copy a tokenizer (a file, or a folder's files) into ``directory/tokenizer/``."""
+    """Copy a tokenizer (a folder's files, or one file) into ``directory/tokenizer/``, where
+    ``build_tokenizer`` of that folder loads the same tokenizer (the same ids).
+
+    A single file goes with the settings file beside it (``megagpt_tokenizer.json``: e.g. a
+    vocabulary trained with the ``jieba`` segmenter encodes with it), under the name a folder
+    is searched for: ``x.json`` as ``tokenizer.json``, ``x.txt`` as ``vocab.txt`` (a
+    SentencePiece ``*.model`` keeps its name)."""
+    from megagpt.data.tokenizer import SIDECAR_NAME
+
     dest = Path(directory) / "tokenizer"
     dest.mkdir(parents=True, exist_ok=True)
     src = Path(source)
-    files = [src] if src.is_file() else [f for f in src.iterdir() if f.is_file()]
-    for f in files:
-        shutil.copy2(f, dest / f.name)
+    if src.is_dir():
+        for f in src.iterdir():
+            if f.is_file():
+                shutil.copy2(f, dest / f.name)
+        return
+    name = {".json": "tokenizer.json", ".txt": "vocab.txt"}.get(src.suffix, src.name)
+    shutil.copy2(src, dest / name)
+    sidecar = src.parent / SIDECAR_NAME
+    if sidecar.is_file() and src.name != SIDECAR_NAME:
+        shutil.copy2(sidecar, dest / SIDECAR_NAME)
 
 
 @torch.no_grad()

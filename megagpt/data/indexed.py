@@ -16,10 +16,17 @@ Implemented from the format, so that preprocessing does not import torch. Layout
 ``.bin`` is the tokens of all sequences back to back. megagpt writes one sequence per document.
 
 ``PREFIX.vocab.json`` (megagpt's own, next to them; megatron-core ignores it) records the size of
-the tokenizer the dataset was made with and the largest token id written, so training can check
-that the data was made with its tokenizer's size and fits its vocabulary without reading ``.bin``
-(``check_vocab``). Datasets
-without it (older ones, or from other tools) are scanned for their largest id instead.
+the tokenizer the dataset was made with, the largest token id written and, since the tokenizer
+fingerprints, which tokenizer it was (:class:`TokenizerRecord`)::
+
+    {"vocab_size": 4000, "max_token_id": 3999,
+     "tokenizer": {"fingerprint": "<sha256 hex>", "path": "/abs/tok/tokenizer.json",
+                   "settings": "jieba-bpe, segmenter rjieba"}}
+
+so training can check that the data was made with its tokenizer and fits its vocabulary without
+reading ``.bin`` (``check_vocab``). A record without ``tokenizer`` (older datasets) gets the size
+check only; datasets without a record (older ones, or from other tools) are scanned for their
+largest id instead.
 
 Writes are crash-safe: both files are written under temporary names and renamed into place at
 the end, ``.idx`` last, so an interrupted run never leaves a ``PREFIX.idx`` that describes a
@@ -28,15 +35,20 @@ different ``PREFIX.bin`` (and :class:`IndexedDataset` also checks the sizes agre
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 import numpy as np
 
 from megagpt.data.errors import DataError
+
+if TYPE_CHECKING:
+    from megagpt.data.tokenizer import Tokenizer
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -52,6 +64,39 @@ DTYPE_CODES: dict[int, type[np.number]] = {
     8: np.uint16,
 }
 _CODE_OF = {np.dtype(t): c for c, t in DTYPE_CODES.items()}
+
+
+# Hex digits of a fingerprint shown in messages (enough to tell tokenizers apart by eye).
+FINGERPRINT_SHORT = 8
+
+
+@dataclass(frozen=True)
+class TokenizerRecord:
+    """Which tokenizer made a dataset, as ``PREFIX.vocab.json`` records it.
+
+    ``fingerprint`` is the tokenizer's :attr:`Tokenizer.fingerprint` (SHA-256 hex of its files'
+    content and id-changing settings): the one field compared. ``path`` (where it was loaded
+    from) and ``settings`` (family and settings, e.g. ``"jieba-bpe, segmenter rjieba"``) only
+    make messages actionable.
+    """
+
+    fingerprint: str
+    path: str = ""
+    settings: str = ""
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer) -> TokenizerRecord:
+        """The record of a loaded :class:`megagpt.data.tokenizer.Tokenizer`."""
+        settings = ", ".join(x for x in (tokenizer.family, tokenizer.settings) if x)
+        return cls(tokenizer.fingerprint, os.path.abspath(tokenizer.path), settings)
+
+    def describe(self, with_path: bool = True) -> str:
+        """``fingerprint 3f2a9c1e: jieba-bpe, segmenter rjieba, from /abs/tok.json``."""
+        text = f"fingerprint {self.fingerprint[:FINGERPRINT_SHORT]}"
+        details = [self.settings] if self.settings else []
+        if with_path and self.path:
+            details.append(f"from {self.path}")
+        return text + (": " + ", ".join(details) if details else "")
 
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
@@ -175,11 +220,21 @@ class IndexedDatasetWriter:
     removed (:meth:`abort`) and any previous dataset at ``prefix`` is left as it was.
     """
 
-    def __init__(self, prefix: str, dtype: np.dtype, vocab_size: int | None = None) -> None:
+    def __init__(
+        self,
+        prefix: str,
+        dtype: np.dtype,
+        vocab_size: int | None = None,
+        tokenizer: TokenizerRecord | None = None,
+    ) -> None:
         """``vocab_size``: the tokenizer's size, recorded in ``PREFIX.vocab.json`` with the
-        largest id written (None: no record)."""
+        largest id written (None: no record); ``tokenizer``: which tokenizer it was, recorded
+        with them (needs ``vocab_size``)."""
+        if tokenizer is not None and vocab_size is None:
+            raise ValueError("a tokenizer record needs the tokenizer's vocab_size")
         self.prefix = prefix
         self.vocab_size = vocab_size
+        self.tokenizer = tokenizer
         self.max_token_id = -1
         self.dtype = np.dtype(dtype)
         if self.dtype not in _CODE_OF:
@@ -276,10 +331,11 @@ class IndexedDatasetWriter:
         self._lengths.close()
         os.unlink(self._tmp_lengths)
         if self.vocab_size is not None:
+            record: dict = {"vocab_size": int(self.vocab_size), "max_token_id": self.max_token_id}
+            if self.tokenizer is not None:
+                record["tokenizer"] = dataclasses.asdict(self.tokenizer)
             with open(self._tmp_vocab, "w", encoding="utf-8") as f:
-                json.dump(
-                    {"vocab_size": int(self.vocab_size), "max_token_id": self.max_token_id}, f
-                )
+                json.dump(record, f, ensure_ascii=False)
                 f.write("\n")
         # An old .idx next to the new .bin would look complete: remove it before the swap.
         if os.path.exists(idx_path(self.prefix)):
@@ -441,23 +497,80 @@ class ShardWriter:
 _SCAN_TOKENS = 128 * 1024 * 1024
 
 
+_FINGERPRINT_RE = re.compile(r"[0-9a-f]{64}")
+
+
 def vocab_record(prefix: str) -> dict | None:
-    """``PREFIX.vocab.json`` ({"vocab_size", "max_token_id"}), or None when there is none."""
+    """``PREFIX.vocab.json`` as ``{"vocab_size", "max_token_id"}``, plus ``"tokenizer"``
+    (``{"fingerprint", "path", "settings"}``, see :class:`TokenizerRecord`) when it records one;
+    None when there is no file."""
     path = vocab_path(prefix)
     if not os.path.isfile(path):
         return None
     try:
         with open(path, encoding="utf-8") as f:
             record = json.load(f)
-        return {
+        out: dict = {
             "vocab_size": int(record["vocab_size"]),
             "max_token_id": int(record["max_token_id"]),
         }
+        if record.get("tokenizer") is not None:
+            tok = record["tokenizer"]
+            fingerprint = tok["fingerprint"]
+            if not isinstance(fingerprint, str) or not _FINGERPRINT_RE.fullmatch(fingerprint):
+                raise ValueError(f"tokenizer fingerprint {fingerprint!r} is not 64 hex digits")
+            out["tokenizer"] = {
+                "fingerprint": fingerprint,
+                "path": str(tok.get("path", "")),
+                "settings": str(tok.get("settings", "")),
+            }
+        return out
     except (ValueError, KeyError, TypeError, OSError) as e:
         raise DataError(
             f"{path}: unreadable vocabulary record ({e}); delete it to have the "
             "dataset scanned instead, or preprocess again"
         ) from None
+
+
+def tokenizer_record(record: dict | None) -> TokenizerRecord | None:
+    """The :class:`TokenizerRecord` of a :func:`vocab_record` (None: none recorded)."""
+    if record is None or "tokenizer" not in record:
+        return None
+    return TokenizerRecord(**record["tokenizer"])
+
+
+def merged_vocab(prefixes: list[str]) -> dict:
+    """Keyword arguments for the :class:`IndexedDatasetWriter` of a merge of ``prefixes``:
+    ``vocab_size`` when every input records one, and ``tokenizer`` when every input records
+    the same tokenizer (an input without a fingerprint, from before them, leaves the size only).
+
+    Raises:
+        DataError: the inputs record different tokenizer sizes or fingerprints (their ids mean
+            different tokens), listing each input's.
+    """
+    records = {p: vocab_record(p) for p in prefixes}
+    if not records or any(r is None for r in records.values()):
+        return {}
+    sizes = {r["vocab_size"] for r in records.values() if r is not None}
+    if len(sizes) > 1:
+        listing = ", ".join(f"{p}: {r['vocab_size']}" for p, r in records.items() if r)
+        raise DataError(
+            f"inputs were made with tokenizers of different sizes ({listing}); their token ids "
+            "mean different tokens: preprocess them with one tokenizer"
+        )
+    kwargs: dict = {"vocab_size": sizes.pop()}
+    toks = {p: tokenizer_record(r) for p, r in records.items()}
+    if any(t is None for t in toks.values()):
+        return kwargs
+    if len({t.fingerprint for t in toks.values() if t is not None}) > 1:
+        listing = "; ".join(f"{p}: {t.describe()}" for p, t in toks.items() if t is not None)
+        raise DataError(
+            f"inputs were made with different tokenizers of {kwargs['vocab_size']} tokens "
+            f"({listing}); their token ids mean different tokens: preprocess them with one "
+            "tokenizer"
+        )
+    kwargs["tokenizer"] = toks[prefixes[0]]
+    return kwargs
 
 
 def max_token_id(prefix: str) -> int:
@@ -470,26 +583,45 @@ def max_token_id(prefix: str) -> int:
     return top
 
 
-def check_vocab(prefix: str, vocab_size: int, where: str) -> None:
-    """Raise DataError unless the dataset at ``prefix`` holds ids of a tokenizer of
-    ``vocab_size`` tokens (the tokenizer the data is read with, e.g. data.tokenizer; its true
-    size, not the model's padded vocabulary); ``where`` names it (e.g. ``data.paths[0]``).
+def check_vocab(
+    prefix: str,
+    vocab_size: int,
+    where: str,
+    tokenizer: TokenizerRecord | None = None,
+    name: str = "data.tokenizer",
+) -> None:
+    """Raise DataError unless the dataset at ``prefix`` holds ids of the tokenizer the data is
+    read with (``name``, e.g. ``data.tokenizer=tok``): ``vocab_size`` tokens (its true size,
+    not the model's padded vocabulary) and, when given, its ``tokenizer`` record (fingerprint);
+    ``where`` names the dataset (e.g. ``data.paths[0]``).
 
-    With ``PREFIX.vocab.json`` (free): the recorded tokenizer size must equal ``vocab_size``. A
-    dataset made with another tokenizer is refused even when its ids fit: they mean other
-    tokens (a smaller one's ids all fit a larger vocabulary). The record holds no fingerprint of
-    the tokenizer, so two tokenizers of one size are told apart by nothing. Without the record
-    (older datasets, other tools) ``.bin`` is scanned, and only ids past ``vocab_size`` can be
-    found."""
+    With ``PREFIX.vocab.json`` (free): the recorded tokenizer size must equal ``vocab_size``,
+    and a recorded fingerprint must equal ``tokenizer``'s. A dataset made with another
+    tokenizer is refused even when its ids fit: they mean other tokens (a smaller one's ids all
+    fit a larger vocabulary; another one of the same size fits exactly). A record without a
+    fingerprint (older datasets) gets the size check only. Without the record (older datasets,
+    other tools) ``.bin`` is scanned, and only ids past ``vocab_size`` can be found."""
     record = vocab_record(prefix)
+    recorded_in = os.path.basename(vocab_path(prefix))
     if record is not None and record["vocab_size"] != vocab_size:
         raise DataError(
             f"{where}={prefix}: preprocessed with a tokenizer of {record['vocab_size']} tokens "
-            f"(recorded in {os.path.basename(vocab_path(prefix))}, largest id "
-            f"{record['max_token_id']}), but data.tokenizer has {vocab_size}: the same ids "
+            f"(recorded in {recorded_in}, largest id "
+            f"{record['max_token_id']}), but {name} has {vocab_size}: the same ids "
             "would mean other tokens; preprocess it again with data.tokenizer, or train with "
             "the tokenizer it was made with"
         )
+    made_with = tokenizer_record(record)
+    if made_with is not None and tokenizer is not None:
+        if made_with.fingerprint != tokenizer.fingerprint:
+            raise DataError(
+                f"{where}={prefix}: preprocessed with another tokenizer "
+                f"({made_with.describe()}; recorded in {recorded_in}) than {name} "
+                f"({tokenizer.describe(with_path=False)}), although both have {vocab_size} "
+                "tokens: the same ids mean other tokens; preprocess it again with "
+                "data.tokenizer, or train with the tokenizer it was made with (or a model "
+                "directory's copy of it)"
+            )
     top = record["max_token_id"] if record is not None else max_token_id(prefix)
     if top >= vocab_size:
         raise DataError(

@@ -42,6 +42,7 @@ from megagpt.data.indexed import (
     IndexedDatasetWriter,
     Shard,
     ShardWriter,
+    TokenizerRecord,
     bin_path,
     dtype_for_vocab,
     idx_path,
@@ -351,6 +352,9 @@ def preprocess(
         raise DataError(
             f"{tokenizer_path}: tokenizer has no end-of-document token for --append-eod"
         )
+    # The tokenizer's fingerprint goes into PREFIX.vocab.json beside its size: training then
+    # refuses this data with another tokenizer of the same size (indexed.check_vocab).
+    record = TokenizerRecord.of(tok)
     dtype = dtype_for_vocab(tok.vocab_size)
     stats = PreprocessStats(dtype=dtype.name)
     bar = _progress_bar(progress)
@@ -359,7 +363,9 @@ def preprocess(
     shard_dir = None
     results = None
     try:
-        with IndexedDatasetWriter(output_prefix, dtype, vocab_size=tok.vocab_size) as writer:
+        with IndexedDatasetWriter(
+            output_prefix, dtype, vocab_size=tok.vocab_size, tokenizer=record
+        ) as writer:
             if workers == 1:
                 _init_worker(
                     tokenizer_path,

@@ -14,10 +14,18 @@ Three on-disk formats are supported, all loaded from local files (no hub access)
   ``▂`` and ``'\\n'`` to ``▃``, are joined by spaces and encoded by SentencePiece.
 
 :func:`build_tokenizer` detects the family from the path.
+
+Every tokenizer has a :attr:`Tokenizer.fingerprint`: a SHA-256 of what maps text to ids (the
+vocabulary / merges / model file's content and the settings that change ids, such as the
+segmenter), never of paths, so the same files copied elsewhere (a model directory's
+``tokenizer/``) give the same fingerprint. Preprocessing records it with a dataset and training
+refuses data made with another tokenizer of the same size (:func:`indexed.check_vocab`).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
 import json
 import os
@@ -26,7 +34,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 
 from megagpt.data.errors import DataError
-from megagpt.data.segment import get_segmenter
+from megagpt.data.segment import DEFAULT_SEGMENTER, get_segmenter
 
 # Sidecar written next to tokenizer.json by `megagpt tokenizer train`; records the segmenter the
 # vocabulary was trained with so that encoding at training/inference time segments the same way.
@@ -38,6 +46,10 @@ PAD_TOKEN = "<pad>"
 # New pieces per sequence sent to the encoder (see JiebaBPETokenizer._encode_cached).
 _MISS_GROUP = 4096
 _PIECE_CACHE_SIZE = 1_000_000  # distinct jieba pieces kept per process (~100-200 MB at most)
+# Hashed first into every fingerprint. Bump it only when the same files must stop matching the
+# datasets made before (e.g. the code's fixed settings below change the ids): old datasets are
+# then refused, so say so in the change log.
+FINGERPRINT_SCHEME = "megagpt-tokenizer-fingerprint/1"
 
 
 class Tokenizer(ABC):
@@ -65,6 +77,32 @@ class Tokenizer(ABC):
     @abstractmethod
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``; special tokens are dropped."""
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of what maps text to ids: the family, the settings that change ids
+        (:attr:`settings`) and the content of the vocabulary / model file, never its path.
+
+        The same files copied to another folder give the same value, in any process (no
+        Python ``hash``). Computed on first use (reads the file once more) and cached.
+        """
+        h = hashlib.sha256()
+        for part in (FINGERPRINT_SCHEME, self.family, self.settings, *self._content()):
+            data = part.encode("utf-8") if isinstance(part, str) else part
+            # Length-prefixed: no two different part lists hash the same bytes.
+            h.update(len(data).to_bytes(8, "little"))
+            h.update(data)
+        return h.hexdigest()
+
+    @property
+    def settings(self) -> str:
+        """The settings beyond the file that change ids, e.g. ``"segmenter rjieba"``
+        (part of :attr:`fingerprint`; shown in messages)."""
+        return ""
+
+    @abstractmethod
+    def _content(self) -> list[bytes | str]:
+        """The vocabulary / model file's content as hashed by :attr:`fingerprint`."""
 
     def padded_vocab_size(self, tp: int = 1) -> int:
         """Vocab size rounded up to a multiple of ``128 * tp`` (embedding rows of the model).
@@ -154,6 +192,16 @@ class JiebaBPETokenizer(Tokenizer):
         get = cache.__getitem__
         return [list(itertools.chain.from_iterable(map(get, pieces))) for pieces in docs]
 
+    @property
+    def settings(self) -> str:
+        # None means the default segmenter: a tokenizer.json without a sidecar (a model
+        # directory's copy of the bare file, ModelScope's) segments as one that records it.
+        return f"segmenter {self.segmenter_name or DEFAULT_SEGMENTER}"
+
+    def _content(self) -> list[bytes | str]:
+        # The JSON's canonical form: key order and whitespace do not change the ids.
+        return [_canonical_json(self.path)]
+
     def decode(self, ids: Iterable[int]) -> str:
         ids = list(ids)
         if self.sep is not None and self.sep in ids:
@@ -194,6 +242,7 @@ class BertTokenizer(Tokenizer):
         from tokenizers import decoders, models, normalizers, pre_tokenizers
 
         self.path = path
+        self.lowercase = lowercase
         vocab = _read_vocab_txt(path)
         model = models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100)
         tok = HFTokenizer(model)
@@ -210,6 +259,14 @@ class BertTokenizer(Tokenizer):
         self.eod = self.sep
         self.pad = vocab.get("[PAD]")
         self.unk = vocab.get("[UNK]")
+
+    @property
+    def settings(self) -> str:
+        return "lowercase" if self.lowercase else "cased"
+
+    def _content(self) -> list[bytes | str]:
+        # The tokens in id order, as read (a CRLF copy of the file maps text to the same ids).
+        return ["\n".join(_read_vocab_txt(self.path))]
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -262,6 +319,14 @@ class SentencePieceTokenizer(Tokenizer):
             i for i in range(self.vocab_size) if sp.is_control(i)
         }
 
+    @property
+    def settings(self) -> str:
+        # Only the CPM style segments; otherwise the segmenter never touches the ids.
+        return f"segmenter {self.segmenter_name or DEFAULT_SEGMENTER}" if self.cpm_style else ""
+
+    def _content(self) -> list[bytes | str]:
+        return [_read_bytes(self.path)]
+
     def _prepare(self, text: str) -> str:
         if not self.cpm_style:
             return text
@@ -296,6 +361,24 @@ def _read_vocab_txt(path: str) -> dict[str, int]:
     if not vocab:
         raise DataError(f"{path}: vocab.txt is empty")
     return vocab
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise DataError(
+            f"{path}: cannot read the tokenizer file for its fingerprint ({exc})"
+        ) from exc
+
+
+def _canonical_json(path: str) -> str:
+    try:
+        obj = json.loads(_read_bytes(path))
+    except ValueError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from exc
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
 def _read_sidecar(directory: str) -> dict:

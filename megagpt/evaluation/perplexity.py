@@ -98,10 +98,18 @@ def read_documents(
 
     prefix = path[:-4] if path.endswith((".bin", ".idx")) else path
     if os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx"):
-        from megagpt.data.indexed import IndexedDataset, check_vocab
+        from megagpt.data.indexed import IndexedDataset, TokenizerRecord, check_vocab
 
         try:
-            check_vocab(prefix, tokenizer.vocab_size, f"{path} (dataset)")
+            # The model's tokenizer must be the one the dataset was made with (its size and,
+            # where both record one, its fingerprint): else the ids score other tokens.
+            check_vocab(
+                prefix,
+                tokenizer.vocab_size,
+                f"{path} (dataset)",
+                TokenizerRecord.of(tokenizer),
+                name="the model's tokenizer",
+            )
             ds = IndexedDataset(prefix)
         except (DataError, ValueError) as e:
             raise EvalError(str(e)) from None

@@ -119,10 +119,11 @@ def load_tokenizer(cfg: Config, *, vocab_fixed_by: str = ""):
     return tok
 
 
-def check_data_paths(cfg: Config, tokenizer_vocab: int) -> None:
-    """Every data.paths entry must be an existing PREFIX.bin / PREFIX.idx pair made with a
-    tokenizer of ``tokenizer_vocab`` tokens (data.tokenizer's size) whose token ids fit it;
-    ConfigError / DataError name the entry otherwise."""
+def check_data_paths(cfg: Config, tokenizer: Any) -> None:
+    """Every data.paths entry must be an existing PREFIX.bin / PREFIX.idx pair made with
+    ``tokenizer`` (data.tokenizer, loaded): of its size, with its fingerprint where the dataset
+    records one, and with token ids that fit it; ConfigError / DataError name the entry
+    otherwise."""
     for i, prefix in enumerate(cfg.data.paths):
         for ext in (".bin", ".idx"):
             if not os.path.isfile(prefix + ext):
@@ -130,14 +131,17 @@ def check_data_paths(cfg: Config, tokenizer_vocab: int) -> None:
                     f"data.paths[{i}]: {prefix + ext} does not exist (give the "
                     "prefix written by `megagpt preprocess --output-prefix`)"
                 )
-    # The data must be data.tokenizer's ids: a dataset recorded with another tokenizer size means
-    # other tokens by the same ids, and an id past the vocabulary raises a bare IndexError at
-    # TP=1 and silently reads another rank's rows at TP>1. (The tokenizer's size, not the
-    # model's padded vocabulary, which is larger by design.)
-    from megagpt.data.indexed import check_vocab
+    # The data must be data.tokenizer's ids: a dataset recorded with another tokenizer (another
+    # size, or another fingerprint at the same size) means other tokens by the same ids, and an
+    # id past the vocabulary raises a bare IndexError at TP=1 and silently reads another rank's
+    # rows at TP>1. (The tokenizer's size, not the model's padded vocabulary, which is larger
+    # by design.)
+    from megagpt.data.indexed import TokenizerRecord, check_vocab
 
+    record = TokenizerRecord.of(tokenizer)
+    name = f"data.tokenizer={cfg.data.tokenizer}"
     for i, prefix in enumerate(cfg.data.paths):
-        check_vocab(prefix, tokenizer_vocab, f"data.paths[{i}]")
+        check_vocab(prefix, tokenizer.vocab_size, f"data.paths[{i}]", record, name)
 
 
 # -- start weights ------------------------------------------------------------------------
@@ -535,7 +539,7 @@ def build_run(
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg)
     if indexed:
-        check_data_paths(cfg, tokenizer.vocab_size)
+        check_data_paths(cfg, tokenizer)
     load = resolve_load_source(cfg)
     ctx = start_process_groups(cfg)
     log0(keep_freed_memory(ctx.device, cfg.train.keep_freed_memory))

@@ -27,6 +27,7 @@ def test_preprocess_records_the_tokenizer_size_and_largest_id(
         [make_input_spec(str(src))], str(tokenizer_dir), prefix, append_eod=True, progress=False
     )
     record = vocab_record(prefix)
+    assert record.pop("tokenizer")["fingerprint"] == tokenizer.fingerprint  # test_fingerprint.py
     assert record == {"vocab_size": tokenizer.vocab_size, "max_token_id": max_token_id(prefix)}
     assert 0 < record["max_token_id"] < tokenizer.vocab_size
     check_vocab(prefix, tokenizer.vocab_size, "data.paths[0]")  # fits: no error

@@ -125,3 +125,26 @@ def test_tokenizer_size_records_are_carried_and_checked(tmp_path, tool, capsys):
     assert tool.main(["--input", a, c, "--output-prefix", str(tmp_path / "ac")]) == 2
     err = capsys.readouterr().err
     assert "tokenizers of different sizes" in err and f"{c}: 2000" in err
+
+
+def test_tokenizer_fingerprints_are_carried_and_checked(tmp_path, tool, capsys):
+    """Same size, another tokenizer (its fingerprint): the merge is refused naming both inputs;
+    the same tokenizer's fingerprint goes into the merge's record."""
+    from megagpt.data import indexed
+    from megagpt.data.indexed import TokenizerRecord
+
+    def write(name, fingerprint):
+        record = TokenizerRecord(fingerprint * 64, "/tok", "bert")
+        prefix = str(tmp_path / name)
+        with IndexedDatasetWriter(prefix, np.dtype(np.uint16), 1000, record) as w:
+            w.add_document(np.array([1, 2, 999], np.uint16))
+        return prefix
+
+    a, b, c = write("a", "a"), write("b", "a"), write("c", "c")
+    assert tool.main(["--input", a, b, "--output-prefix", str(tmp_path / "ab")]) == 0
+    merged = indexed.vocab_record(str(tmp_path / "ab"))
+    assert merged["vocab_size"] == 1000 and merged["tokenizer"]["fingerprint"] == "a" * 64
+    assert tool.main(["--input", a, c, "--output-prefix", str(tmp_path / "ac")]) == 2
+    err = capsys.readouterr().err
+    assert "different tokenizers of 1000 tokens" in err and f"{c}: fingerprint cccccccc" in err
+    assert not (tmp_path / "ac.bin").exists()
