@@ -18,7 +18,7 @@ def test_run_directory_contents(tiny_corpus, tmp_path):
     run = tmp_path / "run"
     cfg = tiny_recipe(tmp_path / "r.yaml", tiny_corpus, run)
     res = run_distributed(TRAIN, 1, config=str(cfg), overrides=["train.eval_interval=3"])
-    assert res[0] == {"step": 6, "consumed_samples": 48}
+    assert res[0] == {"step": 6, "consumed_samples": 48, "resumed": 0}
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["model"]["num_layers"] == 4 and resolved["model"]["vocab_size"] == 1024
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
