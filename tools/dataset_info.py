@@ -60,7 +60,14 @@ def describe(
     import numpy as np
 
     from megagpt.data.errors import DataError
-    from megagpt.data.indexed import IndexedDataset, max_token_id, vocab_record
+    from megagpt.data.indexed import (
+        IndexedDataset,
+        TokenizerRecord,
+        check_vocab,
+        max_token_id,
+        tokenizer_record,
+        vocab_record,
+    )
 
     ds = IndexedDataset(prefix)
     lengths = np.asarray(ds.sequence_lengths, dtype=np.int64)
@@ -100,7 +107,21 @@ def describe(
                 f"{tokenizer.vocab_size}: the dataset was made with another "
                 "tokenizer"
             )
-        info["tokenizer"] = {"family": tokenizer.family, "vocab_size": tokenizer.vocab_size}
+        if record is not None:
+            # The recorded tokenizer (size, and fingerprint where recorded) must be this one:
+            # another of the same size fits every id and decodes other tokens.
+            check_vocab(
+                prefix,
+                tokenizer.vocab_size,
+                "dataset",
+                TokenizerRecord.of(tokenizer),
+                "--tokenizer",
+            )
+        info["tokenizer"] = {
+            "family": tokenizer.family,
+            "vocab_size": tokenizer.vocab_size,
+            "same_as_recorded": tokenizer_record(record) is not None,
+        }
         picks = (
             np.linspace(0, len(ds) - 1, num=min(samples, len(ds)), dtype=np.int64)
             if len(ds) and samples > 0
@@ -144,7 +165,8 @@ def render(info: dict) -> str:
         lines.append(f"vocab      {size}largest id {v['max_token_id']:,} (from {v['source']})")
     if "tokenizer" in info:
         t = info["tokenizer"]
-        lines.append(f"tokenizer  {t['family']}, {t['vocab_size']:,} tokens: every id fits")
+        same = ", the tokenizer recorded with the dataset" if t.get("same_as_recorded") else ""
+        lines.append(f"tokenizer  {t['family']}, {t['vocab_size']:,} tokens: every id fits{same}")
         for s in info["samples"]:
             lines.append(f"sample     #{s['sequence']} ({s['tokens']} tokens): {s['text']!r}")
     return "\n".join(lines)

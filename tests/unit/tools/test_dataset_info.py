@@ -59,6 +59,31 @@ def test_ids_outside_the_tokenizer_are_refused(tmp_path, tool, jieba_tokenizer):
         tool.describe(prefix, tokenizer=tok)
 
 
+def test_another_tokenizer_of_the_same_size_is_refused(tmp_path, tool, jieba_tokenizer):
+    """--tokenizer against the tokenizer recorded with the dataset (its fingerprint): the same
+    one decodes, another of the same size (every id fits) is refused naming the dataset."""
+    from megagpt.data.errors import DataError
+    from megagpt.data.indexed import TokenizerRecord
+    from megagpt.data.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(str(jieba_tokenizer))
+
+    def write(name, record):
+        prefix = str(tmp_path / name)
+        with IndexedDatasetWriter(prefix, np.dtype(np.uint16), tok.vocab_size, record) as w:
+            w.add_document(np.array(tok.encode("北京"), np.uint16))
+        return prefix
+
+    ours = write("ours", TokenizerRecord.of(tok))
+    info = tool.describe(ours, tokenizer=tok)
+    assert info["tokenizer"]["same_as_recorded"] and info["samples"][0]["text"] == "北京"
+    assert "the tokenizer recorded with the dataset" in tool.render(info)
+    theirs = write("theirs", TokenizerRecord("c" * 64, "/elsewhere", "jieba-bpe"))
+    with pytest.raises(DataError, match="preprocessed with another tokenizer") as err:
+        tool.describe(theirs, tokenizer=tok)
+    assert str(err.value).startswith(f"dataset={theirs}: ") and "than --tokenizer" in str(err.value)
+
+
 def test_script_on_a_folder_and_errors(tmp_path):
     _write(tmp_path / "a", [[1, 2], [3]])
     _write(tmp_path / "b", [[4]], vocab_size=10)
