@@ -3,18 +3,12 @@ a section that is not a mapping says so."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
 from megagpt.config import ConfigError, load_config
 from megagpt.config.schema import TrainConfig
-
-
-def _write(tmp_path, text: str) -> Path:
-    p = tmp_path / "recipe.yaml"
-    p.write_text(text, encoding="utf-8")
-    return p
+from tests.unit.config.test_config import _write
 
 
 def test_duplicate_key_in_a_section_names_both_lines(tmp_path):
