@@ -84,8 +84,37 @@ def test_repetition_signals():
     # two copies of a 40-character phrase in 100 characters: 80 covered
     phrase, other = PARA[:40], PARA[40:60]
     assert dup_ngram_share(codepoints(phrase + other + phrase), 10) == pytest.approx(80 / 100)
-    text = PARA + "\n".join([PARA[:30]] * 10)
-    assert _cleaner().clean(text).reason in ("dup-lines", "dup-line-chars")
+    text = PARA + "\n".join([PARA[:30]] * 10)  # 8 of 10 lines repeat: the line share decides
+    assert _cleaner().clean(text).reason == "dup-lines"
+
+
+def test_few_long_repeated_lines_caught_by_character_share():
+    """One long sentence repeated among four lines: 1/4 of the lines (under the 0.3 limit) but
+    43/170 of the characters (over the 0.2 limit), so only the character share catches it."""
+    s1, s2, s3 = (s + "。" for s in PARA.split("。")[:3])
+    text = "\n".join([s1, s2, s3, s1])
+    lines, chars = dup_line_stats(text)
+    c = _cleaner()
+    assert lines == 0.25 <= c.cfg.max_dup_line_fraction
+    assert chars == pytest.approx(43 / 170) and chars > c.cfg.max_dup_line_char_fraction
+    assert dup_ngram_share(codepoints(text), 10) < 0.8  # the n-gram filters would let it pass
+    r = c.clean(text)
+    assert r.reason == "dup-line-chars" and r.text is None
+    assert c.clean("\n".join([s1, s2, s3])).reason is None  # the same lines, none repeated
+
+
+def test_repeated_phrase_caught_by_duplicate_ngrams_not_top_ngram():
+    """A paragraph pasted twice on one line: no repeated line and no dominant short n-gram, but
+    every character lies in a 10-gram that occurs twice."""
+    text = PARA + PARA
+    cp = codepoints(text)
+    c = _cleaner()
+    assert dup_line_stats(text) == (0.0, 0.0)
+    assert all(top_ngram_share(cp, n) <= limit for n, limit in c.cfg.top_ngram.items())
+    assert dup_ngram_share(cp, 10) == 1.0
+    r = c.clean(text)
+    assert r.reason == "dup-ngram" and r.text is None
+    assert c.clean(PARA).reason is None
 
 
 def test_invalid_characters_deleted_or_document_dropped():

@@ -236,13 +236,22 @@ def test_changed_config_is_not_resumed(tmp_path, wiki_docs):
     clean([spec], str(tmp_path / "o"), _cfg(), progress=False)
     with pytest.raises(DataError, match="other config"):
         clean([spec], str(tmp_path / "o"), _cfg(**{"dedup.threshold": 0.7}), progress=False)
-    clean(
+    (tmp_path / "o" / "part-00099.jsonl").write_text("{}\n")  # a stale shard of another run
+    report = clean(
         [spec],
         str(tmp_path / "o"),
         _cfg(**{"dedup.threshold": 0.7}),
         overwrite=True,
         progress=False,
     )
+    assert report.records == 3  # started over, not appended to the first run
+    manifest = json.loads((tmp_path / "o" / STATE_DIR / "manifest.json").read_text())
+    assert manifest["config"]["dedup"]["threshold"] == 0.7
+    # exactly the files of a fresh run with the new config, nothing of the old one left
+    clean([spec], str(tmp_path / "fresh"), _cfg(**{"dedup.threshold": 0.7}), progress=False)
+    assert _outputs(tmp_path / "o") == _outputs(tmp_path / "fresh")
+    with pytest.raises(DataError, match="already complete"):
+        clean([spec], str(tmp_path / "o"), _cfg(**{"dedup.threshold": 0.7}), progress=False)
 
 
 def test_print_config_round_trips(tmp_path, capsys):

@@ -82,6 +82,15 @@ def test_csv_with_source_and_target_columns(tmp_path):
         str(path), _tokenizer(), 8, src_column="question", tgt_column="answer", mode="continuation"
     )
     assert not cont.paired
+    # Continuation trains on the question alone: every label that is not padding counts, the
+    # answer is not in the sample.
+    tok = _tokenizer()
+    assert cont.ids[:, 1:].tolist() == [
+        tok.encode("京在哪") + [SEP] + [PAD] * 4,
+        tok.encode("海") + [SEP] + [PAD] * 6,
+    ]
+    assert cont.loss_mask.tolist() == (cont.ids[:, 1:] != PAD).astype(int).tolist()
+    assert cont.loss_mask.sum(axis=1).tolist() == [4, 2]  # characters after the first + <sep>
 
 
 def test_bad_files_name_file_and_line(tmp_path):

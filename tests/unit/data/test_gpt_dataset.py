@@ -199,6 +199,35 @@ def test_index_is_cached_and_reused(make_dataset, tmp_path, monkeypatch):
     assert len(os.listdir(cache)) == 2 * 2 * 4
 
 
+def test_cache_key_follows_seed_and_num_samples(make_dataset, tmp_path):
+    """Runs sharing one data.cache_dir must not reuse another seed's shuffle, nor an index
+    built for fewer samples (one epoch where more are needed)."""
+    prefix = make_dataset("ds", _lengths(60))
+    cache = tmp_path / "cache"
+
+    def build(num_samples, seed):
+        train, _, _ = build_gpt_datasets(
+            [prefix], None, "1", 8, (num_samples, 0, 0), seed, str(cache)
+        )
+        return train
+
+    a = build(100, 5)
+    one_epoch = len(a)
+    assert len(os.listdir(cache)) == 4
+    b = build(100, 6)
+    fresh, _, _ = build_gpt_datasets([prefix], None, "1", 8, (100, 0, 0), 6, None)
+    np.testing.assert_array_equal(b.shuffle_idx, fresh.shuffle_idx)  # seed 6's own shuffle
+    np.testing.assert_array_equal(b.doc_idx, fresh.doc_idx)
+    assert not np.array_equal(a.shuffle_idx, b.shuffle_idx)
+    assert len(os.listdir(cache)) == 2 * 4  # a second entry beside seed 5's
+
+    more = 3 * one_epoch  # needs several epochs: seed 5's one-epoch index is too short
+    c = build(more, 5)
+    assert len(c) >= more > len(a)
+    assert c[more - 1]["tokens"].shape == (9,)
+    assert len(os.listdir(cache)) == 3 * 4
+
+
 def test_incomplete_cache_entry_is_rebuilt(make_dataset, tmp_path):
     prefix = make_dataset("ds", _lengths(60))
     cache = tmp_path / "cache"

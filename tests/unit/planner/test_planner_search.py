@@ -19,17 +19,55 @@ def cfg_175b():
     return load_config(None, ["model.name=gpt3-175b"])
 
 
+# gpt3-1.3b by hand: h = 2048, 24 layers, FFN 8192, sequence 2048, vocabulary 25,600 (already
+# a multiple of 128, so unpadded at TP 1). Training FLOPs per token are 3 x the forward's (the
+# backward costs twice the forward): a layer's forward is 2 x (4h^2 QKV + out, 2*ffn*h MLP)
+# for the weights plus 2*s*h for the causal attention scores and values; the head's is 2*h*V.
+H, S, FFN, VOCAB = 2048, 2048, 8192, 25_600
+LAYER_FPT = 3 * (2 * (4 * H * H + 2 * FFN * H) + 2 * S * H)  # 327,155,712
+HEAD_FPT = 3 * 2 * H * VOCAB  # 314,572,800
+RATE_HALF = 989.0e12 * 0.5  # H100 dense bf16 peak x efficiency 0.5
+
+
 def test_pipeline_bubble_and_compute_by_hand():
     # One stage per node, no TP: the bubble is (PP-1) slots of the slowest stage.
     cfg = load_config(None, ["model.name=gpt3-1.3b"])
+    m = cfg.model
+    sizes = (m.hidden_size, m.seq_length, m.ffn, m.vocab_size, m.num_layers)
+    assert sizes == (H, S, FFN, VOCAB, 24)
     shape = ClusterShape(4, 1, H100)
     lay = Layout(tp=1, pp=4, dp=1, micro_batch=1)
     t = step_time(cfg.model, lay, shape, precision="bf16", global_batch=8, efficiency=0.5)
+    # The last stage is the slowest: 6 layers plus the output layer, 8 micro-batches of S tokens.
+    assert t.compute_s == pytest.approx(8 * (6 * LAYER_FPT + HEAD_FPT) * S / RATE_HALF)
     slot = (t.compute_s + t.tp_comm_s + t.pp_comm_s) / 8
     assert t.bubble_s == pytest.approx(3 * slot)
     assert t.step_s == pytest.approx(11 * slot)  # (8 micro-batches + 3) slots, DP=1
     assert t.dp_comm_s == 0 and t.tp_comm_s == 0
     assert t.mfu < 0.5  # never above the stated efficiency
+
+
+def test_recompute_adds_the_forward_it_repeats():
+    """Full recompute runs each layer's forward twice: 4/3 of the layers' training FLOPs (the
+    head is not recomputed); selective recomputes only the attention scores' forward, 2*s*h per
+    token and layer."""
+    cfg = load_config(None, ["model.name=gpt3-1.3b"])
+    shape = ClusterShape(1, 1, H100)
+
+    def compute(recompute):
+        lay = Layout(tp=1, pp=1, dp=1, micro_batch=1, recompute=recompute)
+        t = step_time(cfg.model, lay, shape, precision="bf16", global_batch=4, efficiency=0.5)
+        return t.compute_s
+
+    tokens = 4 * S  # 4 micro-batches of one sequence
+    head_s = HEAD_FPT * tokens / RATE_HALF
+    layers_s = 24 * LAYER_FPT * tokens / RATE_HALF
+    assert compute("none") == pytest.approx(layers_s + head_s)
+    assert compute("full") == pytest.approx(layers_s * 4 / 3 + head_s)
+    assert compute("selective") == pytest.approx(
+        layers_s + 24 * 2 * S * H * tokens / RATE_HALF + head_s
+    )
+    assert compute("none") < compute("selective") < compute("full")
 
 
 def test_tensor_parallel_across_nodes_is_slower_than_within():
