@@ -30,6 +30,50 @@ def _choice_lls(sample) -> list[float]:
     return [float(r[0][0]) for r in sample["resps"]]
 
 
+def _choice_greedy(sample) -> list[bool]:
+    return [bool(r[0][1]) for r in sample["resps"]]
+
+
+@torch.no_grad()
+def _is_greedy(model, context: list[int], targets: list[int]) -> bool:
+    """Whether every target token is the argmax of the model's logits at its position (one
+    full forward, TP=1; plain torch, no megagpt scoring)."""
+    seq = context + targets
+    logits = model(torch.tensor([seq[:-1]]))[:, 0]  # [s, 1, V] -> [s, V]
+    start = len(context) - 1
+    return all(int(logits[start + i].argmax()) == t for i, t in enumerate(targets))
+
+
+@torch.no_grad()
+def _greedy_ids(model, ids: list[int], n: int) -> list[int]:
+    """The model's n greedy next tokens after ``ids`` (plain torch argmax, no KV cache)."""
+    seq = list(ids)
+    for _ in range(n):
+        seq.append(int(model(torch.tensor([seq]))[-1, 0].argmax()))  # logits [s, 1, V]
+    return seq[len(ids) :]
+
+
+@pytest.fixture(scope="module")
+def greedy_mix(scorer) -> list[tuple[str, str]]:
+    """(context, continuation) loglikelihood requests with greedy continuations (1 and 3
+    tokens) and continuations that leave the greedy path at their last token, or at their
+    first and then follow it (so only a flag over every token is right). The bundled task's
+    choices are never all greedy for this model, so without these the is-greedy flag would
+    only ever be checked at False."""
+    tok = scorer.tokenizer
+    out = []
+    for context in ("问题：", "人工智能"):
+        greedy = _greedy_ids(scorer.model, tok.encode(context), 3)
+        after_off = _greedy_ids(scorer.model, tok.encode(context + "的"), 1)
+        out += [
+            (context, tok.decode(greedy[:1])),
+            (context, tok.decode(greedy)),
+            (context, tok.decode(greedy[:2]) + "的"),
+            (context, "的" + tok.decode(after_off)),
+        ]
+    return out
+
+
 def test_task_items_are_well_formed():
     from megagpt.evaluation.harness import TASKS_DIR
 
@@ -40,28 +84,49 @@ def test_task_items_are_well_formed():
     assert sorted({r["answer"] for r in rows}) == [0, 1, 2, 3]  # answer positions rotate
 
 
-def test_harness_equals_direct_computation(scorer, ours):
+def test_harness_equals_direct_computation(scorer, ours, greedy_mix):
+    from megagpt.evaluation import harness
+
     results, samples = ours
     tok = scorer.tokenizer
     assert len(samples) == 40
     correct = 0
+    flags = []
     for s in samples:
         doc = s["doc"]
         context = f"问题：{doc['question']}\n答案："
-        want = []
+        want, want_greedy = [], []
         for choice in doc["choices"]:
             ctx = tok.encode(context)
             cont = tok.encode(context + choice)[len(ctx) :]
             want.append(-sum(token_nll(scorer.model, ctx, cont)))
+            want_greedy.append(_is_greedy(scorer.model, ctx, cont))
         assert _choice_lls(s) == pytest.approx(want, abs=1e-5)
+        assert _choice_greedy(s) == want_greedy
+        flags += want_greedy
         correct += int(max(range(4), key=lambda i: want[i]) == doc["answer"])
     assert results["results"][TASK]["acc,none"] == pytest.approx(correct / 40)
+    # The same through lm-eval's loglikelihood entry point on requests that include greedy
+    # continuations (batched 3 at a time: rows of different lengths share a forward pass).
+    lm = harness.MegagptLM(scorer=scorer, batch_size=3)
+    got = lm.loglikelihood(_instances("loglikelihood", greedy_mix))
+    assert len(got) == len(greedy_mix)
+    for (context, continuation), (ll, greedy) in zip(greedy_mix, got):
+        ctx = tok.encode(context)
+        cont = tok.encode(context + continuation)[len(ctx) :]
+        assert ll == pytest.approx(-sum(token_nll(scorer.model, ctx, cont)), abs=1e-5)
+        assert greedy == _is_greedy(scorer.model, ctx, cont), (context, continuation)
+        flags.append(greedy)
+    assert True in flags and False in flags  # the flag is checked both ways
 
 
-def test_hf_export_scores_the_same_with_lm_eval_hf(bert_model_dir, scorer, ours, tmp_path):
+def test_hf_export_scores_the_same_with_lm_eval_hf(
+    bert_model_dir, scorer, ours, greedy_mix, tmp_path
+):
     # lm-eval's hf model imports accelerate (lm-eval's "hf" extra).
     pytest.importorskip("accelerate", reason="lm-eval's hf model needs accelerate")
     from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
 
     from megagpt.checkpoint.convert import convert
     from megagpt.evaluation.harness import task_manager
@@ -70,10 +135,15 @@ def test_hf_export_scores_the_same_with_lm_eval_hf(bert_model_dir, scorer, ours,
     # add_bos_token=False: lm-eval's hf model would otherwise let the BERT tokenizer add
     # [CLS]/[SEP]; megagpt's tokenizers add no special tokens. The export names the family's
     # end-of-document token ([SEP]) as eos, which lm-eval's hf model prefixes rolling scores with.
-    res = simple_evaluate(
-        model="hf",
-        model_args={"pretrained": str(tmp_path / "hf"), "add_bos_token": False, "dtype": "float32"},
+    hf = HFLM(
+        pretrained=str(tmp_path / "hf"),
+        add_bos_token=False,
+        dtype="float32",
         device="cpu",
+        batch_size=8,
+    )
+    res = simple_evaluate(
+        model=hf,
         tasks=[TASK],
         task_manager=task_manager([TASK]),
         log_samples=True,
@@ -84,8 +154,18 @@ def test_hf_export_scores_the_same_with_lm_eval_hf(bert_model_dir, scorer, ours,
     results, samples = ours
     for a, b in zip(samples, theirs, strict=True):
         assert _choice_lls(a) == pytest.approx(_choice_lls(b), abs=1e-4)
+        assert _choice_greedy(a) == _choice_greedy(b)
     for metric in ("acc,none", "acc_norm,none"):
         assert results["results"][TASK][metric] == res["results"][TASK][metric]
+    # The task's choices are never greedy here; requests with greedy continuations check the
+    # flag at True as well (test_harness_equals_direct_computation asserts the mix has both).
+    from megagpt.evaluation import harness
+
+    lm = harness.MegagptLM(scorer=scorer, batch_size=3)
+    mine = lm.loglikelihood(_instances("loglikelihood", greedy_mix))
+    their = hf.loglikelihood(_instances("loglikelihood", greedy_mix))
+    assert [g for _, g in mine] == [bool(g) for _, g in their]
+    assert [ll for ll, _ in mine] == pytest.approx([ll for ll, _ in their], abs=1e-4)
 
 
 def _instances(kind: str, args: list[tuple]):

@@ -85,12 +85,18 @@ def test_completion_shape_and_greedy_text(server, pipe):
     (choice,) = out["choices"]
     assert choice["index"] == 0 and choice["logprobs"] is None
     assert choice["text"] == expected(pipe, "北京", top_k=1, max_new_tokens=8)
-    assert choice["finish_reason"] in ("stop", "length")
+    # The generator's own greedy ids (cut before the end-of-document token): all 8 tokens
+    # ("length"), or fewer when the model ended the document ("stop").
+    from megagpt.inference.sampling import make_params
+
+    ids = pipe.tokenizer.encode("北京")
+    full = pipe.generator.generate([ids], make_params(top_k=1), max_new_tokens=8)[0][0]
+    generated = len(full) - len(ids)
+    assert choice["finish_reason"] == ("length" if generated == 8 else "stop")
     usage = out["usage"]
-    assert usage["prompt_tokens"] == len(pipe.tokenizer.encode("北京"))
+    assert usage["prompt_tokens"] == len(ids)
+    assert usage["completion_tokens"] == generated
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
-    if choice["finish_reason"] == "length":
-        assert usage["completion_tokens"] == 8
 
 
 def test_sixteen_concurrent_clients_equal_one_at_a_time(server, pipe, monkeypatch):
@@ -179,7 +185,7 @@ def test_stream_joins_to_the_plain_text(server):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain["usage"]
 
 
-def test_stop_strings_cut_the_text(server):
+def test_stop_strings_cut_the_text(server, pipe):
     full = complete(server, prompt="床前明月光，疑是地上霜。", max_tokens=24, temperature=0)[
         "choices"
     ][0]
@@ -187,14 +193,29 @@ def test_stop_strings_cut_the_text(server):
     assert len(text) >= 4, text
     stop = text[2:4]  # a two-character stop string from the middle of the text
     cut = text[: text.find(stop)]
-    out = complete(
+    stopped = complete(
         server,
         prompt="床前明月光，疑是地上霜。",
         max_tokens=24,
         temperature=0,
         stop=[stop, "never-seen"],
-    )["choices"][0]
+    )
+    out = stopped["choices"][0]
     assert out["text"] == cut and out["finish_reason"] == "stop"
+    # completion_tokens counts the tokens decoded: up to the one after which the shown text
+    # holds the stop string (greedy ids decoded after the prompt; a trailing U+FFFD is a
+    # character still cut between tokens, not shown yet).
+    from megagpt.inference.sampling import make_params
+
+    tok = pipe.tokenizer
+    ids = tok.encode("床前明月光，疑是地上霜。")
+    gen = pipe.generator.generate([ids], make_params(top_k=1), max_new_tokens=24)[0][0][len(ids) :]
+    n = len(tok.decode(ids))
+    decoded = next(
+        k for k in range(1, 25) if stop in tok.decode(ids + gen[:k])[n:].rstrip("\ufffd")
+    )
+    assert decoded < 24
+    assert stopped["usage"]["completion_tokens"] == decoded
     chunks = stream(
         server, prompt="床前明月光，疑是地上霜。", max_tokens=24, temperature=0, stop=stop
     )
@@ -275,6 +296,49 @@ def test_bad_requests_name_the_field_and_the_server_keeps_serving(server, body, 
     error = r.json()["error"]
     assert error["param"] == param and param in error["message"]
     assert complete(server, **good)["choices"] == before["choices"]
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("logprobs", 1),
+        ("logprobs", 0),
+        ("best_of", 2),
+        ("presence_penalty", 0.5),
+        ("frequency_penalty", -1.0),
+        ("suffix", "。"),
+        ("logit_bias", {"100": 5}),
+    ],
+)
+def test_unsupported_openai_fields_are_refused_by_name(server, field, value):
+    """OpenAI fields this server does not implement are a 400 that says so, never silently
+    ignored (a client asking for logprobs or a penalty would otherwise get output that lacks
+    what it asked for)."""
+    r = httpx.post(
+        f"{server.url}/v1/completions",
+        json={"model": MODEL_NAME, "prompt": "北京", "max_tokens": 2, field: value},
+        timeout=60,
+    )
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == field, error
+    assert f"'{field}' is not supported by megagpt serve" in error["message"], error
+
+
+def test_unsupported_openai_fields_at_their_off_values_are_accepted(server):
+    """Clients send these fields by default at their "off" values: the answer is the same as
+    without them."""
+    body = {"prompt": "北京", "max_tokens": 4, "temperature": 0}
+    off = {
+        "logprobs": None,
+        "best_of": 1,
+        "presence_penalty": 0,
+        "frequency_penalty": 0.0,
+        "suffix": None,
+        "logit_bias": {},
+    }
+    plain = complete(server, **body)["choices"]
+    assert complete(server, **body, **off)["choices"] == plain
 
 
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1" + "0" * 400])

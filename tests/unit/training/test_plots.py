@@ -79,6 +79,34 @@ def test_plot_two_runs_png_and_axes(tmp_path):
     mfu_ax = axes[2 * [p[0] for p in PANELS].index("mfu")]
     assert [line.get_label() for line in mfu_ax.get_lines()] == ["run-a"]
     assert mfu_ax.get_lines()[0].get_ydata()[0] == pytest.approx(30.0)
+    # Every panel draws its own metric: the y-values of each line (both columns) are the
+    # values make_run wrote, per run, in step order.
+    runs = {"run-a": range(1, 21), "run-b": range(1, 13)}
+    want = {
+        "loss": lambda s: 8.0 / s,
+        "lr": lambda s: 1e-3 * min(1, s / 5),
+        "grad_norm": lambda s: 2.0 / s,
+        "tokens_per_s": lambda s: 1000.0 + s,
+        "mfu": lambda s: 30.0,
+    }
+    for row, (key, *_) in enumerate(PANELS):
+        for col in range(2):
+            lines = {line.get_label(): line for line in axes[2 * row + col].get_lines()}
+            expected = {name: [want[key](s) for s in steps] for name, steps in runs.items()}
+            if key == "loss":
+                for name, steps in runs.items():
+                    expected[f"{name} (valid)"] = [8.5 / s for s in steps if s % 5 == 0]
+            if key == "mfu":
+                del expected["run-b"]  # mfu null: not drawn (checked above)
+            assert sorted(lines) == sorted(expected), (key, col)
+            for label, ys in expected.items():
+                got = list(lines[label].get_ydata())
+                assert got == pytest.approx(ys, rel=1e-12), (key, col, label)
+                if col == 0:  # x = the steps the values belong to
+                    steps = list(runs[label.split(" ")[0]])
+                    if label.endswith("(valid)"):
+                        steps = [s for s in steps if s % 5 == 0]
+                    assert list(lines[label].get_xdata()) == steps, (key, label)
 
 
 def test_resume_repeats_keep_last_record_and_nan_is_a_gap(tmp_path):
