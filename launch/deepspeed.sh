@@ -53,6 +53,12 @@ case "$NODE_RANK" in
   '' | *[!0-9]*) die "--node-rank is required: this node's line in the hostfile, 0..$((hosts - 1))" ;;
 esac
 [ "$NODE_RANK" -lt "$hosts" ] || die "--node-rank $NODE_RANK is outside 0..$((hosts - 1)) ($HOSTFILE)"
+case "$MASTER_PORT" in
+  '' | *[!0-9]*) die "--master-port must be a port in 1..65535, got '$MASTER_PORT'" ;;
+esac
+[ "$MASTER_PORT" -ge 1 ] && [ "$MASTER_PORT" -le 65535 ] \
+  || die "--master-port must be a port in 1..65535, got '$MASTER_PORT'"
+command -v "$PY" >/dev/null || die "--python '$PY' not found (the interpreter with deepspeed and megagpt)"
 [ -n "$MASTER_ADDR" ] || MASTER_ADDR=$(awk '$0 !~ /^[[:space:]]*#/ && NF {print $1; exit}' "$HOSTFILE")
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

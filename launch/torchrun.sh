@@ -70,10 +70,12 @@ fi
 isint() { case "$1" in '' | *[!0-9]*) return 1 ;; esac; }
 isint "$NNODES" && [ "$NNODES" -ge 1 ] || die "--nnodes must be a positive integer, got '$NNODES'"
 isint "$NPROC" && [ "$NPROC" -ge 1 ] || die "--nproc-per-node must be a positive integer, got '$NPROC'"
-isint "$MASTER_PORT" || die "--master-port must be an integer, got '$MASTER_PORT'"
+isint "$MASTER_PORT" && [ "$MASTER_PORT" -ge 1 ] && [ "$MASTER_PORT" -le 65535 ] \
+  || die "--master-port must be a port in 1..65535, got '$MASTER_PORT'"
 isint "$MAX_RESTARTS" || die "--max-restarts must be an integer >= 0, got '$MAX_RESTARTS'"
 isint "$NODE_RANK" && [ "$NODE_RANK" -lt "$NNODES" ] \
   || die "--node-rank must be in 0..$((NNODES - 1)), got '$NODE_RANK'"
+command -v "$PY" >/dev/null || die "--python '$PY' not found (the interpreter with torch and megagpt)"
 if [ "$NNODES" -gt 1 ] && [ "$MASTER_ADDR" = 127.0.0.1 ] && [ -z "${MEGAGPT_ALLOW_LOOPBACK:-}" ]; then
   die "--master-addr is required with --nnodes > 1 (the address of node 0)"
 fi

@@ -89,6 +89,19 @@ def _load(args) -> tuple[Config, str | None]:
     return cfg, recipe
 
 
+def _check_dir(flag: str, path: str) -> None:
+    """ConfigError naming ``flag`` unless ``path`` is (or can be made) a writable folder."""
+    import os
+    from pathlib import Path
+
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot create the folder ({e.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise ConfigError(f"{flag} {path}: the folder is not writable")
+
+
 def _summary(plan: Plan, shape: ClusterShape) -> str:
     t, pk = plan.time, plan.peak
     return (
@@ -159,8 +172,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ConfigError(f"--memory-fraction must be in (0, 1], got {args.memory_fraction}")
     if not 0 < args.efficiency <= 1:
         raise ConfigError(f"--efficiency must be in (0, 1], got {args.efficiency}")
+    if args.top < 1:
+        raise ConfigError(f"--top must be >= 1, got {args.top}")
+    if args.sbatch_dir and not args.write:
+        raise ConfigError("--sbatch-dir only applies with --write DIR")
+    if args.check and args.write:
+        raise ConfigError("--write applies to a search; leave out --check")
     cfg, recipe = _load(args)
     m, t = cfg.model, cfg.train
+    if args.write:
+        if recipe is None:
+            raise ConfigError(
+                f"--write needs a recipe: give --config (no configs/pretrain file for {m.name})"
+            )
+        # Before the search, so that a bad folder is not found after the whole printout.
+        _check_dir("--write", args.write)
+        if args.sbatch_dir:
+            _check_dir("--sbatch-dir", args.sbatch_dir)
     from megagpt.config import parameter_count
 
     print(
@@ -212,10 +240,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print_plan(best, shape)
     print_assumptions(args, shape)
     if args.write:
-        if recipe is None:
-            raise ConfigError(
-                f"--write needs a recipe: give --config (no configs/pretrain file for {m.name})"
-            )
+        assert recipe is not None  # checked above
         cpath, spath = write_pair(
             recipe,
             m.name,

@@ -96,7 +96,12 @@ def sbatch_text(config_path: Path, model: str, shape: ClusterShape, signal_s: in
 #SBATCH --signal=B:USR1@{signal_s}
 #SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out
-ROOT=${{MEGAGPT_ROOT:-$SLURM_SUBMIT_DIR}}
+ROOT=${{MEGAGPT_ROOT:-${{SLURM_SUBMIT_DIR:-$PWD}}}}
+if [ ! -f "$ROOT/launch/slurm/train.sbatch" ]; then
+  echo "{model}: error: $ROOT/launch/slurm/train.sbatch not found:" \\
+       "submit from the megagpt repository root, or set MEGAGPT_ROOT" >&2
+  exit 2
+fi
 exec bash "$ROOT/launch/slurm/train.sbatch" {cfg_arg} "$@"
 """
 

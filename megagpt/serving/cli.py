@@ -8,6 +8,7 @@ its decoding steps.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 from pathlib import Path
@@ -85,6 +86,35 @@ def check_args(args: argparse.Namespace) -> None:
             f"megagpt serve needs FastAPI and uvicorn ({e}); install them with "
             'pip install -e ".[serve]"'
         ) from None
+    if os.environ.get("RANK", "0") == "0":  # only rank 0 listens (see cmd_serve)
+        check_listen(args.host, args.port)
+
+
+def check_listen(host: str, port: int) -> None:
+    """ServeError naming --host/--port when the server could not listen there: an unknown
+    host, an address of another machine, a port in use or reserved. Found now, not once the
+    model has loaded; binds the way uvicorn does (SO_REUSEADDR) and lets go at once."""
+    import socket
+
+    # uvicorn's own choice of family (uvicorn.config.Config.bind_socket).
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except (socket.gaierror, UnicodeError) as e:
+            raise ServeError(f"--host {host!r}: not a known host name or address ({e})") from None
+        except OSError as e:
+            hint = (
+                "another process is listening there; choose another --port"
+                if e.errno == errno.EADDRINUSE
+                else "give an address of this machine (--host 0.0.0.0 for every interface)"
+                if e.errno == errno.EADDRNOTAVAIL
+                else "choose another --host/--port"
+            )
+            raise ServeError(
+                f"--host {host} --port {port}: cannot listen there ({e.strerror}); {hint}"
+            ) from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

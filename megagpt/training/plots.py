@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -63,6 +64,7 @@ class RunMetrics:
     consumed: dict[int, float] = field(default_factory=dict)  # step -> consumed_samples
     seq_length: int | None = None
     bad_lines: int = 0
+    first_bad_line: int | None = None  # 1-based line number in metrics.jsonl
 
     def points(self, key: str) -> tuple[list[int], list[float]]:
         """(steps, values) of ``key``, sorted by step."""
@@ -142,16 +144,17 @@ def read_run(run_dir: str) -> RunMetrics:
     )
     records = 0
     with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
+        for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)  # also takes the NaN/Infinity of older writers
             except ValueError:  # a line half-written when the process was killed
-                run.bad_lines += 1
-                continue
+                record = None
             if not isinstance(record, dict) or not isinstance(record.get("step"), int):
                 run.bad_lines += 1
+                if run.first_bad_line is None:
+                    run.first_bad_line = lineno
                 continue
             records += 1
             step = record["step"]
@@ -168,8 +171,11 @@ def read_run(run_dir: str) -> RunMetrics:
     if records == 0:
         raise PlotError(
             f"{path}: no metrics records"
-            + (f" ({run.bad_lines} unreadable lines)" if run.bad_lines else "")
-            + "; the run has not reached its first log step"
+            + (
+                f": {run.bad_lines} unreadable line(s), the first at {path}:{run.first_bad_line}"
+                if run.bad_lines
+                else "; the run has not reached its first log step"
+            )
         )
     return run
 
@@ -192,7 +198,11 @@ def plot_runs(run_dirs: list[str], out: str | None = None) -> Figure:
     """
     if not run_dirs:
         raise PlotError("no run directory given")
-    runs = [read_run(d) for d in run_dirs]
+    return draw_runs([read_run(d) for d in run_dirs], out)
+
+
+def draw_runs(runs: list[RunMetrics], out: str | None = None) -> Figure:
+    """``plot_runs`` of runs already read with ``read_run``."""
     try:
         import matplotlib
     except ImportError:
@@ -270,9 +280,39 @@ def default_output(run_dirs: list[str]) -> str:
     return os.path.join(run_dirs[0], "metrics.png") if len(run_dirs) == 1 else "metrics.png"
 
 
+def check_output(out: str) -> None:
+    """PlotError naming ``--out`` when the PNG could not be written there (a directory, a name
+    that is not .png, a folder that cannot be made); checked before anything is drawn."""
+    path = Path(out)
+    if path.is_dir():
+        raise PlotError(
+            f"--out {out}: is a directory; give a file name, e.g. {path / 'metrics.png'}"
+        )
+    if path.suffix.lower() != ".png":
+        raise PlotError(f"--out {out}: the plot is a PNG; give a file name ending in .png")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PlotError(f"--out {out}: cannot create {path.parent} ({e.strerror})") from None
+
+
 def run(args) -> int:
     """The ``megagpt plot`` subcommand."""
     out = args.out or default_output(args.run_dirs)
-    plot_runs(args.run_dirs, out)
+    runs = [read_run(d) for d in args.run_dirs]  # first: the default --out is in a run dir
+    check_output(out)
+    for r in runs:
+        if r.bad_lines:
+            # Skipped, not fatal: a killed run leaves a half-written last line, and a resumed
+            # one appends after it. Said once per file, so a corrupt file is not silent.
+            print(
+                f"megagpt plot: warning: {Path(r.path) / METRICS}:{r.first_bad_line}: not a "
+                f"metrics record; skipped {r.bad_lines} such line(s)",
+                file=sys.stderr,
+            )
+    try:
+        draw_runs(runs, out)
+    except OSError as e:
+        raise PlotError(f"--out {out}: cannot write ({e.strerror or e})") from None
     print(f"wrote {out}")
     return 0

@@ -133,6 +133,9 @@ def test_plan_command_prints_best_and_assumptions(capsys):
         (["--model", "gpt3-99b", "--nodes", "2"], "unknown model size"),
         (["--model", "gpt3-175b", "--nodes", "1", "--gpu", "a100-40gb"], "no layout"),
         (["--model", "gpt3-13b", "--nodes", "2", "--efficiency", "1.5"], "--efficiency"),
+        (["--model", "gpt3-13b", "--nodes", "2", "--top", "0"], "--top must be >= 1, got 0"),
+        (["--model", "gpt3-13b", "--nodes", "2", "--sbatch-dir", "s"], "--sbatch-dir only"),
+        (["--model", "gpt3-13b", "--nodes", "2", "--check", "--write", "w"], "leave out --check"),
     ],
 )
 def test_plan_errors_name_the_flag(argv, needle, capsys):
@@ -169,3 +172,18 @@ def test_plan_write_emits_a_loadable_pair(tmp_path, capsys):
         main(["plan", "--config", str(cfg_path), "--nodes", "2", "--gpu", "a100-80gb", "--check"])
         == 0
     )
+
+
+@pytest.mark.parametrize("flag", ["--write", "--sbatch-dir"])
+def test_plan_write_to_a_bad_folder_names_the_flag_before_the_search(tmp_path, flag, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder", encoding="utf-8")
+    bad = str(blocker / "plans")
+    dirs = {"--write": str(tmp_path / "w"), "--sbatch-dir": str(tmp_path / "s"), flag: bad}
+    argv = ["plan", "--model", "gpt3-1.3b", "--nodes", "1", "--gpu", "a100-80gb"]
+    argv += ["--write", dirs["--write"], "--sbatch-dir", dirs["--sbatch-dir"]]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert f"megagpt plan: error: {flag} {bad}: cannot create the folder" in err
+    assert "layouts fit" not in out  # refused before the search and its printout
+    assert not list(tmp_path.rglob("*.yaml")) and not list(tmp_path.rglob("*.sbatch"))

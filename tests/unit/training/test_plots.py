@@ -229,3 +229,36 @@ def test_tensorboard_resume_hides_the_re_run_steps(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def test_a_corrupt_line_is_named_by_file_and_line(tmp_path, capsys):
+    d = make_run(tmp_path, "r", steps=3)
+    path = d / "metrics.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    corrupt_at = 2  # a line in the middle, not a half-written tail
+    lines.insert(corrupt_at - 1, "this is not json\n")
+    path.write_text("".join(lines), encoding="utf-8")
+    assert main(["plot", str(d)]) == 0  # the readable records are still plotted
+    err = capsys.readouterr().err
+    assert f"{path}:{corrupt_at}: not a metrics record; skipped 1 such line(s)" in err
+    path.write_text('{"step": "one"}\n[1, 2]\n', encoding="utf-8")
+    with pytest.raises(PlotError, match=r"2 unreadable line\(s\), the first at .*metrics\.jsonl:1"):
+        read_run(str(d))
+
+
+@pytest.mark.parametrize(
+    "out, needle",
+    [
+        ("{run}", "is a directory; give a file name"),
+        ("{tmp}/curves.jpg", "the plot is a PNG"),
+        ("{tmp}/a-file/x.png", "cannot create"),
+    ],
+)
+def test_a_bad_out_names_the_flag_and_writes_nothing(tmp_path, capsys, out, needle):
+    d = make_run(tmp_path, "r", steps=3)
+    (tmp_path / "a-file").write_text("not a directory", encoding="utf-8")
+    out = out.format(run=d, tmp=tmp_path)
+    code = main(["plot", str(d), "--out", out])
+    err = capsys.readouterr().err
+    assert code == 2 and f"megagpt plot: error: --out {out}: {needle}" in err, err
+    assert "Traceback" not in err and not list(tmp_path.rglob("*.png"))
