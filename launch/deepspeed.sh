@@ -47,6 +47,12 @@ shift
 for kv in "$@"; do
   case "$kv" in *=*) ;; *) die "extra argument '$kv' is not KEY=VALUE (e.g. train.steps=100)" ;; esac
 done
+# Every line other than blanks and comments must be "HOST slots=N" with N >= 1: a line that is
+# not would be skipped by the count below (shifting every node rank after it), and a host with
+# no slot starts no process.
+bad=$(grep -nvE '^[[:space:]]*(#.*)?$|^[[:space:]]*[^#[:space:]]+[[:space:]]+slots=0*[1-9][0-9]*[[:space:]]*(#.*)?$' \
+  "$HOSTFILE" | head -n 1 || true)
+[ -z "$bad" ] || die "--hostfile $HOSTFILE:${bad%%:*}: '${bad#*:}' is not 'HOST slots=N' with N >= 1"
 hosts=$(grep -cE '^[[:space:]]*[^#[:space:]]+[[:space:]]+slots=[0-9]+' "$HOSTFILE" || true)
 [ "${hosts:-0}" -ge 1 ] || die "--hostfile '$HOSTFILE' has no 'HOST slots=N' line"
 case "$NODE_RANK" in

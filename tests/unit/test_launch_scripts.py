@@ -92,6 +92,33 @@ def test_deepspeed_sh_refuses_a_bad_master_port(tmp_path, config, port):
     assert calls == ""
 
 
+@pytest.mark.parametrize(
+    "line",
+    ["node-b slots=0", "node-b slots=eight", "node-b", "node-b slots=8 extra"],
+)
+def test_deepspeed_sh_names_a_hostfile_line_that_is_not_host_slots(tmp_path, config, line):
+    """A line the host count would skip (shifting the node ranks after it) or a host with no
+    GPU slot: refused naming the file and line, before anything runs."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(f"# two nodes\nnode-a slots=8\n\n{line}\n", encoding="utf-8")
+    res, calls = run_script(
+        tmp_path, LAUNCH / "deepspeed.sh", ["--hostfile", str(hostfile), "--node-rank", "0", config]
+    )
+    assert res.returncode == 2, res.stderr
+    assert f"--hostfile {hostfile}:4: '{line}' is not 'HOST slots=N' with N >= 1" in res.stderr
+    assert calls == ""
+
+
+def test_deepspeed_sh_accepts_comments_and_blank_lines_in_the_hostfile(tmp_path, config):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# nodes\nnode-a slots=8  # first\n\n  node-b slots=08\n", encoding="utf-8")
+    res, calls = run_script(
+        tmp_path, LAUNCH / "deepspeed.sh", ["--hostfile", str(hostfile), "--node-rank", "1", config]
+    )
+    assert res.returncode == 0, res.stderr
+    assert "--node_rank 1" in calls
+
+
 SLURM_ENV = {
     "SLURM_JOB_ID": "4242",
     "SLURM_JOB_NODELIST": "node-a",
