@@ -47,10 +47,10 @@ shift
 for kv in "$@"; do
   case "$kv" in *=*) ;; *) die "extra argument '$kv' is not KEY=VALUE (e.g. train.steps=100)" ;; esac
 done
-# Every line other than blanks and comments must be "HOST slots=N" with N >= 1: a line that is
-# not would be skipped by the count below (shifting every node rank after it), and a host with
-# no slot starts no process.
-bad=$(grep -nvE '^[[:space:]]*(#.*)?$|^[[:space:]]*[^#[:space:]]+[[:space:]]+slots=0*[1-9][0-9]*[[:space:]]*(#.*)?$' \
+# Every line other than blanks and comments must start "HOST slots=N" with N >= 1 (DeepSpeed's
+# reading, which ignores the rest of the line): a line that does not would be skipped by the count
+# below (shifting every node rank after it), and a host with no slot starts no process.
+bad=$(grep -nvE '^[[:space:]]*(#.*)?$|^[[:space:]]*[^#[:space:]]+[[:space:]]+slots=0*[1-9][0-9]*([^0-9].*)?$' \
   "$HOSTFILE" | head -n 1 || true)
 [ -z "$bad" ] || die "--hostfile $HOSTFILE:${bad%%:*}: '${bad#*:}' is not 'HOST slots=N' with N >= 1"
 hosts=$(grep -cE '^[[:space:]]*[^#[:space:]]+[[:space:]]+slots=[0-9]+' "$HOSTFILE" || true)
