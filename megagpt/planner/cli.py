@@ -90,16 +90,18 @@ def _load(args) -> tuple[Config, str | None]:
 
 
 def _check_dir(flag: str, path: str) -> None:
-    """ConfigError naming ``flag`` unless ``path`` is (or can be made) a writable folder."""
+    """ConfigError naming ``flag`` unless ``path`` is a writable folder or can be made one (its
+    nearest existing ancestor is a writable folder). Creates nothing: a search that finds no
+    layout leaves no empty folder behind; ``write_pair`` makes it."""
     import os
     from pathlib import Path
 
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"{flag} {path}: cannot create the folder ({e.strerror})") from None
-    if not os.access(path, os.W_OK):
-        raise ConfigError(f"{flag} {path}: the folder is not writable")
+    target = Path(path).absolute()
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {path}: cannot create the folder ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: {existing} is not writable")
 
 
 def _summary(plan: Plan, shape: ClusterShape) -> str:

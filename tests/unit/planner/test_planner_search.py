@@ -187,3 +187,4 @@ def test_plan_write_to_a_bad_folder_names_the_flag_before_the_search(tmp_path, f
     assert f"megagpt plan: error: {flag} {bad}: cannot create the folder" in err
     assert "layouts fit" not in out  # refused before the search and its printout
     assert not list(tmp_path.rglob("*.yaml")) and not list(tmp_path.rglob("*.sbatch"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # no folder made either
