@@ -67,24 +67,27 @@ def _special_id(tokenizer: str | None, token: str) -> int | None:
     return int(vocab[token]) if isinstance(vocab, dict) and token in vocab else None
 
 
-def _end_id(tokenizer: str | None) -> int | None:
-    """The tokenizer's end-of-document id (``<|endoftext|>``, BERT's ``[SEP]``, CPM's
-    ``<eod>``): HF's bos/eos. lm-eval's ``hf`` model, for one, needs it to score a
-    continuation; a tokenizer megagpt cannot read leaves it unset."""
+def _bos_eos(tokenizer: str | None) -> tuple[int | None, int | None]:
+    """HF's (bos, eos) ids: the tokenizer's end of document (``<|endoftext|>``, BERT's
+    ``[SEP]``, CPM's ``<eod>``) as eos, and as bos too unless the family starts every text
+    with its own (BERT's ``[CLS]``). lm-eval's ``hf`` model, for one, predicts a text's first
+    token from bos; a tokenizer megagpt cannot read leaves both unset."""
     if not tokenizer:
-        return None
+        return None, None
     from megagpt.data.tokenizer import build_tokenizer
     from megagpt.errors import MegagptError
 
     try:
-        return build_tokenizer(tokenizer).eod
+        tok = build_tokenizer(tokenizer)
     except (MegagptError, OSError, ValueError):
-        return _special_id(tokenizer, "<|endoftext|>")
+        eod = _special_id(tokenizer, "<|endoftext|>")
+        return eod, eod
+    return tok.context_id, tok.eod
 
 
 def config_json(cfg: ModelConfig, tokenizer: str | None = None) -> dict:
     """transformers GPT2Config fields for ``cfg``."""
-    eod = _end_id(tokenizer)
+    bos, eos = _bos_eos(tokenizer)
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -106,8 +109,8 @@ def config_json(cfg: ModelConfig, tokenizer: str | None = None) -> dict:
         "reorder_and_upcast_attn": False,
         "tie_word_embeddings": True,
         "use_cache": True,
-        "bos_token_id": eod,
-        "eos_token_id": eod,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
         "torch_dtype": "float32",
     }
 
@@ -184,13 +187,13 @@ def _write_tokenizer(out: Path, src: Path, cfg: ModelConfig) -> None:
         if eod is not None:
             conf.update(eos_token="<|endoftext|>", bos_token="<|endoftext|>")
     elif "vocab.txt" in names:
-        # [SEP] ends a document in this family (megagpt.data.tokenizer.BertTokenizer).
+        # The family reads [CLS] text [SEP] (megagpt.data.tokenizer.BertTokenizer).
         conf = {
             "tokenizer_class": "BertTokenizer",
             "do_lower_case": True,
             "model_max_length": cfg.max_position_embeddings,
             "eos_token": "[SEP]",
-            "bos_token": "[SEP]",
+            "bos_token": "[CLS]",
         }
     else:
         return

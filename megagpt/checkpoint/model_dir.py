@@ -90,22 +90,31 @@ def copy_tokenizer(directory: str, source: str) -> None:
     A single file goes with the settings file beside it (``megagpt_tokenizer.json``: e.g. a
     vocabulary trained with the ``jieba`` segmenter encodes with it), under the name a folder
     is searched for: ``x.json`` as ``tokenizer.json``, ``x.txt`` as ``vocab.txt`` (a
-    SentencePiece ``*.model`` keeps its name)."""
-    from megagpt.data.tokenizer import SIDECAR_NAME
+    SentencePiece ``*.model`` keeps its name). A segmenter the source's folder implies
+    without a settings file (ModelScope's jieba, from its configuration.json) is recorded in
+    one."""
+    from megagpt.data.tokenizer import SIDECAR_NAME, recorded_segmenter
 
     dest = Path(directory) / "tokenizer"
     dest.mkdir(parents=True, exist_ok=True)
     src = Path(source)
+    folder = src if src.is_dir() else src.parent
     if src.is_dir():
         for f in src.iterdir():
             if f.is_file():
                 shutil.copy2(f, dest / f.name)
-        return
-    name = {".json": "tokenizer.json", ".txt": "vocab.txt"}.get(src.suffix, src.name)
-    shutil.copy2(src, dest / name)
-    sidecar = src.parent / SIDECAR_NAME
-    if sidecar.is_file() and src.name != SIDECAR_NAME:
-        shutil.copy2(sidecar, dest / SIDECAR_NAME)
+    else:
+        name = {".json": "tokenizer.json", ".txt": "vocab.txt"}.get(src.suffix, src.name)
+        shutil.copy2(src, dest / name)
+        sidecar = src.parent / SIDECAR_NAME
+        if sidecar.is_file() and src.name != SIDECAR_NAME:
+            shutil.copy2(sidecar, dest / SIDECAR_NAME)
+    segmenter = recorded_segmenter(str(folder))
+    if segmenter is not None and not (dest / SIDECAR_NAME).exists():
+        (dest / SIDECAR_NAME).write_text(
+            json.dumps({"segmenter": segmenter}, indent=2) + "\n",
+            encoding="utf-8",
+        )
 
 
 @torch.no_grad()

@@ -144,7 +144,8 @@ def add_preprocess_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--append-eod",
         action="store_true",
-        help="end every document with the tokenizer's end-of-document token",
+        help="end every document with the tokenizer's end-of-document token (a BERT "
+        "vocab.txt also starts it with [CLS], always: [CLS] text [SEP])",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

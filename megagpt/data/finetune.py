@@ -3,6 +3,8 @@
 Sample layout (reference §5.1), for a model input of ``seq_length`` tokens::
 
     ids    = src + [sep]                 (continuation)    or  src + tgt + [sep]   (src+tgt)
+    src    the source's ids, after the family's bos where it has one (BERT: [CLS] src, as
+           ModelScope's base/large preprocessor; the first source token is then in the loss)
     ids    right-padded / truncated to seq_length + 1
     tokens = ids[:-1], labels = ids[1:]
     loss   continuation: label positions 0 .. len(src) - 1, i.e. every source token after the
@@ -146,7 +148,7 @@ def build_finetune_dataset(
     if mode == "continuation":
         targets = None
     sep, pad = special_ids(tokenizer)
-    src_ids = tokenizer.encode_batch(sources)
+    src_ids = [tokenizer.start(s) for s in tokenizer.encode_batch(sources)]
     tgt_ids = tokenizer.encode_batch(targets) if targets is not None else [None] * len(sources)
     encoded = [encode_sample(s, t, sep, pad, seq_length) for s, t in zip(src_ids, tgt_ids)]
     ids = np.stack([e[0] for e in encoded])

@@ -183,6 +183,8 @@ def _encode_records(
             if len(examples) < _MAX_SKIP_EXAMPLES:
                 examples.append((exc.line, exc.detail))
     ids = tok.encode_batch(texts) if texts else []
+    if tok.bos is not None:  # the BERT family's documents read [CLS] text [SEP]
+        ids = [tok.start(seq) for seq in ids]
     if _STATE["append_eod"]:
         for seq in ids:
             seq.append(tok.eod)
@@ -323,7 +325,8 @@ def preprocess(
         tokenizer_path: anything :func:`build_tokenizer` accepts.
         output_prefix: output path without ``.bin``/``.idx``.
         workers: worker processes (1 = in-process).
-        append_eod: end every document with the tokenizer's ``eod`` id.
+        append_eod: end every document with the tokenizer's ``eod`` id. A tokenizer with a
+            ``bos`` (the BERT family's ``[CLS]``) also starts every document with it.
         skip_bad_lines: skip and count bad records instead of stopping at the first one.
         overwrite: replace an existing dataset at ``output_prefix``.
         progress: show a progress bar (docs/s, tokens/s) on stderr.

@@ -29,7 +29,7 @@ import hashlib
 import itertools
 import json
 import os
-import re
+import string
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 
@@ -39,6 +39,8 @@ from megagpt.data.segment import DEFAULT_SEGMENTER, get_segmenter
 # Sidecar written next to tokenizer.json by `megagpt tokenizer train`; records the segmenter the
 # vocabulary was trained with so that encoding at training/inference time segments the same way.
 SIDECAR_NAME = "megagpt_tokenizer.json"
+# ModelScope's preprocessor of the 1.3B+ family (configuration.json), which segments with jieba.
+MODELSCOPE_JIEBA_PREPROCESSOR = "text-gen-jieba-tokenizer"
 
 EOD_TOKEN = "<|endoftext|>"
 SEP_TOKEN = "<sep>"
@@ -56,7 +58,10 @@ class Tokenizer(ABC):
     """Common interface: ``encode``/``decode``, special ids, true and padded vocab size.
 
     ``eod``, ``sep`` and ``pad`` are token ids, or ``None`` where the family has no such token.
-    Pretraining needs ``eod`` (the document separator of ``--append-eod``).
+    Pretraining needs ``eod`` (the document separator of ``--append-eod``). ``bos`` is the id
+    every text of the family starts with where it has one (BERT's ``[CLS]``: ModelScope's
+    base/large models read ``[CLS] text``); megagpt puts it in front of every document,
+    fine-tuning sample, prompt and scored text (:meth:`start`).
     """
 
     family: str
@@ -65,6 +70,7 @@ class Tokenizer(ABC):
     eod: int | None
     sep: int | None
     pad: int | None
+    bos: int | None = None
 
     @abstractmethod
     def encode(self, text: str) -> list[int]:
@@ -77,6 +83,26 @@ class Tokenizer(ABC):
     @abstractmethod
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``; special tokens are dropped."""
+
+    def start(self, ids: list[int]) -> list[int]:
+        """``ids`` as a text's start: ``[bos] + ids`` for a family with :attr:`bos`, else
+        ``ids`` (which an empty prompt leaves empty: see :meth:`encode_prompt`)."""
+        return [self.bos, *ids] if self.bos is not None else ids
+
+    @property
+    def context_id(self) -> int | None:
+        """The id a text's first token is predicted from: :attr:`bos`, else the end of the
+        previous document (:attr:`eod`); None when the family has neither."""
+        return self.bos if self.bos is not None else self.eod
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """The ids generation starts from for ``text``: :meth:`start` of its ids; an empty
+        prompt without ``bos`` starts a new document (``[eod]``); [] when there is no such
+        token (the caller reports it)."""
+        ids = self.start(self.encode(text))
+        if not ids and self.eod is not None:
+            ids = [self.eod]
+        return ids
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -127,9 +153,9 @@ class JiebaBPETokenizer(Tokenizer):
 
     Args:
         path: the ``tokenizer.json`` file.
-        segmenter: ``"rjieba"`` or ``"jieba"``; default: the one recorded in the sidecar
-            ``megagpt_tokenizer.json`` next to the file, else :data:`segment.DEFAULT_SEGMENTER`.
-            Use ``"jieba"`` to reproduce ModelScope's ids exactly on ASCII runs.
+        segmenter: ``"rjieba"`` or ``"jieba"``; default: the one the folder records
+            (:func:`recorded_segmenter`: ``jieba`` in a ModelScope model directory, as its
+            pipeline segments), else :data:`segment.DEFAULT_SEGMENTER`.
     """
 
     family = "jieba-bpe"
@@ -143,7 +169,7 @@ class JiebaBPETokenizer(Tokenizer):
         except Exception as exc:  # the Rust loader raises a bare Exception with its reason
             raise DataError(f"{path}: not a valid Hugging Face tokenizer.json ({exc})") from exc
         if segmenter is None:
-            segmenter = _read_sidecar(os.path.dirname(path)).get("segmenter")
+            segmenter = recorded_segmenter(os.path.dirname(path))
         self.segmenter_name = segmenter
         self._segment = get_segmenter(segmenter)
         vocab = self._tok.get_vocab(with_added_tokens=True)
@@ -210,29 +236,52 @@ class JiebaBPETokenizer(Tokenizer):
         return self._tok.decode(ids, skip_special_tokens=True)
 
 
-# Han ideographs (+ extensions), CJK symbols and punctuation, full-width forms. WordPiece splits
-# each of these into its own token, so a space next to one of them was put there by decoding.
-_CJK = (
-    "\u2e80-\u2fff\u3000-\u303f\u3040-\u30ff\u3100-\u312f\u3200-\u9fff"
-    "\uf900-\ufaff\ufe30-\ufe4f\uff00-\uffef\U00020000-\U0003134f"
+# What ModelScope's base/large pipeline counts as a Chinese "word" when it joins the decoded
+# text (reference §2.1): Han ideographs (the ranges BERT splits one per token), Chinese
+# punctuation (full-width forms, CJK symbols, quotes and dashes, listed below as ranges) and
+# ASCII punctuation.
+_HAN = (
+    (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2A6DF),
+    (0x2A700, 0x2B73F), (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0x2F800, 0x2FA1F),
+)  # fmt: skip
+_CHINESE_PUNCTUATION = (
+    (0x00B7, 0x00B7), (0x2013, 0x2014), (0x2018, 0x2019), (0x201B, 0x201F), (0x2026, 0x2027),
+    (0x3000, 0x3003), (0x3008, 0x3011), (0x3014, 0x301F), (0x3030, 0x3030), (0x303E, 0x303F),
+    (0xFE4F, 0xFE4F), (0xFE51, 0xFE51), (0xFE54, 0xFE54), (0xFF01, 0xFF0D), (0xFF0F, 0xFF0F),
+    (0xFF1A, 0xFF20), (0xFF3B, 0xFF40), (0xFF5B, 0xFF64),
+)  # fmt: skip
+_CHINESE_WORD_CHARS = frozenset(
+    [chr(c) for lo, hi in _HAN + _CHINESE_PUNCTUATION for c in range(lo, hi + 1)]
+    + list(string.punctuation)
 )
-_SPACE_NEXT_TO_CJK = re.compile(f"(?<=[{_CJK}]) | (?=[{_CJK}])")
 
 
-def remove_space_next_to_chinese(text: str) -> str:
-    """Drop single spaces that touch a Chinese character or full-width punctuation.
+def _is_chinese_word(word: str) -> bool:
+    return all(ch in _CHINESE_WORD_CHARS for ch in word)
 
-    WordPiece decoding joins every token with a space; between Latin words that space is real,
-    next to a Han character it is an artefact (Chinese text has no word spaces).
+
+def join_chinese_words(text: str) -> str:
+    """Join the space-separated runs of Chinese words of a decoded text, as ModelScope's
+    base/large pipeline does after decoding (reference §2.1).
+
+    WordPiece decoding puts a space between every two tokens. Words made only of Han
+    characters and punctuation (Chinese or ASCII) that follow each other are joined without
+    one; the spaces around any other word (Latin, digits, mixed) stay:
+    ``"我 用 iphone 15 手 机 。"`` -> ``"我用 iphone 15 手机。"``.
     """
-    return _SPACE_NEXT_TO_CJK.sub("", text)
+    words: list[str] = []
+    for chinese, run in itertools.groupby(text.split(" "), key=_is_chinese_word):
+        part = list(run)
+        words.extend(["".join(part)] if chinese else part)
+    return " ".join(words).strip()
 
 
 class BertTokenizer(Tokenizer):
     """BERT Chinese WordPiece from ``vocab.txt`` (the base/large family).
 
-    ``eod`` and ``sep`` are both ``[SEP]``: the family has no separate document token and its
-    pipeline ends every text with ``[SEP]``.
+    ``eod`` and ``sep`` are both ``[SEP]`` and ``bos`` is ``[CLS]``: ModelScope's pipeline
+    wraps every text as ``[CLS] text [SEP]`` (reference §2.1) and the family has no separate
+    document token.
     """
 
     family = "bert"
@@ -257,6 +306,7 @@ class BertTokenizer(Tokenizer):
         self.vocab_size = len(vocab)
         self.sep = vocab.get("[SEP]")
         self.eod = self.sep
+        self.bos = vocab.get("[CLS]")
         self.pad = vocab.get("[PAD]")
         self.unk = vocab.get("[UNK]")
 
@@ -276,7 +326,7 @@ class BertTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         text = self._tok.decode(list(ids), skip_special_tokens=True)
-        return remove_space_next_to_chinese(text)
+        return join_chinese_words(text)
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -379,6 +429,24 @@ def _canonical_json(path: str) -> str:
     except ValueError as exc:
         raise DataError(f"{path}: not valid JSON ({exc})") from exc
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def recorded_segmenter(directory: str) -> str | None:
+    """The segmenter a tokenizer's folder records: its sidecar's (``megagpt_tokenizer.json``),
+    else ``jieba`` beside a ModelScope ``configuration.json`` whose preprocessor is
+    ``text-gen-jieba-tokenizer`` (ModelScope segments with ``jieba.cut``, reference §2.2: rjieba
+    splits some ASCII runs otherwise); None: the default segmenter."""
+    recorded = _read_sidecar(directory).get("segmenter")
+    if recorded is not None:
+        return recorded
+    try:
+        conf = json.loads(_read_bytes(os.path.join(directory, "configuration.json")))
+    except (DataError, ValueError):
+        return None
+    pre = conf.get("preprocessor") if isinstance(conf, dict) else None
+    if isinstance(pre, dict) and pre.get("type") == MODELSCOPE_JIEBA_PREPROCESSOR:
+        return "jieba"
+    return None
 
 
 def _read_sidecar(directory: str) -> dict:

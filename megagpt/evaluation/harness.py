@@ -140,14 +140,24 @@ class MegagptLM(TemplateLM):
         return eot
 
     @property
+    def prefix_token_id(self) -> int:
+        """The context of an empty prompt and of a rolling text's first token: the family's
+        ``bos`` (``[CLS]``, which ModelScope's base/large models read first), else the end of
+        document."""
+        bos = self.tok.bos
+        return bos if bos is not None else self.eot_token_id
+
+    @property
     def tokenizer_name(self) -> str:
         return f"{self.tok.family}:{Path(self.tok.path).name}"
 
     def tok_encode(
         self, string: str, add_special_tokens: bool | None = None, **kwargs
     ) -> list[int]:
-        # megagpt tokenizers add no special tokens, so add_special_tokens changes nothing.
-        return self.tok.encode(string)
+        # As lm-eval's hf model with add_bos_token: a context starts with the family's bos
+        # (the BERT family's [CLS]) unless the caller asks for the bare ids.
+        ids = self.tok.encode(string)
+        return ids if add_special_tokens is False else self.tok.start(ids)
 
     def tok_decode(self, tokens: list[int]) -> str:
         return self.tok.decode(tokens)
@@ -183,15 +193,15 @@ class MegagptLM(TemplateLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Total log-likelihood of each whole string: disjoint ``max_length`` windows, the
-        first token predicted after the end-of-document token (as lm-eval's hf model)."""
+        first token predicted after ``prefix_token_id`` (as lm-eval's hf model)."""
         items, keep = [], []
         for n, req in enumerate(requests):
             (string,) = req.args
-            ids = self.tok_encode(string)
+            ids = self.tok_encode(string, add_special_tokens=False)
             if not ids:
                 keep.append(n)
                 continue
-            items += windows(n, [self.eot_token_id] + ids, self.max_length, self.max_length)
+            items += windows(n, [self.prefix_token_id] + ids, self.max_length, self.max_length)
         nll = score_windows(self.scorer, items, self.batch_size)
         out = []
         for n, req in enumerate(requests):

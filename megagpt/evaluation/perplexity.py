@@ -162,7 +162,9 @@ def perplexity(
             f"--window {window}: must be between 1 and the model's {scorer.max_positions} positions"
         )
     stride = stride or window
-    eod = scorer.tokenizer.eod
+    # A document's first token is predicted from the family's bos ([CLS]), else from the
+    # previous document's end; a stored document that already starts with it keeps its own.
+    start = scorer.tokenizer.context_id
     docs, items, empty, skipped = {}, [], 0, {}
     for d in read_documents(
         path,
@@ -173,7 +175,7 @@ def perplexity(
         skip_bad_lines=skip_bad_lines,
         skipped=skipped,
     ):
-        seq = ([eod] + d.tokens) if eod is not None else d.tokens
+        seq = d.tokens if start is None or d.tokens[:1] == [start] else [start] + d.tokens
         if len(seq) < 2:
             empty += 1
             continue
@@ -201,7 +203,13 @@ def perplexity(
         skipped_records=skipped,
         window=window,
         stride=stride,
-        first_token_context="eod" if eod is not None else "none (not scored)",
+        first_token_context=(
+            "none (not scored)"
+            if start is None
+            else "bos"
+            if start == scorer.tokenizer.bos
+            else "eod"
+        ),
         tensor_parallel=scorer.tp_size,
         data_parallel=scorer.dp_size,
     )

@@ -135,16 +135,14 @@ class TextGenerationPipeline:
         self.tokenizer = tokenizer
 
     def encode(self, text: str) -> list[int]:
-        """The ids generation starts from for prompt ``text`` (an empty prompt: end of
-        document); ValueError when an empty prompt has none."""
-        ids = self.tokenizer.encode(text)
+        """The ids generation starts from for prompt ``text`` (``Tokenizer.encode_prompt``:
+        ``[CLS] text`` for the BERT family; an empty prompt starts a new document); ValueError
+        when an empty prompt has no token to start from."""
+        ids = self.tokenizer.encode_prompt(text)
         if not ids:
-            # An empty prompt starts a new document, as in pretraining (decoding drops it).
-            if self.tokenizer.eod is None:
-                raise ValueError(
-                    "empty prompt and the tokenizer has no end-of-document token to start from"
-                )
-            ids = [self.tokenizer.eod]
+            raise ValueError(
+                "empty prompt and the tokenizer has no end-of-document token to start from"
+            )
         return ids
 
     def __call__(

@@ -51,17 +51,16 @@ class Service:
         return self.generator.max_positions
 
     def encode(self, prompt: str | list[int], name: str = "prompt") -> list[int]:
-        """Token ids of a prompt; an empty one starts a new document, as in the pipeline."""
+        """Token ids of a prompt, as the pipeline's (``Tokenizer.encode_prompt``); a list of
+        ids is taken as it is."""
         if isinstance(prompt, list):
             return list(prompt)
-        ids = self.tokenizer.encode(prompt)
+        ids = self.tokenizer.encode_prompt(prompt)
         if not ids:
-            if self.tokenizer.eod is None:
-                raise RequestError(
-                    f"empty '{name}' and the tokenizer has no end-of-document token to start from",
-                    name,
-                )
-            ids = [self.tokenizer.eod]
+            raise RequestError(
+                f"empty '{name}' and the tokenizer has no end-of-document token to start from",
+                name,
+            )
         return ids
 
     def sequences(

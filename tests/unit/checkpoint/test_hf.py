@@ -83,8 +83,9 @@ def test_refusals(tmp_path, cfg, state):
 
 
 def test_export_names_the_end_of_document_token_of_a_bert_vocabulary(tmp_path):
-    """HF's eos/bos is the tokenizer's end-of-document id whatever its family (here BERT's
-    [SEP]); it was null, and lm-eval's `hf` model then fails to score continuations."""
+    """HF's eos is the tokenizer's end-of-document id whatever its family (here BERT's [SEP]);
+    it was null, and lm-eval's `hf` model then fails to score continuations. BOS is the token
+    the family's texts start with: BERT's [CLS] (ModelScope's base/large read [CLS] text)."""
     bert_vocab = shared_path(BERT_VOCAB)  # skips without ../shared/data
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
@@ -93,8 +94,13 @@ def test_export_names_the_end_of_document_token_of_a_bert_vocabulary(tmp_path):
     (vocab / "vocab.txt").write_bytes(bert_vocab.read_bytes())
     big = small_config(vocab_size=21128)
     hf.write(str(tmp_path / "hf"), big, random_state(big), tokenizer=str(vocab))
-    sep = bert_vocab.read_text(encoding="utf-8").splitlines().index("[SEP]")
+    tokens = bert_vocab.read_text(encoding="utf-8").splitlines()
+    sep, cls = tokens.index("[SEP]"), tokens.index("[CLS]")
     conf = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert conf["eos_token_id"] == conf["bos_token_id"] == sep
-    assert GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).config.eos_token_id == sep
-    assert AutoTokenizer.from_pretrained(str(tmp_path / "hf")).eos_token_id == sep
+    assert (conf["eos_token_id"], conf["bos_token_id"]) == (sep, cls)
+    model_conf = GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).config
+    assert (model_conf.eos_token_id, model_conf.bos_token_id) == (sep, cls)
+    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert (hf_tok.eos_token_id, hf_tok.bos_token_id) == (sep, cls)
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert (generation["eos_token_id"], generation["bos_token_id"]) == (sep, cls)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from megagpt.data.errors import DataError
+from megagpt.data.tokenizer import Tokenizer
 from megagpt.data.finetune import (
     build_finetune_dataset,
     encode_sample,
@@ -45,17 +46,22 @@ def test_truncation_keeps_shapes_and_drops_the_sep():
     assert mask.sum() == 0
 
 
-def _tokenizer():
-    class Tok:  # one id per character, ids from 10; <sep>=2, pad=0, eod=1
-        path, sep, pad, eod = "fake", SEP, PAD, 1
+def _tokenizer(bos=None):
+    class Tok(Tokenizer):  # one id per character, ids from 10; <sep>=2, pad=0, eod=1
+        path, sep, pad, eod, vocab_size = "fake", SEP, PAD, 1, 600
 
         def encode(self, text):
             return [10 + ord(c) % 500 for c in text]
 
-        def encode_batch(self, texts):
-            return [self.encode(t) for t in texts]
+        def decode(self, ids):
+            raise NotImplementedError
 
-    return Tok()
+        def _content(self):
+            return []
+
+    tok = Tok()
+    tok.bos = bos
+    return tok
 
 
 def test_jsonl_with_renamed_column_is_continuation(tmp_path):
@@ -68,6 +74,21 @@ def test_jsonl_with_renamed_column_is_continuation(tmp_path):
     assert ds.loss_mask.sum(axis=1).tolist() == [5, 5]  # 4 characters after the first + <sep>
     with pytest.raises(DataError, match=r"poems.jsonl:1: no column 'src_txt'"):
         build_finetune_dataset(str(path), _tokenizer(), 8)
+
+
+def test_a_family_with_bos_starts_every_source_with_it(tmp_path):
+    # The BERT family's samples read [CLS] src [SEP] (ModelScope's base/large preprocessor):
+    # the first source character is then predicted, from [CLS].
+    path = tmp_path / "poems.jsonl"
+    path.write_text(json.dumps({"src_txt": "白日", "tgt_txt": "尽"}) + "\n", "utf-8")
+    first, second, target = _tokenizer().encode("白日尽")
+    cont = build_finetune_dataset(str(path), _tokenizer(bos=3), 6, mode="continuation")
+    assert cont.ids[0].tolist() == [3, first, second, SEP, PAD, PAD, PAD]
+    assert cont.ids[0][1:][cont.loss_mask[0] == 1].tolist() == [first, second, SEP]
+    paired = build_finetune_dataset(str(path), _tokenizer(bos=3), 6)
+    assert paired.ids[0].tolist() == [3, first, second, target, SEP, PAD, PAD]
+    assert paired.ids[0][1:][paired.loss_mask[0] == 1].tolist() == [target, SEP]
+    assert paired.sources == [[3, first, second]]  # the prompts of generation-based evaluation
 
 
 def test_csv_with_source_and_target_columns(tmp_path):

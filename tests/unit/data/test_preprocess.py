@@ -370,8 +370,12 @@ def test_other_tokenizer_families_preprocess_with_their_eod(tmp_path, data, shar
     for path in (data.BERT_VOCAB, data.CPM_MODEL):
         tok = build_tokenizer(str(path))
         prefix, stats = _run(tmp_path, [src], path, name=path.stem, append_eod=True)
-        assert _docs(prefix) == [tok.encode(t) + [tok.eod] for t in ["中文文本。", "第二 段\n落"]]
+        docs = ["中文文本。", "第二 段\n落"]
+        assert _docs(prefix) == [tok.start(tok.encode(t)) + [tok.eod] for t in docs]
         assert stats.dtype == "uint16"
+    # The BERT family's documents read [CLS] text [SEP], as ModelScope's base/large models do.
+    bert = _docs(str(tmp_path / data.BERT_VOCAB.stem))
+    assert [d[0] for d in bert] == [101, 101] and [d[-1] for d in bert] == [102, 102]
 
 
 def test_progress_bar_reports_docs_and_tokens_per_second(tmp_path, tokenizer_dir, capsys):

@@ -13,7 +13,7 @@ from megagpt.data.tokenizer import (
     BertTokenizer,
     JiebaBPETokenizer,
     SentencePieceTokenizer,
-    remove_space_next_to_chinese,
+    join_chinese_words,
 )
 from megagpt.data.tokenizer_train import train_tokenizer
 
@@ -104,6 +104,36 @@ def test_jieba_and_rjieba_segmenters_both_round_trip(tokenizer_dir, data):
         assert tok.decode(tok.encode(data.MIXED_TEXT)) == data.MIXED_TEXT
 
 
+def test_a_modelscope_directory_segments_with_jieba(tokenizer_dir, tmp_path):
+    """ModelScope's 1.3B+ pipeline segments with jieba.cut: a tokenizer.json beside its
+    configuration.json (jieba preprocessor, no megagpt settings file) does too, and keeps
+    doing so when copied into a megagpt model directory."""
+    import json
+    import shutil
+
+    from megagpt.checkpoint.model_dir import copy_tokenizer
+
+    ms = tmp_path / "modelscope"
+    ms.mkdir()
+    shutil.copy2(tokenizer_dir / "tokenizer.json", ms / "tokenizer.json")
+    assert build_tokenizer(str(ms)).segmenter_name is None  # nothing recorded: the default
+    conf = {"preprocessor": {"type": "text-gen-jieba-tokenizer"}, "megatron": {}}
+    (ms / "configuration.json").write_text(json.dumps(conf), encoding="utf-8")
+    tok = build_tokenizer(str(ms))
+    assert tok.segmenter_name == "jieba" and tok.settings == "segmenter jieba"
+    text = "GPT-3 的版本 5.1.1 发布了"
+    assert tok.encode(text) == build_tokenizer(str(ms), segmenter="jieba").encode(text)
+    copy_tokenizer(str(tmp_path / "model"), str(ms / "tokenizer.json"))
+    copied = build_tokenizer(str(tmp_path / "model" / "tokenizer"))
+    assert copied.segmenter_name == "jieba" and copied.fingerprint == tok.fingerprint
+    # Another preprocessor implies nothing; an explicit choice always wins.
+    conf["preprocessor"]["type"] = "text-gen-tokenizer"
+    (ms / "configuration.json").write_text(json.dumps(conf), encoding="utf-8")
+    assert build_tokenizer(str(ms)).segmenter_name is None
+    explicit = build_tokenizer(str(tmp_path / "model" / "tokenizer"), segmenter="rjieba")
+    assert explicit.segmenter_name == "rjieba"
+
+
 def test_unknown_segmenter_is_a_clear_error(tokenizer_dir):
     with pytest.raises(DataError, match="unknown segmenter"):
         build_tokenizer(str(tokenizer_dir), segmenter="nltk")
@@ -131,21 +161,39 @@ def test_bert_round_trips_real_text_up_to_its_normalisation(bert, wiki_texts):
     assert checked > 60
 
 
-def test_bert_decode_removes_spaces_between_chinese_only(bert):
+def test_bert_decode_joins_chinese_words_as_modelscope(bert):
+    # ModelScope's base/large pipeline joins runs of Chinese words only: the spaces around a
+    # Latin word or a number stay (reference §2.1).
     text = "中华人民共和国成立于1949年。Hello World，你好！"
-    assert bert.decode(bert.encode(text)) == "中华人民共和国成立于1949年。hello world，你好！"
+    assert bert.decode(bert.encode(text)) == "中华人民共和国成立于 1949 年。 hello world ，你好！"
 
 
 def test_bert_ids_and_specials(bert):
     assert isinstance(bert, BertTokenizer)
     assert bert.vocab_size == 21128
-    assert (bert.pad, bert.sep, bert.eod) == (0, 102, 102)
+    assert (bert.pad, bert.sep, bert.eod, bert.bos) == (0, 102, 102, 101)
     assert bert.encode("中国") == [704, 1744]
     assert bert.decode([101, 704, 1744, 102]) == "中国"
 
 
-def test_remove_space_next_to_chinese():
-    assert remove_space_next_to_chinese("中 国 hello world 你 好 ，") == "中国hello world你好，"
+@pytest.mark.parametrize(
+    ("decoded", "joined"),
+    [
+        ("中 国 hello world 你 好 ，", "中国 hello world 你好，"),
+        ("我 用 iphone 15 手 机", "我用 iphone 15 手机"),
+        # ASCII punctuation is part of a Chinese run; full-width forms and CJK symbols too
+        ("你 好 , 世 界 ！ 「 书 」", "你好,世界！「书」"),
+        # a lone punctuation mark between Latin words keeps its spaces; U+FF0E is not one of
+        # the marks ModelScope lists, so it stays apart
+        ("a , b", "a , b"),
+        ("中 ． 国", "中 ． 国"),
+        # extension-B ideographs; leading / trailing spaces are stripped
+        (" \U00020000 \U00020001 x ", "\U00020000\U00020001 x"),
+        ("", ""),
+    ],
+)
+def test_join_chinese_words(decoded, joined):
+    assert join_chinese_words(decoded) == joined
 
 
 # --- SentencePiece (CPM) ----------------------------------------------------------------------

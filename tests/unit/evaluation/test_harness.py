@@ -14,6 +14,7 @@ from tests.unit.evaluation.helpers import token_nll
 pytest.importorskip("lm_eval")
 
 TASK = "megagpt_zh_mc"
+CLS = 101  # the test model's BERT vocabulary: every context starts with [CLS]
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +64,8 @@ def greedy_mix(scorer) -> list[tuple[str, str]]:
     tok = scorer.tokenizer
     out = []
     for context in ("问题：", "人工智能"):
-        greedy = _greedy_ids(scorer.model, tok.encode(context), 3)
-        after_off = _greedy_ids(scorer.model, tok.encode(context + "的"), 1)
+        greedy = _greedy_ids(scorer.model, [CLS] + tok.encode(context), 3)
+        after_off = _greedy_ids(scorer.model, [CLS] + tok.encode(context + "的"), 1)
         out += [
             (context, tok.decode(greedy[:1])),
             (context, tok.decode(greedy)),
@@ -97,8 +98,8 @@ def test_harness_equals_direct_computation(scorer, ours, greedy_mix):
         context = f"问题：{doc['question']}\n答案："
         want, want_greedy = [], []
         for choice in doc["choices"]:
-            ctx = tok.encode(context)
-            cont = tok.encode(context + choice)[len(ctx) :]
+            ctx = [CLS] + tok.encode(context)  # the BERT family reads [CLS] text
+            cont = tok.encode(context + choice)[len(ctx) - 1 :]
             want.append(-sum(token_nll(scorer.model, ctx, cont)))
             want_greedy.append(_is_greedy(scorer.model, ctx, cont))
         assert _choice_lls(s) == pytest.approx(want, abs=1e-5)
@@ -112,8 +113,8 @@ def test_harness_equals_direct_computation(scorer, ours, greedy_mix):
     got = lm.loglikelihood(_instances("loglikelihood", greedy_mix))
     assert len(got) == len(greedy_mix)
     for (context, continuation), (ll, greedy) in zip(greedy_mix, got):
-        ctx = tok.encode(context)
-        cont = tok.encode(context + continuation)[len(ctx) :]
+        ctx = [CLS] + tok.encode(context)
+        cont = tok.encode(context + continuation)[len(ctx) - 1 :]
         assert ll == pytest.approx(-sum(token_nll(scorer.model, ctx, cont)), abs=1e-5)
         assert greedy == _is_greedy(scorer.model, ctx, cont), (context, continuation)
         flags.append(greedy)
@@ -132,16 +133,24 @@ def test_hf_export_scores_the_same_with_lm_eval_hf(
     from megagpt.evaluation.harness import task_manager
 
     convert(bert_model_dir, str(tmp_path / "hf"), "hf")
-    # add_bos_token=False: lm-eval's hf model would otherwise let the BERT tokenizer add
-    # [CLS]/[SEP]; megagpt's tokenizers add no special tokens. The export names the family's
-    # end-of-document token ([SEP]) as eos, which lm-eval's hf model prefixes rolling scores with.
-    hf = HFLM(
+
+    class ClsFirstHFLM(HFLM):
+        """lm-eval's hf model reading every context as [CLS] text, as the BERT family (and
+        megagpt's model) does: the BERT tokenizer's own special tokens would add [SEP] at
+        the end as well, hence add_bos_token=False and the [CLS] put in here."""
+
+        def tok_encode(self, string, add_special_tokens=None, **kwargs):
+            ids = super().tok_encode(string, add_special_tokens=False, **kwargs)
+            return ids if add_special_tokens is False else [CLS] + ids
+
+    hf = ClsFirstHFLM(
         pretrained=str(tmp_path / "hf"),
         add_bos_token=False,
         dtype="float32",
         device="cpu",
         batch_size=8,
     )
+    assert hf.prefix_token_id == CLS and hf.eot_token_id == 102  # the export's bos / eos
     res = simple_evaluate(
         model=hf,
         tasks=[TASK],
@@ -166,6 +175,13 @@ def test_hf_export_scores_the_same_with_lm_eval_hf(
     their = hf.loglikelihood(_instances("loglikelihood", greedy_mix))
     assert [g for _, g in mine] == [bool(g) for _, g in their]
     assert [ll for ll, _ in mine] == pytest.approx([ll for ll, _ in their], abs=1e-4)
+    # Rolling scores through lm-eval's plain hf model: the text's own ids, its first token
+    # predicted from the export's bos ([CLS]).
+    plain = HFLM(pretrained=str(tmp_path / "hf"), add_bos_token=False, device="cpu")
+    texts = [("床前明月光，疑是地上霜。",), ("人工智能",)]
+    mine = lm.loglikelihood_rolling(_instances("loglikelihood_rolling", texts))
+    their = plain.loglikelihood_rolling(_instances("loglikelihood_rolling", texts))
+    assert mine == pytest.approx(their, abs=1e-4)
 
 
 def _instances(kind: str, args: list[tuple]):
@@ -184,7 +200,7 @@ def test_generate_until_equals_kv_cache_greedy_decoding(scorer):
     got = lm.generate_until(_instances("generate_until", [(p, kwargs) for p in prompts]))
     tok = scorer.tokenizer
     for p, text in zip(prompts, got):
-        ids = tok.encode(p)
+        ids = [CLS] + tok.encode(p)
         full = scorer.generator.generate([ids], make_params(top_k=1), max_new_tokens=6)[0][0]
         want = tok.decode(full[len(ids) :]).split("。")[0]
         assert text == want
@@ -207,7 +223,7 @@ def test_loglikelihood_rolling_is_the_document_nll(scorer):
     got = lm.loglikelihood_rolling(_instances("loglikelihood_rolling", [(t,) for t in texts]))
     tok = scorer.tokenizer
     for text, value in zip(texts, got):
-        seq = [tok.eod] + tok.encode(text)
+        seq = [CLS] + tok.encode(text)  # the first token predicted from [CLS]
         want = 0.0
         for begin in range(0, len(seq) - 1, 12):  # disjoint 12-token windows
             want -= sum(

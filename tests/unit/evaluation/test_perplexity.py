@@ -18,6 +18,9 @@ TEXTS = [
 ]
 
 
+CLS = 101  # the test model's BERT vocabulary reads [CLS] text
+
+
 def _jsonl(path, texts):
     path.write_text(
         "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8"
@@ -32,7 +35,7 @@ def test_perplexity_equals_hand_computation(scorer, tmp_path):
     total, tokens = 0.0, 0
     for text, rec in zip(TEXTS, records):
         ids = tok.encode(text)
-        nll = sum(token_nll(scorer.model, [tok.eod], ids))  # first token after EOD
+        nll = sum(token_nll(scorer.model, [CLS], ids))  # the first token after [CLS]
         assert rec["tokens"] == len(ids) and rec["characters"] == len(text)
         assert rec["nll"] == pytest.approx(nll, rel=1e-6)
         assert rec["bits_per_character"] == pytest.approx(nll / math.log(2) / len(text))
@@ -43,6 +46,7 @@ def test_perplexity_equals_hand_computation(scorer, tmp_path):
     assert summary["perplexity"] == pytest.approx(math.exp(total / tokens))
     assert summary["bits_per_character"] == pytest.approx(total / math.log(2) / chars)
     assert summary["documents"] == 3
+    assert summary["first_token_context"] == "bos"
 
 
 def test_sliding_window_equals_full_context_when_the_doc_fits(scorer, tmp_path):
@@ -56,7 +60,7 @@ def test_long_document_windows_keep_context(scorer, tmp_path):
     text = "".join(TEXTS) * 4  # ~140 tokens: several 32-token windows
     data = _jsonl(tmp_path / "long.jsonl", [text])
     tok = scorer.tokenizer
-    seq = [tok.eod] + tok.encode(text)
+    seq = [CLS] + tok.encode(text)
     w, s = 16, 4
     got, _ = perplexity(scorer, data, window=w, stride=s)
     # By hand: target j (1-based into seq) is scored in the first window reaching it, with
@@ -106,9 +110,11 @@ def test_text_and_indexed_datasets(scorer, tmp_path):
     got, records = perplexity(scorer, str(tmp_path / "idx"))
     tok = scorer.tokenizer
     for text, rec in zip(TEXTS, records):
-        ids = tok.encode(text) + [tok.eod]  # the stored document ends with its EOD
+        # The stored document is [CLS] text [SEP]: its own [CLS] is the context (not doubled)
+        # and its EOD is scored.
+        ids = tok.encode(text) + [tok.eod]
         assert rec["tokens"] == len(ids)
-        assert rec["nll"] == pytest.approx(sum(token_nll(scorer.model, [tok.eod], ids)), rel=1e-6)
+        assert rec["nll"] == pytest.approx(sum(token_nll(scorer.model, [CLS], ids)), rel=1e-6)
     assert perplexity(scorer, str(tmp_path / "idx.bin"))[0]["nll"] == got["nll"]
 
 
