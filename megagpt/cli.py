@@ -143,11 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--input", required=True, help="checkpoint or model directory (kind detected)")
     p.add_argument("--output", required=True, help="directory to write")
-    p.add_argument("--to", required=True, choices=("megagpt", "modelscope", "hf"))
+    p.add_argument(
+        "--to",
+        required=True,
+        choices=("megagpt", "modelscope", "hf"),
+        help="output kind; modelscope writes the layout its pipeline loads with the model's "
+        "tokenizer: BERT vocab.txt -> base/large (pytorch_model.bin), jieba-BPE tokenizer.json "
+        "or none -> 1.3B+ (model/mp_rank_XX_model_states.pt); SentencePiece is refused",
+    )
     p.add_argument(
         "--tp",
         type=int,
-        help="megagpt: training checkpoint for this TP size; modelscope: number of shards",
+        help="megagpt: training checkpoint for this TP size; modelscope: number of shards "
+        "(1.3B+ layout; a BERT vocab.txt model is written as the one-file base/large layout)",
     )
     p.add_argument("--pp", type=int, help="megagpt: training checkpoint for this many stages")
     p.add_argument(

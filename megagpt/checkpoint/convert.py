@@ -7,7 +7,12 @@ directory (either family) and a Hugging Face GPT-2 directory. Outputs:
 * ``--to megagpt``: a consolidated model directory; with ``--tp``/``--pp`` instead a training
   checkpoint for that layout (``DIR/latest`` + ``DIR/step_XXXXXXX/layout_free``), carrying the
   Adam moments and step when the input is a training checkpoint. Point ``checkpoint.load`` at it.
-* ``--to modelscope``: the 1.3B+ layout with ``--tp`` shards (default 1).
+* ``--to modelscope``: the layout ModelScope loads with the model's tokenizer: a BERT
+  ``vocab.txt`` gives the base/large layout (``pytorch_model.bin``, one file: ``--tp`` above 1
+  is refused, and so is a ``gelu_tanh`` model, as that model computes the erf GELU only); a
+  jieba-BPE ``tokenizer.json`` or no tokenizer the 1.3B+ layout with ``--tp`` shards (default
+  1; without a tokenizer the summary warns that one is missing); a SentencePiece model is
+  refused (neither ModelScope pipeline loads one).
 * ``--to hf``: a GPT2LMHeadModel directory.
 """
 
@@ -187,10 +192,10 @@ def _write(
         write_model_dir(str(directory), src)
         return f"megagpt model directory {output}"
     if to == "modelscope":
-        shards = modelscope.write(
+        written = modelscope.write(
             str(directory), src.cfg, src.tensors, tp=tp or 1, tokenizer=src.tokenizer
         )
-        return f"ModelScope 1.3B+ layout {output} ({len(shards)} shards)"
+        return written.describe(output)
     hf.write(str(directory), src.cfg, src.tensors, tokenizer=src.tokenizer)
     return f"Hugging Face GPT2LMHeadModel {output}"
 

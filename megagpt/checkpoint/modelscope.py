@@ -8,9 +8,23 @@ Two families are read:
   ``{"module": ...}``), keys ``language_model.encoder.*``, QKV rows interleaved per head, TP shards
   split by Megatron's column/row rules, jieba-BPE ``tokenizer.json``.
 
-Writing produces the 1.3B+ layout with any number of TP shards (``configuration.json`` with a
-``megatron`` key), which is the layout ModelScope's DistributedGPT3 loads. Canonical megagpt
-tensors already use the per-head QKV order, so 1.3B+ import and export only rename and re-shard.
+Writing picks the layout from the tokenizer, because each of ModelScope's two GPT-3 pipelines
+opens one tokenizer file by name (reference §0):
+
+* a BERT ``vocab.txt``: the base/large layout ModelScope's single-GPU ``GPT3Model`` and the
+  ``text-generation`` pipeline load (``pytorch_model.bin``, QKV rows permuted to blocks,
+  ``configuration.json`` without a ``megatron`` key). One file only (TP > 1 is refused), and
+  only a model whose GELU is the exact erf form and whose MLP is 4 x hidden: that model
+  computes nothing else, so anything else would silently change the numerics.
+* a jieba-BPE ``tokenizer.json``, or no tokenizer at all: the 1.3B+ layout DistributedGPT3 and
+  the ``gpt3-generation`` pipeline load, with any number of TP shards (``configuration.json``
+  with a ``megatron`` key). Canonical megagpt tensors already use the per-head QKV order, so
+  1.3B+ import and export only rename and re-shard. Without a tokenizer the directory is written
+  and :class:`Export` says what it lacks.
+* a SentencePiece ``*.model``: refused; neither pipeline can load it.
+
+``config.json`` carries the tokenizer's end-of-document id as ``eod_id`` (ModelScope stops
+generating there; without it ModelScope falls back to id 1) and megagpt's generation defaults.
 """
 
 from __future__ import annotations
@@ -18,6 +32,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,23 +45,27 @@ from megagpt.checkpoint.canonical import (
     check_tensors,
     merge_tp,
     qkv_blocks_to_interleaved,
+    qkv_interleaved_to_blocks,
     split_for_tp,
     torch_load_weights,
 )
 from megagpt.config.schema import ModelConfig
+from megagpt.data.tokenizer import MODELSCOPE_JIEBA_PREPROCESSOR
+from megagpt.inference.sampling import DEFAULT_NEW_TOKENS, SamplingParams
 
 BASE_FILE = "pytorch_model.bin"
 SHARD = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
-# canonical sub-name inside a layer -> ModelScope 1.3B+ sub-name (base/large: 'attention.')
-_LAYER_KEYS = {
-    "input_layernorm": "input_layernorm",
-    "attention.query_key_value": "self_attention.query_key_value",
-    "attention.dense": "self_attention.dense",
-    "post_attention_layernorm": "post_attention_layernorm",
-    "mlp.dense_h_to_4h": "mlp.dense_h_to_4h",
-    "mlp.dense_4h_to_h": "mlp.dense_4h_to_h",
-}
+# The modules of a canonical decoder layer; ModelScope names them alike, except that the
+# 1.3B+ family calls ``attention`` ``self_attention`` (``_PREFIXES``).
+_LAYER_MODULES = (
+    "input_layernorm",
+    "attention.query_key_value",
+    "attention.dense",
+    "post_attention_layernorm",
+    "mlp.dense_h_to_4h",
+    "mlp.dense_4h_to_h",
+)
 
 
 def is_modelscope_dir(path: str) -> bool:
@@ -126,9 +145,15 @@ def model_config(config: dict, fam: str, source: str) -> ModelConfig:
     return cfg
 
 
-def config_json(cfg: ModelConfig) -> dict:
-    """GPT3Config fields (ModelScope ``configuration.py``) for ``cfg``."""
-    return {
+def config_json(cfg: ModelConfig, eod_id: int | None = None) -> dict:
+    """GPT3Config fields (ModelScope ``configuration.py``) for ``cfg``.
+
+    ``eod_id`` is the token that ends generation in both ModelScope models (omitted when None:
+    ModelScope then uses id 1). The sampling fields are megagpt's generation defaults, which
+    are the original's (reference §4.2), taken from ``megagpt.inference.sampling``.
+    """
+    defaults = SamplingParams()
+    out = {
         "model_type": "gpt3",
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
@@ -153,7 +178,14 @@ def config_json(cfg: ModelConfig) -> dict:
         "attention_softmax_in_fp32": True,
         "fp16": False,
         "bf16": False,
+        "tokens_to_generate": DEFAULT_NEW_TOKENS,
+        "top_k": defaults.top_k,
+        "top_p": defaults.top_p,
+        "temperature": defaults.temperature,
     }
+    if eod_id is not None:
+        out["eod_id"] = eod_id
+    return out
 
 
 def configuration_json(tp: int) -> dict:
@@ -161,7 +193,7 @@ def configuration_json(tp: int) -> dict:
     return {
         "framework": "pytorch",
         "task": "text-generation",
-        "preprocessor": {"type": "text-gen-jieba-tokenizer"},
+        "preprocessor": {"type": MODELSCOPE_JIEBA_PREPROCESSOR},
         "model": {"type": "gpt3"},
         "pipeline": {"type": "gpt3-generation"},
         "megatron": {
@@ -169,6 +201,18 @@ def configuration_json(tp: int) -> dict:
             "tensor_model_parallel_size": tp,
             "checkpoint_tensor_model_parallel_size": tp,
         },
+    }
+
+
+def base_configuration_json() -> dict:
+    """ModelScope's configuration.json for the base/large (GPT3Model) pipeline: no ``megatron``
+    key, which is what makes ModelScope build the single-GPU GPT3Model and a BERT tokenizer."""
+    return {
+        "framework": "pytorch",
+        "task": "text-generation",
+        "preprocessor": {"type": "text-gen-tokenizer"},
+        "model": {"type": "gpt3"},
+        "pipeline": {"type": "text-generation"},
     }
 
 
@@ -210,12 +254,16 @@ def _unwrap(obj: object, source: str) -> dict[str, torch.Tensor]:
 # not a shared constant; a renamed megagpt parameter must not rename ModelScope's keys.
 
 
+# (embeddings, decoder body, attention module) key prefixes of each family (reference §3)
+_PREFIXES = {
+    "base": ("language_model.", "language_model.transformer.", "attention."),
+    "distributed": ("language_model.embedding.", "language_model.encoder.", "self_attention."),
+}
+
+
 def _to_canonical(key: str, fam: str) -> str | None:
     """Canonical name of a ModelScope key, None for keys that are not parameters of ours."""
-    if fam == "distributed":
-        emb, body, attn = "language_model.embedding.", "language_model.encoder.", "self_attention."
-    else:
-        emb, body, attn = "language_model.", "language_model.transformer.", "attention."
+    emb, body, attn = _PREFIXES[fam]
     if key == emb + "word_embeddings.weight":
         return WORD
     if key == emb + "position_embeddings.weight":
@@ -234,21 +282,24 @@ def _to_canonical(key: str, fam: str) -> str | None:
     return f"layers.{m.group(1)}.{sub}"
 
 
-def _from_canonical(name: str) -> str:
-    """ModelScope 1.3B+ key of canonical tensor ``name``."""
+def _from_canonical(name: str, fam: str = "distributed") -> str:
+    """ModelScope key of canonical tensor ``name`` in family ``fam`` (base or distributed)."""
+    emb, body, attn = _PREFIXES[fam]
     if name == WORD:
-        return "language_model.embedding.word_embeddings.weight"
+        return emb + "word_embeddings.weight"
     if name == POSITION:
-        return "language_model.embedding.position_embeddings.weight"
+        return emb + "position_embeddings.weight"
     if name.startswith("final_norm."):
-        return "language_model.encoder." + name[len("final_norm.") :]
+        return body + name[len("final_norm.") :]
     m = _LAYER.match(name)
-    if m is None:
+    module, _, leaf = m.group(2).rpartition(".") if m else ("", "", "")
+    if m is None or module not in _LAYER_MODULES:
         raise CheckpointError(
             f"ModelScope export: tensor {name!r} is not a canonical GPT parameter"
         )
-    module, leaf = m.group(2).rsplit(".", 1)
-    return f"language_model.encoder.layers.{m.group(1)}.{_LAYER_KEYS[module]}.{leaf}"
+    if module.startswith("attention."):
+        module = attn + module[len("attention.") :]
+    return f"{body}layers.{m.group(1)}.{module}.{leaf}"
 
 
 def _rename(sd: dict[str, torch.Tensor], fam: str, source: str) -> dict[str, torch.Tensor]:
@@ -336,23 +387,98 @@ def tokenizer_file(path: str) -> str | None:
 
 # -- write --------------------------------------------------------------------------------
 
+# The file each ModelScope pipeline opens in the model directory, by tokenizer family.
+_TOKENIZER_FILE = {"bert": "vocab.txt", "jieba-bpe": "tokenizer.json"}
+_LAYOUT_OF = {"bert": "base", "jieba-bpe": "distributed"}
 
-def write(
-    directory: str,
+
+@dataclass(frozen=True)
+class Export:
+    """What :func:`write` wrote: ``layout`` is ``"base"`` (GPT3Model, ``pytorch_model.bin``) or
+    ``"distributed"`` (1.3B+, ``model/mp_rank_XX_model_states.pt``), ``files`` the weight files
+    (one per TP rank), ``warnings`` what the directory lacks for ModelScope to use it fully."""
+
+    layout: str
+    files: list[str]
+    warnings: list[str] = field(default_factory=list)
+
+    def describe(self, where: str) -> str:
+        """One line naming the layout written at ``where``, then any warnings."""
+        if self.layout == "base":
+            text = f"ModelScope base/large layout {where} (pytorch_model.bin, BERT vocab.txt)"
+        else:
+            n = len(self.files)
+            text = f"ModelScope 1.3B+ layout {where} ({n} shard{'s' if n > 1 else ''})"
+        return text + "".join(f"; warning: {w}" for w in self.warnings)
+
+
+@dataclass(frozen=True)
+class _Tok:
+    """The tokenizer being exported: its family (megagpt's name) and end-of-document id."""
+
+    source: Path  # the file or folder given
+    family: str
+    eod: int | None
+
+
+def _read_tokenizer(tokenizer: str) -> _Tok:
+    """Load ``tokenizer`` (a file or a folder) with megagpt's own detection; CheckpointError
+    when it cannot be read: neither the layout nor ``eod_id`` can be chosen without it."""
+    from megagpt.data.tokenizer import build_tokenizer
+    from megagpt.errors import MegagptError
+
+    try:
+        tok = build_tokenizer(tokenizer)
+    except (MegagptError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"ModelScope export: cannot read the model's tokenizer {tokenizer} ({e}); the "
+            "layout and config.json's eod_id are chosen from it"
+        ) from None
+    return _Tok(Path(tokenizer), tok.family, tok.eod)
+
+
+def _check_base(cfg: ModelConfig, tp: int) -> None:
+    """CheckpointError unless the single-GPU GPT3Model computes exactly what ``cfg`` does."""
+    why = "the tokenizer is a BERT vocab.txt, so the output is ModelScope's base/large GPT3Model"
+    if tp != 1:
+        raise CheckpointError(
+            f"ModelScope export: --tp {tp}: {why}, a single-GPU model with one "
+            "pytorch_model.bin and no tensor-parallel shards; use --tp 1 (or leave it out)"
+        )
+    if cfg.activation != "gelu":
+        raise CheckpointError(
+            f"ModelScope export: model.activation is {cfg.activation!r}, but {why}, which "
+            "always computes the exact erf GELU ('gelu'); exporting would change the model's "
+            "outputs. Keep it as a megagpt or Hugging Face directory (--to megagpt / --to hf)"
+        )
+    if cfg.ffn != 4 * cfg.hidden_size:
+        raise CheckpointError(
+            f"ModelScope export: model.ffn_hidden_size is {cfg.ffn}, but {why}, whose MLP is "
+            f"always 4 x hidden_size = {4 * cfg.hidden_size}"
+        )
+
+
+def _base_state(
+    tensors: dict[str, torch.Tensor], cfg: ModelConfig, dtype: torch.dtype | None
+) -> dict[str, torch.Tensor]:
+    """The GPT3Model state dict: base key names, QKV rows permuted to all-Q/all-K/all-V."""
+    sd = {}
+    for name, t in tensors.items():
+        t = t if dtype is None else t.to(dtype)
+        if name.endswith(("attention.query_key_value.weight", "attention.query_key_value.bias")):
+            t = qkv_interleaved_to_blocks(t, cfg.num_heads)
+        # clone: torch.save of a view would store the whole storage it views
+        sd[_from_canonical(name, "base")] = t.clone()
+    return sd
+
+
+def _write_distributed(
+    out: Path,
     cfg: ModelConfig,
     tensors: dict[str, torch.Tensor],
-    *,
-    tp: int = 1,
-    tokenizer: str | None = None,
-    dtype: torch.dtype | None = None,
+    tp: int,
+    dtype: torch.dtype | None,
 ) -> list[str]:
-    """Export canonical tensors as a ModelScope 1.3B+ directory with ``tp`` shards.
-
-    Writes config.json, configuration.json, model/mp_rank_XX_model_states.pt (raw state dicts,
-    as ModelScope's own fine-tuning saves them) and the tokenizer files. Returns the shard paths.
-    The vocabulary must split evenly: ModelScope does not pad it.
-    """
-    check_tensors(tensors, cfg, "export")
     check_heads(cfg, "ModelScope export", tp)
     if cfg.vocab_size % tp:
         raise CheckpointError(
@@ -360,7 +486,6 @@ def write(
             f"into {tp} TP shards (ModelScope does not pad it); tensor "
             f"{WORD!r} has shape {list(tensors[WORD].shape)}"
         )
-    out = Path(directory)
     (out / "model").mkdir(parents=True, exist_ok=True)
     per_rank: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
     for name, t in tensors.items():
@@ -373,14 +498,86 @@ def write(
         f = out / "model" / f"mp_rank_{r:02d}_model_states.pt"
         torch.save(sd, f)
         paths.append(str(f))
+    return paths
+
+
+def _copy_tokenizer(out: Path, tok: _Tok) -> None:
+    """A folder's files as they are; one file under the name ModelScope opens (``x.txt`` as
+    ``vocab.txt``), with megagpt's settings file beside it when there is one."""
+    from megagpt.data.tokenizer import SIDECAR_NAME
+
+    src = tok.source
+    if src.is_dir():
+        for f in src.iterdir():
+            if f.is_file():
+                shutil.copy2(f, out / f.name)
+        return
+    shutil.copy2(src, out / _TOKENIZER_FILE[tok.family])
+    sidecar = src.parent / SIDECAR_NAME
+    if sidecar.is_file() and src.name != SIDECAR_NAME:
+        shutil.copy2(sidecar, out / SIDECAR_NAME)
+
+
+def write(
+    directory: str,
+    cfg: ModelConfig,
+    tensors: dict[str, torch.Tensor],
+    *,
+    tp: int = 1,
+    tokenizer: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Export:
+    """Export canonical tensors as a ModelScope GPT-3 directory in the layout the tokenizer
+    calls for (module docstring): a BERT ``vocab.txt`` gives the base/large layout
+    (pytorch_model.bin; ``tp`` must be 1), a jieba-BPE ``tokenizer.json`` or none the 1.3B+
+    layout with ``tp`` shards (raw state dicts, as ModelScope's own fine-tuning saves them; the
+    vocabulary must split evenly, ModelScope does not pad it). Also writes config.json (with the
+    tokenizer's ``eod_id``), configuration.json and the tokenizer files.
+
+    Everything is checked before the first file is written; CheckpointError names what does not
+    fit (a SentencePiece tokenizer, ``--tp`` or ``model.activation`` for the base layout).
+    Returns the :class:`Export` (layout, weight files, warnings).
+    """
+    check_tensors(tensors, cfg, "export")
+    tok = _read_tokenizer(tokenizer) if tokenizer else None
+    if tok is not None and tok.family not in _LAYOUT_OF:
+        raise CheckpointError(
+            f"ModelScope export: the tokenizer {tokenizer} is a SentencePiece model (megagpt "
+            f"family {tok.family!r}), which neither ModelScope GPT-3 pipeline can load: the "
+            "1.3B+ pipeline (gpt3-generation) needs a jieba-BPE tokenizer.json, the base/large "
+            "pipeline (text-generation) a BERT vocab.txt. Keep this model as a megagpt "
+            "directory (--to megagpt)"
+        )
+    layout = _LAYOUT_OF[tok.family] if tok is not None else "distributed"
+    warnings = []
+    if tok is None:
+        warnings.append(
+            "the model has no tokenizer, so the directory lacks the tokenizer.json "
+            "ModelScope's gpt3-generation pipeline needs, and config.json has no eod_id "
+            "(ModelScope then stops at id 1): add both before loading it in ModelScope"
+        )
+    elif tok.eod is None:
+        warnings.append(
+            f"the tokenizer {tokenizer} has no end-of-document token, so config.json has no "
+            "eod_id (ModelScope then stops generating at id 1)"
+        )
+    out = Path(directory)
+    if layout == "base":
+        _check_base(cfg, tp)
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(_base_state(tensors, cfg, dtype), out / BASE_FILE)
+        files = [str(out / BASE_FILE)]
+        configuration = base_configuration_json()
+    else:
+        files = _write_distributed(out, cfg, tensors, tp, dtype)
+        configuration = configuration_json(tp)
     (out / "config.json").write_text(
-        json.dumps(config_json(cfg), indent=2) + "\n", encoding="utf-8"
+        json.dumps(config_json(cfg, tok.eod if tok else None), indent=2) + "\n",
+        encoding="utf-8",
     )
     (out / "configuration.json").write_text(
-        json.dumps(configuration_json(tp), indent=2) + "\n", encoding="utf-8"
+        json.dumps(configuration, indent=2) + "\n", encoding="utf-8"
     )
-    if tokenizer:
-        src = Path(tokenizer)
-        for f in [src] if src.is_file() else [x for x in src.iterdir() if x.is_file()]:
-            shutil.copy2(f, out / f.name)
-    return paths
+    if tok is not None:
+        _copy_tokenizer(out, tok)
+    return Export(layout, files, warnings)

@@ -1,5 +1,6 @@
-"""Conversions against the real model: Hugging Face logits parity, ModelScope shards equal to
-megatron-core's TP shards, continued pretraining from a ModelScope checkpoint at any TP/PP."""
+"""Conversions against the real model: Hugging Face logits parity, ModelScope base/large logits
+parity, ModelScope shards equal to megatron-core's TP shards, continued pretraining from a
+ModelScope checkpoint at any TP/PP."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from megagpt.checkpoint import hf, model_dir, modelscope
 from megagpt.config.sizes import from_name
 from tests.distributed.conftest import tiny_recipe
 from tests.distributed.launcher import run_distributed
-from tests.unit.checkpoint.conftest import random_state, small_config
+from tests.unit.checkpoint.conftest import random_state, small_config, write_bert_vocab
 
 TOKENS = [[5, 17, 90, 2, 9, 41, 7, 8, 63, 0, 11, 95], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
 
@@ -54,6 +56,65 @@ def test_hf_export_logits_equal_megagpt(tmp_path, activation, eps, tp):
     _, back, _ = hf.read(str(tmp_path / "hf"))
     for k in state:
         assert torch.equal(back[k], state[k]), k
+
+
+def gpt3model_logits(directory, tokens: list[list[int]]) -> torch.Tensor:
+    """ModelScope's base/large GPT3Model forward (reference §1.2, §3.1), written out in plain
+    torch from an exported directory's config.json and pytorch_model.bin alone: fused QKV
+    split into all-Q / all-K / all-V thirds, score*mask - 10000*(1-mask), erf GELU, tied head."""
+    conf = json.loads((directory / "config.json").read_text())
+    sd = torch.load(directory / "pytorch_model.bin", weights_only=True)
+    h, nh, eps = conf["hidden_size"], conf["num_attention_heads"], conf["layernorm_epsilon"]
+    hd = h // nh
+    x = torch.tensor(tokens)  # [b, s]
+    b, s = x.shape
+    mask = torch.tril(torch.ones(s, s))
+
+    def ln(t, key):
+        return F.layer_norm(t, (h,), sd[key + ".weight"], sd[key + ".bias"], eps)
+
+    def linear(t, key):
+        return F.linear(t, sd[key + ".weight"], sd[key + ".bias"])
+
+    lm = "language_model."
+    hidden = sd[lm + "word_embeddings.weight"][x] + sd[lm + "position_embeddings.weight"][:s]
+    for i in range(conf["num_hidden_layers"]):
+        p = f"{lm}transformer.layers.{i}."
+        qkv = linear(ln(hidden, p + "input_layernorm"), p + "attention.query_key_value")
+        # [b, s, 3h] -> three [b, s, h] -> [b, nh, s, hd]
+        q, k, v = (t.view(b, s, nh, hd).transpose(1, 2) for t in qkv.split(h, dim=-1))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(hd)  # [b, nh, s, s]
+        scores = scores * mask - 10000.0 * (1.0 - mask)
+        context = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, h)  # -> [b, s, h]
+        hidden = hidden + linear(context, p + "attention.dense")
+        inner = F.gelu(linear(ln(hidden, p + "post_attention_layernorm"), p + "mlp.dense_h_to_4h"))
+        hidden = hidden + linear(inner, p + "mlp.dense_4h_to_h")
+    hidden = ln(hidden, lm + "transformer.final_layernorm")
+    return hidden @ sd[lm + "word_embeddings.weight"].t()  # [b, s, V]
+
+
+def test_modelscope_base_export_logits_equal_megagpt(tmp_path):
+    """A model with a BERT vocab.txt exported --to modelscope is the base/large layout, and
+    GPT3Model's computation on it gives megagpt's logits."""
+    cfg = small_config(activation="gelu")
+    state = random_state(cfg, seed=6)
+    write_model_dir(tmp_path / "m", cfg, state)
+    write_bert_vocab(tmp_path / "vocab.txt", cfg.vocab_size)
+    written = modelscope.write(
+        str(tmp_path / "ms"), cfg, state, tokenizer=str(tmp_path / "vocab.txt")
+    )
+    assert written.layout == "base"
+    want = gpt3model_logits(tmp_path / "ms", TOKENS)
+    got = torch.tensor(
+        run_distributed(
+            "tests.distributed.workers:logits_of_model_dir",
+            1,
+            directory=str(tmp_path / "m"),
+            tokens=TOKENS,
+        )[0]
+    ).transpose(0, 1)  # [s, b, V] -> [b, s, V]
+    assert got.shape == want.shape == (2, 12, 96)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
 
 
 def test_modelscope_shards_are_megatron_tp_shards(tmp_path):

@@ -53,6 +53,32 @@ def ms_config_json(cfg: ModelConfig, family: str) -> dict:
     return c
 
 
+# Where the stand-in tokenizers below put their end-of-document token: not ModelScope's
+# fallback eod_id 1, so that a config.json without the real id cannot pass for one with it.
+BERT_SEP_ID = 3
+JIEBA_EOD_ID = 7
+
+
+def write_bert_vocab(path, size: int) -> None:
+    """A BERT ``vocab.txt`` of ``size`` entries whose ``[SEP]`` (its eod) is BERT_SEP_ID."""
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"t{i}" for i in range(5, size)]
+    path.write_text("\n".join(words) + "\n")
+
+
+def write_jieba_tokenizer(path) -> None:
+    """A loadable Hugging Face ``tokenizer.json`` (a word-level stand-in for jieba-BPE) with
+    ``<sep>``, ``<pad>`` and ``<|endoftext|>`` at JIEBA_EOD_ID."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    vocab = {"[UNK]": 0, "<sep>": 1, "<pad>": 2, "<|endoftext|>": JIEBA_EOD_ID}
+    vocab.update({f"t{i}": i for i in range(3, JIEBA_EOD_ID)})
+    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    tok.save(str(path))
+
+
 def build_base_dir(path, cfg: ModelConfig, state: dict, wrap: bool = False):
     """A ModelScope base/large directory, keys and QKV order as in reference §3.1."""
     sd = {
@@ -76,7 +102,7 @@ def build_base_dir(path, cfg: ModelConfig, state: dict, wrap: bool = False):
     (path / "configuration.json").write_text(
         json.dumps({"framework": "pytorch", "task": "text-generation"})
     )
-    (path / "vocab.txt").write_text("\n".join(f"t{i}" for i in range(cfg.vocab_size)) + "\n")
+    write_bert_vocab(path / "vocab.txt", cfg.vocab_size)
     return path
 
 
@@ -123,7 +149,7 @@ def build_distributed_dir(path, cfg: ModelConfig, state: dict, tp: int, wrap: bo
             }
         )
     )
-    (path / "tokenizer.json").write_text("{}")
+    write_jieba_tokenizer(path / "tokenizer.json")
     return shards
 
 
