@@ -18,6 +18,8 @@ all cut and join tensors through the functions here.
 
 from __future__ import annotations
 
+import argparse
+
 import pickle
 from pathlib import Path
 
@@ -311,11 +313,13 @@ def local_shard(
 def torch_load_weights(path: str | Path) -> dict:
     """``torch.load(path, weights_only=True)`` on CPU; refuse files that need arbitrary code.
 
-    A file whose pickle references anything beyond tensors and plain containers (a pickled
-    class, argparse.Namespace, ...) raises CheckpointError naming the file and what to do.
+    A file whose pickle references anything beyond tensors, plain containers and
+    ``argparse.Namespace`` (the ``args`` Megatron saves beside the weights: a bag of attributes,
+    which runs no code when read) raises CheckpointError naming the file and what to do.
     """
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(

@@ -120,8 +120,8 @@ def model_config(config: dict, fam: str, source: str) -> ModelConfig:
         # Megatron's fused bias-GELU is the tanh form; without fusion it calls the erf F.gelu.
         activation = "gelu_tanh" if config.get("bias_gelu_fusion", True) else "gelu"
     else:
-        act = config.get("hidden_act", "gelu")
-        activation = "gelu_tanh" if act in ("gelu_new", "gelu_pytorch_tanh") else "gelu"
+        # GPT3Model's MLP calls the exact erf F.gelu whatever hidden_act says (reference §1.2).
+        activation = "gelu"
     max_pos = int(config.get("max_position_embeddings", 2048))
     cfg = ModelConfig(
         num_layers=layers,

@@ -66,6 +66,15 @@ def test_import_base_family(tmp_path, cfg, state, wrap):
     assert tok.endswith("vocab.txt")
 
 
+def test_base_family_computes_the_erf_gelu_whatever_hidden_act_says(tmp_path, cfg, state):
+    # ModelScope's GPT3Model calls F.gelu (erf) and never reads hidden_act (reference §1.2).
+    build_base_dir(tmp_path / "ms", cfg, state)
+    conf = json.loads((tmp_path / "ms" / "config.json").read_text())
+    conf["hidden_act"] = "gelu_new"
+    (tmp_path / "ms" / "config.json").write_text(json.dumps(conf))
+    assert modelscope.read(str(tmp_path / "ms"))[0].activation == "gelu"
+
+
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("wrap", [False, True])
 def test_import_distributed_family(tmp_path, cfg, state, tp, wrap):
@@ -304,6 +313,22 @@ def test_refuses_files_that_need_unpickling(tmp_path, cfg, state):
     build_base_dir(tmp_path / "ms", cfg, state)
     torch.save({"state_dict": {}, "args": Evil()}, tmp_path / "ms" / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="refusing to load.*arbitrary unpickling"):
+        modelscope.read(str(tmp_path / "ms"))
+
+
+def test_megatron_args_beside_the_weights_are_read(tmp_path, cfg, state):
+    """Megatron's save_checkpoint stores its argparse.Namespace ``args`` (plain values) beside
+    the weights; such a shard is read without unpickling anything else, and a Namespace that
+    carries an object of another class is still refused."""
+    shards = build_distributed_dir(tmp_path / "ms", cfg, state, 2)
+    for r, sd in enumerate(shards):
+        args = Namespace(tensor_model_parallel_size=2, params_dtype=torch.float16, rank=r)
+        wrapped = {"module": sd, "args": args, "checkpoint_version": 3.0, "iteration": 7}
+        torch.save(wrapped, tmp_path / "ms" / "model" / f"mp_rank_{r:02d}_model_states.pt")
+    assert_same(modelscope.read(str(tmp_path / "ms"))[1], state)
+    bad = {"module": shards[0], "args": Namespace(hook=Evil())}
+    torch.save(bad, tmp_path / "ms" / "model" / "mp_rank_00_model_states.pt")
+    with pytest.raises(CheckpointError, match="mp_rank_00.*refusing to load"):
         modelscope.read(str(tmp_path / "ms"))
 
 
