@@ -89,6 +89,40 @@ def num_epochs_needed(tokens_per_epoch: int, seq_length: int, num_samples: int) 
     return max(1, -(-needed // tokens_per_epoch))
 
 
+class IndexMemoryError(DataError):
+    """The sample index asked for cannot be built in the memory this machine has free."""
+
+
+# What build_sample_index holds at its peak, at least: per sample the int64 starts, their
+# documents, the [n, 2] index and the shuffle (50-85 bytes measured); per document of the
+# epoch-repeated stream its id, length and start.
+_INDEX_BYTES_PER_SAMPLE = 48
+_INDEX_BYTES_PER_STREAM_DOC = 20
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the kernel can give now (``MemAvailable``); None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _check_index_memory(samples: int, stream_docs: int, num_samples: int) -> None:
+    need = samples * _INDEX_BYTES_PER_SAMPLE + stream_docs * _INDEX_BYTES_PER_STREAM_DOC
+    free = available_memory()
+    if free is not None and need > free:
+        raise IndexMemoryError(
+            f"the sample index of {num_samples:,} samples ({samples:,} in whole epochs, "
+            f"{stream_docs:,} documents) needs at least {need / 2**30:.1f} GiB of memory to "
+            f"build and {free / 2**30:.1f} GiB is available"
+        )
+
+
 def build_sample_index(
     lengths: np.ndarray,
     doc_start: int,
@@ -110,8 +144,10 @@ def build_sample_index(
     if tokens_per_epoch < seq_length + 1:
         raise ValueError("split holds fewer tokens than one sample; validate before building")
     epochs = num_epochs_needed(tokens_per_epoch, seq_length, num_samples)
-    rng = np.random.default_rng(seed)
     n_docs = len(lengths)
+    # Before any allocation: an index larger than the free memory is an error, not a kill.
+    _check_index_memory((epochs * tokens_per_epoch - 1) // seq_length, epochs * n_docs, num_samples)
+    rng = np.random.default_rng(seed)
     index_dtype = np.int32 if doc_start + n_docs < 2**31 else np.int64
     doc_idx = np.empty(epochs * n_docs, dtype=index_dtype)
     for e in range(epochs):

@@ -381,19 +381,42 @@ def build_indexed_data(cfg: Config, dp: int, run_dir: str) -> tuple[Any, Any]:
     """(train, validation or None) GPT datasets over ``data.paths`` (blended, split)."""
     from megagpt.data import build_gpt_datasets
 
+    from megagpt.data.gpt_dataset import IndexMemoryError
+
     planned, n_valid = indexed_sample_counts(cfg, dp)
     cache = cfg.data.cache_dir or os.path.join(run_dir, "data_cache")
-    train_ds, valid_ds, _ = build_gpt_datasets(
-        cfg.data.paths,
-        cfg.data.weights or None,
-        cfg.data.split,
-        cfg.model.seq_length,
-        (planned, n_valid, 0),
-        cfg.train.seed,
-        cache,
-        weights_schedule=cfg.data.weights_schedule or None,
-    )
+    try:
+        train_ds, valid_ds, _ = build_gpt_datasets(
+            cfg.data.paths,
+            cfg.data.weights or None,
+            cfg.data.split,
+            cfg.model.seq_length,
+            (planned, n_valid, 0),
+            cfg.train.seed,
+            cache,
+            weights_schedule=cfg.data.weights_schedule or None,
+        )
+    except IndexMemoryError as e:
+        raise IndexMemoryError(f"{e}. {_planned_samples_hint(cfg)}") from None
     return train_ds, (valid_ds if n_valid else None)
+
+
+def _planned_samples_hint(cfg: Config) -> str:
+    """Where the training sample count comes from, for an index too large to build."""
+    t, o, seq = cfg.train, cfg.optim, cfg.model.seq_length
+    run = t.steps * t.global_batch_size
+    if o.schedule not in ("cosine", "linear"):
+        return (
+            f"The training samples are train.steps x train.global_batch_size = {run:,}: lower them"
+        )
+    return (
+        f"The training samples cover the LR schedule's horizon: the larger of "
+        f"train.steps x train.global_batch_size = {run:,} and optim.decay_tokens / "
+        f"model.seq_length = {o.decay_tokens:g} / {seq} = {math.ceil(o.decay_tokens / seq):,}; "
+        f"set optim.decay_tokens to the tokens the run is planned for (this run's "
+        f"{run * seq:,} tokens: optim.decay_tokens={run * seq}), or build the index once on a "
+        "machine with more memory into a shared data.cache_dir"
+    )
 
 
 class IndexedBatches:

@@ -61,6 +61,41 @@ def test_train_samples_cover_the_decay_horizon_not_just_this_run():
     assert indexed_sample_counts(cfg, dp=1)[0] == 10 * 16
 
 
+def test_an_index_larger_than_memory_is_an_error_naming_the_keys(tmp_path):
+    """A recipe left at the GPT-3 decay horizon (260B tokens) asked a short run's index for
+    billions of samples: the build was killed for memory with no message. Now the size is
+    checked against the free memory before anything is allocated."""
+    from megagpt.data.gpt_dataset import IndexMemoryError
+    from tests.unit.data.conftest import write_dataset
+
+    prefix = write_dataset(tmp_path / "ds", [list(range(1, 40))] * 20)
+    cfg = _cfg(eval_interval=0)
+    cfg.model.seq_length = 8
+    cfg.data.paths, cfg.data.split = [prefix], "100,0,0"
+    cfg.optim.schedule, cfg.optim.decay_tokens = "cosine", 1e15  # 1.25e14 samples
+    with pytest.raises(IndexMemoryError) as err:
+        setup.build_indexed_data(cfg, 1, str(tmp_path / "run"))
+    message = str(err.value)
+    assert "125,000,000,000,000 samples" in message and "GiB is available" in message
+    assert "optim.decay_tokens / model.seq_length = 1e+15 / 8" in message
+    assert "optim.decay_tokens=1280" in message  # this run's 10 x 16 samples of 8 tokens
+    cfg.optim.decay_tokens = 1280.0
+    train, _ = setup.build_indexed_data(cfg, 1, str(tmp_path / "run"))
+    assert len(train) >= 160
+
+
+def test_the_index_memory_check_counts_samples_and_documents(monkeypatch):
+    from megagpt.data import gpt_dataset
+
+    lengths = np.full(100, 50, dtype=np.int32)  # 5,000 tokens an epoch
+    monkeypatch.setattr(gpt_dataset, "available_memory", lambda: 30_000)
+    gpt_dataset.build_sample_index(lengths, 0, 10, 400, 1)  # 499 samples: 24 kB + 2 kB
+    with pytest.raises(gpt_dataset.IndexMemoryError, match="at least 0.0 GiB"):
+        gpt_dataset.build_sample_index(lengths, 0, 10, 600, 1)  # 2 epochs: 48 kB + 4 kB
+    monkeypatch.setattr(gpt_dataset, "available_memory", lambda: None)  # unknown: no check
+    assert len(gpt_dataset.build_sample_index(lengths, 0, 10, 600, 1)["shuffle_idx"]) == 999
+
+
 def test_no_validation_samples_without_evaluation():
     assert indexed_sample_counts(_cfg(eval_interval=0), dp=2)[1] == 0
 
