@@ -40,22 +40,35 @@ def _files(root: Path) -> list[dict]:
 
 
 def _tensors(paths: list[Path]) -> dict:
-    """Count, elements and dtypes of the tensors in safetensors files (headers only)."""
+    """Count, elements and dtypes of the tensors in safetensors files (headers only); a file
+    whose header cannot be read (truncated, damaged) is listed in ``unreadable`` with why."""
     from safetensors import safe_open
 
     count = elements = 0
     dtypes: dict[str, int] = {}
+    unreadable: list[str] = []
     for path in paths:
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                s = f.get_slice(name)
-                n = 1
-                for d in s.get_shape():
-                    n *= d
-                count += 1
-                elements += n
-                dtypes[s.get_dtype()] = dtypes.get(s.get_dtype(), 0) + n
-    return {"files": len(paths), "count": count, "elements": elements, "dtypes": dtypes}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                keys = list(f.keys())  # noqa: SIM118 (safe_open has no __iter__)
+                shapes = [(f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in keys]
+        except Exception as e:  # safetensors raises its own SafetensorError, or OSError
+            unreadable.append(f"{path}: {e}")
+            continue
+        for shape, dtype in shapes:
+            n = 1
+            for d in shape:
+                n *= d
+            count += 1
+            elements += n
+            dtypes[dtype] = dtypes.get(dtype, 0) + n
+    return {
+        "files": len(paths),
+        "count": count,
+        "elements": elements,
+        "dtypes": dtypes,
+        "unreadable": unreadable,
+    }
 
 
 def _tokenizer(path: str | None) -> dict | None:
@@ -259,6 +272,9 @@ def render(info: dict) -> str:
         f"{what} {dtypes}: {t['count']} tensors in {t['files']} file(s), "
         f"{t['elements']:,} elements",
     )
+    if t["unreadable"]:
+        row("damaged", f"{len(t['unreadable'])} weight file(s) unreadable:")
+        lines += [f"    {u}" for u in t["unreadable"]]
     if info["kind"] == "training":
         row(
             "optimizer",
@@ -325,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(info, indent=1) if args.json else render(info))
-    return 1 if info.get("verify", {}).get("ok") is False else 0
+    damaged = info.get("verify", {}).get("ok") is False or info["tensors"]["unreadable"]
+    return 1 if damaged else 0
 
 
 if __name__ == "__main__":

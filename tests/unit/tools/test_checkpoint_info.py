@@ -136,6 +136,20 @@ def test_script_report_verify_and_damage(trained, tmp_path):
     out = run_script("checkpoint_info", str(copy), "--verify")
     assert out.returncode == 1 and "FAILED" in out.stdout
     assert f"{param}: checksum" in out.stdout
+    # A truncated weight file (its header no longer readable) is named, not a traceback, with
+    # or without --verify, in a checkpoint and in a model directory.
+    param.write_bytes(bytes(data[: len(data) // 2]))
+    for args in ([str(copy)], [str(copy), "--verify"]):
+        out = run_script("checkpoint_info", *args)
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        assert "1 weight file(s) unreadable" in out.stdout and f"    {param}: " in out.stdout
+    assert "FAILED" in out.stdout  # --verify: the manifest's check fails as well
+    model = tmp_path / "model"
+    shutil.copytree(trained / "model", model)
+    weights = sorted(model.glob("*.safetensors"))[0]
+    weights.write_bytes(weights.read_bytes()[:100])
+    out = run_script("checkpoint_info", str(model))
+    assert out.returncode == 1 and f"    {weights}: " in out.stdout, out.stderr
 
 
 def test_offline_tp2_pp2_record_without_manifest(tmp_path, tool):
