@@ -41,6 +41,20 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--repetition-penalty", type=float, help="default 1.0 (off)")
     p.add_argument("--seed", type=int, help="makes sampling reproducible")
     p.add_argument("--num-return-sequences", type=int, default=1)
+    p.add_argument(
+        "--num-beams",
+        type=int,
+        default=1,
+        help="beam search: the N most likely continuations instead of sampling (no --top-k "
+        "/ --top-p / --temperature / --repetition-penalty; --num-return-sequences up to N)",
+    )
+    p.add_argument(
+        "--length-penalty",
+        type=float,
+        default=1.0,
+        help="beam search: a hypothesis's log-probability is divided by its length to this "
+        "power (default 1.0; > 1 favours longer, < 1 shorter continuations)",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
     p.add_argument(
         "--speculate",
@@ -83,6 +97,8 @@ _FLAGS = {
     "max_length": "--max-length",
     "max_new_tokens": "--max-new-tokens",
     "num_return_sequences": "--num-return-sequences",
+    "num_beams": "--num-beams",
+    "length_penalty": "--length-penalty",
 }
 _OPTION = re.compile(r"\b(" + "|".join(_FLAGS) + r")\b(?:=([^\s,;)]+))?")
 
@@ -97,6 +113,7 @@ def check_args(args: argparse.Namespace) -> None:
     """GenerateError naming the flag, before any model loads or process group starts (the
     model directory's config.json is read for its vocabulary size, and checked on the way)."""
     from megagpt.checkpoint import read_config
+    from megagpt.inference.pipeline import check_beam_search
     from megagpt.inference.sampling import make_params
 
     for flag, value, least in (
@@ -112,13 +129,23 @@ def check_args(args: argparse.Namespace) -> None:
         raise GenerateError(
             "give --max-length (total, prompt included) or --max-new-tokens, not both"
         )
+    sampling = {"top_k": args.top_k, "top_p": args.top_p, "temperature": args.temperature}
+    sampling["repetition_penalty"] = args.repetition_penalty
+    try:
+        check_beam_search(
+            args.num_beams, args.num_return_sequences, args.length_penalty, **sampling
+        )
+    except ValueError as e:
+        raise GenerateError(_as_flags(str(e))) from None
+    if args.num_beams > 1 and args.stream:
+        raise GenerateError("--stream with --num-beams: beam search knows its text at the end")
     params = make_params(args.top_k, args.top_p, args.temperature, args.repetition_penalty)
     vocab_size = read_config(args.model).vocab_size  # its errors name config.json
     try:
         params.check(vocab_size)
     except ValueError as e:
         raise GenerateError(_as_flags(str(e))) from None
-    if args.num_return_sequences > 1 and params.greedy:
+    if args.num_return_sequences > 1 and params.greedy and args.num_beams == 1:
         raise GenerateError(
             f"--num-return-sequences {args.num_return_sequences} with greedy decoding "
             "(--top-k 1) would print identical copies; sample instead"
@@ -233,6 +260,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(flush=True)
     if args.stream:
         return 0
+    if args.num_beams > 1:
+        kw = {"max_length": args.max_length, "max_new_tokens": args.max_new_tokens}
+        kw.update(num_beams=args.num_beams, length_penalty=args.length_penalty)
     outputs = pipe(
         prompts,
         num_return_sequences=args.num_return_sequences,
@@ -243,7 +273,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for prompt, out in zip(prompts, outputs):
             for o in out if isinstance(out, list) else [out]:
                 if args.jsonl:
-                    print(json.dumps({"prompt": prompt, "text": o["text"]}, ensure_ascii=False))
+                    print(json.dumps({"prompt": prompt, **o}, ensure_ascii=False))
                 else:
                     print(o["text"])
     return 0

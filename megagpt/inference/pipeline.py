@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from megagpt.inference.beam import beam_search, check_beam_args
 from megagpt.inference.generate import TextGenerator
 from megagpt.inference.sampling import make_params
 
@@ -115,6 +116,29 @@ def generator_for(
     )
 
 
+def check_beam_search(
+    num_beams: int, num_return_sequences: int, length_penalty: float, **sampling
+) -> None:
+    """ValueError naming the option for a beam search that cannot run: bad counts, or a
+    sampling option given with ``num_beams > 1`` (beam search is deterministic; ``top_k=1``
+    is accepted, as it asks for no sampling either)."""
+    check_beam_args(num_beams, num_return_sequences if num_beams > 1 else 1, length_penalty)
+    if num_beams == 1:
+        if length_penalty != 1.0:
+            raise ValueError("length_penalty applies to beam search: give num_beams > 1")
+        return
+    given = [
+        name
+        for name, value in sampling.items()
+        if value is not None and not (name == "top_k" and value == 1)
+    ]
+    if given:
+        raise ValueError(
+            f"num_beams={num_beams} searches the most likely continuations and samples "
+            f"nothing: leave {', '.join(given)} unset"
+        )
+
+
 class TextGenerationPipeline:
     """Callable text generation over a loaded model.
 
@@ -124,6 +148,9 @@ class TextGenerationPipeline:
     positions) or ``max_new_tokens``, ``top_k`` (0 = off, 1 = greedy), ``top_p`` (default 0.9),
     ``temperature`` (1.0), ``repetition_penalty`` (1.0 = off), ``seed``,
     ``num_return_sequences``, ``batch_size`` (prompts per forward, default 8), ``use_cache``.
+    ``num_beams=n > 1`` searches the n most likely continuations instead of sampling
+    (``megagpt.inference.beam``; ``length_penalty``, default 1.0, divides a hypothesis's
+    log-probability by its length to that power): each dict then also holds its ``score``.
 
     A byte-level tokenizer can stop between the bytes of one character (the decoder shows the
     unfinished bytes as U+FFFD): the text never ends on such bytes (``complete_text``), and
@@ -159,12 +186,24 @@ class TextGenerationPipeline:
         num_return_sequences: int = 1,
         batch_size: int = 8,
         use_cache: bool = True,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
     ):
         single = isinstance(inputs, str)
         texts = [inputs] if single else list(inputs)
         params = make_params(top_k, top_p, temperature, repetition_penalty)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        sampling = {"top_k": top_k, "top_p": top_p, "temperature": temperature}
+        sampling["repetition_penalty"] = repetition_penalty
+        check_beam_search(num_beams, num_return_sequences, length_penalty, **sampling)
+        if num_beams > 1:
+            lengths = {"max_length": max_length, "max_new_tokens": max_new_tokens}
+            beams = [
+                self._beams(t, num_beams, num_return_sequences, length_penalty, **lengths)
+                for t in texts
+            ]
+            return beams[0] if single else beams
         out: list = []
         for start in range(0, len(texts), batch_size):
             chunk = [self.encode(t) for t in texts[start : start + batch_size]]
@@ -181,6 +220,25 @@ class TextGenerationPipeline:
                 dicts = [{"text": self._text(c, prompt)} for c in copies]
                 out.append(dicts[0] if num_return_sequences == 1 else dicts)
         return out[0] if single else out
+
+    def _beams(
+        self,
+        text: str,
+        num_beams: int,
+        n: int,
+        length_penalty: float,
+        *,
+        max_length: int | None,
+        max_new_tokens: int | None,
+    ) -> dict | list[dict]:
+        """The ``n`` best of a beam search over ``text`` as ``{"text", "score"}`` dicts."""
+        ids = self.encode(text)
+        (limit,) = self.generator.limits([len(ids)], max_length, max_new_tokens)
+        hyps = beam_search(
+            self.generator, ids, num_beams=num_beams, limit=limit, length_penalty=length_penalty
+        )
+        dicts = [{"text": self._text(h.ids, ids), "score": h.score} for h in hyps[:n]]
+        return dicts[0] if n == 1 else dicts
 
     def _text(self, ids: list[int], prompt: list[int]) -> str:
         """The text of ``ids`` (prompt + continuation), cut before unfinished character bytes

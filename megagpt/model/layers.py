@@ -286,6 +286,14 @@ class KVCache:
         values[:, :, self.length : end] = v
         return keys[:, :, :end], values[:, :, :end]
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """Rows ``index`` (a long tensor of row numbers, repeats allowed) become the cache's
+        rows: beam search continues the beams it keeps (the eager path)."""
+        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+            if k is not None and v is not None:
+                self.keys[layer] = k.index_select(0, index)
+                self.values[layer] = v.index_select(0, index)
+
     def begin_static(self, device: torch.device) -> None:
         """Switch to the static path: the next token goes to slot ``length``; the caller
         advances ``position`` in place (``position.add_(1)``) after each step."""

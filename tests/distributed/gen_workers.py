@@ -17,9 +17,16 @@ def generate_ids(directory: str, prompts: list[str], options: dict) -> dict:
     out = pipe.generator.generate(ids, params, **options)
     single = pipe.generator.generate(ids[:1], params, **options)  # one-row steps
     texts = pipe(prompts, top_k=1, max_new_tokens=8)
+    beams = pipe(prompts[:2], num_beams=3, num_return_sequences=3, max_new_tokens=6)
     tp = pipe.generator.tp_size
     parallel.destroy()
-    return {"ids": out, "single": single, "texts": [t["text"] for t in texts], "tp": tp}
+    return {
+        "ids": out,
+        "single": single,
+        "texts": [t["text"] for t in texts],
+        "beams": [[b["text"] for b in row] for row in beams],
+        "tp": tp,
+    }
 
 
 def finetune_run(config: str, overrides: list[str]) -> dict:

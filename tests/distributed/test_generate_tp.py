@@ -26,4 +26,6 @@ def test_tp2_greedy_equals_tp1(model_dir):
     assert two[0]["ids"] == one[0]["ids"]
     assert two[0]["single"] == two[1]["single"] == one[0]["single"] == one[0]["ids"][:1]
     assert two[0]["texts"] == one[0]["texts"]
+    # Beam search: every TP rank keeps the same beams, TP=1's.
+    assert two[0]["beams"] == two[1]["beams"] == one[0]["beams"]
     assert all(len(r[0]) > 4 for r in one[0]["ids"])

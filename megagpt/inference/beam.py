@@ -1,0 +1,136 @@
+"""Beam search: the ``num_beams`` most likely continuations of one prompt.
+
+ModelScope's 1.3B+ models offer it (reference §4.2: batch 1, a hypothesis scored by the sum of
+its log-probabilities divided by its length ** 1.0). Here, for each prompt:
+
+* ``num_beams`` live beams share one KV cache (the prompt is run once, then its cache rows are
+  copied to every beam); each step scores every (beam, token) pair over the true vocabulary
+  and keeps the best ``2 * num_beams`` candidates;
+* a candidate ending in a stop token (end of document, ``<sep>``) becomes a finished
+  hypothesis, scored ``sum log p / generated ** length_penalty`` where ``generated`` counts its
+  new tokens and the stop token; the others become the next beams (``num_beams`` at most);
+* the search ends when ``num_beams`` hypotheses are finished and no live beam can still score
+  better (its sum only falls with length; with ``length_penalty > 0`` it is judged at the most
+  favourable length still possible), or at the row's token limit, where the live beams are
+  scored as they stand.
+
+The returned hypotheses are best first; ids are prompt + continuation without the stop token,
+as ``TextGenerator.generate`` returns them. Every tensor-parallel rank sees the same gathered
+log-probabilities, so every rank chooses the same beams.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megagpt.model.layers import KVCache
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """A finished or length-limited beam: ``ids`` (prompt + continuation), its normalised
+    ``score`` and the sum of its tokens' log-probabilities ``logprob``."""
+
+    ids: list[int]
+    score: float
+    logprob: float
+
+
+def check_beam_args(num_beams: int, num_return_sequences: int, length_penalty: float) -> None:
+    """ValueError naming the argument for a beam search that cannot run."""
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    if not 1 <= num_return_sequences <= num_beams:
+        raise ValueError(
+            f"num_return_sequences={num_return_sequences} with num_beams={num_beams}: beam "
+            "search returns at most num_beams hypotheses"
+        )
+    if length_penalty != length_penalty or abs(length_penalty) == float("inf"):
+        raise ValueError(f"length_penalty must be a finite number, got {length_penalty}")
+
+
+class _Finished:
+    """The best ``size`` hypotheses found so far."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.items: list[Hypothesis] = []
+
+    def add(self, hyp: Hypothesis) -> None:
+        self.items.append(hyp)
+        self.items.sort(key=lambda h: -h.score)
+        del self.items[self.size :]
+
+    def full(self) -> bool:
+        return len(self.items) == self.size
+
+    def worst(self) -> float:
+        return self.items[-1].score
+
+
+@torch.no_grad()
+def beam_search(
+    generator,
+    prompt: list[int],
+    *,
+    num_beams: int,
+    limit: int,
+    length_penalty: float = 1.0,
+) -> list[Hypothesis]:
+    """The ``num_beams`` best hypotheses of ``prompt`` (ids) with ``generator``'s model, each at
+    most ``limit`` tokens long (prompt included; ``TextGenerator.limits``); best first."""
+    check_beam_args(num_beams, 1, length_penalty)
+    if not prompt:
+        raise ValueError("empty prompt: give at least one token")
+    if limit <= len(prompt):
+        raise ValueError(f"limit {limit} leaves no room after the {len(prompt)}-token prompt")
+    model, device = generator.model, generator.device
+    stops = set(generator.stop_ids)
+    vocab = generator.vocab_size
+    model.eval()
+    cache = KVCache(generator.num_layers, limit)
+    local = model(torch.tensor([prompt], device=device), kv_cache=cache)[-1]  # [1, V/tp]
+    sums = torch.zeros(1, dtype=torch.float64, device=device)  # each live beam's log-prob
+    beams: list[list[int]] = [[]]  # each live beam's new tokens
+    finished = _Finished(num_beams)
+    # Enough candidates that num_beams of them continue even when every stop token ranks high.
+    width = max(2, 1 + len(stops)) * num_beams
+
+    def score(total: float, generated: int) -> float:
+        return total / generated**length_penalty
+
+    for step in range(1, limit - len(prompt) + 1):
+        logp = torch.log_softmax(generator._full_logits(local).double(), dim=-1)  # [n, V]
+        cand = (sums.unsqueeze(1) + logp).view(-1)
+        top = torch.topk(cand, min(width, cand.numel()))
+        keep: list[tuple[int, int, float]] = []  # (source beam, token, log-prob sum)
+        for rank, (total, flat) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
+            src, token = divmod(flat, vocab)
+            if token not in stops:
+                keep.append((src, token, total))
+            elif rank < num_beams:  # a stop below the best num_beams candidates is dropped
+                finished.add(Hypothesis(prompt + beams[src], score(total, step), total))
+            if len(keep) == num_beams:
+                break
+        at_limit = step == limit - len(prompt)
+        if keep and finished.full():
+            # The best live beam's most favourable score from here on (log-probs only fall).
+            best = keep[0][2]
+            room = limit - len(prompt) if length_penalty > 0 else step
+            if finished.worst() >= score(best, room):
+                break
+        if not keep:
+            break
+        if at_limit:
+            for src, token, total in keep:
+                finished.add(Hypothesis(prompt + beams[src] + [token], score(total, step), total))
+            break
+        index = torch.tensor([src for src, _, _ in keep], device=device)
+        cache.reorder(index)
+        beams = [beams[src] + [token] for src, token, _ in keep]
+        sums = torch.tensor([total for _, _, total in keep], dtype=torch.float64, device=device)
+        step_tokens = torch.tensor([[token] for _, token, _ in keep], device=device)
+        local = model(step_tokens, kv_cache=cache)[-1]
+    return finished.items
