@@ -227,6 +227,13 @@ def main() -> int:
         help="also time HF generate with prompt_lookup_num_tokens=N (HF's own "
         "n-gram speculation; batch 1 only) as a second peer; 0 = skip",
     )
+    ap.add_argument(
+        "--beams",
+        type=int,
+        default=0,
+        help="also time beam search with this many beams, one prompt at a time (megagpt "
+        "num_beams against HF generate(num_beams, early_stopping='never')); 0 = skip",
+    )
     ap.add_argument("--output", help="write a markdown report here")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     ap.add_argument(
@@ -398,6 +405,45 @@ def main() -> int:
         )
         if args.hf_lookup and all(len(x) == 1 for x in batches) and not args.reference:
             rows.append(lookup_row(label, batches))
+    if args.beams:
+        from megagpt.inference.beam import beam_search
+
+        k = args.beams
+
+        def ours_beams(batch):
+            out = [beam_search(gen, p, num_beams=k, limit=len(p) + n)[0].ids for p in batch]
+            sync()
+            return out
+
+        @torch.no_grad()
+        def theirs_beams(batch):
+            out = []
+            for p in batch:
+                row = hf.generate(
+                    torch.tensor([p], device=device),
+                    num_beams=k,
+                    early_stopping="never",
+                    do_sample=False,
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    eos_token_id=None,
+                    pad_token_id=0,
+                )
+                out.append(row[0].tolist())
+            sync()
+            return out
+
+        t_ours, out_ours, t_hf, out_hf = timed_pair(
+            lambda: ours_beams(ids), lambda: theirs_beams(ids), args.repeats, CLOCKS[args.clock]
+        )
+        same = "yes" if out_ours == out_hf else "no"
+        label = f"beam search, {k} beams, one prompt at a time (the best beam's tokens)"
+        rows.append((label, n * len(ids) / t_ours, n * len(ids) / t_hf, same))
+        print(
+            f"{label}: megagpt {n * len(ids) / t_ours:.1f} tok/s | HF generate "
+            f"{n * len(ids) / t_hf:.1f} tok/s | same best beam: {same}",
+            flush=True,
+        )
     length_rows = []
     for m in [int(x) for x in args.lengths.split(",") if x.strip()]:
         t_ours, out_ours, t_hf, out_hf = timed_pair(

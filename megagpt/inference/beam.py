@@ -4,7 +4,8 @@ ModelScope's 1.3B+ models offer it (reference §4.2: batch 1, a hypothesis score
 its log-probabilities divided by its length ** 1.0). Here, for each prompt:
 
 * ``num_beams`` live beams share one KV cache (the prompt is run once, then its cache rows are
-  copied to every beam); each step scores every (beam, token) pair over the true vocabulary
+  copied to every beam), on the generator's decoding path (its ``FastDecoder``, else the
+  model's forward); each step scores every (beam, token) pair over the true vocabulary
   and keeps the best ``2 * num_beams`` candidates;
 * a candidate ending in a stop token (end of document, ``<sep>``) becomes a finished
   hypothesis, scored ``sum log p / generated ** length_penalty`` where ``generated`` counts its
@@ -86,12 +87,12 @@ def beam_search(
         raise ValueError("empty prompt: give at least one token")
     if limit <= len(prompt):
         raise ValueError(f"limit {limit} leaves no room after the {len(prompt)}-token prompt")
-    model, device = generator.model, generator.device
+    device = generator.device
     stops = set(generator.stop_ids)
     vocab = generator.vocab_size
-    model.eval()
-    cache = KVCache(generator.num_layers, limit)
-    local = model(torch.tensor([prompt], device=device), kv_cache=cache)[-1]  # [1, V/tp]
+    generator.model.eval()
+    prefill, step_fn, reorder = _passes(generator, limit)
+    local = prefill(torch.tensor([prompt], device=device))  # [1, V/tp]
     sums = torch.zeros(1, dtype=torch.float64, device=device)  # each live beam's log-prob
     beams: list[list[int]] = [[]]  # each live beam's new tokens
     finished = _Finished(num_beams)
@@ -127,10 +128,38 @@ def beam_search(
             for src, token, total in keep:
                 finished.add(Hypothesis(prompt + beams[src] + [token], score(total, step), total))
             break
-        index = torch.tensor([src for src, _, _ in keep], device=device)
-        cache.reorder(index)
+        reorder(torch.tensor([src for src, _, _ in keep], device=device))
         beams = [beams[src] + [token] for src, token, _ in keep]
         sums = torch.tensor([total for _, _, total in keep], dtype=torch.float64, device=device)
-        step_tokens = torch.tensor([[token] for _, token, _ in keep], device=device)
-        local = model(step_tokens, kv_cache=cache)[-1]
+        tokens = torch.tensor([token for _, token, _ in keep], device=device)
+        local = step_fn(tokens, len(prompt) + step - 1)
     return finished.items
+
+
+def _passes(generator, limit: int):
+    """(prefill, step, reorder) over the generator's decoding path: its ``FastDecoder`` where
+    it decodes with one (the same logits as the model's forward, fewer passes over memory),
+    else the model's own forward with a ``KVCache``. ``prefill(ids [1, L])`` and ``step(ids
+    [k], position)`` return local logits [rows, V/tp]; ``reorder(index)`` makes the cache's
+    rows ``index`` (row copies for the kept beams)."""
+    if generator.uses_fast_path():
+        dec = generator.decoder()
+        dec.begin()
+        cache = dec.new_cache(1, limit)
+
+        def reorder(index: torch.Tensor) -> None:
+            cache.keys = [k.index_select(0, index) for k in cache.keys]
+            cache.values = [v.index_select(0, index) for v in cache.values]
+
+        return (
+            lambda ids: dec.prefill(ids, None, cache),
+            lambda ids, position: dec.step(ids, position, cache),
+            reorder,
+        )
+    kv = KVCache(generator.num_layers, limit)
+    model = generator.model
+    return (
+        lambda ids: model(ids, kv_cache=kv)[-1],
+        lambda ids, position: model(ids.unsqueeze(1), kv_cache=kv)[-1],
+        kv.reorder,
+    )

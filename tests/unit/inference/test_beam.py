@@ -73,6 +73,20 @@ def test_beams_equal_hugging_face(pipe, hf_model, k, new, length_penalty):
     assert stopped > 0  # some hypotheses ended on a stop token
 
 
+def test_fast_decoder_and_model_forward_find_the_same_beams(pipe):
+    gen = pipe.generator
+    assert gen.uses_fast_path()
+    ids = pipe.encode(PROMPTS[0])
+    fast = beam_search(gen, ids, num_beams=4, limit=len(ids) + 10)
+    gen.fast = False  # the model's own forward with a KVCache
+    try:
+        ref = beam_search(gen, ids, num_beams=4, limit=len(ids) + 10)
+    finally:
+        gen.fast = True
+    assert [h.ids for h in fast] == [h.ids for h in ref]
+    assert [h.score for h in fast] == pytest.approx([h.score for h in ref], abs=1e-5)
+
+
 def test_one_beam_is_greedy_decoding(pipe):
     gen = pipe.generator
     for text in PROMPTS:
