@@ -19,6 +19,7 @@ all cut and join tensors through the functions here.
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import pickle
 from pathlib import Path
@@ -310,6 +311,17 @@ def local_shard(
 # -- safe reading of pickled weight files -------------------------------------------------
 
 
+def _weights_only_globals():
+    """A context allowing argparse.Namespace in weights_only loads: torch's ``safe_globals``
+    (torch >= 2.5); on torch 2.4 ``add_safe_globals``, for the process (Namespace runs no
+    code when read, so allowing it for every later load is as safe)."""
+    scoped = getattr(torch.serialization, "safe_globals", None)
+    if scoped is not None:
+        return scoped([argparse.Namespace])
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    return contextlib.nullcontext()
+
+
 def torch_load_weights(path: str | Path) -> dict:
     """``torch.load(path, weights_only=True)`` on CPU; refuse files that need arbitrary code.
 
@@ -318,7 +330,7 @@ def torch_load_weights(path: str | Path) -> dict:
     which runs no code when read) raises CheckpointError naming the file and what to do.
     """
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with _weights_only_globals():
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -74,6 +74,19 @@ def detect(path: str) -> str:
     )
 
 
+def read_model_config(path: str) -> ModelConfig:
+    """The model's config of the checkpoint at ``path`` (any of KINDS), without its weights."""
+    kind = detect(path)
+    if kind == "megagpt":
+        return model_dir.read_config(path)
+    if kind == "hf":
+        return hf.read_config(path)
+    if kind == "modelscope":
+        return modelscope.read_config(path)
+    directory, tag = resolve_load(path)
+    return reshard.Record(str(Path(directory) / tag)).model
+
+
 def read(path: str) -> Source:
     """Read any supported checkpoint as full canonical tensors."""
     kind = detect(path)

@@ -274,14 +274,19 @@ def _load_weights(p: Path) -> dict[str, torch.Tensor]:
     )
 
 
+def read_config(path: str) -> ModelConfig:
+    """The ModelConfig of a GPT2LMHeadModel directory's config.json (no weights read)."""
+    cfg_path = Path(path) / "config.json"
+    try:
+        return model_config(json.loads(cfg_path.read_text(encoding="utf-8")), str(cfg_path))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: cannot read ({e})") from None
+
+
 def read(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], str | None]:
     """Import a GPT2LMHeadModel directory: (config, canonical tensors, tokenizer or None)."""
     p = Path(path)
-    cfg_path = p / "config.json"
-    try:
-        cfg = model_config(json.loads(cfg_path.read_text(encoding="utf-8")), str(cfg_path))
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cfg_path}: cannot read ({e})") from None
+    cfg = read_config(path)
     sd = _load_weights(p)
     source = str(p)
     if any(k.startswith("transformer.") for k in sd):

@@ -327,17 +327,7 @@ def read(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], str | None]:
     """
     p = Path(path)
     fam = family(path)
-    cfg_path = p / "config.json"
-    if not cfg_path.is_file():
-        raise CheckpointError(
-            f"{cfg_path} does not exist: a ModelScope GPT-3 directory carries its GPT3Config there"
-        )
-    try:
-        cfg = model_config(json.loads(cfg_path.read_text(encoding="utf-8")), fam, str(cfg_path))
-    except ValueError as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    cfg = read_config(path)
     if fam == "base":
         f = p / BASE_FILE
         tensors = _rename(_unwrap(torch_load_weights(f), str(f)), fam, str(f))
@@ -367,6 +357,20 @@ def read(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], str | None]:
         }
         check_tensors(tensors, cfg, f"{p / 'model'} ({tp} TP shard{'s' if tp > 1 else ''})")
     return cfg, tensors, tokenizer_file(path)
+
+
+def read_config(path: str) -> ModelConfig:
+    """The ModelConfig of a ModelScope GPT-3 directory's config.json (no weights read)."""
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(
+            f"{cfg_path} does not exist: a ModelScope GPT-3 directory carries its GPT3Config there"
+        )
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    return model_config(config, family(path), str(cfg_path))
 
 
 def _check_qkv(name: str, t: torch.Tensor, cfg: ModelConfig, source: str) -> None:

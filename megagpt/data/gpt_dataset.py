@@ -90,7 +90,12 @@ def num_epochs_needed(tokens_per_epoch: int, seq_length: int, num_samples: int) 
 
 
 class IndexMemoryError(DataError):
-    """The sample index asked for cannot be built in the memory this machine has free."""
+    """The sample index asked for cannot be built in the memory this machine has free.
+    ``whole_epoch``: the dataset's one pass already is the size (fewer samples would not help)."""
+
+    def __init__(self, message: str, whole_epoch: bool = False):
+        super().__init__(message)
+        self.whole_epoch = whole_epoch
 
 
 # What build_sample_index holds at its peak, at least: per sample the int64 starts, their
@@ -112,14 +117,15 @@ def available_memory() -> int | None:
     return None
 
 
-def _check_index_memory(samples: int, stream_docs: int, num_samples: int) -> None:
+def _check_index_memory(samples: int, stream_docs: int, num_samples: int, epochs: int) -> None:
     need = samples * _INDEX_BYTES_PER_SAMPLE + stream_docs * _INDEX_BYTES_PER_STREAM_DOC
     free = available_memory()
     if free is not None and need > free:
         raise IndexMemoryError(
-            f"the sample index of {num_samples:,} samples ({samples:,} in whole epochs, "
-            f"{stream_docs:,} documents) needs at least {need / 2**30:.1f} GiB of memory to "
-            f"build and {free / 2**30:.1f} GiB is available"
+            f"the sample index of {num_samples:,} samples ({samples:,} in {epochs:,} whole "
+            f"epoch{'s' if epochs > 1 else ''}, {stream_docs:,} documents) needs at least "
+            f"{need / 2**30:.1f} GiB of memory to build and {free / 2**30:.1f} GiB is available",
+            whole_epoch=epochs == 1 and samples > 2 * num_samples,
         )
 
 
@@ -146,7 +152,8 @@ def build_sample_index(
     epochs = num_epochs_needed(tokens_per_epoch, seq_length, num_samples)
     n_docs = len(lengths)
     # Before any allocation: an index larger than the free memory is an error, not a kill.
-    _check_index_memory((epochs * tokens_per_epoch - 1) // seq_length, epochs * n_docs, num_samples)
+    samples = (epochs * tokens_per_epoch - 1) // seq_length
+    _check_index_memory(samples, epochs * n_docs, num_samples, epochs)
     rng = np.random.default_rng(seed)
     index_dtype = np.int32 if doc_start + n_docs < 2**31 else np.int64
     doc_idx = np.empty(epochs * n_docs, dtype=index_dtype)
@@ -209,14 +216,23 @@ class GPTDataset(MappedArraysPickleMixin):
             "num_samples": int(num_samples),
             "seed": seed if isinstance(seed, int) else list(seed),
         }
+
+        def build() -> dict[str, np.ndarray]:
+            try:
+                return build_sample_index(
+                    lengths, start, seq_length, num_samples, np.random.SeedSequence(seed)
+                )
+            except IndexMemoryError as e:
+                raise IndexMemoryError(
+                    f"{indexed.prefix} ({split_name} split): {e}", e.whole_epoch
+                ) from None
+
         arrays = cached_arrays(
             cache_dir,
             "gpt-index",
             description,
             ("doc_idx", "sample_idx", "shuffle_idx"),
-            lambda: build_sample_index(
-                lengths, start, seq_length, num_samples, np.random.SeedSequence(seed)
-            ),
+            build,
             node_local=node_local_cache,
             info={"prefix": os.path.abspath(indexed.prefix)},
         )

@@ -84,6 +84,12 @@ class Tokenizer(ABC):
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``; special tokens are dropped."""
 
+    def decode_stable(self, ids: Iterable[int], keep: int = 0) -> str:
+        """The longest start of ``decode(ids)`` that no later token can change: the text shown
+        while a generation is still growing. Here: without the bytes of an unfinished
+        character at its end (:func:`complete_text`; ``keep``: characters never cut)."""
+        return complete_text(self.decode(ids), keep)
+
     def start(self, ids: list[int]) -> list[int]:
         """``ids`` as a text's start: ``[bos] + ids`` for a family with :attr:`bos`, else
         ``ids`` (which an empty prompt leaves empty: see :meth:`encode_prompt`)."""
@@ -146,6 +152,24 @@ class Tokenizer(ABC):
             f"{type(self).__name__}(path={self.path!r}, vocab_size={self.vocab_size}, "
             f"eod={self.eod}, sep={self.sep}, pad={self.pad})"
         )
+
+
+_UNFINISHED = "\ufffd"  # what a UTF-8 decoder shows for the bytes of an unfinished character
+
+
+def complete_text(text: str, keep: int = 0) -> str:
+    """``text`` without the U+FFFD run at its end (past its first ``keep`` characters).
+
+    A byte-level tokenizer decodes the bytes of a character cut between tokens as U+FFFD; once
+    the next token completes it, the same prefix decodes to the real character. UTF-8 resyncs
+    at every character start, so the text before the cut never changes: cutting the trailing
+    run gives a prefix of every later text. Bytes that are invalid for good (a U+FFFD followed
+    by more text) are shown as the decoder shows them.
+    """
+    end = len(text)
+    while end > keep and text[end - 1] == _UNFINISHED:
+        end -= 1
+    return text[:end]
 
 
 class JiebaBPETokenizer(Tokenizer):
@@ -308,6 +332,7 @@ class BertTokenizer(Tokenizer):
         self.eod = self.sep
         self.bos = vocab.get("[CLS]")
         self.pad = vocab.get("[PAD]")
+        self._special_ids = {vocab[t] for t in specials}
         self.unk = vocab.get("[UNK]")
 
     @property
@@ -325,8 +350,24 @@ class BertTokenizer(Tokenizer):
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
-        text = self._tok.decode(list(ids), skip_special_tokens=True)
-        return join_chinese_words(text)
+        return join_chinese_words(self._words(ids))
+
+    def decode_stable(self, ids: Iterable[int], keep: int = 0) -> str:
+        """All words but the last: a ``##`` piece may still grow it, and whether it is a
+        Chinese word decides the space before it (``join_chinese_words`` of a text's first
+        words is a start of the whole text's)."""
+        words = self._words(ids).split(" ")
+        return join_chinese_words(" ".join(words[:-1]))
+
+    def _words(self, ids: Iterable[int]) -> str:
+        """WordPiece's decoding, words separated by spaces. A text that starts inside a word
+        (a continuation decoded on its own) shows its first piece without the ``##``."""
+        ids = [i for i in ids if i not in self._special_ids]
+        text = self._tok.decode(ids, skip_special_tokens=True)
+        first = self._tok.id_to_token(ids[0]) if ids else None
+        if first is not None and first.startswith("##") and len(first) > 2:
+            text = text.removeprefix("##")
+        return text
 
 
 class SentencePieceTokenizer(Tokenizer):

@@ -161,8 +161,8 @@ def load_scorer(
     """
     from pathlib import Path
 
-    from megagpt.checkpoint import is_model_dir
-    from megagpt.inference.pipeline import inference_context
+    from megagpt.checkpoint.canonical import CheckpointError
+    from megagpt.inference.pipeline import generator_for, inference_context, read_model
 
     if not Path(path).exists():
         raise EvalError(f"{path}: no such model directory or checkpoint")
@@ -171,16 +171,16 @@ def load_scorer(
     tp, dp = _layout(tensor)
     warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
     warnings.filterwarnings("ignore", message=".*[Aa]pex.*")
-    if is_model_dir(path) and tokenizer is None:
-        from megagpt.inference.pipeline import load_generator
-
-        try:
-            ctx = inference_context(device, tp)  # DP = world / tp
-            gen, tok = load_generator(path, dtype=dtype, ctx=ctx)
-        except (ValueError, FileNotFoundError) as e:
-            raise EvalError(str(e)) from None
-    else:
-        gen, tok, ctx = _load_checkpoint(path, device, dtype, tp, tokenizer)
+    try:  # read before any process group starts
+        cfg, weights, tok = read_model(path, tokenizer, "--tokenizer")
+    except (CheckpointError, FileNotFoundError) as e:
+        raise EvalError(str(e)) from None
+    if cfg.num_heads % tp:
+        raise EvalError(
+            f"{path}: {cfg.num_heads} heads cannot be split over tensor-parallel size {tp}"
+        )
+    ctx = inference_context(device, tp)  # DP = world / tp
+    gen = generator_for(cfg, weights(), tok, ctx, dtype, source=path)
     cfg_vocab, positions = gen.vocab_size, gen.max_positions
     if tok.vocab_size > cfg_vocab:
         raise EvalError(
@@ -200,36 +200,6 @@ def load_scorer(
         gen,
         rank=ctx.rank,
     )
-
-
-def _load_checkpoint(path: str, device: str, dtype: str, tp: int, tokenizer: str | None):
-    """(TextGenerator, tokenizer, ParallelContext) from any checkpoint kind, read by
-    megagpt.checkpoint; the groups are started once the checkpoint has been read."""
-    from megagpt.checkpoint.canonical import CheckpointError
-    from megagpt.checkpoint.convert import read
-    from megagpt.checkpoint.model_dir import ModelDirError
-    from megagpt.data import build_tokenizer
-    from megagpt.inference.pipeline import generator_for, inference_context
-
-    try:
-        src = read(path)
-    except (CheckpointError, ModelDirError, FileNotFoundError) as e:
-        raise EvalError(str(e)) from None
-    tok_path = tokenizer or src.tokenizer
-    if not tok_path:
-        raise EvalError(
-            f"{path}: the checkpoint names no tokenizer that exists here; give "
-            "--tokenizer (tokenizer.json / its folder, vocab.txt or .model)"
-        )
-    tok = build_tokenizer(tok_path)
-    cfg = src.cfg
-    if cfg.num_heads % tp:
-        raise EvalError(
-            f"{path}: {cfg.num_heads} heads cannot be split over tensor-parallel size {tp}"
-        )
-    ctx = inference_context(device, tp)
-    gen = generator_for(cfg, src.tensors, tok, ctx, dtype, source=path)
-    return gen, tok, ctx
 
 
 def scorer_for_module(

@@ -163,8 +163,8 @@ def perplexity(
         )
     stride = stride or window
     # A document's first token is predicted from the family's bos ([CLS]), else from the
-    # previous document's end; a stored document that already starts with it keeps its own.
-    start = scorer.tokenizer.context_id
+    # previous document's end; a stored document that starts with its bos keeps its own.
+    start, bos = scorer.tokenizer.context_id, scorer.tokenizer.bos
     docs, items, empty, skipped = {}, [], 0, {}
     for d in read_documents(
         path,
@@ -175,7 +175,8 @@ def perplexity(
         skip_bad_lines=skip_bad_lines,
         skipped=skipped,
     ):
-        seq = d.tokens if start is None or d.tokens[:1] == [start] else [start] + d.tokens
+        own = start is None or (bos is not None and d.tokens[:1] == [bos])
+        seq = d.tokens if own else [start] + d.tokens
         if len(seq) < 2:
             empty += 1
             continue

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megagpt.model.layers import KVCache
+from megagpt.model.layers import KVCache, reorder_rows
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,11 @@ def beam_search(
         logp = torch.log_softmax(generator._full_logits(local).double(), dim=-1)  # [n, V]
         cand = (sums.unsqueeze(1) + logp).view(-1)
         top = torch.topk(cand, min(width, cand.numel()))
+        # Every TP rank continues TP rank 0's choice (the gathered logits could differ in a
+        # last bit between ranks; diverging beams would desynchronise the collectives).
+        values, indices = generator._agree(top.values), generator._agree(top.indices)
         keep: list[tuple[int, int, float]] = []  # (source beam, token, log-prob sum)
-        for rank, (total, flat) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
+        for rank, (total, flat) in enumerate(zip(values.tolist(), indices.tolist())):
             src, token = divmod(flat, vocab)
             if token not in stops:
                 keep.append((src, token, total))
@@ -128,7 +131,7 @@ def beam_search(
             for src, token, total in keep:
                 finished.add(Hypothesis(prompt + beams[src] + [token], score(total, step), total))
             break
-        reorder(torch.tensor([src for src, _, _ in keep], device=device))
+        reorder(torch.tensor([src for src, _, _ in keep], device=device), len(prompt) + step - 1)
         beams = [beams[src] + [token] for src, token, _ in keep]
         sums = torch.tensor([total for _, _, total in keep], dtype=torch.float64, device=device)
         tokens = torch.tensor([token for _, token, _ in keep], device=device)
@@ -141,15 +144,15 @@ def _passes(generator, limit: int):
     it decodes with one (the same logits as the model's forward, fewer passes over memory),
     else the model's own forward with a ``KVCache``. ``prefill(ids [1, L])`` and ``step(ids
     [k], position)`` return local logits [rows, V/tp]; ``reorder(index)`` makes the cache's
-    rows ``index`` (row copies for the kept beams)."""
+    rows ``index`` (row copies for the kept beams) over its first ``filled`` slots."""
     if generator.uses_fast_path():
         dec = generator.decoder()
         dec.begin()
         cache = dec.new_cache(1, limit)
 
-        def reorder(index: torch.Tensor) -> None:
-            cache.keys = [k.index_select(0, index) for k in cache.keys]
-            cache.values = [v.index_select(0, index) for v in cache.values]
+        def reorder(index: torch.Tensor, filled: int) -> None:
+            cache.keys = [reorder_rows(k, index, filled) for k in cache.keys]
+            cache.values = [reorder_rows(v, index, filled) for v in cache.values]
 
         return (
             lambda ids: dec.prefill(ids, None, cache),
@@ -161,5 +164,5 @@ def _passes(generator, limit: int):
     return (
         lambda ids: model(ids, kv_cache=kv)[-1],
         lambda ids, position: model(ids.unsqueeze(1), kv_cache=kv)[-1],
-        kv.reorder,
+        lambda index, filled: kv.reorder(index),
     )

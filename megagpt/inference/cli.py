@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Iterable
@@ -20,7 +21,15 @@ def add_generate_parser(sub) -> None:
         help="continue text with a model directory (KV-cache "
         "decoding; tensor parallel under torchrun)",
     )
-    p.add_argument("--model", required=True, help="megagpt model directory (<run.dir>/model)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="megagpt model directory (<run.dir>/model), or any checkpoint `megagpt convert` "
+        "reads: a training run or step folder, a ModelScope or Hugging Face GPT-2 directory",
+    )
+    p.add_argument(
+        "--tokenizer", help="tokenizer to use instead of the one the checkpoint names (a path)"
+    )
     p.add_argument(
         "--prompt",
         action="append",
@@ -112,7 +121,7 @@ def _as_flags(message: str) -> str:
 def check_args(args: argparse.Namespace) -> None:
     """GenerateError naming the flag, before any model loads or process group starts (the
     model directory's config.json is read for its vocabulary size, and checked on the way)."""
-    from megagpt.checkpoint import read_config
+    from megagpt.checkpoint.convert import read_model_config
     from megagpt.inference.pipeline import check_beam_search
     from megagpt.inference.sampling import make_params
 
@@ -140,7 +149,11 @@ def check_args(args: argparse.Namespace) -> None:
     if args.num_beams > 1 and args.stream:
         raise GenerateError("--stream with --num-beams: beam search knows its text at the end")
     params = make_params(args.top_k, args.top_p, args.temperature, args.repetition_penalty)
-    vocab_size = read_config(args.model).vocab_size  # its errors name config.json
+    if not os.path.exists(args.model):
+        raise GenerateError(f"--model {args.model}: no such model directory or checkpoint")
+    if args.tokenizer is not None and not os.path.exists(args.tokenizer):
+        raise GenerateError(f"--tokenizer {args.tokenizer}: no such file or directory")
+    vocab_size = read_model_config(args.model).vocab_size  # its errors name the file
     try:
         params.check(vocab_size)
     except ValueError as e:
@@ -223,7 +236,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     try:
         ctx = inference_context(args.device)
-        pipe = pipeline("text-generation", model=args.model, dtype=args.dtype, ctx=ctx)
+        pipe = pipeline(
+            "text-generation",
+            model=args.model,
+            dtype=args.dtype,
+            ctx=ctx,
+            tokenizer=args.tokenizer,
+            flag="--tokenizer",
+        )
     except MegagptError:
         raise
     except ValueError as e:  # the loader's own checks (heads vs the torchrun world): named

@@ -7,12 +7,14 @@ runs the same calls and returns the same text.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
 
+from megagpt.data.tokenizer import complete_text  # also imported from here by callers
 from megagpt.inference.beam import beam_search, check_beam_args
 from megagpt.inference.generate import TextGenerator
 from megagpt.inference.sampling import make_params
@@ -44,6 +46,37 @@ def inference_context(device: str = "auto", tensor: int | None = None) -> Parall
     return parallel.initialize(ParallelConfig(tensor=tp), parallel.resolve_device(device))
 
 
+def read_model(path: str, tokenizer: str | None = None, flag: str = "tokenizer="):
+    """(config, a function returning the full canonical tensors, tokenizer) of what ``path``
+    holds: a megagpt model directory, or any checkpoint ``megagpt convert`` reads (a training
+    run, its ``checkpoints/`` or a ``step_*`` folder, a ModelScope or Hugging Face GPT-2
+    directory), read as it is, without converting it. ``tokenizer`` (a file or folder)
+    replaces the one the checkpoint names (``flag``: how the caller's user gives it, for the
+    error when none is found). A model directory's weights are read when the function is
+    called; another checkpoint's are read here. Every error names the path."""
+    from megagpt.checkpoint import is_model_dir, load_tensors, read_config, tokenizer_path
+    from megagpt.checkpoint.canonical import CheckpointError
+    from megagpt.checkpoint.convert import read
+    from megagpt.data import build_tokenizer
+
+    if is_model_dir(path):
+        cfg = read_config(path)
+        tok_path = tokenizer or tokenizer_path(path)
+        weights = functools.partial(load_tensors, path)
+        if tok_path is None:
+            raise CheckpointError(f"{path}/tokenizer: the model directory has no tokenizer")
+    else:
+        src = read(path)
+        cfg, tok_path = src.cfg, tokenizer or src.tokenizer
+        weights = functools.partial(dict, src.tensors)
+        if tok_path is None:
+            raise CheckpointError(
+                f"{path}: a {src.kind} checkpoint that names no tokenizer that exists here; "
+                f"give {flag} (a tokenizer.json or its folder, a vocab.txt or a .model file)"
+            )
+    return cfg, weights, build_tokenizer(tok_path)
+
+
 def load_generator(
     directory: str,
     *,
@@ -51,8 +84,11 @@ def load_generator(
     dtype: str = "auto",
     tensor: int | None = None,
     ctx: ParallelContext | None = None,
+    tokenizer: str | None = None,
+    flag: str = "tokenizer=",
 ):
-    """(TextGenerator, tokenizer) for a model directory.
+    """(TextGenerator, tokenizer) for a model directory or any checkpoint ``read_model``
+    reads (``tokenizer`` replaces the one it names; ``flag`` is how the user gives it).
 
     ``ctx`` is the process's ``ParallelContext`` when the caller started the groups
     (``inference_context``); its device and tensor-parallel group are used and ``device`` /
@@ -62,16 +98,10 @@ def load_generator(
     ``dtype`` "auto" is bf16 on CUDA and fp32 on CPU.
     """
     from megagpt import parallel
-    from megagpt.checkpoint import load_tensors, read_config, tokenizer_path
-    from megagpt.data import build_tokenizer
 
     warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
     warnings.filterwarnings("ignore", message=".*[Aa]pex.*")
-    cfg = read_config(directory)
-    tok_dir = tokenizer_path(directory)
-    if tok_dir is None:
-        raise FileNotFoundError(f"{directory}/tokenizer: the model directory has no tokenizer")
-    tokenizer = build_tokenizer(tok_dir)
+    cfg, weights, tokenizer = read_model(directory, tokenizer, flag)
     if dtype != "auto" and dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
     tp = ctx.dims.tp if ctx is not None else tensor or parallel.world_size_from_env()
@@ -81,7 +111,7 @@ def load_generator(
         )
     if ctx is None:  # checked above first: a bad model fails before any rendezvous
         ctx = inference_context(device, tp)
-    gen = generator_for(cfg, load_tensors(directory), tokenizer, ctx, dtype, source=directory)
+    gen = generator_for(cfg, weights(), tokenizer, ctx, dtype, source=directory)
     return gen, tokenizer
 
 
@@ -267,36 +297,21 @@ class TextGenerationPipeline:
         ids = self.encode(text)
         limits = gen.limits([len(ids)], max_length, max_new_tokens)
         keys = None if params.greedy else gen.keys_for([ids], 1, seed)
-        prompt_text = self.tokenizer.decode(ids)
-        shown, seen, parts = complete_text(prompt_text, len(prompt_text)), len(ids), 0
+        keep = len(self.tokenizer.decode(ids))
+        tok = self.tokenizer
+        # What later tokens cannot change (Tokenizer.decode_stable): each part extends the last.
+        shown, seen, row = tok.decode_stable(ids, keep), len(ids), ids
         for state in gen.steps([ids], params, limits, keys, use_cache):
             end = int(state.ends[0])
             if end > seen:
-                seen = end
-                now = complete_text(self.tokenizer.decode(state.row(0)), len(prompt_text))
-                if now != shown:
-                    shown, parts = now, parts + 1
+                seen, row = end, state.row(0)
+                now = tok.decode_stable(row, keep)
+                if len(now) > len(shown):
+                    shown = now
                     yield {"text": now}
-        if parts == 0:  # nothing generated, or only bytes that never completed
-            yield {"text": shown}
-
-
-_UNFINISHED = "\ufffd"  # what a UTF-8 decoder shows for the bytes of an unfinished character
-
-
-def complete_text(text: str, keep: int = 0) -> str:
-    """``text`` without the U+FFFD run at its end (past its first ``keep`` characters).
-
-    A byte-level tokenizer decodes the bytes of a character cut between tokens as U+FFFD; once
-    the next token completes it, the same prefix decodes to the real character. UTF-8 resyncs
-    at every character start, so the text before the cut never changes: cutting the trailing
-    run gives a prefix of every later text. Bytes that are invalid for good (a U+FFFD followed
-    by more text) are shown as the decoder shows them.
-    """
-    end = len(text)
-    while end > keep and text[end - 1] == _UNFINISHED:
-        end -= 1
-    return text[:end]
+        final = self._text(row, ids)
+        if final != shown or seen == len(ids):  # the held-back tail; or nothing generated
+            yield {"text": final}
 
 
 def pipeline(
@@ -307,10 +322,17 @@ def pipeline(
     dtype: str = "auto",
     tensor: int | None = None,
     ctx: ParallelContext | None = None,
+    tokenizer: str | None = None,
+    flag: str = "tokenizer=",
 ) -> TextGenerationPipeline:
-    """``pipeline("text-generation", model=DIR)``; DIR is a megagpt model directory. ``ctx``:
-    the process's ``ParallelContext`` when the caller started the groups (``load_generator``)."""
+    """``pipeline("text-generation", model=DIR)``; DIR is a megagpt model directory or any
+    checkpoint ``megagpt convert`` reads (a training run or step folder, a ModelScope or
+    Hugging Face GPT-2 directory: ``read_model``), ``tokenizer`` one to use instead of the one
+    it names. ``ctx``: the process's ``ParallelContext`` when the caller started the groups
+    (``load_generator``)."""
     if task != "text-generation":
         raise ValueError(f"unknown task {task!r}; megagpt offers 'text-generation'")
-    gen, tok = load_generator(model, device=device, dtype=dtype, tensor=tensor, ctx=ctx)
+    gen, tok = load_generator(
+        model, device=device, dtype=dtype, tensor=tensor, ctx=ctx, tokenizer=tokenizer, flag=flag
+    )
     return TextGenerationPipeline(gen, tok)

@@ -228,6 +228,18 @@ class PositionEmbedding(nn.Module):
         return self.dropout(h)
 
 
+def reorder_rows(buffer: torch.Tensor, index: torch.Tensor, filled: int) -> torch.Tensor:
+    """``buffer`` [b, heads, slots, hd] with rows ``index`` in its first ``filled`` slots: in
+    place when the row count stays (only the filled slots are copied, nothing when ``index``
+    is every row in order), a new buffer when it changes (a prompt's one row -> k beams)."""
+    rows = index.numel()
+    if rows != buffer.shape[0]:
+        return buffer.index_select(0, index)
+    if not torch.equal(index, torch.arange(rows, device=index.device)):
+        buffer[:, :, :filled] = buffer[index, :, :filled]
+    return buffer
+
+
 class KVCache:
     """Key/value buffers for incremental decoding, allocated once: [b, heads_local, max_length,
     hd] per layer, written in place (no concatenation per token).
@@ -288,11 +300,11 @@ class KVCache:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Rows ``index`` (a long tensor of row numbers, repeats allowed) become the cache's
-        rows: beam search continues the beams it keeps (the eager path)."""
+        rows over its filled slots: beam search continues the beams it keeps (eager path)."""
         for layer, (k, v) in enumerate(zip(self.keys, self.values)):
             if k is not None and v is not None:
-                self.keys[layer] = k.index_select(0, index)
-                self.values[layer] = v.index_select(0, index)
+                self.keys[layer] = reorder_rows(k, index, self.length)
+                self.values[layer] = reorder_rows(v, index, self.length)
 
     def begin_static(self, device: torch.device) -> None:
         """Switch to the static path: the next token goes to slot ``length``; the caller

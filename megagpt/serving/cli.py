@@ -26,7 +26,15 @@ def add_serve_parser(sub) -> None:
         help="OpenAI-compatible HTTP server (/v1/completions, "
         "continuous batching; tensor parallel under torchrun)",
     )
-    p.add_argument("--model", required=True, help="megagpt model directory (<run.dir>/model)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="megagpt model directory (<run.dir>/model), or any checkpoint `megagpt convert` "
+        "reads: a training run or step folder, a ModelScope or Hugging Face GPT-2 directory",
+    )
+    p.add_argument(
+        "--tokenizer", help="tokenizer to use instead of the one the checkpoint names (a path)"
+    )
     p.add_argument(
         "--host",
         default="127.0.0.1",
@@ -60,16 +68,17 @@ def add_serve_parser(sub) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """ServeError naming the argument, before anything loads."""
-    from megagpt.checkpoint.model_dir import is_model_dir
+    from megagpt.checkpoint.canonical import CheckpointError
+    from megagpt.checkpoint.convert import detect
 
     if not Path(args.model).is_dir():
         raise ServeError(f"--model {args.model}: no such directory")
-    if not is_model_dir(args.model):
-        raise ServeError(
-            f"--model {args.model}: not a megagpt model directory (no "
-            "config.json with format megagpt-model); convert a checkpoint with "
-            "`megagpt convert --to megagpt`"
-        )
+    try:
+        detect(args.model)
+    except CheckpointError as e:
+        raise ServeError(f"--model {e}") from None
+    if args.tokenizer is not None and not Path(args.tokenizer).exists():
+        raise ServeError(f"--tokenizer {args.tokenizer}: no such file or directory")
     if not 0 <= args.port <= 65535:
         raise ServeError(f"--port {args.port}: must be in 0..65535")
     if args.max_batch < 1:
@@ -125,7 +134,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
     try:
         ctx = inference_context(args.device)
-        generator, tokenizer = load_generator(args.model, dtype=args.dtype, ctx=ctx)
+        generator, tokenizer = load_generator(
+            args.model, dtype=args.dtype, ctx=ctx, tokenizer=args.tokenizer, flag="--tokenizer"
+        )
     except ValueError as e:
         raise ServeError(f"--model {args.model}: {e}") from None
     if args.speculate is not None:

@@ -397,7 +397,14 @@ def build_indexed_data(cfg: Config, dp: int, run_dir: str) -> tuple[Any, Any]:
             weights_schedule=cfg.data.weights_schedule or None,
         )
     except IndexMemoryError as e:
-        raise IndexMemoryError(f"{e}. {_planned_samples_hint(cfg)}") from None
+        hint = (
+            "One pass over the dataset is what the index must cover: build it once on a "
+            "machine with more memory into a data.cache_dir this one shares (it is then "
+            "memory-mapped), or split the dataset"
+            if e.whole_epoch
+            else _planned_samples_hint(cfg)
+        )
+        raise IndexMemoryError(f"{e}. {hint}", e.whole_epoch) from None
     return train_ds, (valid_ds if n_valid else None)
 
 

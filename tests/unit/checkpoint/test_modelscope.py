@@ -332,6 +332,15 @@ def test_megatron_args_beside_the_weights_are_read(tmp_path, cfg, state):
         modelscope.read(str(tmp_path / "ms"))
 
 
+def test_megatron_args_on_a_torch_without_scoped_safe_globals(tmp_path, cfg, state, monkeypatch):
+    # torch 2.4 (the floor in pyproject) has add_safe_globals but not the safe_globals context.
+    monkeypatch.delattr(torch.serialization, "safe_globals")
+    shards = build_distributed_dir(tmp_path / "ms", cfg, state, 1)
+    path = tmp_path / "ms" / "model" / "mp_rank_00_model_states.pt"
+    torch.save({"module": shards[0], "args": Namespace(rank=0)}, path)
+    assert_same(modelscope.read(str(tmp_path / "ms"))[1], state)
+
+
 def test_wrong_shape_names_tensor_and_both_shapes(tmp_path, cfg, state):
     shards = build_distributed_dir(tmp_path / "ms", cfg, state, 1, wrap=False)
     sd = shards[0]

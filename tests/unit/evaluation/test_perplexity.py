@@ -219,3 +219,22 @@ def test_training_checkpoint_of_any_layout_scores_like_the_model_dir(
     # Converted from a model directory, the checkpoint names no tokenizer: say which flag.
     assert main(["eval", "--model", str(tmp_path / "ckpt"), "--data", data]) == 2
     assert "give --tokenizer" in capsys.readouterr().err
+
+
+def test_a_family_without_bos_predicts_every_document_after_an_eod(tmp_path_factory, tmp_path):
+    """jieba-BPE has no bos: a stored document is scored after an end-of-document context even
+    when it starts with one itself (a document made of its EOD alone is scored once)."""
+    from megagpt.evaluation.model import load_scorer
+    from tests.unit.data.conftest import write_dataset
+    from tests.unit.inference.conftest import shared_assets
+
+    scorer = load_scorer(shared_assets(tmp_path_factory)["model"], device="cpu", dtype="fp32")
+    tok = scorer.tokenizer
+    assert tok.bos is None and tok.eod is not None
+    docs = [tok.encode("北京") + [tok.eod], [tok.eod]]
+    prefix = write_dataset(tmp_path / "ds", docs)
+    summary, records = perplexity(scorer, prefix)
+    assert summary["documents"] == 2 and summary["first_token_context"] == "eod"
+    for doc, rec in zip(docs, records):
+        assert rec["tokens"] == len(doc)
+        assert rec["nll"] == pytest.approx(sum(token_nll(scorer.model, [tok.eod], doc)), rel=1e-6)

@@ -111,3 +111,19 @@ def test_cli_stream_prints_whole_characters(tokenizer, tiny_model_dir, monkeypat
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert out == PROMPT + CONTINUATION + "\n"
+
+
+def test_a_bert_stream_only_extends_under_modelscope_word_joining():
+    """A ## piece after a Chinese character changes the space before that word (ModelScope's
+    joining): the stream shows a word only once the next has started, so no part is taken
+    back, and the last part is the whole text."""
+    from megagpt.data import build_tokenizer
+    from tests.conftest import BERT_VOCAB, shared_path
+
+    bert = build_tokenizer(str(shared_path(BERT_VOCAB)))
+    pieces = ["中", "##a", "国", "人", "。"]
+    pipe = TextGenerationPipeline(Scripted([bert._tok.token_to_id(p) for p in pieces]), bert)
+    parts = [p["text"] for p in pipe.stream("床前明月光")]
+    for before, after in zip(parts, parts[1:]):
+        assert after.startswith(before) and after != before
+    assert parts[-1] == pipe("床前明月光")["text"] == "床前明月光 中a 国人。"

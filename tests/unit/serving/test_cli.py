@@ -38,7 +38,8 @@ def test_a_bad_argument_is_a_one_line_error(serve_model_dir):
     "args, needle",
     [
         (["--model", "{tmp}/missing"], "no such directory"),
-        (["--model", "{tmp}"], "not a megagpt model directory"),
+        (["--model", "{tmp}"], "not a checkpoint megagpt knows"),
+        (["--model", "{model}", "--tokenizer", "{tmp}/none"], "--tokenizer .*/none: no such"),
         (["--model", "{model}", "--port", "70000"], "--port 70000"),
         (["--model", "{model}", "--served-model-name", " "], "--served-model-name"),
         (["--model", "{model}", "--speculate", "-1"], "--speculate -1"),

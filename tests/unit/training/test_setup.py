@@ -76,12 +76,30 @@ def test_an_index_larger_than_memory_is_an_error_naming_the_keys(tmp_path):
     with pytest.raises(IndexMemoryError) as err:
         setup.build_indexed_data(cfg, 1, str(tmp_path / "run"))
     message = str(err.value)
-    assert "125,000,000,000,000 samples" in message and "GiB is available" in message
+    assert f"{prefix} (train split): the sample index of 125,000,000,000,000 samples" in message
+    assert "GiB is available" in message
     assert "optim.decay_tokens / model.seq_length = 1e+15 / 8" in message
     assert "optim.decay_tokens=1280" in message  # this run's 10 x 16 samples of 8 tokens
     cfg.optim.decay_tokens = 1280.0
     train, _ = setup.build_indexed_data(cfg, 1, str(tmp_path / "run"))
     assert len(train) >= 160
+
+
+def test_an_index_too_large_for_one_epoch_says_so(tmp_path, monkeypatch):
+    """When one pass over the dataset alone exceeds the memory, fewer steps would not help:
+    the hint says what would (a larger machine's shared cache, a split dataset)."""
+    from megagpt.data import gpt_dataset
+    from tests.unit.data.conftest import write_dataset
+
+    prefix = write_dataset(tmp_path / "ds", [list(range(1, 1000))] * 200)  # ~25,000 samples
+    monkeypatch.setattr(gpt_dataset, "available_memory", lambda: 100_000)
+    cfg = _cfg(eval_interval=0)
+    cfg.model.seq_length = 8
+    cfg.data.paths, cfg.data.split = [prefix], "100,0,0"
+    cfg.optim.schedule = "constant"  # the run's own 160 samples
+    with pytest.raises(gpt_dataset.IndexMemoryError, match="One pass over the dataset") as err:
+        setup.build_indexed_data(cfg, 1, str(tmp_path / "run"))
+    assert "optim.decay_tokens" not in str(err.value) and "1 whole epoch" in str(err.value)
 
 
 def test_the_index_memory_check_counts_samples_and_documents(monkeypatch):
