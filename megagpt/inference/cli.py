@@ -15,12 +15,9 @@ from collections.abc import Iterable
 from megagpt.errors import MegagptError
 
 
-def add_generate_parser(sub) -> None:
-    p = sub.add_parser(
-        "generate",
-        help="continue text with a model directory (KV-cache "
-        "decoding; tensor parallel under torchrun)",
-    )
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """``--model`` and ``--tokenizer`` of the commands that load a model to decode with
+    (``generate``, ``serve``): anything ``pipeline.read_model`` reads."""
     p.add_argument(
         "--model",
         required=True,
@@ -30,6 +27,15 @@ def add_generate_parser(sub) -> None:
     p.add_argument(
         "--tokenizer", help="tokenizer to use instead of the one the checkpoint names (a path)"
     )
+
+
+def add_generate_parser(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="continue text with a model directory (KV-cache "
+        "decoding; tensor parallel under torchrun)",
+    )
+    add_model_arguments(p)
     p.add_argument(
         "--prompt",
         action="append",

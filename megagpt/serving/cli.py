@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from megagpt.errors import MegagptError
+from megagpt.inference.cli import add_model_arguments
 
 
 class ServeError(MegagptError, ValueError):
@@ -26,15 +27,7 @@ def add_serve_parser(sub) -> None:
         help="OpenAI-compatible HTTP server (/v1/completions, "
         "continuous batching; tensor parallel under torchrun)",
     )
-    p.add_argument(
-        "--model",
-        required=True,
-        help="megagpt model directory (<run.dir>/model), or any checkpoint `megagpt convert` "
-        "reads: a training run or step folder, a ModelScope or Hugging Face GPT-2 directory",
-    )
-    p.add_argument(
-        "--tokenizer", help="tokenizer to use instead of the one the checkpoint names (a path)"
-    )
+    add_model_arguments(p)
     p.add_argument(
         "--host",
         default="127.0.0.1",
