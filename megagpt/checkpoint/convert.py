@@ -34,6 +34,7 @@ from megagpt.checkpoint.canonical import CheckpointError, check_heads, check_ten
 from megagpt.checkpoint.manager import resolve_load
 from megagpt.checkpoint.tags import tag_for, write_latest
 from megagpt.config.schema import ModelConfig
+from megagpt.inference.sampling import GenerationDefaults
 
 KINDS = ("training", "megagpt", "modelscope", "hf")
 
@@ -48,6 +49,7 @@ class Source:
     tokenizer: str | None = None
     record: reshard.Record | None = None
     client: dict = field(default_factory=dict)
+    generation: GenerationDefaults | None = None  # decoding defaults the checkpoint records
 
 
 def detect(path: str) -> str:
@@ -94,11 +96,17 @@ def read(path: str) -> Source:
         cfg = model_dir.read_config(path)
         tensors = model_dir.load_tensors(path)
         check_tensors(tensors, cfg, path)
-        return Source(kind, cfg, tensors, model_dir.tokenizer_path(path))
+        return Source(
+            kind,
+            cfg,
+            tensors,
+            model_dir.tokenizer_path(path),
+            generation=model_dir.read_generation(path),
+        )
     if kind == "hf":
         return Source(kind, *hf.read(path))
     if kind == "modelscope":
-        return Source(kind, *modelscope.read(path))
+        return Source(kind, *modelscope.read(path), generation=modelscope.read_generation(path))
     directory, tag = resolve_load(path)
     checkpoint = str(Path(directory) / tag)
     problems = manifest.verify(checkpoint, distributed=False)
@@ -126,7 +134,10 @@ def read_weights(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
 def write_model_dir(directory: str, src: Source) -> None:
     tensors = {k: v.contiguous() for k, v in src.tensors.items()}
     model_dir.save_tensors(directory, tensors)
-    model_dir.write_config(directory, src.cfg, {"converted_from": src.kind})
+    extra: dict = {"converted_from": src.kind}
+    if src.generation is not None and src.generation != GenerationDefaults():
+        extra["generation"] = src.generation.as_config()
+    model_dir.write_config(directory, src.cfg, extra)
     if src.tokenizer:
         model_dir.copy_tokenizer(directory, src.tokenizer)
 
@@ -206,7 +217,12 @@ def _write(
         return f"megagpt model directory {output}"
     if to == "modelscope":
         written = modelscope.write(
-            str(directory), src.cfg, src.tensors, tp=tp or 1, tokenizer=src.tokenizer
+            str(directory),
+            src.cfg,
+            src.tensors,
+            tp=tp or 1,
+            tokenizer=src.tokenizer,
+            generation=src.generation,
         )
         return written.describe(output)
     hf.write(str(directory), src.cfg, src.tensors, tokenizer=src.tokenizer)

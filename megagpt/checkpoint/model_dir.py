@@ -22,6 +22,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -30,6 +31,9 @@ from safetensors.torch import load_file, save_file
 from megagpt.checkpoint.canonical import CheckpointError, gather_shards, local_shard, unpad_vocab
 from megagpt.config.schema import ModelConfig
 from megagpt.model.init import canonical_parameters, full_shape
+
+if TYPE_CHECKING:
+    from megagpt.inference.sampling import GenerationDefaults
 
 FORMAT = "megagpt-model"
 VERSION = 1
@@ -65,6 +69,20 @@ def read_config(directory: str) -> ModelConfig:
     if unknown:
         raise CheckpointError(f"{path}: unknown model keys {sorted(unknown)}")
     return ModelConfig(**meta["model"])
+
+
+def read_generation(directory: str) -> GenerationDefaults:
+    """The directory's decoding defaults (``config.json``'s ``generation``, ModelScope's
+    names, written when it was converted from a checkpoint that had them); the original's
+    when it has none."""
+    from megagpt.inference.sampling import GenerationDefaults
+
+    path = Path(directory) / "config.json"
+    settings = json.loads(path.read_text(encoding="utf-8")).get("generation") or {}
+    try:
+        return GenerationDefaults.from_config(settings, f"{path} (generation)")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def tokenizer_path(directory: str) -> str | None:

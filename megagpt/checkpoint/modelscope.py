@@ -51,7 +51,7 @@ from megagpt.checkpoint.canonical import (
 )
 from megagpt.config.schema import ModelConfig
 from megagpt.data.tokenizer import MODELSCOPE_JIEBA_PREPROCESSOR
-from megagpt.inference.sampling import DEFAULT_NEW_TOKENS, SamplingParams
+from megagpt.inference.sampling import GenerationDefaults
 
 BASE_FILE = "pytorch_model.bin"
 SHARD = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
@@ -145,14 +145,15 @@ def model_config(config: dict, fam: str, source: str) -> ModelConfig:
     return cfg
 
 
-def config_json(cfg: ModelConfig, eod_id: int | None = None) -> dict:
+def config_json(
+    cfg: ModelConfig, eod_id: int | None = None, generation: GenerationDefaults | None = None
+) -> dict:
     """GPT3Config fields (ModelScope ``configuration.py``) for ``cfg``.
 
     ``eod_id`` is the token that ends generation in both ModelScope models (omitted when None:
-    ModelScope then uses id 1). The sampling fields are megagpt's generation defaults, which
-    are the original's (reference §4.2), taken from ``megagpt.inference.sampling``.
+    ModelScope then uses id 1). The sampling fields are the model's decoding defaults
+    (``generation``; the original's, reference §4.2, when None).
     """
-    defaults = SamplingParams()
     out = {
         "model_type": "gpt3",
         "vocab_size": cfg.vocab_size,
@@ -178,10 +179,7 @@ def config_json(cfg: ModelConfig, eod_id: int | None = None) -> dict:
         "attention_softmax_in_fp32": True,
         "fp16": False,
         "bf16": False,
-        "tokens_to_generate": DEFAULT_NEW_TOKENS,
-        "top_k": defaults.top_k,
-        "top_p": defaults.top_p,
-        "temperature": defaults.temperature,
+        **(generation or GenerationDefaults()).as_config(),
     }
     if eod_id is not None:
         out["eod_id"] = eod_id
@@ -373,6 +371,17 @@ def read_config(path: str) -> ModelConfig:
     return model_config(config, family(path), str(cfg_path))
 
 
+def read_generation(path: str) -> GenerationDefaults:
+    """The decoding defaults of a ModelScope directory's config.json (its ``top_k``,
+    ``top_p``, ``temperature``, ``tokens_to_generate``; reference §4.2), where it has them."""
+    cfg_path = Path(path) / "config.json"
+    config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    try:
+        return GenerationDefaults.from_config(config, str(cfg_path))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
 def _check_qkv(name: str, t: torch.Tensor, cfg: ModelConfig, source: str) -> None:
     want = [3 * cfg.hidden_size] + ([cfg.hidden_size] if t.ndim == 2 else [])
     if list(t.shape) != want:
@@ -530,13 +539,15 @@ def write(
     tp: int = 1,
     tokenizer: str | None = None,
     dtype: torch.dtype | None = None,
+    generation: GenerationDefaults | None = None,
 ) -> Export:
     """Export canonical tensors as a ModelScope GPT-3 directory in the layout the tokenizer
     calls for (module docstring): a BERT ``vocab.txt`` gives the base/large layout
     (pytorch_model.bin; ``tp`` must be 1), a jieba-BPE ``tokenizer.json`` or none the 1.3B+
     layout with ``tp`` shards (raw state dicts, as ModelScope's own fine-tuning saves them; the
     vocabulary must split evenly, ModelScope does not pad it). Also writes config.json (with the
-    tokenizer's ``eod_id``), configuration.json and the tokenizer files.
+    tokenizer's ``eod_id`` and the ``generation`` defaults), configuration.json and the
+    tokenizer files.
 
     Everything is checked before the first file is written; CheckpointError names what does not
     fit (a SentencePiece tokenizer, ``--tp`` or ``model.activation`` for the base layout).
@@ -576,7 +587,7 @@ def write(
         files = _write_distributed(out, cfg, tensors, tp, dtype)
         configuration = configuration_json(tp)
     (out / "config.json").write_text(
-        json.dumps(config_json(cfg, tok.eod if tok else None), indent=2) + "\n",
+        json.dumps(config_json(cfg, tok.eod if tok else None, generation), indent=2) + "\n",
         encoding="utf-8",
     )
     (out / "configuration.json").write_text(

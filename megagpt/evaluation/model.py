@@ -172,7 +172,7 @@ def load_scorer(
     warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
     warnings.filterwarnings("ignore", message=".*[Aa]pex.*")
     try:  # read before any process group starts
-        cfg, weights, tok = read_model(path, tokenizer, "--tokenizer")
+        cfg, weights, tok, _ = read_model(path, tokenizer, "--tokenizer")
     except (CheckpointError, FileNotFoundError) as e:
         raise EvalError(str(e)) from None
     if cfg.num_heads % tp:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from megagpt.inference.decode import FastDecoder
 from megagpt.inference.speculative import speculative_loop
 from megagpt.inference.sampling import (
-    DEFAULT_NEW_TOKENS,
+    GenerationDefaults,
     SamplingParams,
     penalise_seen,
     row_key,
@@ -104,6 +104,8 @@ class TextGenerator:
             row and pass (n-gram drafts from the row's own text,
             megagpt/inference/speculative.py); the tokens are the greedy ones. 0: one token
             per pass. Not used when sampling or with a repetition penalty.
+        defaults: the model's decoding defaults (``GenerationDefaults``): the new tokens of a
+            call that gives no length here, its sampling options in the pipeline.
     """
 
     def __init__(
@@ -122,6 +124,7 @@ class TextGenerator:
         fast: bool = True,
         prepack: bool | None = None,
         speculate: int = DEFAULT_SPECULATE,
+        defaults: GenerationDefaults | None = None,
     ):
         self.model = model
         self.vocab_size = vocab_size
@@ -144,6 +147,7 @@ class TextGenerator:
             raise ValueError(f"speculate must be >= 0 (guessed tokens per pass), got {speculate}")
         self.speculate = speculate
         self.last_stats: dict = {}  # the last speculative call's pass and guess counts
+        self.defaults = defaults or GenerationDefaults()
 
     @property
     def device(self) -> torch.device:
@@ -158,7 +162,8 @@ class TextGenerator:
     ) -> list[int]:
         """Total length (prompt included) each row may reach; ValueError when there is no room.
 
-        Default: prompt + 100 tokens; always capped at the model's positions.
+        Default: prompt + the model's default new tokens (``defaults``: 100 unless its
+        checkpoint says otherwise); always capped at the model's positions.
         """
         if max_length is not None and max_new_tokens is not None:
             raise ValueError("give max_length (total, prompt included) or max_new_tokens, not both")
@@ -179,7 +184,8 @@ class TextGenerator:
                         f"already has {n} tokens (max_length counts the prompt)"
                     )
             else:
-                limit = n + (DEFAULT_NEW_TOKENS if max_new_tokens is None else int(max_new_tokens))
+                new = self.defaults.new_tokens if max_new_tokens is None else int(max_new_tokens)
+                limit = n + new
                 if max_new_tokens is not None and max_new_tokens < 1:
                     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
             out.append(min(limit, cap))

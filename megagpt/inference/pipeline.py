@@ -17,7 +17,7 @@ import torch
 from megagpt.data.tokenizer import complete_text  # also imported from here by callers
 from megagpt.inference.beam import beam_search, check_beam_args
 from megagpt.inference.generate import TextGenerator
-from megagpt.inference.sampling import make_params
+from megagpt.inference.sampling import GenerationDefaults
 
 if TYPE_CHECKING:
     from megagpt.parallel import ParallelContext
@@ -47,15 +47,16 @@ def inference_context(device: str = "auto", tensor: int | None = None) -> Parall
 
 
 def read_model(path: str, tokenizer: str | None = None, flag: str = "tokenizer="):
-    """(config, a function returning the full canonical tensors, tokenizer) of what ``path``
-    holds: a megagpt model directory, or any checkpoint ``megagpt convert`` reads (a training
-    run, its ``checkpoints/`` or a ``step_*`` folder, a ModelScope or Hugging Face GPT-2
-    directory), read as it is, without converting it. ``tokenizer`` (a file or folder)
-    replaces the one the checkpoint names (``flag``: how the caller's user gives it, for the
-    error when none is found). A model directory's weights are read when the function is
-    called; another checkpoint's are read here. Every error names the path."""
+    """(config, a function returning the full canonical tensors, tokenizer, decoding
+    defaults) of what ``path`` holds: a megagpt model directory, or any checkpoint ``megagpt
+    convert`` reads (a training run, its ``checkpoints/`` or a ``step_*`` folder, a ModelScope
+    or Hugging Face GPT-2 directory), read as it is, without converting it. ``tokenizer`` (a
+    file or folder) replaces the one the checkpoint names (``flag``: how the caller's user
+    gives it, for the error when none is found). A model directory's weights are read when the
+    function is called; another checkpoint's are read here. Every error names the path."""
     from megagpt.checkpoint import is_model_dir, load_tensors, read_config, tokenizer_path
     from megagpt.checkpoint.canonical import CheckpointError
+    from megagpt.checkpoint.model_dir import read_generation
     from megagpt.checkpoint.convert import read
     from megagpt.data import build_tokenizer
 
@@ -63,18 +64,20 @@ def read_model(path: str, tokenizer: str | None = None, flag: str = "tokenizer="
         cfg = read_config(path)
         tok_path = tokenizer or tokenizer_path(path)
         weights = functools.partial(load_tensors, path)
+        defaults = read_generation(path)
         if tok_path is None:
             raise CheckpointError(f"{path}/tokenizer: the model directory has no tokenizer")
     else:
         src = read(path)
         cfg, tok_path = src.cfg, tokenizer or src.tokenizer
         weights = functools.partial(dict, src.tensors)
+        defaults = src.generation or GenerationDefaults()
         if tok_path is None:
             raise CheckpointError(
                 f"{path}: a {src.kind} checkpoint that names no tokenizer that exists here; "
                 f"give {flag} (a tokenizer.json or its folder, a vocab.txt or a .model file)"
             )
-    return cfg, weights, build_tokenizer(tok_path)
+    return cfg, weights, build_tokenizer(tok_path), defaults
 
 
 def load_generator(
@@ -101,7 +104,7 @@ def load_generator(
 
     warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
     warnings.filterwarnings("ignore", message=".*[Aa]pex.*")
-    cfg, weights, tokenizer = read_model(directory, tokenizer, flag)
+    cfg, weights, tokenizer, defaults = read_model(directory, tokenizer, flag)
     if dtype != "auto" and dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
     tp = ctx.dims.tp if ctx is not None else tensor or parallel.world_size_from_env()
@@ -112,6 +115,7 @@ def load_generator(
     if ctx is None:  # checked above first: a bad model fails before any rendezvous
         ctx = inference_context(device, tp)
     gen = generator_for(cfg, weights(), tokenizer, ctx, dtype, source=directory)
+    gen.defaults = defaults
     return gen, tokenizer
 
 
@@ -221,7 +225,7 @@ class TextGenerationPipeline:
     ):
         single = isinstance(inputs, str)
         texts = [inputs] if single else list(inputs)
-        params = make_params(top_k, top_p, temperature, repetition_penalty)
+        params = self.generator.defaults.params(top_k, top_p, temperature, repetition_penalty)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         sampling = {"top_k": top_k, "top_p": top_p, "temperature": temperature}
@@ -292,7 +296,7 @@ class TextGenerationPipeline:
         text. Each part extends the one before (print ``text[len(previous):]``); bytes of an
         unfinished character are held back until it completes, so no part shows half a
         character. The last part equals ``pipe(text, ...)``."""
-        params = make_params(top_k, top_p, temperature, repetition_penalty)
+        params = self.generator.defaults.params(top_k, top_p, temperature, repetition_penalty)
         gen = self.generator
         ids = self.encode(text)
         limits = gen.limits([len(ids)], max_length, max_new_tokens)

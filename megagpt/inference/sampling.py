@@ -65,6 +65,65 @@ class SamplingParams:
             )
 
 
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """A model's decoding defaults where a call gives none: the original's (nucleus p=0.9,
+    T=1, 100 new tokens) unless its checkpoint says otherwise (ModelScope's config.json
+    ``top_k`` / ``top_p`` / ``temperature`` / ``tokens_to_generate``, kept in a converted
+    megagpt model directory's ``generation``)."""
+
+    top_k: int = 0
+    top_p: float = DEFAULT_TOP_P
+    temperature: float = DEFAULT_TEMPERATURE
+    new_tokens: int = DEFAULT_NEW_TOKENS
+
+    @classmethod
+    def from_config(cls, config: dict, source: str) -> GenerationDefaults:
+        """The fields of ``config`` (ModelScope's names); ValueError naming ``source`` and
+        the key for a value no sampler takes."""
+        base = cls()
+        try:
+            out = cls(
+                top_k=int(config.get("top_k", base.top_k)),
+                top_p=float(config.get("top_p", base.top_p)),
+                temperature=float(config.get("temperature", base.temperature)),
+                new_tokens=int(config.get("tokens_to_generate", base.new_tokens)),
+            )
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: a generation setting is not a number ({e})") from None
+        try:
+            SamplingParams(out.top_k, out.top_p, out.temperature).check(2**31)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+        if out.new_tokens < 1:
+            raise ValueError(f"{source}: tokens_to_generate must be >= 1, got {out.new_tokens}")
+        return out
+
+    def as_config(self) -> dict:
+        """ModelScope's config.json names of these settings."""
+        return {
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "temperature": self.temperature,
+            "tokens_to_generate": self.new_tokens,
+        }
+
+    def params(
+        self,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        temperature: float | None = None,
+        repetition_penalty: float | None = None,
+    ) -> SamplingParams:
+        """SamplingParams of a call: what it gives, these defaults for the rest. A call that
+        gives ``top_k`` or ``top_p`` chooses the filter itself (``make_params``)."""
+        if top_k is None and top_p is None:
+            top_k, top_p = self.top_k, self.top_p
+        if temperature is None:
+            temperature = self.temperature
+        return make_params(top_k, top_p, temperature, repetition_penalty)
+
+
 def make_params(
     top_k: int | None = None,
     top_p: float | None = None,

@@ -51,3 +51,51 @@ def test_the_cli_reads_a_checkpoint_and_takes_a_tokenizer(
     assert capsys.readouterr().out == want
     assert main([*base, "--model", str(tmp_path / "bare"), "--tokenizer", "/no/such"]) == 2
     assert "--tokenizer /no/such: no such file" in capsys.readouterr().err
+
+
+def _with_settings(directory, **settings) -> None:
+    import json
+    from pathlib import Path
+
+    path = Path(directory) / "config.json"
+    config = json.loads(path.read_text())
+    config.update(settings)
+    path.write_text(json.dumps(config))
+
+
+def test_a_modelscope_configs_decoding_defaults_are_the_pipelines(
+    pipe, tiny_model_dir, tmp_path, capsys
+):
+    """ModelScope's pipeline decodes with config.json's top_k / top_p / temperature /
+    tokens_to_generate (reference §4.2): so does megagpt's, from the directory and from the
+    model directory converted from it, and an export writes them back."""
+    import json
+
+    from megagpt import pipeline
+    from megagpt.checkpoint.canonical import CheckpointError
+    from megagpt.cli import main
+
+    ms = tmp_path / "ms"
+    convert(tiny_model_dir, str(ms), "modelscope")
+    _with_settings(ms, top_k=1, top_p=0.0, tokens_to_generate=5)
+    greedy5 = pipe(PROMPTS, top_k=1, max_new_tokens=5)
+    other = pipeline("text-generation", model=str(ms), device="cpu")
+    assert other(PROMPTS) == greedy5  # no options: the config's greedy, 5 new tokens
+    assert other(PROMPTS, max_new_tokens=3) == pipe(PROMPTS, top_k=1, max_new_tokens=3)
+    sampled = {"top_p": 0.9, "seed": 3, "max_new_tokens": 6}  # a call's filter replaces both
+    assert other(PROMPTS, **sampled) == pipe(PROMPTS, **sampled)
+    assert main(["generate", "--model", str(ms), "--prompt", PROMPTS[0]]) == 0
+    assert capsys.readouterr().out.strip() == greedy5[0]["text"]
+    # Converted to a megagpt directory and back, the settings travel.
+    convert(str(ms), str(tmp_path / "model"), "megagpt")
+    saved = json.loads((tmp_path / "model" / "config.json").read_text())["generation"]
+    assert saved == {"top_k": 1, "top_p": 0.0, "temperature": 1.0, "tokens_to_generate": 5}
+    model = pipeline("text-generation", model=str(tmp_path / "model"), device="cpu")
+    assert model(PROMPTS) == greedy5
+    convert(str(tmp_path / "model"), str(tmp_path / "back"), "modelscope")
+    back = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert (back["top_k"], back["top_p"], back["tokens_to_generate"]) == (1, 0.0, 5)
+    # A value no sampler takes names the file.
+    _with_settings(ms, top_p=2.0)
+    with pytest.raises(CheckpointError, match=r"ms/config.json: top_p must be in \[0, 1\]"):
+        pipeline("text-generation", model=str(ms), device="cpu")

@@ -23,7 +23,10 @@ class Scripted:
     is not what is under test: what the pipeline shows of each step is)."""
 
     def __init__(self, continuation: list[int]):
+        from megagpt.inference.sampling import GenerationDefaults
+
         self.continuation = continuation
+        self.defaults = GenerationDefaults()
 
     def limits(self, lengths, max_length=None, max_new_tokens=None):
         n = len(self.continuation) if max_new_tokens is None else max_new_tokens
