@@ -95,6 +95,15 @@ class Tokenizer(ABC):
         ``ids`` (which an empty prompt leaves empty: see :meth:`encode_prompt`)."""
         return [self.bos, *ids] if self.bos is not None else ids
 
+    def last(self, ids: list[int], n: int) -> list[int]:
+        """The last ``n`` ids of a text, cut on the left, keeping its ``bos`` first (a text of
+        the BERT family stays ``[CLS] ...``)."""
+        if len(ids) <= n:
+            return ids
+        if self.bos is not None and ids[:1] == [self.bos] and n > 1:
+            return [self.bos, *ids[len(ids) - n + 1 :]]
+        return ids[len(ids) - n :]
+
     @property
     def context_id(self) -> int | None:
         """The id a text's first token is predicted from: :attr:`bos`, else the end of the

@@ -168,14 +168,15 @@ class MegagptLM(TemplateLM):
     ) -> list[tuple[float, bool]]:
         """(sum log p(continuation | context), continuation is the greedy choice) per request.
 
-        Context and continuation longer than ``max_length`` keep their last tokens (the
-        continuation is always scored whole when it fits).
+        Context and continuation longer than ``max_length`` keep their last tokens, after the
+        family's bos (``Tokenizer.last``; the continuation is always scored whole when it
+        fits).
         """
         rows = []
         for _, ctx, cont in requests:
             if not cont:
                 raise EvalError("an lm-eval request has an empty continuation")
-            whole = (ctx + cont)[-(self.max_length + 1) :]
+            whole = self.tok.last(ctx + cont, self.max_length + 1)
             rows.append((whole[:-1], whole[1:], min(len(cont), len(whole) - 1)))
         out: list[tuple[float, bool] | None] = [None] * len(rows)
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
@@ -249,7 +250,7 @@ class MegagptLM(TemplateLM):
             params = make_params(top_k=1)
         gen = self.scorer.generator
         room = self.max_length - min(new, self.max_length - 1)
-        prompts = [(self.tok_encode(c) or [self.eot_token_id])[-room:] for c in contexts]
+        prompts = [self.tok.last(self.tok_encode(c) or [self.eot_token_id], room) for c in contexts]
         limits = [min(len(p) + new, self.scorer.max_positions) for p in prompts]
         keys = None if params.greedy else gen.keys_for(prompts, 1, self.seed)
         texts = [""] * len(prompts)

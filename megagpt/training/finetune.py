@@ -289,7 +289,7 @@ class FinetuneEvaluator:
         pairs = []
         for b in range(0, len(mine), size):
             chunk = mine[b : b + size]
-            prompts = [(ds.sources[i] or stops[:1])[-(cap - 1) :] for i in chunk]
+            prompts = [tok.last(ds.sources[i] or stops[:1], cap - 1) for i in chunk]
             outs = gen.generate(prompts, greedy, max_new_tokens=ft.eval_max_new_tokens)
             for i, p, out in zip(chunk, prompts, outs):
                 pred = tok.decode(out[0][len(p) :])
