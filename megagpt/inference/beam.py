@@ -5,19 +5,21 @@ its log-probabilities divided by its length ** 1.0). Here, for each prompt:
 
 * ``num_beams`` live beams share one KV cache (the prompt is run once, then its cache rows are
   copied to every beam), on the generator's decoding path (its ``FastDecoder``, else the
-  model's forward); each step scores every (beam, token) pair over the true vocabulary
-  and keeps the best ``2 * num_beams`` candidates;
-* a candidate ending in a stop token (end of document, ``<sep>``) becomes a finished
-  hypothesis, scored ``sum log p / generated ** length_penalty`` where ``generated`` counts its
-  new tokens and the stop token; the others become the next beams (``num_beams`` at most);
+  model's forward); each step scores every (beam, token) pair over the true vocabulary and
+  takes the best candidates in order (``max(2, 1 + stop tokens) * num_beams`` of them);
+* a candidate ending in a stop token (end of document, ``<sep>``) and ranked among the best
+  ``num_beams`` becomes a finished hypothesis, scored ``sum log p / generated **
+  length_penalty`` where ``generated`` counts its new tokens and the stop token; the others
+  become the next beams (``num_beams`` at most);
 * the search ends when ``num_beams`` hypotheses are finished and no live beam can still score
   better (its sum only falls with length; with ``length_penalty > 0`` it is judged at the most
   favourable length still possible), or at the row's token limit, where the live beams are
   scored as they stand.
 
 The returned hypotheses are best first; ids are prompt + continuation without the stop token,
-as ``TextGenerator.generate`` returns them. Every tensor-parallel rank sees the same gathered
-log-probabilities, so every rank chooses the same beams.
+as ``TextGenerator.generate`` returns them (the same hypotheses, order and scores as Hugging
+Face ``generate(num_beams=k, early_stopping="never")``). Every tensor-parallel rank takes TP
+rank 0's candidates, so all ranks keep the same beams.
 """
 
 from __future__ import annotations
@@ -143,8 +145,8 @@ def _passes(generator, limit: int):
     """(prefill, step, reorder) over the generator's decoding path: its ``FastDecoder`` where
     it decodes with one (the same logits as the model's forward, fewer passes over memory),
     else the model's own forward with a ``KVCache``. ``prefill(ids [1, L])`` and ``step(ids
-    [k], position)`` return local logits [rows, V/tp]; ``reorder(index)`` makes the cache's
-    rows ``index`` (row copies for the kept beams) over its first ``filled`` slots."""
+    [k], position)`` return local logits [rows, V/tp]; ``reorder(index, filled)`` makes the
+    cache's rows ``index`` (row copies for the kept beams) over its first ``filled`` slots."""
     if generator.uses_fast_path():
         dec = generator.decoder()
         dec.begin()
