@@ -114,13 +114,19 @@ def load_generator(
         )
     if ctx is None:  # checked above first: a bad model fails before any rendezvous
         ctx = inference_context(device, tp)
-    gen = generator_for(cfg, weights(), tokenizer, ctx, dtype, source=directory)
-    gen.defaults = defaults
+    gen = generator_for(cfg, weights(), tokenizer, ctx, dtype, source=directory, defaults=defaults)
     return gen, tokenizer
 
 
 def generator_for(
-    cfg, tensors: dict, tokenizer, ctx: ParallelContext, dtype: str = "auto", *, source: str = ""
+    cfg,
+    tensors: dict,
+    tokenizer,
+    ctx: ParallelContext,
+    dtype: str = "auto",
+    *,
+    source: str = "",
+    defaults: GenerationDefaults | None = None,
 ) -> TextGenerator:
     """A ``TextGenerator`` over a model of ``cfg`` holding ``tensors`` (full canonical tensors;
     this TP rank's shard is cut from them), on ``ctx``'s device and tensor-parallel group.
@@ -147,6 +153,7 @@ def generator_for(
         pad_id=pad,
         tp_group=ctx.tp_group,
         tp_size=tp,
+        defaults=defaults,
     )
 
 
@@ -180,7 +187,8 @@ class TextGenerationPipeline:
     ``num_return_sequences=n > 1`` each input gives a list of n dicts. Keyword options:
     ``max_length`` (total tokens, prompt included; default prompt + 100, capped at the model's
     positions) or ``max_new_tokens``, ``top_k`` (0 = off, 1 = greedy), ``top_p`` (default 0.9),
-    ``temperature`` (1.0), ``repetition_penalty`` (1.0 = off), ``seed``,
+    ``temperature`` (1.0), ``repetition_penalty`` (1.0 = off), ``seed``, where the defaults are
+    the model's own when its checkpoint records them (``TextGenerator.defaults``),
     ``num_return_sequences``, ``batch_size`` (prompts per forward, default 8), ``use_cache``.
     ``num_beams=n > 1`` searches the n most likely continuations instead of sampling
     (``megagpt.inference.beam``; ``length_penalty``, default 1.0, divides a hypothesis's
