@@ -6,7 +6,7 @@
 #   2. bench/train_step.py gpt3-1.3b, seq 2048, bf16, micro auto: tokens/s against HF, MFU, the
 #      planner's memory prediction against torch.cuda.max_memory_allocated, and one profiled
 #      step per side (kernel time by kind against the wall time: where MFU goes)
-#   3. bench/generate.py                   (generation against HF generate, batch 1 and 8)
+#   3. bench/generate.py                   (generation against HF generate, batch 1 and 8, beams)
 # and append everything to one markdown report. Every stage runs under `timeout`; one failing
 # does not stop the others; the exit status is non-zero when any stage failed.
 #
@@ -181,7 +181,8 @@ stage "train step: gpt3-1.3b at seq 2048, bf16 (MFU, planner memory)" 150 \
     "$PY" bench/train_step.py --sizes gpt3-1.3b --seq 2048 --precision bf16 \
     --micro auto --accum 4 --warmup 2 --iters 4 --profile
 stage "generation against HF (gpt3-base, bf16)" 120 "$PY" bench/generate.py --size gpt3-base \
-    --prompts 8 --prompt-tokens 32 --new-tokens 64 --device cuda --dtype bf16 --hf-lookup 0
+    --prompts 8 --prompt-tokens 32 --new-tokens 64 --device cuda --dtype bf16 --hf-lookup 0 \
+    --beams 4
 
 say ""
 say "## summary ($(($(date +%s) - START))s)"
