@@ -89,6 +89,18 @@ def read_model_config(path: str) -> ModelConfig:
     return reshard.Record(str(Path(directory) / tag)).model
 
 
+def read_generation(path: str) -> GenerationDefaults:
+    """The decoding defaults the checkpoint at ``path`` records (a megagpt model directory's
+    ``generation``, a ModelScope config.json's settings), else the original's; no weights
+    are read."""
+    kind = detect(path)
+    if kind == "megagpt":
+        return model_dir.read_generation(path)
+    if kind == "modelscope":
+        return modelscope.read_generation(path)
+    return GenerationDefaults()
+
+
 def read(path: str) -> Source:
     """Read any supported checkpoint as full canonical tensors."""
     kind = detect(path)

@@ -78,11 +78,10 @@ def read_generation(directory: str) -> GenerationDefaults:
     from megagpt.inference.sampling import GenerationDefaults
 
     path = Path(directory) / "config.json"
-    settings = json.loads(path.read_text(encoding="utf-8")).get("generation") or {}
-    try:
-        return GenerationDefaults.from_config(settings, f"{path} (generation)")
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    settings = meta.get("generation") or {}
+    vocab = int(meta["model"]["vocab_size"])
+    return GenerationDefaults.from_config(settings, f"{path} (generation)", vocab)
 
 
 def tokenizer_path(directory: str) -> str | None:

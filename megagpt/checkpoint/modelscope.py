@@ -376,10 +376,7 @@ def read_generation(path: str) -> GenerationDefaults:
     ``top_p``, ``temperature``, ``tokens_to_generate``; reference §4.2), where it has them."""
     cfg_path = Path(path) / "config.json"
     config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    try:
-        return GenerationDefaults.from_config(config, str(cfg_path))
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
+    return GenerationDefaults.from_config(config, str(cfg_path), read_config(path).vocab_size)
 
 
 def _check_qkv(name: str, t: torch.Tensor, cfg: ModelConfig, source: str) -> None:

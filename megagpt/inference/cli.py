@@ -47,12 +47,14 @@ def add_generate_parser(sub) -> None:
         "--max-length",
         type=int,
         help="total tokens, prompt included "
-        "(default prompt + 100, capped at the model's positions)",
+        "(default prompt + the model's new tokens, else 100; capped at the model's positions)",
     )
     p.add_argument("--max-new-tokens", type=int, help="tokens to add (instead of --max-length)")
-    p.add_argument("--top-k", type=int, help="0 = off (default), 1 = greedy")
-    p.add_argument("--top-p", type=float, help="nucleus mass (default 0.9; 0 with --top-k)")
-    p.add_argument("--temperature", type=float, help="default 1.0")
+    p.add_argument("--top-k", type=int, help="0 = off, 1 = greedy (default: the model's, else 0)")
+    p.add_argument(
+        "--top-p", type=float, help="nucleus mass (default: the model's, else 0.9; 0 with --top-k)"
+    )
+    p.add_argument("--temperature", type=float, help="default: the model's, else 1.0")
     p.add_argument("--repetition-penalty", type=float, help="default 1.0 (off)")
     p.add_argument("--seed", type=int, help="makes sampling reproducible")
     p.add_argument("--num-return-sequences", type=int, default=1)
@@ -127,9 +129,9 @@ def _as_flags(message: str) -> str:
 def check_args(args: argparse.Namespace) -> None:
     """GenerateError naming the flag, before any model loads or process group starts (the
     model directory's config.json is read for its vocabulary size, and checked on the way)."""
-    from megagpt.checkpoint.convert import read_model_config
+    from megagpt.checkpoint.canonical import CheckpointError
+    from megagpt.checkpoint.convert import read_generation, read_model_config
     from megagpt.inference.pipeline import check_beam_search
-    from megagpt.inference.sampling import make_params
 
     for flag, value, least in (
         ("--batch-size", args.batch_size, 1),
@@ -154,12 +156,16 @@ def check_args(args: argparse.Namespace) -> None:
         raise GenerateError(_as_flags(str(e))) from None
     if args.num_beams > 1 and args.stream:
         raise GenerateError("--stream with --num-beams: beam search knows its text at the end")
-    params = make_params(args.top_k, args.top_p, args.temperature, args.repetition_penalty)
     if not os.path.exists(args.model):
         raise GenerateError(f"--model {args.model}: no such model directory or checkpoint")
     if args.tokenizer is not None and not os.path.exists(args.tokenizer):
         raise GenerateError(f"--tokenizer {args.tokenizer}: no such file or directory")
-    vocab_size = read_model_config(args.model).vocab_size  # its errors name the file
+    try:  # the errors name the file
+        vocab_size = read_model_config(args.model).vocab_size
+        defaults = read_generation(args.model)  # the model's own decoding defaults
+    except CheckpointError as e:
+        raise GenerateError(f"--model {e}") from None
+    params = defaults.params(args.top_k, args.top_p, args.temperature, args.repetition_penalty)
     try:
         params.check(vocab_size)
     except ValueError as e:

@@ -312,17 +312,17 @@ class TextGenerationPipeline:
         keep = len(self.tokenizer.decode(ids))
         tok = self.tokenizer
         # What later tokens cannot change (Tokenizer.decode_stable): each part extends the last.
-        shown, seen, row = tok.decode_stable(ids, keep), len(ids), ids
+        shown, row, parts = tok.decode_stable(ids, keep), ids, 0
         for state in gen.steps([ids], params, limits, keys, use_cache):
             end = int(state.ends[0])
-            if end > seen:
-                seen, row = end, state.row(0)
+            if end > len(row):
+                row = state.row(0)
                 now = tok.decode_stable(row, keep)
                 if len(now) > len(shown):
-                    shown = now
+                    shown, parts = now, parts + 1
                     yield {"text": now}
         final = self._text(row, ids)
-        if final != shown or seen == len(ids):  # the held-back tail; or nothing generated
+        if final != shown or parts == 0:  # the held-back tail; or nothing shown at all
             yield {"text": final}
 
 

@@ -13,7 +13,9 @@ of the batch, on the device's random state, or on how many draws came before.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +67,19 @@ class SamplingParams:
             )
 
 
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+# (config.json key, GenerationDefaults field, type) of the decoding settings a checkpoint holds
+_SETTINGS = (
+    ("top_k", "top_k", int),
+    ("top_p", "top_p", float),
+    ("temperature", "temperature", float),
+    ("tokens_to_generate", "new_tokens", int),
+)
+
+
 @dataclass(frozen=True)
 class GenerationDefaults:
     """A model's decoding defaults where a call gives none: the original's (nucleus p=0.9,
@@ -78,25 +93,34 @@ class GenerationDefaults:
     new_tokens: int = DEFAULT_NEW_TOKENS
 
     @classmethod
-    def from_config(cls, config: dict, source: str) -> GenerationDefaults:
-        """The fields of ``config`` (ModelScope's names); ValueError naming ``source`` and
-        the key for a value no sampler takes."""
+    def from_config(cls, config: object, source: str, vocab_size: int) -> GenerationDefaults:
+        """The settings ``config`` holds (ModelScope's names). They only guide decoding, so a
+        value no sampler takes does not stop the model from loading: a warning names
+        ``source`` and the key, and the original's defaults are used instead."""
         base = cls()
+        if not isinstance(config, dict):
+            _warn(f"{source}: decoding settings are not an object; using the defaults")
+            return base
+        values: dict = {}
+        for key, field_name, kind in _SETTINGS:
+            value = config.get(key)
+            if value is None:
+                continue
+            try:
+                if isinstance(value, bool) or kind(value) != float(value):
+                    raise ValueError
+                values[field_name] = kind(value)
+            except (TypeError, ValueError):
+                what = "an integer" if kind is int else "a number"
+                _warn(f"{source}: {key}={value!r} is not {what}; ignored")
+        out = dataclasses.replace(base, **values)
         try:
-            out = cls(
-                top_k=int(config.get("top_k", base.top_k)),
-                top_p=float(config.get("top_p", base.top_p)),
-                temperature=float(config.get("temperature", base.temperature)),
-                new_tokens=int(config.get("tokens_to_generate", base.new_tokens)),
-            )
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{source}: a generation setting is not a number ({e})") from None
-        try:
-            SamplingParams(out.top_k, out.top_p, out.temperature).check(2**31)
+            SamplingParams(out.top_k, out.top_p, out.temperature).check(vocab_size)
+            if out.new_tokens < 1:
+                raise ValueError(f"tokens_to_generate must be >= 1, got {out.new_tokens}")
         except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
-        if out.new_tokens < 1:
-            raise ValueError(f"{source}: tokens_to_generate must be >= 1, got {out.new_tokens}")
+            _warn(f"{source}: {e}; decoding with the original's defaults instead")
+            return base
         return out
 
     def as_config(self) -> dict:
@@ -116,9 +140,12 @@ class GenerationDefaults:
         repetition_penalty: float | None = None,
     ) -> SamplingParams:
         """SamplingParams of a call: what it gives, these defaults for the rest. A call that
-        gives ``top_k`` or ``top_p`` chooses the filter itself (``make_params``)."""
+        gives ``top_k`` or ``top_p`` chooses the filter itself (``make_params``); ``top_k=0``
+        alone (no top-k) keeps the model's nucleus mass where it has one."""
         if top_k is None and top_p is None:
             top_k, top_p = self.top_k, self.top_p
+        elif top_p is None and not top_k and self.top_p > 0:
+            top_p = self.top_p
         if temperature is None:
             temperature = self.temperature
         return make_params(top_k, top_p, temperature, repetition_penalty)

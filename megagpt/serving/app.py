@@ -286,7 +286,8 @@ def create_app(service: Service):
 
     @app.post("/generate")
     async def generate(request: Request):
-        req = parse_generate(await _json(request), service.vocab_size)
+        defaults = service.generator.defaults
+        req = parse_generate(await _json(request), service.vocab_size, defaults)
         prompts = [service.encode(t, "text") for t in req.texts]
         limits = [
             limit_for(
@@ -295,6 +296,7 @@ def create_app(service: Service):
                 max_new_tokens=req.max_new_tokens,
                 max_length=req.max_length,
                 name="text",
+                default_new=defaults.new_tokens,
             )
             for p in prompts
         ]

@@ -131,7 +131,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             args.model, dtype=args.dtype, ctx=ctx, tokenizer=args.tokenizer, flag="--tokenizer"
         )
     except ValueError as e:
-        raise ServeError(f"--model {args.model}: {e}") from None
+        message = str(e)  # the reader's errors start with the path already
+        raise ServeError(
+            f"--model {message}"
+            if message.startswith(args.model)
+            else f"--model {args.model}: {message}"
+        ) from None
     if args.speculate is not None:
         generator.speculate = args.speculate
     if generator.tp_size > 1 and ctx.rank != 0:

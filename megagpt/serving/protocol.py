@@ -10,7 +10,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from megagpt.inference.sampling import DEFAULT_NEW_TOKENS, SamplingParams, make_params
+from megagpt.inference.sampling import (
+    DEFAULT_NEW_TOKENS,
+    GenerationDefaults,
+    SamplingParams,
+)
 
 MAX_N = 128  # copies per prompt (each one occupies a decoding row)
 MAX_PROMPTS = 256
@@ -303,9 +307,11 @@ _GENERATE_FIELDS = {
 }
 
 
-def parse_generate(body, vocab_size: int) -> GenerateRequest:
+def parse_generate(
+    body, vocab_size: int, defaults: GenerationDefaults | None = None
+) -> GenerateRequest:
     """Check a ``/generate`` body: ``{"text": str or [str], ...}`` with the pipeline's options
-    and defaults (nucleus p=0.9, T=1, prompt + 100 tokens)."""
+    and defaults (the model's ``defaults``; the original's: nucleus p=0.9, T=1)."""
     _check_object(body, _GENERATE_FIELDS)
     text = body.get("text")
     if text is None:
@@ -325,7 +331,7 @@ def parse_generate(body, vocab_size: int) -> GenerateRequest:
             "give 'max_length' (total, prompt included) or 'max_new_tokens', not both", "max_length"
         )
     top_k = _int(body, "top_k", None, minimum=0)
-    params = make_params(
+    params = (defaults or GenerationDefaults()).params(
         top_k,
         _float(body, "top_p", None),
         _float(body, "temperature", None),
@@ -347,8 +353,10 @@ def limit_for(
     max_new_tokens: int | None = None,
     max_length: int | None = None,
     name: str = "prompt",
+    default_new: int = DEFAULT_NEW_TOKENS,
 ) -> int:
-    """Total length a row may reach (prompt included), capped at the model's positions."""
+    """Total length a row may reach (prompt included), capped at the model's positions;
+    ``default_new`` tokens when the request gives no length."""
     if prompt_tokens >= max_positions:
         raise RequestError(
             f"the prompt has {prompt_tokens} tokens but the model has only "
@@ -365,5 +373,5 @@ def limit_for(
                 "max_length",
             )
         return min(max_length, max_positions)
-    new = DEFAULT_NEW_TOKENS if max_new_tokens is None else max_new_tokens
+    new = default_new if max_new_tokens is None else max_new_tokens
     return min(prompt_tokens + new, max_positions)

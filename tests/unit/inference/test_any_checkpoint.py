@@ -72,7 +72,6 @@ def test_a_modelscope_configs_decoding_defaults_are_the_pipelines(
     import json
 
     from megagpt import pipeline
-    from megagpt.checkpoint.canonical import CheckpointError
     from megagpt.cli import main
 
     ms = tmp_path / "ms"
@@ -95,7 +94,45 @@ def test_a_modelscope_configs_decoding_defaults_are_the_pipelines(
     convert(str(tmp_path / "model"), str(tmp_path / "back"), "modelscope")
     back = json.loads((tmp_path / "back" / "config.json").read_text())
     assert (back["top_k"], back["top_p"], back["tokens_to_generate"]) == (1, 0.0, 5)
-    # A value no sampler takes names the file.
-    _with_settings(ms, top_p=2.0)
-    with pytest.raises(CheckpointError, match=r"ms/config.json: top_p must be in \[0, 1\]"):
-        pipeline("text-generation", model=str(ms), device="cpu")
+    # The model's defaults apply to megagpt serve's /generate too.
+    from tests.unit.serving.conftest import RunningServer
+
+    server = RunningServer(other.generator, other.tokenizer, max_batch=2)
+    try:
+        import httpx
+
+        r = httpx.post(f"{server.url}/generate", timeout=120, json={"text": PROMPTS[0]})
+        assert r.status_code == 200 and r.json() == greedy5[0]
+    finally:
+        server.close()
+    # A call's options checked against the model's defaults: two copies of greedy decoding.
+    assert (
+        main(["generate", "--model", str(ms), "--prompt", "x", "--num-return-sequences", "2"]) == 2
+    )
+    assert "greedy decoding" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "settings, warning",
+    [
+        ({"top_k": 50, "top_p": 0.9}, "cannot be combined"),
+        ({"top_p": 2.0}, r"top_p must be in \[0, 1\]"),
+        ({"temperature": 0}, "temperature must be"),
+        ({"top_k": 5000}, "smaller than the vocabulary"),
+        ({"top_k": "ten"}, "top_k='ten' is not an integer"),
+        ({"tokens_to_generate": 0}, "tokens_to_generate must be >= 1"),
+    ],
+)
+def test_decoding_settings_no_sampler_takes_do_not_stop_the_model_loading(
+    pipe, tiny_model_dir, tmp_path, settings, warning
+):
+    """They only guide decoding (ModelScope too only fails once it samples): a warning names
+    the file and the key, and the original's defaults apply."""
+    from megagpt import pipeline
+
+    ms = tmp_path / "ms"
+    convert(tiny_model_dir, str(ms), "modelscope")
+    _with_settings(ms, **settings)
+    with pytest.warns(UserWarning, match=warning):
+        other = pipeline("text-generation", model=str(ms), device="cpu")
+    assert other(PROMPTS[0], seed=1) == pipe(PROMPTS[0], seed=1)

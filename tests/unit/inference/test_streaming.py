@@ -130,3 +130,11 @@ def test_a_bert_stream_only_extends_under_modelscope_word_joining():
     for before, after in zip(parts, parts[1:]):
         assert after.startswith(before) and after != before
     assert parts[-1] == pipe("床前明月光")["text"] == "床前明月光 中a 国人。"
+
+
+def test_a_stream_that_adds_no_visible_text_still_yields_the_text(tokenizer):
+    """Tokens that never complete a character (the limit cuts one): one part, the text."""
+    lead = tokenizer.encode("鱻")[:1]
+    pipe = TextGenerationPipeline(Scripted(lead), tokenizer)
+    parts = [p["text"] for p in pipe.stream(PROMPT)]
+    assert parts == [pipe(PROMPT)["text"]] == [PROMPT]
