@@ -129,3 +129,15 @@ def test_repetition_penalty_lowers_seen_tokens_only():
 def test_params_are_frozen():
     with pytest.raises(AttributeError):
         SamplingParams().top_k = 3
+
+
+def test_model_defaults_fill_what_a_call_leaves_out():
+    from megagpt.inference.sampling import GenerationDefaults
+
+    top10 = GenerationDefaults(top_k=10, top_p=0.0, temperature=0.7, new_tokens=5)
+    assert top10.params() == make_params(10, 0.0, 0.7)
+    assert top10.params(top_p=0.8) == make_params(0, 0.8, 0.7)  # the call picks the filter
+    assert top10.params(top_k=1).greedy
+    nucleus = GenerationDefaults(top_p=0.5)
+    assert nucleus.params(top_k=0).top_p == 0.5  # top-k off keeps the model's mass
+    assert nucleus.params(temperature=2.0) == make_params(0, 0.5, 2.0)
