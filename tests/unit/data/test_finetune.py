@@ -47,14 +47,14 @@ def test_truncation_keeps_shapes_and_drops_the_sep():
 
 
 def _tokenizer(bos=None):
-    class Tok(Tokenizer):  # one id per character, ids from 10; <sep>=2, pad=0, eod=1
-        path, sep, pad, eod, vocab_size = "fake", SEP, PAD, 1, 600
+    class Tok(Tokenizer):  # one id per character (10 + code point); <sep>=2, pad=0, eod=1
+        path, sep, pad, eod, vocab_size = "fake", SEP, PAD, 1, 0x30000
 
         def encode(self, text):
-            return [10 + ord(c) % 500 for c in text]
+            return [10 + ord(c) for c in text]
 
         def decode(self, ids):
-            raise NotImplementedError
+            return "".join(chr(i - 10) for i in ids if i >= 10)
 
         def _content(self):
             return []

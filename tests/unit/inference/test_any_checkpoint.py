@@ -94,17 +94,21 @@ def test_a_modelscope_configs_decoding_defaults_are_the_pipelines(
     convert(str(tmp_path / "model"), str(tmp_path / "back"), "modelscope")
     back = json.loads((tmp_path / "back" / "config.json").read_text())
     assert (back["top_k"], back["top_p"], back["tokens_to_generate"]) == (1, 0.0, 5)
-    # The model's defaults apply to megagpt serve's /generate too.
-    from tests.unit.serving.conftest import RunningServer
+    # The model's defaults apply to megagpt serve's /generate too (the app in-process: no
+    # uvicorn, whose log handlers would keep this test's captured stderr).
+    from starlette.testclient import TestClient
 
-    server = RunningServer(other.generator, other.tokenizer, max_batch=2)
+    from megagpt.serving.app import Service, create_app
+    from megagpt.serving.engine import Engine
+
+    engine = Engine(other.generator, 2)
+    engine.start()
     try:
-        import httpx
-
-        r = httpx.post(f"{server.url}/generate", timeout=120, json={"text": PROMPTS[0]})
+        client = TestClient(create_app(Service(engine, other.tokenizer, "m")))
+        r = client.post("/generate", json={"text": PROMPTS[0]})
         assert r.status_code == 200 and r.json() == greedy5[0]
     finally:
-        server.close()
+        engine.close()
     # A call's options checked against the model's defaults: two copies of greedy decoding.
     assert (
         main(["generate", "--model", str(ms), "--prompt", "x", "--num-return-sequences", "2"]) == 2
