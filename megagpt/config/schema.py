@@ -165,8 +165,8 @@ class TrainConfig:
     cpu_matmul: str = doc(
         "auto",
         "CPU device, fp32: the model's GEMMs (forward and input gradients) on oneDNN, or on "
-        "torch's BLAS (blas); auto = oneDNN on x86-64 where torch has it "
-        "(megagpt/model/matmul.py).",
+        "torch's BLAS (blas); auto = oneDNN on an AMD x86-64 CPU where torch has it, "
+        "the BLAS (MKL) elsewhere (megagpt/model/matmul.py).",
         choices=("auto", "onednn", "blas"),
     )
     keep_freed_memory: bool = doc(

@@ -18,14 +18,19 @@ exact. It applies to fp32 tensors on the CPU, eager or inside a ``torch.compile`
 calls the same kernel through the ``megagpt::onednn_linear`` operator); anything else goes to
 ``F.linear``.
 
-``auto`` uses it where torch has the kernel on an x86-64 CPU (elsewhere oneDNN's fp32 GEMM has
-not been measured against the BLAS); the model is marked once, at construction
-(``use_onednn``): its TP = 1 linears and the fused output layer + loss. Tensor-parallel layers
-keep megatron-core's autograd functions.
+``auto`` uses it where torch has the kernel on an AMD x86-64 CPU. On an Intel one (a 2-core
+Xeon, Emerald Rapids, torch 2.13, fp32) MKL, the BLAS of torch's wheels and Intel's own library,
+ran every GEMM shape of the gpt3-base step at 242-311 GFLOP/s, oneDNN at 119-314 (the MLP's
+second linear: 119-138), and the whole step took 20 % less time on the BLAS; MKL's slower paths
+on AMD CPUs are what oneDNN wins back there. Elsewhere (other vendors, other architectures)
+oneDNN's fp32 GEMM has not been measured against the BLAS, so ``auto`` keeps the BLAS. The model
+is marked once, at construction (``use_onednn``): its TP = 1 linears and the fused output layer
++ loss. Tensor-parallel layers keep megatron-core's autograd functions.
 """
 
 from __future__ import annotations
 
+import functools
 import platform
 
 import torch
@@ -45,10 +50,44 @@ def onednn_unavailable() -> str | None:
     return None
 
 
+@functools.cache
+def cpu_vendor() -> str | None:
+    """This machine's CPU vendor as the CPUID instruction names it (``AuthenticAMD``,
+    ``GenuineIntel``, ...), or None where it cannot be read: Linux's ``/proc/cpuinfo``
+    (``vendor_id``), else the vendor that ``platform.processor()`` ends with on Windows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "vendor_id":
+                    return value.strip() or None
+    except OSError:
+        pass
+    words = platform.processor().replace(",", " ").split()
+    known = ("AuthenticAMD", "GenuineIntel", "HygonGenuine", "CentaurHauls")
+    return next((w for w in words if w in known), None)
+
+
+def _auto_reason() -> str | None:
+    """Why ``auto`` keeps the BLAS on this machine, or None when it takes oneDNN."""
+    why = onednn_unavailable()
+    if why is not None:
+        return why
+    arch = platform.machine().lower()
+    if arch not in ("x86_64", "amd64"):
+        return f"a {platform.machine()} CPU: oneDNN not measured against the BLAS there"
+    vendor = cpu_vendor()
+    if vendor == "GenuineIntel":
+        return "an Intel CPU, where torch's BLAS (MKL) ran faster"
+    if vendor != "AuthenticAMD":
+        return f"CPU vendor {vendor or 'unknown'}: oneDNN not measured against the BLAS there"
+    return None
+
+
 def cpu_matmul_enabled(setting: str, device: torch.device) -> bool:
     """Whether ``train.cpu_matmul`` = ``setting`` puts the model's fp32 GEMMs on oneDNN for a run
     on ``device``: ``onednn`` (an error where the kernel is missing), ``blas``, or ``auto`` = on a
-    CPU device, x86-64, where torch has the kernel. A CUDA run never does."""
+    CPU device, AMD x86-64, where torch has the kernel. A CUDA run never does."""
     if setting not in CPU_MATMUL_CHOICES:
         raise ValueError(f"train.cpu_matmul={setting!r}: expected one of {CPU_MATMUL_CHOICES}")
     if device.type != "cpu" or setting == "blas":
@@ -58,7 +97,7 @@ def cpu_matmul_enabled(setting: str, device: torch.device) -> bool:
         if why is not None:
             raise ValueError(f"train.cpu_matmul=onednn: {why}; use auto or blas")
         return True
-    return why is None and platform.machine().lower() in ("x86_64", "amd64")
+    return _auto_reason() is None
 
 
 def cpu_matmul_note(setting: str, device: torch.device) -> str:
@@ -67,7 +106,7 @@ def cpu_matmul_note(setting: str, device: torch.device) -> str:
         return f"fp32 GEMMs: oneDNN for forward and input gradients (train.cpu_matmul={setting})"
     if device.type != "cpu":
         return f"fp32 GEMMs: torch's {device.type} matmul (train.cpu_matmul applies to CPU runs)"
-    why = "" if setting == "blas" else f": {onednn_unavailable() or platform.machine()}"
+    why = "" if setting == "blas" else f": {_auto_reason()}"
     return f"fp32 GEMMs: torch's BLAS (train.cpu_matmul={setting}{why})"
 
 

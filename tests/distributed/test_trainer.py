@@ -7,6 +7,7 @@ import json
 import pytest
 import yaml
 
+from megagpt.model.matmul import onednn_unavailable
 from tests.distributed.conftest import losses_by_step as losses
 from tests.distributed.conftest import tiny_recipe
 from tests.distributed.launcher import run_distributed
@@ -37,6 +38,14 @@ def test_run_directory_contents(tiny_corpus, tmp_path):
     "world,layout",
     [
         (1, []),
+        # oneDNN's fp32 GEMMs (train.cpu_matmul=auto on an AMD CPU, the BLAS on others)
+        pytest.param(
+            1,
+            ["train.cpu_matmul=onednn"],
+            marks=pytest.mark.skipif(
+                onednn_unavailable() is not None, reason=str(onednn_unavailable())
+            ),
+        ),
         (2, ["parallel.tensor=2"]),
         (2, ["parallel.pipeline=2"]),
         # dropout on: the RNG streams must come back too

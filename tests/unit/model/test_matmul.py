@@ -118,7 +118,18 @@ def test_the_setting_resolves_per_device(monkeypatch):
     assert not cpu_matmul_enabled("auto", cuda) and not cpu_matmul_enabled("onednn", cuda)
     monkeypatch.setattr(matmul.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(matmul, "onednn_unavailable", lambda: None)
+    monkeypatch.setattr(matmul, "cpu_vendor", lambda: "AuthenticAMD")
     assert cpu_matmul_enabled("auto", cpu) and cpu_matmul_enabled("onednn", cpu)
+    assert "oneDNN" in matmul.cpu_matmul_note("auto", cpu)
+    # An Intel CPU: MKL ran every GEMM of the step as fast or faster, the step 20 % faster.
+    monkeypatch.setattr(matmul, "cpu_vendor", lambda: "GenuineIntel")
+    assert not cpu_matmul_enabled("auto", cpu) and cpu_matmul_enabled("onednn", cpu)
+    assert "an Intel CPU" in matmul.cpu_matmul_note("auto", cpu)
+    for vendor in ("HygonGenuine", None):  # not measured: the BLAS
+        monkeypatch.setattr(matmul, "cpu_vendor", lambda v=vendor: v)
+        assert not cpu_matmul_enabled("auto", cpu)
+        assert f"vendor {vendor or 'unknown'}" in matmul.cpu_matmul_note("auto", cpu)
+    monkeypatch.setattr(matmul, "cpu_vendor", lambda: "AuthenticAMD")
     monkeypatch.setattr(matmul.platform, "machine", lambda: "aarch64")
     assert not cpu_matmul_enabled("auto", cpu)  # not measured there: the BLAS
     assert cpu_matmul_enabled("onednn", cpu)  # asked for by name
@@ -128,6 +139,31 @@ def test_the_setting_resolves_per_device(monkeypatch):
         cpu_matmul_enabled("onednn", cpu)
     with pytest.raises(ValueError, match="expected one of"):
         cpu_matmul_enabled("mkl", cpu)
+
+
+def test_the_cpu_vendor_is_read_from_cpuinfo(monkeypatch, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n")
+    real_open = open
+
+    def fake_open(path, *a, **k):
+        return real_open(cpuinfo if path == "/proc/cpuinfo" else path, *a, **k)
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    matmul.cpu_vendor.cache_clear()
+    try:
+        assert matmul.cpu_vendor() == "AuthenticAMD"
+        cpuinfo.unlink()  # no /proc (macOS, Windows): what platform.processor() ends with
+        monkeypatch.setattr(
+            matmul.platform, "processor", lambda: "Intel64 Family 6 Model 207, GenuineIntel"
+        )
+        matmul.cpu_vendor.cache_clear()
+        assert matmul.cpu_vendor() == "GenuineIntel"
+        monkeypatch.setattr(matmul.platform, "processor", lambda: "")
+        matmul.cpu_vendor.cache_clear()
+        assert matmul.cpu_vendor() is None
+    finally:
+        matmul.cpu_vendor.cache_clear()
 
 
 def test_asking_for_onednn_without_the_kernel_fails_validation(monkeypatch):
