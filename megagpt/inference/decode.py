@@ -20,9 +20,11 @@ layer took ~1.7x longer than oneDNN's on a weight packed once (BENCHMARKS-genera
 ``DecodeWeights`` keeps oneDNN-packed copies (``_reorder_linear_weight`` /
 ``_linear_pointwise``, the ops inductor's CPU freezing uses) of every linear weight and of the
 tied output layer, one set for one-row passes and one for more rows, with the bias, the GELU and
-the residual add fused into the matmul. For one-row steps, QKV, attention output and fc1 use
-plain ``[in, out]`` copies instead: MKL's gemv streams that layout (HF ``Conv1D``'s) faster
-than the pack; fc2 and the output layer stay packed. Memory: up to twice the model's weights again;
+the residual add fused into the matmul. For one-row steps, plain ``[in, out]`` copies
+(``one_row_copy``): MKL's gemv streams that layout (HF ``Conv1D``'s) faster than the pack, for
+QKV, attention output and fc1 on an AMD CPU (fc2 and the output layer stay packed there), and
+for every linear on an Intel one (a one-row gpt3-base step 11-12 % faster than with fc2 and the
+output layer packed; BENCHMARKS-generate.md). Memory: up to twice the model's weights again;
 ``prepack=False`` turns them off (big models), and they are off where oneDNN does not apply (not
 CPU, not fp32). The packs track the model: they are rebuilt when any source parameter was
 replaced (``data_ptr``), modified in place through autograd's view (``_version``, e.g. a torch
@@ -39,6 +41,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megagpt.model.matmul import cpu_vendor
+
 SMALL_ROWS = 2  # passes of at most this many rows use the weights packed for one row
 _PROBE_STRIDE = 97  # rows of a weight compared to detect updates made through .data
 
@@ -51,6 +55,18 @@ def prepack_available(weight: torch.Tensor) -> bool:
         and torch.backends.mkldnn.is_available()
         and weight.dtype == torch.float32
     )
+
+
+def one_row_copy(index: int, count: int) -> bool:
+    """Whether one-row steps read source weight ``index`` of ``count`` (``DecodeWeights._sources``:
+    QKV, attention output, fc1, fc2 per layer, then the output layer) as an ``[in, out]`` copy
+    through MKL's gemv rather than oneDNN's pack. Measured per CPU vendor (fp32, gpt3-base,
+    torch 2.13, 2 threads): on an AMD EPYC (Zen 4) the pack was the faster for fc2 and the
+    output layer; on an Intel Xeon (Emerald Rapids) the copy for every linear (a one-row step
+    19.1 -> 16.9 ms, alternating). Other CPUs keep the AMD choice, measured first."""
+    if cpu_vendor() == "GenuineIntel":
+        return True
+    return index % 4 != 3 and index < count - 1
 
 
 def _pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
@@ -153,12 +169,9 @@ class DecodeWeights:
         if key not in self._packs:
             sources = self._sources()
             with torch.no_grad():
-                # One row: MKL's gemv streams an [in, out] copy faster than oneDNN's pack for
-                # QKV, attention output and fc1 (index % 4 < 3); fc2 and the output layer (last)
-                # go through the pack.
                 self._packs[key] = [
                     w.detach().t().contiguous()
-                    if key == 1 and i % 4 != 3 and i < len(sources) - 1
+                    if key == 1 and one_row_copy(i, len(sources))
                     else _pack(w, key)
                     for i, w in enumerate(sources)
                 ]

@@ -179,6 +179,31 @@ def test_packs_are_reused_while_the_weights_do_not_change(gen, ids, monkeypatch)
     assert built > 0 and len(calls) == built
 
 
+@pytest.mark.parametrize("vendor", ["AuthenticAMD", "GenuineIntel"])
+def test_one_row_steps_read_the_layout_measured_fastest_for_the_cpu(gen, ids, monkeypatch, vendor):
+    """One-row passes: [in, out] copies for QKV, attention output and fc1 and oneDNN packs for
+    fc2 and the output layer on an AMD CPU, copies for every linear on an Intel one; both give
+    the reference loop's tokens."""
+    from megagpt.inference import decode
+
+    if not prepack_available(gen.model.word.word_embeddings.weight):
+        pytest.skip("oneDNN prepacked linear not available")
+    monkeypatch.setattr(decode, "cpu_vendor", lambda: vendor)
+    fast = twin(gen, prepack=True)
+    weights = fast.decoder().weights
+    weights.refresh()
+    layers, head = weights.layers(1)
+    packed = [
+        [p.is_mkldnn for p in (lw.qkv_p, lw.dense_p, lw.fc1_p, lw.fc2_p)] for lw in layers
+    ] + [[head.is_mkldnn]]
+    intel = vendor == "GenuineIntel"
+    assert packed == [[False, False, False, not intel]] * len(layers) + [[not intel]]
+    ref = twin(gen, fast=False)
+    assert fast.generate([ids[1]], GREEDY, max_new_tokens=12) == ref.generate(
+        [ids[1]], GREEDY, max_new_tokens=12
+    )
+
+
 def test_prepack_refused_where_unavailable(gen):
     with _restored(gen.model) as model:
         model.to(torch.float16)
