@@ -25,6 +25,7 @@ from collections.abc import Iterator
 import torch
 
 from megagpt.inference.decode import FastDecoder
+from megagpt.model.matmul import cpu_vendor
 
 # The longest and shortest suffix looked up: a 3-token match predicts better than a 1-token one;
 # 1-token matches still pay off when the model repeats itself.
@@ -35,8 +36,20 @@ MIN_NGRAM = 1
 # thread, alone, 8 rows cost 1.47x a 1-row step, 16 rows 2.0x, 32 rows 3.1x (i.e. ~16); inside
 # the decoding loop at batch 8, checking passes of 16-32 rows cost more than that model says
 # (speculation at 16 was 10 % slower than plain steps, BENCHMARKS-generate.md), so the CPU figure
-# is the conservative 8. A GPU reads the weights for many more rows at once.
-ROWS_PER_STEP = {"cpu": 8, "cuda": 128}
+# is the conservative 8. On an Intel Xeon (Emerald Rapids, 2 threads) a batch-8 step cost
+# 1.26x / 1.51x / 1.74x itself at 16 / 24 / 32 rows (i.e. ~14-17), and batch-8 decoding of 64
+# tokens ran at a median 273 tok/s with 16 against 250 with 8 (5 rounds alternating): 16 there.
+# A GPU reads the weights for many more rows at once.
+ROWS_PER_STEP = {"cpu": 8, "cpu-intel": 16, "cuda": 128}
+
+
+def rows_per_step(device: torch.device) -> int:
+    """The cost model's ``rows_per_step`` for passes on ``device`` (ROWS_PER_STEP)."""
+    if device.type == "cpu":
+        return ROWS_PER_STEP["cpu-intel" if cpu_vendor() == "GenuineIntel" else "cpu"]
+    return ROWS_PER_STEP.get(device.type, ROWS_PER_STEP["cuda"])
+
+
 # Guesses a lone row feeds at least: oneDNN's CPU kernels took as long for 2 rows as for 4-5
 # (and a 4-row pass as long as a 1-row step), so fewer guesses would not be cheaper.
 MIN_GUESSES_ONE_ROW = 3
@@ -182,7 +195,7 @@ def speculative_loop(
     done = [False] * b
     accept = [Acceptance() for _ in range(b)]
     least = min(k, MIN_GUESSES_ONE_ROW) if b == 1 else 1
-    rows_per_step = ROWS_PER_STEP.get(device.type, ROWS_PER_STEP["cuda"])
+    per_step = rows_per_step(device)
     uniform = len(set(prompt_lengths)) == 1
     longest = max(prompt_lengths)
     lengths = torch.tensor(prompt_lengths, device=device)
@@ -217,7 +230,7 @@ def speculative_loop(
         last = [rows[i].ctx[-1] for i in range(b)]
         live = [i for i in range(b) if not done[i]]
         width, planned = plan_pass(
-            [rows[i] for i in live], [accept[i] for i in live], k, rows_per_step, least
+            [rows[i] for i in live], [accept[i] for i in live], k, per_step, least
         )
         guesses: list[list[int]] = [[] for _ in range(b)]
         for i, g in zip(live, planned):

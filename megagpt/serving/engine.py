@@ -41,7 +41,7 @@ from megagpt.inference.generate import TextGenerator
 from megagpt.inference.sampling import SamplingParams, penalise_seen, sample
 from megagpt.inference.speculative import (
     MIN_GUESSES_ONE_ROW,
-    ROWS_PER_STEP,
+    rows_per_step,
     Acceptance,
     NgramDrafter,
     plan_pass,
@@ -282,7 +282,7 @@ class Engine:
         # Greedy rows check up to ``speculate`` n-gram guesses per step (the generator's
         # setting, as ``TextGenerator`` does; fast path only); other rows take one token.
         self.speculate = self.executor.speculate
-        self.rows_per_step = ROWS_PER_STEP.get(generator.device.type, ROWS_PER_STEP["cuda"])
+        self.rows_per_step = rows_per_step(generator.device)
         self.spec_stats = {"checks": 0, "guessed": 0, "kept": 0}
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
