@@ -14,9 +14,9 @@ its own except the optional packed copies below) and runs:
   [b] tensor with a per-row mask over the cache), keys/values written in place into buffers
   allocated once (``new_cache``).
 
-**Packed weights (CPU).** With few rows, ``F.linear`` on CPU (MKL on an ``[out, in]`` weight)
-is far from both the memory and the compute bound: at 8 rows the four linears of a gpt3-base
-layer took ~1.7x longer than oneDNN's on a weight packed once (BENCHMARKS-generate.md).
+**Packed weights (CPU).** With few rows, ``F.linear`` on CPU (MKL on an ``[out, in]`` weight) is
+far from both the memory and the compute bound: at 8 rows the four linears of a gpt3-base layer
+took ~1.7x longer than oneDNN's on a weight packed once (BENCHMARKS-generate.md).
 ``DecodeWeights`` keeps oneDNN-packed copies (``_reorder_linear_weight`` /
 ``_linear_pointwise``, the ops inductor's CPU freezing uses) of every linear weight and of the
 tied output layer, one set for one-row passes and one for more rows, with the bias, the GELU and
@@ -24,13 +24,15 @@ the residual add fused into the matmul. For one-row steps, plain ``[in, out]`` c
 (``one_row_copy``): MKL's gemv streams that layout (HF ``Conv1D``'s) faster than the pack, for
 QKV, attention output and fc1 on an AMD CPU (fc2 and the output layer stay packed there), and
 for every linear on an Intel one (a one-row gpt3-base step 11-12 % faster than with fc2 and the
-output layer packed; BENCHMARKS-generate.md). Memory: up to twice the model's weights again;
-``prepack=False`` turns them off (big models), and they are off where oneDNN does not apply (not
-CPU, not fp32). The packs track the model: they are rebuilt when any source parameter was
-replaced (``data_ptr``), modified in place through autograd's view (``_version``, e.g. a torch
-optimizer step or ``load_state_dict``) or through ``.data`` (DeepSpeed's bf16 updates bump no
-version counter: a probe of every 97th row is compared exactly), checked once per generate
-call, so a fine-tuning loop that samples between steps decodes with its current weights.
+output layer packed; BENCHMARKS-generate.md). On an Intel CPU, passes of 2-3 rows multiply by
+the model's own weights, faster there than either set (``row_class``). Memory: up to twice the
+model's weights again; ``prepack=False`` turns them off (big models), and they are off where
+oneDNN does not apply (not CPU, not fp32). The packs track the model: they are rebuilt when any
+source parameter was replaced (``data_ptr``), modified in place through autograd's view
+(``_version``, e.g. a torch optimizer step or ``load_state_dict``) or through ``.data``
+(DeepSpeed's bf16 updates bump no version counter: a probe of every 97th row is compared
+exactly), checked once per generate call, so a fine-tuning loop that samples between steps
+decodes with its current weights.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import torch.nn.functional as F
 
 from megagpt.model.matmul import cpu_vendor
 
-SMALL_ROWS = 2  # passes of at most this many rows use the weights packed for one row
+SMALL_ROWS = 2  # passes of at most this many rows use the one-row set (not on Intel: row_class)
 _PROBE_STRIDE = 97  # rows of a weight compared to detect updates made through .data
 
 
@@ -67,6 +69,21 @@ def one_row_copy(index: int, count: int) -> bool:
     if cpu_vendor() == "GenuineIntel":
         return True
     return index % 4 != 3 and index < count - 1
+
+
+def row_class(rows: int) -> int:
+    """The weights a pass of ``rows`` rows multiplies by: 1, the one-row set (``one_row_copy``);
+    0, the model's own ``[out, in]`` weights through ``F.linear``; 8, oneDNN packs made for 8
+    rows. Measured per CPU vendor (fp32, gpt3-base's 48 linears, torch 2.13, 2 threads). On an
+    Intel Xeon (Emerald Rapids): 2-3 rows 13.7-16.9 ms through ``F.linear``, 16.8-21.7 through
+    the packs and 22-25 through the one-row copies; from 4 rows the packs (4 rows 18-19 ms,
+    ``F.linear`` 22-24; 8 rows 21-22 against 30-36). On an AMD EPYC (Zen 4) the one-row set up
+    to ``SMALL_ROWS`` and the packs above; other CPUs keep the AMD choice, measured first."""
+    if rows <= 1:
+        return 1
+    if cpu_vendor() == "GenuineIntel":
+        return 0 if rows <= 3 else 8
+    return 1 if rows <= SMALL_ROWS else 8
 
 
 def _pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
@@ -163,9 +180,9 @@ class DecodeWeights:
         """(per-layer parameters, packed output layer or None) for passes of ``rows`` rows.
         Call ``refresh`` first (once per generate call)."""
         out = [_source_layer(layer) for layer in self.model.layers]
-        if not self.prepack:
+        key = row_class(rows)
+        if not self.prepack or key == 0:
             return out, None
-        key = 1 if rows <= SMALL_ROWS else 8
         if key not in self._packs:
             sources = self._sources()
             with torch.no_grad():
@@ -229,7 +246,7 @@ class FastDecoder:
                 f"model is {weight.dtype} on {weight.device}"
             )
         self.weights = DecodeWeights(model, prepack)
-        self._plan: dict[bool, tuple[list[_Layer], torch.Tensor | None]] = {}
+        self._plan: dict[int, tuple[list[_Layer], torch.Tensor | None]] = {}
         emb = model.word.word_embeddings
         self.vocab_start = int(getattr(emb, "vocab_start_index", 0))
 
@@ -335,10 +352,10 @@ class FastDecoder:
 
     def _params(self, rows: int) -> tuple[list[_Layer], torch.Tensor | None]:
         """(layers, packed output layer) for a pass of ``rows`` rows, fixed per call."""
-        small = rows <= SMALL_ROWS
-        if small not in self._plan:
-            self._plan[small] = self.weights.layers(rows)
-        return self._plan[small]
+        key = row_class(rows)
+        if key not in self._plan:
+            self._plan[key] = self.weights.layers(rows)
+        return self._plan[key]
 
     # -- public -----------------------------------------------------------------------------
     def begin(self) -> None:
@@ -359,6 +376,16 @@ class FastDecoder:
 
         n = len(self.model.layers)
         return DecodeCache([buf() for _ in range(n)], [buf() for _ in range(n)])
+
+    @staticmethod
+    def keep_rows(cache: DecodeCache, rows: torch.Tensor) -> DecodeCache:
+        """A cache of the rows ``rows`` [n] (indices into ``cache``'s batch, in that order) of
+        ``cache``: a copy, so passes after it feed those n rows only (e.g. once other rows
+        finished)."""
+        return DecodeCache(
+            [k.index_select(0, rows) for k in cache.keys],
+            [v.index_select(0, rows) for v in cache.values],
+        )
 
     @torch.no_grad()
     def prefill(

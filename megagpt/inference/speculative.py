@@ -15,7 +15,9 @@ The output is the greedy output: each kept token is the argmax of the logits at 
 given the kept tokens before it (the check computes those logits in one pass instead of one
 pass per token; attention only reads slots up to each token's position, so rejected guesses
 change nothing). Rows with no n-gram match in a batch where no row has one take a plain
-one-token step.
+one-token step. Rows that finished leave the batch: in a batch whose rows finish at different
+passes, the last rows' passes (often the widest, as a row that keeps its guesses is fed more)
+would otherwise pay for every row.
 """
 
 from __future__ import annotations
@@ -184,8 +186,9 @@ def speculative_loop(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Greedy decoding of right-padded prompts ``tokens`` [b, T] (T = the longest limit) with
     n-gram drafts of up to ``k`` tokens; yields (tokens, ends, done) after every pass, updated
-    in place, as ``TextGenerator.steps`` does. ``stats`` (optional) receives the counts of
-    passes, checking passes, guesses fed and guesses kept."""
+    in place, as ``TextGenerator.steps`` does. Rows that finished (a stop token, their limit)
+    leave the cache (``dec.keep_rows``) and every later pass. ``stats`` (optional) receives
+    the counts of passes, checking passes, guesses fed and guesses kept."""
     device = tokens.device
     b, total = tokens.shape
     stop = set(stop_ids)
@@ -194,7 +197,6 @@ def speculative_loop(
     ends = list(prompt_lengths)  # tokens each row holds (without a stop token)
     done = [False] * b
     accept = [Acceptance() for _ in range(b)]
-    least = min(k, MIN_GUESSES_ONE_ROW) if b == 1 else 1
     per_step = rows_per_step(device)
     uniform = len(set(prompt_lengths)) == 1
     longest = max(prompt_lengths)
@@ -207,12 +209,11 @@ def speculative_loop(
     counts = {"passes": 1, "checks": 0, "guessed": 0, "kept": 0}
     ends_t = torch.empty(b, dtype=torch.long, device=device)
     done_t = torch.empty(b, dtype=torch.bool, device=device)
+    live = list(range(b))  # the rows still decoding, in the order of the cache's rows
     while True:
-        for i in range(b):  # keep each row's new tokens, up to its limit and first stop token
-            if done[i]:
-                continue
-            new = chosen[i][: limits[i] - ends[i]]
-            cut = next((j for j, t in enumerate(new) if t in stop), None)
+        for j, i in enumerate(live):  # keep each row's new tokens, to its limit and first stop
+            new = chosen[j][: limits[i] - ends[i]]
+            cut = next((t for t, token in enumerate(new) if token in stop), None)
             if cut is not None:
                 new, done[i] = new[:cut], True
             if new:
@@ -225,40 +226,46 @@ def speculative_loop(
         yield tokens, ends_t, done_t
         if all(done):
             break
-        # Each row's last token is at slot ends[i] - 1 (not yet in the cache); done rows are
-        # fed their last token again, at a slot they never read, and their results dropped.
-        last = [rows[i].ctx[-1] for i in range(b)]
-        live = [i for i in range(b) if not done[i]]
-        width, planned = plan_pass(
+        # Finished rows leave the passes: a pass costs about its number of rows (more so for
+        # checking passes, bound by arithmetic), and the cost model prices the live rows only.
+        keep = [j for j, i in enumerate(live) if not done[i]]
+        if len(keep) < len(live):
+            cache = dec.keep_rows(cache, torch.tensor(keep, device=device))
+            live = [live[j] for j in keep]
+        # Each row's last token is at slot ends[i] - 1 (not yet in the cache).
+        last = [rows[i].ctx[-1] for i in live]
+        least = min(k, MIN_GUESSES_ONE_ROW) if len(live) == 1 else 1
+        width, guesses = plan_pass(
             [rows[i] for i in live], [accept[i] for i in live], k, per_step, least
         )
-        guesses: list[list[int]] = [[] for _ in range(b)]
-        for i, g in zip(live, planned):
-            guesses[i] = g
         counts["passes"] += 1
+        live_ends = [ends[i] for i in live]
+        n = len(live)
         if width == 0:
             ids = torch.tensor(last, device=device)
-            if uniform and len(set(ends)) == 1:
-                local = dec.step(ids, ends[0] - 1, cache)
+            if uniform and len(set(live_ends)) == 1:
+                local = dec.step(ids, live_ends[0] - 1, cache)
             else:
-                pos = torch.tensor([e - 1 for e in ends], device=device)
-                local = dec.step(ids, pos, cache, span=max(ends))
-            chosen = dec.greedy(local, vocab_size).view(b, 1).tolist()
+                pos = torch.tensor([e - 1 for e in live_ends], device=device)
+                local = dec.step(ids, pos, cache, span=max(live_ends))
+            chosen = dec.greedy(local, vocab_size).view(n, 1).tolist()
             continue
-        fed = [[last[i], *g, *([last[i]] * (width - len(g)))] for i, g in enumerate(guesses)]
-        start = torch.tensor([e - 1 for e in ends], device=device)
+        fed = [[t, *g, *([t] * (width - len(g)))] for t, g in zip(last, guesses)]
+        start = torch.tensor([e - 1 for e in live_ends], device=device)
         local = dec.verify(
             torch.tensor(fed, device=device),
             start,
             cache,
-            span=max(ends) + width,
+            span=max(live_ends) + width,
             max_position=max_position,
         )
-        model = dec.greedy(local, vocab_size).view(b, width + 1).tolist()  # [b, 1 + width]
+        model = dec.greedy(local, vocab_size).view(n, width + 1).tolist()  # [n, 1 + width]
         counts["checks"] += 1
-        for i in range(b):
-            chosen[i], kept = settle(guesses[i], model[i], accept[i])
-            counts["guessed"] += len(guesses[i])
+        chosen = []
+        for j, i in enumerate(live):
+            new, kept = settle(guesses[j], model[j], accept[i])
+            chosen.append(new)
+            counts["guessed"] += len(guesses[j])
             counts["kept"] += kept
     if stats is not None:
         stats.update(counts)

@@ -204,6 +204,39 @@ def test_one_row_steps_read_the_layout_measured_fastest_for_the_cpu(gen, ids, mo
     )
 
 
+@pytest.mark.parametrize("vendor", ["AuthenticAMD", "GenuineIntel"])
+def test_passes_of_few_rows_take_the_weights_measured_fastest_for_the_cpu(
+    gen, ids, monkeypatch, vendor
+):
+    """2-3 rows: the one-row set (2 rows) or the 8-row packs (3) on an AMD CPU; the model's own
+    weights through F.linear on an Intel one. Every class gives the reference loop's tokens,
+    with the passes of each size (2 and 3 prompts, then one row checking 3 guesses) run."""
+    from megagpt.inference import decode
+
+    if not prepack_available(gen.model.word.word_embeddings.weight):
+        pytest.skip("oneDNN prepacked linear not available")
+    monkeypatch.setattr(decode, "cpu_vendor", lambda: vendor)
+    intel = vendor == "GenuineIntel"
+    assert [decode.row_class(r) for r in (1, 2, 3, 4, 8, 64)] == (
+        [1, 0, 0, 8, 8, 8] if intel else [1, 1, 8, 8, 8, 8]
+    )
+    fast = twin(gen, prepack=True)
+    weights = fast.decoder().weights
+    weights.refresh()
+    layers, head = weights.layers(3)
+    assert (head is None) == intel and (layers[0].fc2_p is None) == intel
+    seen = []
+    real = decode.DecodeWeights.layers
+    monkeypatch.setattr(
+        decode.DecodeWeights, "layers", lambda self, rows: seen.append(rows) or real(self, rows)
+    )
+    ref = twin(gen, fast=False)
+    for batch in (ids[:2], ids[:3], [ids[0]]):
+        want = ref.generate(batch, GREEDY, max_new_tokens=12)
+        assert fast.generate(batch, GREEDY, max_new_tokens=12) == want
+    assert {decode.row_class(r) for r in seen} >= {0 if intel else 1, 8}
+
+
 def test_prepack_refused_where_unavailable(gen):
     with _restored(gen.model) as model:
         model.to(torch.float16)

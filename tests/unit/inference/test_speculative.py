@@ -99,12 +99,19 @@ class ChainModel:
         self.nxt = torch.tensor(nxt)
         self.vocab = len(nxt)
         self.passes: list[int] = []
+        self.rows = 0  # rows in the "cache"
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.one_hot(self.nxt[ids.reshape(-1)], self.vocab).float()
 
     def new_cache(self, b, length, zeroed=False):
+        self.rows = b
         return None
+
+    def keep_rows(self, cache, rows):
+        assert rows.tolist() == sorted(set(rows.tolist())) and int(rows.max()) < self.rows
+        self.rows = rows.numel()
+        return cache
 
     def begin(self):
         pass
@@ -116,11 +123,13 @@ class ChainModel:
         return self.logits(last)
 
     def step(self, ids, position, cache, span=None):
+        assert ids.shape[0] == self.rows
         self.passes.append(ids.shape[0])
         return self.logits(ids)
 
     def verify(self, ids, start, cache, span, max_position):
         assert span > int(start.max()) + ids.shape[1] - 1  # every fed slot is readable
+        assert ids.shape[0] == start.shape[0] == self.rows
         self.passes.append(ids.numel())
         return self.logits(ids)
 
@@ -179,6 +188,21 @@ def test_loop_stops_at_stop_tokens_and_limits_mid_pass():
     assert out[1] == [0, 1, 2, 0] + chain(NEXT, 0, 7)[1:]  # exactly to its limit (11)
     assert out[2] == [7, 7, 7, 7, 7]
     assert done == [True, True, True]
+
+
+def test_finished_rows_leave_the_passes():
+    """Once a row reaches its limit or a stop token, later passes feed only the others: a
+    pass's cost grows with its rows, and the last rows' passes are often the widest."""
+    model = ChainModel(NEXT)
+    prompts = [[0, 1], [3, 4, 5, 6, 3], [7], [0, 1, 2]]
+    limits = [4, 30, 12, 6]
+    out, done, stats = run(model, prompts, limits, stop_ids=[2], k=3)
+    assert out == [[0, 1], [3, 4, 5, 6, 3] + chain(NEXT, 3, 25)[1:], [7] * 12, [0, 1, 2, 0, 1]]
+    assert all(done)
+    # Rows 0 and 3 stop at token 2 (row 0 at once), row 2 at its limit; row 1 ends alone.
+    assert model.rows == 1
+    assert model.passes[0] == 4 and model.passes[-1] <= 1 + 3  # one row, up to 3 guesses
+    assert stats["passes"] == len(model.passes)
 
 
 def test_text_that_does_not_repeat_takes_plain_steps():
