@@ -468,10 +468,16 @@ class FastDecoder:
         cache: DecodeCache,
         span: int,
         max_position: int,
+        counts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Feed ids [b, s] at per-row positions start[r] .. start[r]+s-1 -> local logits
         [b*s, V/tp], one row of logits per fed token (speculative decoding's check of s-1
         drafted tokens after each row's last accepted one).
+
+        ``counts`` [b] (optional): row r feeds only its first counts[r] tokens (the rest of
+        its row in ``ids`` is padding): the linears run on those tokens only and the logits
+        are theirs, row after row, [sum(counts), V/tp]. The padding's zero keys and values
+        land in slots past the row's fed ones, which no fed token reads.
 
         Each token attends to its row's cache slots up to its own position, so the logits of a
         row's first j tokens are those of feeding them one at a time, whatever follows: a
@@ -482,7 +488,14 @@ class FastDecoder:
         """
         b, s = ids.shape
         pos = start.unsqueeze(1) + torch.arange(s, device=ids.device)  # [b, s]
-        x = self._embed(ids, pos.clamp(max=max_position)).view(b * s, -1)  # [b*s, h]
+        packed = None
+        if counts is not None and int(counts.min()) < s:
+            real = (torch.arange(s, device=ids.device).unsqueeze(0) < counts.unsqueeze(1)).view(-1)
+            packed = real.nonzero().squeeze(1)  # [N]: row r's tokens at r*s .. r*s+counts[r]-1
+            fed_pos = pos.clamp(max=max_position).view(-1)[packed]
+            x = self._embed(ids.reshape(-1)[packed], fed_pos)  # [N, h]
+        else:
+            x = self._embed(ids, pos.clamp(max=max_position)).view(b * s, -1)  # [b*s, h]
         mask = (
             torch.arange(span, device=ids.device).view(1, 1, span) <= pos.unsqueeze(2)
         ).unsqueeze(1)  # [b, 1, s, span]
@@ -495,9 +508,9 @@ class FastDecoder:
                 q, keys[:, :, :span], values[:, :, :span], attn_mask=mask
             )
 
-        layers, head = self._params(b * s)
+        layers, head = self._params(b * s if packed is None else int(packed.numel()))
         for i, lw in enumerate(layers):
-            x = self._layer(lw, x, b, s, cache, i, attend)
+            x = self._layer(lw, x, b, s, cache, i, attend, packed)
         return self._logits(x, head)
 
     def greedy(self, local: torch.Tensor, vocab_size: int) -> torch.Tensor:

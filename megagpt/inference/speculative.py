@@ -12,16 +12,18 @@ weighs each row's running rate of kept guesses against what a pass of more rows 
 that does not repeat falls back to plain one-token steps.
 
 The output is the greedy output: each kept token is the argmax of the logits at its position
-given the kept tokens before it (the check computes those logits in one pass instead of one
-pass per token; attention only reads slots up to each token's position, so rejected guesses
-change nothing). Rows with no n-gram match in a batch where no row has one take a plain
-one-token step. Rows that finished leave the batch: in a batch whose rows finish at different
-passes, the last rows' passes (often the widest, as a row that keeps its guesses is fed more)
-would otherwise pay for every row.
+given the kept tokens before it (the check computes those logits in one pass instead of one pass
+per token; attention only reads slots up to each token's position, so rejected guesses change
+nothing). Rows with no n-gram match in a batch where no row has one take a plain one-token step.
+A check feeds each row only its own guesses (the linears skip the padding up to the pass's
+width; ``FastDecoder.verify``'s ``counts``). Rows that finished leave the batch: in a batch
+whose rows finish at different passes, the last rows' passes (often the widest, as a row that
+keeps its guesses is fed more) would otherwise pay for every row.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import torch
@@ -117,20 +119,27 @@ class Acceptance:
 
 
 def choose_width(
-    rates: list[float], offered: list[int], k: int, rows_per_step: float, least: int = 1
+    rates: list[float],
+    offered: list[int],
+    k: int,
+    rows_per_step: float,
+    least: int = 1,
+    ragged: bool = False,
 ) -> int:
     """Guesses to feed per row in the next pass (0: a plain step), the width with the most
     expected tokens per unit of cost. A row with acceptance rate ``a`` offering ``g`` guesses
     is expected to yield 1 + a + a^2 + ... + a^min(w, g) tokens from a pass of width ``w``; a
-    pass of r rows costs 1 + (r - 1) / rows_per_step. Widths below ``least`` are not
-    considered (except 0)."""
+    pass of r rows costs 1 + (r - 1) / rows_per_step, where r is b * (w + 1), or with
+    ``ragged`` (each row fed only its own guesses) the sum of 1 + min(w, g). Widths below
+    ``least`` are not considered (except 0)."""
     b = len(rates)
 
     def value(w: int) -> float:
         tokens = 0.0
         for a, g in zip(rates, offered):
             tokens += sum(a**j for j in range(min(w, g) + 1))
-        return tokens / (1 + (b * (w + 1) - 1) / rows_per_step)
+        rows = sum(1 + min(w, g) for g in offered) if ragged else b * (w + 1)
+        return tokens / (1 + (rows - 1) / rows_per_step)
 
     widths = [0, *range(max(1, least), k + 1)] if max(offered, default=0) else [0]
     return max(widths, key=value)
@@ -142,16 +151,21 @@ def plan_pass(
     k: int,
     rows_per_step: float,
     least: int = 1,
+    ragged: bool = False,
 ) -> tuple[int, list[list[int]]]:
     """(guesses per row for the next pass, each row's guesses cut to that width) for rows with
     a drafter (None: a row that does not speculate, e.g. one that samples: it offers no guess
     and counts as a row that keeps none). A plain pass (width 0) lets every estimate relax
-    towards its prior."""
+    towards its prior.
+
+    ``ragged``: the pass feeds each row only its own guesses, no padding to the width
+    (``FastDecoder.verify`` with ``counts``), and is priced so."""
     guesses = [d.propose(k) if d is not None else [] for d in drafters]
     width = 0
     if any(guesses):
         rates = [a.rate if a is not None else 0.0 for a in accepts]
-        width = choose_width(rates, [len(g) for g in guesses], k, rows_per_step, least)
+        offered = [len(g) for g in guesses]
+        width = choose_width(rates, offered, k, rows_per_step, least, ragged)
     if width == 0:
         for a in accepts:
             if a is not None:
@@ -236,7 +250,7 @@ def speculative_loop(
         last = [rows[i].ctx[-1] for i in live]
         least = min(k, MIN_GUESSES_ONE_ROW) if len(live) == 1 else 1
         width, guesses = plan_pass(
-            [rows[i] for i in live], [accept[i] for i in live], k, per_step, least
+            [rows[i] for i in live], [accept[i] for i in live], k, per_step, least, ragged=True
         )
         counts["passes"] += 1
         live_ends = [ends[i] for i in live]
@@ -250,7 +264,11 @@ def speculative_loop(
                 local = dec.step(ids, pos, cache, span=max(live_ends))
             chosen = dec.greedy(local, vocab_size).view(n, 1).tolist()
             continue
+        # Each row is fed its last token and its own guesses; the rest of its row is padding
+        # that the linears skip (verify's counts).
+        width = max(len(g) for g in guesses)
         fed = [[t, *g, *([t] * (width - len(g)))] for t, g in zip(last, guesses)]
+        sizes = [1 + len(g) for g in guesses]
         start = torch.tensor([e - 1 for e in live_ends], device=device)
         local = dec.verify(
             torch.tensor(fed, device=device),
@@ -258,8 +276,10 @@ def speculative_loop(
             cache,
             span=max(live_ends) + width,
             max_position=max_position,
+            counts=torch.tensor(sizes, device=device),
         )
-        model = dec.greedy(local, vocab_size).view(n, width + 1).tolist()  # [n, 1 + width]
+        flat = dec.greedy(local, vocab_size).tolist()  # one per fed token, row after row
+        model = [flat[a - m : a] for a, m in zip(itertools.accumulate(sizes), sizes)]
         counts["checks"] += 1
         chosen = []
         for j, i in enumerate(live):

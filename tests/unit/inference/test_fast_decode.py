@@ -266,6 +266,14 @@ def test_fast_cache_is_allocated_once_and_written_in_place(gen, ids, monkeypatch
     spare = speculate
     assert cache.max_length == max(len(p) for p in ids) + 12 + spare
     assert len(pointers) == 1
+    if speculate:  # rows that finish leave: at most one copy of the live rows per finished row
+        kept = []
+        real_keep = FastDecoder.keep_rows
+        monkeypatch.setattr(
+            FastDecoder, "keep_rows", staticmethod(lambda c, r: kept.append(r) or real_keep(c, r))
+        )
+        list(fast.steps(ids, GREEDY, [len(p) + n for p, n in zip(ids, (3, 12, 7, 12))]))
+        assert 1 <= len(kept) <= len(ids) - 1
 
 
 def test_a_ragged_prefill_runs_the_linears_on_real_tokens_only(gen, ids, monkeypatch):
@@ -292,3 +300,43 @@ def test_a_ragged_prefill_runs_the_linears_on_real_tokens_only(gen, ids, monkeyp
     for i, p in enumerate(ids):
         alone = dec.prefill(torch.tensor([p]), None, dec.new_cache(1, len(p)))
         torch.testing.assert_close(together[i], alone[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_ragged_check_feeds_each_row_its_own_tokens_only(gen, ids, monkeypatch):
+    """verify with counts: the linears see sum(counts) rows, not batch x width, and each fed
+    token's logits equal the padded check's at the same place (the padding's keys and values
+    land past every fed slot)."""
+    dec = gen.decoder()
+    lengths = [len(p) for p in ids]
+    b, width = len(ids), 4
+    tokens = torch.zeros(b, max(lengths), dtype=torch.long)
+    for i, p in enumerate(ids):
+        tokens[i, : len(p)] = torch.tensor(p)
+    fed = torch.tensor([[p[-1], *(p * width)[:width]] for p in ids])  # [b, 1 + width]
+    counts = torch.tensor([5, 1, 3, 2])
+    start = torch.tensor(lengths) - 1
+    span = max(lengths) + width
+
+    def check(ragged: bool) -> torch.Tensor:
+        dec.begin()
+        cache = dec.new_cache(b, span + 1, zeroed=True)
+        dec.prefill(tokens, torch.tensor(lengths), cache)
+        return dec.verify(
+            fed, start, cache, span=span, max_position=10_000, counts=counts if ragged else None
+        )
+
+    padded = check(False)  # [b * 5, V]
+    rows_seen: list[int] = []
+    real = FastDecoder._linear
+
+    def spy(x, *a, **kw):
+        rows_seen.append(x.shape[0])
+        return real(x, *a, **kw)
+
+    monkeypatch.setattr(FastDecoder, "_linear", staticmethod(spy))
+    ragged = check(True)
+    n = int(counts.sum())
+    assert ragged.shape == (n, padded.shape[1])
+    assert rows_seen[-1] == n and n in rows_seen[:-1]  # the check's layers and output layer
+    real_places = [r * (1 + width) + j for r, c in enumerate(counts.tolist()) for j in range(c)]
+    torch.testing.assert_close(ragged, padded[real_places], rtol=1e-4, atol=1e-4)

@@ -53,6 +53,16 @@ def test_width_weighs_kept_guesses_against_the_cost_of_more_rows():
     assert choose_width([0.3], [7], 7, 16, least=3) in (0, 3, 4, 5, 6, 7)
 
 
+def test_a_ragged_pass_is_priced_by_the_tokens_it_feeds():
+    """Fed without padding, rows that offer no guess add one token each, not 1 + width: one
+    good row among seven without guesses is worth checking then, and not when padded."""
+    rates, offered = [0.9] + [0.3] * 7, [7] + [0] * 7
+    assert choose_width(rates, offered, 7, 16) == 0
+    assert choose_width(rates, offered, 7, 16, ragged=True) == 7
+    rates, offered = [0.8, 0.8, 0.0, 0.0], [7, 7, 0, 0]
+    assert choose_width(rates, offered, 7, 16, ragged=True) > choose_width(rates, offered, 7, 16)
+
+
 def test_acceptance_estimate_follows_checks_and_relaxes_to_the_prior():
     a = Acceptance()
     for _ in range(6):
@@ -99,6 +109,7 @@ class ChainModel:
         self.nxt = torch.tensor(nxt)
         self.vocab = len(nxt)
         self.passes: list[int] = []
+        self.checks: list[tuple[int, int]] = []  # (tokens fed, rows x width of the grid)
         self.rows = 0  # rows in the "cache"
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
@@ -127,10 +138,15 @@ class ChainModel:
         self.passes.append(ids.shape[0])
         return self.logits(ids)
 
-    def verify(self, ids, start, cache, span, max_position):
+    def verify(self, ids, start, cache, span, max_position, counts=None):
         assert span > int(start.max()) + ids.shape[1] - 1  # every fed slot is readable
         assert ids.shape[0] == start.shape[0] == self.rows
+        grid = ids.numel()
+        if counts is not None:  # row r's first counts[r] tokens only, row after row
+            assert int(counts.max()) == ids.shape[1] and int(counts.min()) >= 1
+            ids = torch.cat([row[:n] for row, n in zip(ids, counts.tolist())])
         self.passes.append(ids.numel())
+        self.checks.append((ids.numel(), grid))
         return self.logits(ids)
 
     def greedy(self, local, vocab_size):
@@ -203,6 +219,19 @@ def test_finished_rows_leave_the_passes():
     assert model.rows == 1
     assert model.passes[0] == 4 and model.passes[-1] <= 1 + 3  # one row, up to 3 guesses
     assert stats["passes"] == len(model.passes)
+
+
+def test_a_check_feeds_each_row_only_its_own_guesses():
+    """A row that repeats itself next to one whose text does not: checking passes feed the
+    first its guesses and the second its last token alone, not padding up to the width."""
+    nxt = NEXT + [*range(9, 41), 8]  # 8 -> 9 -> ... -> 40 -> 8: nothing repeats for 33 tokens
+    model = ChainModel(nxt)
+    out, _, stats = run(model, [[7, 7, 7], [8]], [23, 13], k=4)
+    assert out == [[7] * 23, chain(nxt, 8, 12)]
+    assert stats["checks"] > 0
+    # Until row 0 finishes, each check feeds 1 + width and 1 tokens, on a grid of 2 x (1 + width).
+    mixed = [(fed, grid) for fed, grid in model.checks if grid % 2 == 0 and grid > 2]
+    assert mixed and all(fed == grid // 2 + 1 for fed, grid in mixed)
 
 
 def test_text_that_does_not_repeat_takes_plain_steps():
