@@ -26,6 +26,7 @@ the batch, and greedy rows give one-at-a-time ``TextGenerator`` tokens.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -114,8 +115,9 @@ class Executor:
       prompts go into rows ``row`` .. ``row + n - 1`` (in one pass on the fast path);
     - ``("decode", tokens, positions)`` -> logits [rows, V]; row r feeds ``tokens[r]`` at
       ``positions[r]``;
-    - ``("verify", fed, starts)`` -> logits [rows * s, V]; row r feeds the s tokens ``fed[r]``
-      from ``starts[r]`` on (fast path only: speculative decoding's check);
+    - ``("verify", fed, starts, counts)`` -> logits [sum(counts), V], row after row; row r
+      feeds the first ``counts[r]`` of the s tokens ``fed[r]`` (the rest is padding) from
+      ``starts[r]`` on (fast path only: speculative decoding's check);
     - ``("move", src, dst, length)``; ``("idle",)``; ``("stop",)``.
     """
 
@@ -198,7 +200,7 @@ class Executor:
                 positions,
             )
         if kind == "verify" and self.decoder is not None:
-            _, fed, starts = op
+            _, fed, starts, counts = op
             ids = torch.tensor(fed, dtype=torch.long, device=self.device)  # [rows, s]
             local = self.decoder.verify(
                 ids,
@@ -206,6 +208,7 @@ class Executor:
                 self._rows(0, len(fed)),
                 span=max(starts) + ids.shape[1],
                 max_position=self.max_length - 1,
+                counts=torch.tensor(counts, dtype=torch.long, device=self.device),
             )
             return self._full_logits(local)
         if kind == "move":
@@ -397,7 +400,7 @@ class Engine:
             logits = self._run(("decode", [s.last for s in rows], positions))
             new = [[t] for t in self._sample(logits, rows, [s.length for s in rows])]
         else:
-            new = self._check(rows, guesses, width, positions)
+            new = self._check(rows, guesses, positions)
         self.steps += 1
         self.max_rows_seen = max(self.max_rows_seen, len(rows))
         done = []
@@ -421,21 +424,28 @@ class Engine:
             self.speculate,
             self.rows_per_step,
             least,
+            ragged=True,
         )
 
     def _check(
-        self, rows: list[Sequence], guesses: list[list[int]], width: int, positions: list[int]
+        self, rows: list[Sequence], guesses: list[list[int]], positions: list[int]
     ) -> list[list[int]]:
-        """One pass feeding each row its last token and up to ``width`` guesses: a greedy row
-        keeps its guesses up to the first the model disagrees with, plus the model's token
-        there; a sampling row draws its one token from the logits at its last token."""
+        """One pass feeding each row its last token and its guesses (no padding goes through
+        the model): a greedy row keeps its guesses up to the first the
+        model disagrees with, plus the model's token there; a sampling row draws its one token
+        from the logits at its last token."""
+        width = max(len(g) for g in guesses)
         fed = [[s.last, *g, *([s.last] * (width - len(g)))] for s, g in zip(rows, guesses)]
-        logits = self._run(("verify", fed, positions))  # [rows * (1 + width), V]
-        choices = logits.argmax(dim=-1).view(len(rows), width + 1).tolist()
+        sizes = [1 + len(g) for g in guesses]
+        logits = self._run(("verify", fed, positions, sizes))  # [sum(sizes), V]
+        ends = list(itertools.accumulate(sizes))
+        flat = logits.argmax(dim=-1).tolist()
+        choices = [flat[e - n : e] for e, n in zip(ends, sizes)]
         sampling = [i for i, s in enumerate(rows) if s.drafter is None]
         drawn = {}
         if sampling:
-            first = logits.view(len(rows), width + 1, -1)[sampling, 0]  # [n, V]
+            firsts = torch.tensor([ends[i] - sizes[i] for i in sampling], device=logits.device)
+            first = logits[firsts]  # [n, V]: each sampling row's only fed token
             picked = [rows[i] for i in sampling]
             drawn = dict(zip(sampling, self._sample(first, picked, [s.length for s in picked])))
         new = []

@@ -233,7 +233,7 @@ def looping_pipe(tmp_path_factory):
     return pipeline("text-generation", model=model, device="cpu")
 
 
-def test_greedy_rows_check_guesses_and_keep_one_at_a_time_tokens(looping_pipe):
+def test_greedy_rows_check_guesses_and_keep_one_at_a_time_tokens(looping_pipe, monkeypatch):
     """With speculation on (the generator's default), greedy rows whose text repeats are fed
     n-gram guesses several per step: fewer steps than tokens, guesses kept, and token for token
     the output of one-at-a-time greedy decoding without speculation; a sampling row sharing
@@ -255,12 +255,26 @@ def test_greedy_rows_check_guesses_and_keep_one_at_a_time_tokens(looping_pipe):
     off, engine = _engine_tokens(plain, pipe.tokenizer, prompts, lengths, GREEDY)
     assert off == got and engine.spec_stats["checks"] == 0
 
-    # A sampling row decoded with greedy rows that speculate: its tokens are its own.
+    # A sampling row decoded with greedy rows that speculate: its tokens are its own, and
+    # the checks feed it its last token alone, not padding up to the greedy rows' width.
+    from megagpt.inference.decode import FastDecoder
+
     sampled = SamplingParams(temperature=0.8, top_k=20, top_p=0.95)
     alone, _ = _engine_tokens(gen, pipe.tokenizer, ["春眠不觉晓"], [30], sampled, seed=3)
+    checks = []
+    real_verify = FastDecoder.verify
+
+    def spy(self, ids, start, cache, span, max_position, counts=None):
+        checks.append((ids.shape, None if counts is None else counts.tolist()))
+        return real_verify(self, ids, start, cache, span, max_position, counts)
+
+    monkeypatch.setattr(FastDecoder, "verify", spy)
     jobs = [(p, 40, GREEDY, None) for p in prompts[:2]] + [("春眠不觉晓", 30, sampled, 3)]
     mixed, engine = _run_engine(gen, pipe.tokenizer, jobs)
     assert mixed[-1] == alone[0] and engine.spec_stats["checks"] > 0
+    assert checks and all(counts is not None for _, counts in checks)
+    with_sampling = [(shape, c) for shape, c in checks if shape[0] == 3]
+    assert with_sampling and all(c[2] == 1 < shape[1] for shape, c in with_sampling)
 
 
 @pytest.mark.parametrize("fast", [True, False])
