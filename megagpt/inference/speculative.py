@@ -119,27 +119,21 @@ class Acceptance:
 
 
 def choose_width(
-    rates: list[float],
-    offered: list[int],
-    k: int,
-    rows_per_step: float,
-    least: int = 1,
-    ragged: bool = False,
+    rates: list[float], offered: list[int], k: int, rows_per_step: float, least: int = 1
 ) -> int:
     """Guesses to feed per row in the next pass (0: a plain step), the width with the most
     expected tokens per unit of cost. A row with acceptance rate ``a`` offering ``g`` guesses
-    is expected to yield 1 + a + a^2 + ... + a^min(w, g) tokens from a pass of width ``w``; a
-    pass of r rows costs 1 + (r - 1) / rows_per_step, where r is b * (w + 1), or with
-    ``ragged`` (each row fed only its own guesses) the sum of 1 + min(w, g). Widths below
-    ``least`` are not considered (except 0)."""
-    b = len(rates)
+    is fed 1 + min(w, g) tokens by a pass of width ``w`` (no padding: ``FastDecoder.verify``'s
+    ``counts``) and is expected to yield 1 + a + a^2 + ... + a^min(w, g) tokens; a pass
+    feeding r tokens in all costs 1 + (r - 1) / rows_per_step. Widths below ``least`` are not
+    considered (except 0)."""
 
     def value(w: int) -> float:
         tokens = 0.0
         for a, g in zip(rates, offered):
             tokens += sum(a**j for j in range(min(w, g) + 1))
-        rows = sum(1 + min(w, g) for g in offered) if ragged else b * (w + 1)
-        return tokens / (1 + (rows - 1) / rows_per_step)
+        fed = sum(1 + min(w, g) for g in offered)
+        return tokens / (1 + (fed - 1) / rows_per_step)
 
     widths = [0, *range(max(1, least), k + 1)] if max(offered, default=0) else [0]
     return max(widths, key=value)
@@ -151,21 +145,17 @@ def plan_pass(
     k: int,
     rows_per_step: float,
     least: int = 1,
-    ragged: bool = False,
 ) -> tuple[int, list[list[int]]]:
     """(guesses per row for the next pass, each row's guesses cut to that width) for rows with
     a drafter (None: a row that does not speculate, e.g. one that samples: it offers no guess
     and counts as a row that keeps none). A plain pass (width 0) lets every estimate relax
-    towards its prior.
-
-    ``ragged``: the pass feeds each row only its own guesses, no padding to the width
-    (``FastDecoder.verify`` with ``counts``), and is priced so."""
+    towards its prior."""
     guesses = [d.propose(k) if d is not None else [] for d in drafters]
     width = 0
     if any(guesses):
         rates = [a.rate if a is not None else 0.0 for a in accepts]
         offered = [len(g) for g in guesses]
-        width = choose_width(rates, offered, k, rows_per_step, least, ragged)
+        width = choose_width(rates, offered, k, rows_per_step, least)
     if width == 0:
         for a in accepts:
             if a is not None:
@@ -250,7 +240,7 @@ def speculative_loop(
         last = [rows[i].ctx[-1] for i in live]
         least = min(k, MIN_GUESSES_ONE_ROW) if len(live) == 1 else 1
         width, guesses = plan_pass(
-            [rows[i] for i in live], [accept[i] for i in live], k, per_step, least, ragged=True
+            [rows[i] for i in live], [accept[i] for i in live], k, per_step, least
         )
         counts["passes"] += 1
         live_ends = [ends[i] for i in live]

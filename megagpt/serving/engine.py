@@ -424,7 +424,6 @@ class Engine:
             self.speculate,
             self.rows_per_step,
             least,
-            ragged=True,
         )
 
     def _check(

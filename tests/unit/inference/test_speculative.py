@@ -53,14 +53,14 @@ def test_width_weighs_kept_guesses_against_the_cost_of_more_rows():
     assert choose_width([0.3], [7], 7, 16, least=3) in (0, 3, 4, 5, 6, 7)
 
 
-def test_a_ragged_pass_is_priced_by_the_tokens_it_feeds():
-    """Fed without padding, rows that offer no guess add one token each, not 1 + width: one
-    good row among seven without guesses is worth checking then, and not when padded."""
-    rates, offered = [0.9] + [0.3] * 7, [7] + [0] * 7
-    assert choose_width(rates, offered, 7, 16) == 0
-    assert choose_width(rates, offered, 7, 16, ragged=True) == 7
-    rates, offered = [0.8, 0.8, 0.0, 0.0], [7, 7, 0, 0]
-    assert choose_width(rates, offered, 7, 16, ragged=True) > choose_width(rates, offered, 7, 16)
+def test_a_pass_is_priced_by_the_tokens_it_feeds():
+    """Rows that offer fewer guesses than the width (or none) are fed only theirs, so they add
+    1 + their guesses to a pass's cost, not 1 + width: one good row among seven without guesses
+    is worth checking (priced as padded to 8 x 8 tokens it would not be: width 0), and two good
+    rows beside two without guesses check wider than four good rows."""
+    assert choose_width([0.9] + [0.3] * 7, [7] + [0] * 7, 7, 16) == 7
+    assert choose_width([0.8, 0.8, 0.0, 0.0], [7, 7, 0, 0], 7, 16) == 5
+    assert choose_width([0.8] * 4, [7] * 4, 7, 16) == 4
 
 
 def test_acceptance_estimate_follows_checks_and_relaxes_to_the_prior():
