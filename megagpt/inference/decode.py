@@ -489,6 +489,13 @@ class FastDecoder:
         b, s = ids.shape
         pos = start.unsqueeze(1) + torch.arange(s, device=ids.device)  # [b, s]
         packed = None
+        if counts is not None and (
+            counts.shape != (b,) or int(counts.min()) < 1 or int(counts.max()) > s
+        ):
+            raise ValueError(
+                f"verify: counts must give 1..{s} fed tokens for each of the {b} rows "
+                f"(ids [{b}, {s}]); got {counts.tolist()}"
+            )
         if counts is not None and int(counts.min()) < s:
             real = (torch.arange(s, device=ids.device).unsqueeze(0) < counts.unsqueeze(1)).view(-1)
             packed = real.nonzero().squeeze(1)  # [N]: row r's tokens at r*s .. r*s+counts[r]-1

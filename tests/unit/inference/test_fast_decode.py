@@ -340,3 +340,7 @@ def test_a_ragged_check_feeds_each_row_its_own_tokens_only(gen, ids, monkeypatch
     assert rows_seen[-1] == n and n in rows_seen[:-1]  # the check's layers and output layer
     real_places = [r * (1 + width) + j for r, c in enumerate(counts.tolist()) for j in range(c)]
     torch.testing.assert_close(ragged, padded[real_places], rtol=1e-4, atol=1e-4)
+    cache = dec.new_cache(b, span + 1, zeroed=True)
+    for bad in ([5, 1, 0, 2], [5, 1, 6, 2], [5, 1, 3]):
+        with pytest.raises(ValueError, match=r"counts must give 1\.\.5 fed tokens"):
+            dec.verify(fed, start, cache, span=span, max_position=10_000, counts=torch.tensor(bad))
