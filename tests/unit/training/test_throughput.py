@@ -88,18 +88,21 @@ def test_unknown_gpu_is_reported_once_with_what_to_set(monkeypatch):
     assert len(lines) == 1  # CPU: no MFU and nothing to say
 
 
-def test_tf32_decision_and_flags(monkeypatch):
+def test_tf32_decision_and_flags():
     assert uses_tf32("cuda", True) and not uses_tf32("cuda", False)
     assert not uses_tf32("cpu", True)
-    # The flags themselves can be set without a GPU; restore them afterwards.
-    monkeypatch.setattr(
-        torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32
-    )
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
-    assert configure_matmul_precision(torch.device("cuda", 0), True) is True
-    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-    assert configure_matmul_precision(torch.device("cuda", 0), False) is False
-    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    # The flags themselves can be set without a GPU; restore them afterwards. By hand, not
+    # with monkeypatch: cuda.matmul's flags live behind __getattr__, and pytest >= 9.2's
+    # monkeypatch takes them for absent attributes and deletes them at teardown.
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        assert configure_matmul_precision(torch.device("cuda", 0), True) is True
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert configure_matmul_precision(torch.device("cuda", 0), False) is False
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = cudnn
     assert Config().train.tf32 is True
 
 
