@@ -43,10 +43,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megagpt.inference import rowgemm
 from megagpt.model.matmul import cpu_vendor
 
+KERNEL = -1  # row_class of passes through our kernel (rowgemm)
+KERNEL_MAX_ROWS = 64  # the most rows a pass sends through it on an Intel CPU (row_class)
 SMALL_ROWS = 2  # passes of at most this many rows use the one-row set (not on Intel: row_class)
 _PROBE_STRIDE = 97  # rows of a weight compared to detect updates made through .data
+
+
+# A weight as a pass multiplies by it: a oneDNN pack, an [in, out] copy, or our kernel's pack.
+Pack = torch.Tensor | rowgemm.RowPack
 
 
 def prepack_available(weight: torch.Tensor) -> bool:
@@ -74,14 +81,19 @@ def one_row_copy(index: int, count: int) -> bool:
 def row_class(rows: int) -> int:
     """The weights a pass of ``rows`` rows multiplies by: 1, the one-row set (``one_row_copy``);
     0, the model's own ``[out, in]`` weights through ``F.linear``; 8, oneDNN packs made for 8
-    rows. Measured per CPU vendor (fp32, gpt3-base's 48 linears, torch 2.13, 2 threads). On an
-    Intel Xeon (Emerald Rapids): 2-3 rows 13.7-16.9 ms through ``F.linear``, 16.8-21.7 through
-    the packs and 22-25 through the one-row copies; from 4 rows the packs (4 rows 18-19 ms,
-    ``F.linear`` 22-24; 8 rows 21-22 against 30-36). On an AMD EPYC (Zen 4) the one-row set up
-    to ``SMALL_ROWS`` and the packs above; other CPUs keep the AMD choice, measured first."""
-    if rows <= 1:
-        return 1
+    rows; ``KERNEL``, our kernel's packs (``rowgemm``). Measured per CPU vendor (fp32,
+    gpt3-base's 49 linears, torch 2.13, 2 threads; ``bench/decode_linears.py``). On an Intel
+    Xeon (Emerald Rapids), where the kernel builds: it for 1-64 rows (1 row 16.1 ms, as fast as
+    ``F.linear``; 8 rows 19.1 against 28.1 through oneDNN's packs and 41.5 through
+    ``F.linear``; 64 rows 64.5 against 66.4), the packs above (128 rows 106 ms against 112).
+    Without it: 2-3 rows through ``F.linear`` (13.7-16.9 ms, the packs 16.8-21.7), from 4 rows
+    the packs. On an AMD EPYC (Zen 4) the one-row set up to ``SMALL_ROWS`` and the packs above
+    (the kernel is not measured there); other CPUs keep the AMD choice, measured first."""
     if cpu_vendor() == "GenuineIntel":
+        if rows <= KERNEL_MAX_ROWS and rowgemm.available():
+            return KERNEL
+        if rows <= 1:
+            return 1
         return 0 if rows <= 3 else 8
     return 1 if rows <= SMALL_ROWS else 8
 
@@ -105,10 +117,10 @@ class _Layer:
     fc1_b: torch.Tensor
     fc2_w: torch.Tensor
     fc2_b: torch.Tensor
-    qkv_p: torch.Tensor | None = None
-    dense_p: torch.Tensor | None = None
-    fc1_p: torch.Tensor | None = None
-    fc2_p: torch.Tensor | None = None
+    qkv_p: Pack | None = None
+    dense_p: Pack | None = None
+    fc1_p: Pack | None = None
+    fc2_p: Pack | None = None
 
 
 def _source_layer(layer: torch.nn.Module) -> _Layer:
@@ -139,7 +151,7 @@ class DecodeWeights:
         self.prepack = prepack
         self._stamp: tuple | None = None
         self._probes: list[torch.Tensor] = []
-        self._packs: dict[int, list[torch.Tensor]] = {}  # pack rows -> packed _sources()
+        self._packs: dict[int, list[Pack]] = {}  # pack rows -> packed _sources()
 
     def _sources(self) -> list[torch.Tensor]:
         return [
@@ -176,7 +188,7 @@ class DecodeWeights:
         """Free the packs; the next pass rebuilds what it needs."""
         self._stamp, self._probes, self._packs = None, [], {}
 
-    def layers(self, rows: int) -> tuple[list[_Layer], torch.Tensor | None]:
+    def layers(self, rows: int) -> tuple[list[_Layer], Pack | None]:
         """(per-layer parameters, packed output layer or None) for passes of ``rows`` rows.
         Call ``refresh`` first (once per generate call)."""
         out = [_source_layer(layer) for layer in self.model.layers]
@@ -187,7 +199,9 @@ class DecodeWeights:
             sources = self._sources()
             with torch.no_grad():
                 self._packs[key] = [
-                    w.detach().t().contiguous()
+                    rowgemm.pack(w)
+                    if key == KERNEL
+                    else w.detach().t().contiguous()
                     if key == 1 and one_row_copy(i, len(sources))
                     else _pack(w, key)
                     for i, w in enumerate(sources)
@@ -246,7 +260,7 @@ class FastDecoder:
                 f"model is {weight.dtype} on {weight.device}"
             )
         self.weights = DecodeWeights(model, prepack)
-        self._plan: dict[int, tuple[list[_Layer], torch.Tensor | None]] = {}
+        self._plan: dict[int, tuple[list[_Layer], Pack | None]] = {}
         emb = model.word.word_embeddings
         self.vocab_start = int(getattr(emb, "vocab_start_index", 0))
 
@@ -276,12 +290,15 @@ class FastDecoder:
         x: torch.Tensor,
         w: torch.Tensor,
         b: torch.Tensor | None,
-        packed: torch.Tensor | None,
+        packed: Pack | None,
         gelu: str | None = None,
     ) -> torch.Tensor:
         """x [n, in] -> x @ w.T + b, then GELU with approximation ``gelu`` ("none" is the erf
         GELU; None: no activation), through the oneDNN pack when there is one (bias and GELU
         fused into the matmul)."""
+        if isinstance(packed, rowgemm.RowPack):
+            y = rowgemm.linear(x, packed, b)
+            return y if gelu is None else F.gelu(y, approximate=gelu)
         if packed is None or not packed.is_mkldnn:
             if packed is None:
                 y = F.linear(x, w, b)
@@ -298,13 +315,15 @@ class FastDecoder:
         y: torch.Tensor,
         w: torch.Tensor,
         b: torch.Tensor,
-        packed: torch.Tensor | None,
+        packed: Pack | None,
     ) -> torch.Tensor:
         """x + (y @ w.T + b) for a row-parallel linear: the bias joins after the sum over the
         TP group; at TP=1 with a pack, the residual add is fused into the matmul."""
         if self.tp_size > 1:
             return x.add_(self._all_reduce(self._linear(y, w, None, packed)) + b)
-        if packed is None or not packed.is_mkldnn:
+        if isinstance(packed, rowgemm.RowPack) and x.is_contiguous():
+            return rowgemm.linear(y, packed, b, out=x)
+        if packed is None or not isinstance(packed, torch.Tensor) or not packed.is_mkldnn:
             return x.add_(self._linear(y, w, b, packed))
         return torch.ops.mkldnn._linear_pointwise.binary(y, x, packed, b, "add")
 
@@ -343,14 +362,14 @@ class FastDecoder:
         f = self._linear(a, lw.fc1_w, lw.fc1_b, lw.fc1_p, self.approximate)  # [b*s, 4h/tp]
         return self._residual_linear(x, f, lw.fc2_w, lw.fc2_b, lw.fc2_p)
 
-    def _logits(self, x: torch.Tensor, head: torch.Tensor | None) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor, head: Pack | None) -> torch.Tensor:
         """Hidden [b, h] -> this rank's vocab-parallel logits [b, V_padded/tp] (through the
         [h, V/tp] copy ``head`` when there is one)."""
         norm = self.model.final_norm.final_layernorm
         x = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
         return self._linear(x, self.model.word.word_embeddings.weight, None, head)
 
-    def _params(self, rows: int) -> tuple[list[_Layer], torch.Tensor | None]:
+    def _params(self, rows: int) -> tuple[list[_Layer], Pack | None]:
         """(layers, packed output layer) for a pass of ``rows`` rows, fixed per call."""
         key = row_class(rows)
         if key not in self._plan:

@@ -170,8 +170,9 @@ def test_packs_are_reused_while_the_weights_do_not_change(gen, ids, monkeypatch)
     if not prepack_available(gen.model.word.word_embeddings.weight):
         pytest.skip("oneDNN prepacked linear not available")
     calls = []
-    real = decode._pack
+    real, real_kernel = decode._pack, decode.rowgemm.pack
     monkeypatch.setattr(decode, "_pack", lambda w, rows: calls.append(rows) or real(w, rows))
+    monkeypatch.setattr(decode.rowgemm, "pack", lambda w: calls.append(0) or real_kernel(w))
     fast = twin(gen, prepack=True)
     fast.generate([ids[0]], GREEDY, max_new_tokens=4)
     built = len(calls)
@@ -181,14 +182,15 @@ def test_packs_are_reused_while_the_weights_do_not_change(gen, ids, monkeypatch)
 
 @pytest.mark.parametrize("vendor", ["AuthenticAMD", "GenuineIntel"])
 def test_one_row_steps_read_the_layout_measured_fastest_for_the_cpu(gen, ids, monkeypatch, vendor):
-    """One-row passes: [in, out] copies for QKV, attention output and fc1 and oneDNN packs for
-    fc2 and the output layer on an AMD CPU, copies for every linear on an Intel one; both give
-    the reference loop's tokens."""
-    from megagpt.inference import decode
+    """One-row passes (where our kernel is not built): [in, out] copies for QKV, attention
+    output and fc1 and oneDNN packs for fc2 and the output layer on an AMD CPU, copies for
+    every linear on an Intel one; both give the reference loop's tokens."""
+    from megagpt.inference import decode, rowgemm
 
     if not prepack_available(gen.model.word.word_embeddings.weight):
         pytest.skip("oneDNN prepacked linear not available")
     monkeypatch.setattr(decode, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(rowgemm, "available", lambda: False)
     fast = twin(gen, prepack=True)
     weights = fast.decoder().weights
     weights.refresh()
@@ -208,14 +210,16 @@ def test_one_row_steps_read_the_layout_measured_fastest_for_the_cpu(gen, ids, mo
 def test_passes_of_few_rows_take_the_weights_measured_fastest_for_the_cpu(
     gen, ids, monkeypatch, vendor
 ):
-    """2-3 rows: the one-row set (2 rows) or the 8-row packs (3) on an AMD CPU; the model's own
-    weights through F.linear on an Intel one. Every class gives the reference loop's tokens,
-    with the passes of each size (2 and 3 prompts, then one row checking 3 guesses) run."""
-    from megagpt.inference import decode
+    """Where our kernel is not built: 2-3 rows through the one-row set (2 rows) or the 8-row
+    packs (3) on an AMD CPU; the model's own weights through F.linear on an Intel one. Every
+    class gives the reference loop's tokens, with the passes of each size (2 and 3 prompts,
+    then one row checking 3 guesses) run."""
+    from megagpt.inference import decode, rowgemm
 
     if not prepack_available(gen.model.word.word_embeddings.weight):
         pytest.skip("oneDNN prepacked linear not available")
     monkeypatch.setattr(decode, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(rowgemm, "available", lambda: False)
     intel = vendor == "GenuineIntel"
     assert [decode.row_class(r) for r in (1, 2, 3, 4, 8, 64)] == (
         [1, 0, 0, 8, 8, 8] if intel else [1, 1, 8, 8, 8, 8]
@@ -235,6 +239,45 @@ def test_passes_of_few_rows_take_the_weights_measured_fastest_for_the_cpu(
         want = ref.generate(batch, GREEDY, max_new_tokens=12)
         assert fast.generate(batch, GREEDY, max_new_tokens=12) == want
     assert {decode.row_class(r) for r in seen} >= {0 if intel else 1, 8}
+
+
+@pytest.mark.parametrize("vendor", ["AuthenticAMD", "GenuineIntel"])
+def test_passes_up_to_64_rows_take_our_kernel_on_intel(gen, ids, monkeypatch, vendor):
+    """On an Intel CPU where it builds, every pass of 1-64 rows multiplies through our kernel
+    (one copy of the weights for all of them), larger ones through the 8-row oneDNN packs; an
+    AMD CPU keeps its measured choice. The kernel's passes (one prompt, a ragged batch,
+    speculation's checks) give the reference loop's tokens."""
+    from megagpt.inference import decode, rowgemm
+
+    if not prepack_available(gen.model.word.word_embeddings.weight) or not rowgemm.available():
+        pytest.skip("oneDNN or rowgemm not available")
+    monkeypatch.setattr(decode, "cpu_vendor", lambda: vendor)
+    intel = vendor == "GenuineIntel"
+    k = decode.KERNEL
+    assert [decode.row_class(r) for r in (1, 2, 3, 4, 8, 64, 65)] == (
+        [k, k, k, k, k, k, 8] if intel else [1, 1, 8, 8, 8, 8, 8]
+    )
+    if not intel:
+        return
+    fast = twin(gen, prepack=True)
+    weights = fast.decoder().weights
+    weights.refresh()
+    layers, head = weights.layers(5)
+    assert all(
+        isinstance(p, rowgemm.RowPack)
+        for lw in layers
+        for p in (lw.qkv_p, lw.dense_p, lw.fc1_p, lw.fc2_p, head)
+    )
+    calls = []
+    real = rowgemm.linear
+    monkeypatch.setattr(
+        rowgemm, "linear", lambda x, *a, **kw: calls.append(len(x)) or real(x, *a, **kw)
+    )
+    ref = twin(gen, fast=False)
+    for batch in ([ids[1]], ids, [ids[0] * 3]):  # the last one speculates
+        want = ref.generate(batch, GREEDY, max_new_tokens=12)
+        assert fast.generate(batch, GREEDY, max_new_tokens=12) == want
+    assert calls and max(calls) > 1
 
 
 def test_prepack_refused_where_unavailable(gen):

@@ -1,0 +1,188 @@
+"""Our few-row fp32 linear for CPU decoding (``kernels/rowgemm.c``), built on first use.
+
+Decode steps and speculative checks multiply 4-64 rows by every weight of the model; the
+kernels torch offers for such shapes stream the weights well below the memory's speed (module
+doc of ``kernels/rowgemm.c``; figures in BENCHMARKS-generate.md). ``pack`` copies an ``[out,
+in]`` weight once into the kernel's column blocks; ``linear`` multiplies by it, the bias and an
+optional residual add fused.
+
+The C file is compiled with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) and
+``-O3 -march=native -fopenmp`` into ``$MEGAGPT_KERNEL_CACHE`` (default
+``~/.cache/megagpt/kernels``), once per source, compiler and CPU; a build takes about a second.
+Where there is no compiler, the build fails, or the CPU has no AVX-512 (the kernel keeps 8 rows
+x 48 columns in 24 of AVX-512's 32 vector registers), ``available()`` is False and the decoder
+keeps oneDNN's packs; ``unavailable_reason()`` says why. ``MEGAGPT_ROWGEMM=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SOURCE = Path(__file__).with_name("kernels") / "rowgemm.c"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+BLOCK = 48  # the kernel's column block (NB in rowgemm.c)
+
+_state: dict[str, object] = {}  # "lib": the loaded library or None, "why": the reason if None
+
+
+def _cpu_signature() -> str:
+    """The CPU model and flags (``-march=native`` builds for them), or "" where unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return ""
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def library_path(cc: str) -> Path:
+    """Where the library built by compiler ``cc`` for this source and CPU lives."""
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + " ".join((cc, *FLAGS)).encode() + _cpu_signature().encode()
+    ).hexdigest()[:16]
+    cache = os.environ.get("MEGAGPT_KERNEL_CACHE") or Path.home() / ".cache" / "megagpt" / "kernels"
+    return Path(cache) / f"rowgemm-{key}.so"
+
+
+def _compile(cc: str, target: Path) -> str:
+    """Build ``target``; "" or what went wrong."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # a private name, then an atomic rename: processes building at once never load a
+        # half-written library
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        run = subprocess.run(
+            [cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120
+        )
+        if run.returncode != 0:
+            os.unlink(tmp)
+            return f"{cc} failed on {SOURCE}: {run.stderr.strip()[-500:]}"
+        os.replace(tmp, target)
+        return ""
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"could not build {target}: {e}"
+
+
+def _build() -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get("MEGAGPT_ROWGEMM", "1") == "0":
+        return None, "turned off by MEGAGPT_ROWGEMM=0"
+    cc = _compiler()
+    if cc is None:
+        return None, "no C compiler found ($CC, cc, gcc, clang)"
+    target = library_path(cc)
+    if not target.exists():
+        why = _compile(cc, target)
+        if why:
+            return None, why
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError:  # a damaged file in the cache (a full disk, a killed copy): build it again
+        why = _compile(cc, target)
+        if why:
+            return None, why
+        try:
+            lib = ctypes.CDLL(str(target))
+        except OSError as e:
+            return None, f"could not load {target}: {e}"
+    if lib.rowgemm_vector_floats() != 16:
+        return None, "this CPU has no AVX-512 (the kernel's 8 x 48 tile needs 32 registers)"
+    p, i, long_ = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+    lib.rowgemm.argtypes = [p, long_, p, p, p, long_, i, i, i, i, i]
+    lib.rowgemm.restype = None
+    assert lib.rowgemm_block() == BLOCK
+    return lib, ""
+
+
+def _library() -> ctypes.CDLL | None:
+    if "lib" not in _state:
+        _state["lib"], _state["why"] = _build()
+    return _state["lib"]  # type: ignore[return-value]
+
+
+def available() -> bool:
+    """Whether the kernel is built and usable on this machine (builds it on first call)."""
+    return _library() is not None
+
+
+def unavailable_reason() -> str:
+    """Why ``available()`` is False ("" when it is True)."""
+    _library()
+    return str(_state["why"])
+
+
+@dataclass
+class RowPack:
+    """A weight [out, in] packed for ``linear``: ``blocks`` [ceil(out/48), in, 48], zero past
+    ``out``."""
+
+    blocks: torch.Tensor
+    out_features: int
+    in_features: int
+
+
+def pack(weight: torch.Tensor) -> RowPack:
+    """[out, in] fp32 CPU weight -> its ``RowPack`` (a copy; the weight is not kept)."""
+    n, k = weight.shape
+    padded = F.pad(weight.detach(), (0, 0, 0, -n % BLOCK))  # [ceil(n/48)*48, k]
+    blocks = padded.view(-1, BLOCK, k).transpose(1, 2).contiguous()  # [nb, k, 48]
+    return RowPack(blocks, n, k)
+
+
+def linear(
+    x: torch.Tensor,
+    packed: RowPack,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x [M, in] -> x @ W.T + bias [M, out]; with ``out`` [M, out] (contiguous rows), ``out +=
+    x @ W.T + bias`` in place and returns ``out`` (a residual add)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"rowgemm is not available: {unavailable_reason()}")
+    if x.dim() != 2 or x.shape[1] != packed.in_features:
+        raise ValueError(
+            f"rowgemm: x {tuple(x.shape)} for a [{packed.out_features}, "
+            f"{packed.in_features}] weight"
+        )
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    m = x.shape[0]
+    accumulate = out is not None
+    if out is None:
+        out = torch.empty(m, packed.out_features, dtype=x.dtype)
+    elif out.shape != (m, packed.out_features) or out.stride(1) != 1:
+        raise ValueError(f"rowgemm: out {tuple(out.shape)} for x {tuple(x.shape)}")
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
+    lib.rowgemm(
+        x.data_ptr(),
+        x.stride(0),
+        packed.blocks.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        out.data_ptr(),
+        out.stride(0),
+        m,
+        packed.out_features,
+        packed.in_features,
+        int(accumulate),
+        torch.get_num_threads(),
+    )
+    return out
