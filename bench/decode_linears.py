@@ -5,7 +5,7 @@ per layer, then the output layer), as ``FastDecoder`` runs them, for each way of
 
 - ``linear``: ``F.linear`` on the model's own ``[out, in]`` weights (MKL);
 - ``onednn``: oneDNN's packs made for 8 rows (``_linear_pointwise``);
-- ``rowgemm``: our kernel (``megagpt/inference/kernels/rowgemm.c``), where it builds.
+- ``ours``: our kernel (``megagpt/inference/kernels/cpu_decode.c``), where it builds.
 
 The layouts alternate within each round (the machine's phases hit all alike); medians over the
 rounds, and the implied weight streaming rate. Example:
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megagpt.config import from_name  # noqa: E402
-from megagpt.inference import rowgemm  # noqa: E402
+from megagpt.inference import cpu_kernels  # noqa: E402
 
 
 def main() -> None:
@@ -51,10 +51,10 @@ def main() -> None:
         "linear": None,
         "onednn": [torch.ops.mkldnn._reorder_linear_weight(w, 8) for w in weights],
     }
-    if rowgemm.available():
-        layouts["rowgemm"] = [rowgemm.pack(w) for w in weights]
+    if cpu_kernels.available():
+        layouts["ours"] = [cpu_kernels.pack(w) for w in weights]
     else:
-        print(f"rowgemm: not available ({rowgemm.unavailable_reason()})")
+        print(f"cpu kernels: not available ({cpu_kernels.unavailable_reason()})")
 
     def run(name: str, m: int, inputs: dict[int, torch.Tensor]) -> None:
         packs = layouts[name]
@@ -65,7 +65,7 @@ def main() -> None:
             elif name == "onednn":
                 torch.ops.mkldnn._linear_pointwise.default(x, packs[i], b, "none", [], "")
             else:
-                rowgemm.linear(x, packs[i], b)
+                cpu_kernels.linear(x, packs[i], b)
 
     print(
         f"{args.size}: {len(weights)} linears, {nbytes / 1e6:.0f} MB of fp32 weights, "

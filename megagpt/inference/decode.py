@@ -43,17 +43,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from megagpt.inference import rowgemm
+from megagpt.inference import cpu_kernels
 from megagpt.model.matmul import cpu_vendor
 
-KERNEL = -1  # row_class of passes through our kernel (rowgemm)
+KERNEL = -1  # row_class of passes through our kernels (cpu_kernels)
 KERNEL_MAX_ROWS = 64  # the most rows a pass sends through it on an Intel CPU (row_class)
 SMALL_ROWS = 2  # passes of at most this many rows use the one-row set (not on Intel: row_class)
 _PROBE_STRIDE = 97  # rows of a weight compared to detect updates made through .data
 
 
 # A weight as a pass multiplies by it: a oneDNN pack, an [in, out] copy, or our kernel's pack.
-Pack = torch.Tensor | rowgemm.RowPack
+Pack = torch.Tensor | cpu_kernels.RowPack
 
 
 def prepack_available(weight: torch.Tensor) -> bool:
@@ -81,7 +81,7 @@ def one_row_copy(index: int, count: int) -> bool:
 def row_class(rows: int) -> int:
     """The weights a pass of ``rows`` rows multiplies by: 1, the one-row set (``one_row_copy``);
     0, the model's own ``[out, in]`` weights through ``F.linear``; 8, oneDNN packs made for 8
-    rows; ``KERNEL``, our kernel's packs (``rowgemm``). Measured per CPU vendor (fp32,
+    rows; ``KERNEL``, our kernels' packs (``cpu_kernels``). Measured per CPU vendor (fp32,
     gpt3-base's 49 linears, torch 2.13, 2 threads; ``bench/decode_linears.py``). On an Intel
     Xeon (Emerald Rapids), where the kernel builds: it for 1-64 rows (1 row 16.1 ms, as fast as
     ``F.linear``; 8 rows 19.1 against 28.1 through oneDNN's packs and 41.5 through
@@ -90,7 +90,7 @@ def row_class(rows: int) -> int:
     the packs. On an AMD EPYC (Zen 4) the one-row set up to ``SMALL_ROWS`` and the packs above
     (the kernel is not measured there); other CPUs keep the AMD choice, measured first."""
     if cpu_vendor() == "GenuineIntel":
-        if rows <= KERNEL_MAX_ROWS and rowgemm.available():
+        if rows <= KERNEL_MAX_ROWS and cpu_kernels.available():
             return KERNEL
         if rows <= 1:
             return 1
@@ -199,7 +199,7 @@ class DecodeWeights:
             sources = self._sources()
             with torch.no_grad():
                 self._packs[key] = [
-                    rowgemm.pack(w)
+                    cpu_kernels.pack(w)
                     if key == KERNEL
                     else w.detach().t().contiguous()
                     if key == 1 and one_row_copy(i, len(sources))
@@ -296,9 +296,8 @@ class FastDecoder:
         """x [n, in] -> x @ w.T + b, then GELU with approximation ``gelu`` ("none" is the erf
         GELU; None: no activation), through the oneDNN pack when there is one (bias and GELU
         fused into the matmul)."""
-        if isinstance(packed, rowgemm.RowPack):
-            y = rowgemm.linear(x, packed, b)
-            return y if gelu is None else F.gelu(y, approximate=gelu)
+        if isinstance(packed, cpu_kernels.RowPack):
+            return cpu_kernels.linear(x, packed, b, gelu=gelu)
         if packed is None or not packed.is_mkldnn:
             if packed is None:
                 y = F.linear(x, w, b)
@@ -321,8 +320,8 @@ class FastDecoder:
         TP group; at TP=1 with a pack, the residual add is fused into the matmul."""
         if self.tp_size > 1:
             return x.add_(self._all_reduce(self._linear(y, w, None, packed)) + b)
-        if isinstance(packed, rowgemm.RowPack) and x.is_contiguous():
-            return rowgemm.linear(y, packed, b, out=x)
+        if isinstance(packed, cpu_kernels.RowPack) and x.is_contiguous():
+            return cpu_kernels.linear(y, packed, b, out=x)
         if packed is None or not isinstance(packed, torch.Tensor) or not packed.is_mkldnn:
             return x.add_(self._linear(y, w, b, packed))
         return torch.ops.mkldnn._linear_pointwise.binary(y, x, packed, b, "add")
@@ -337,24 +336,32 @@ class FastDecoder:
         i: int,
         attend,
         packed: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One pre-LN block on x [b*s, h] (in place); ``attend(q, k, v, keys, values)`` stores
         k, v [b, nh, s, hd] in the layer's cache and returns the context [b, nh, s, hd].
 
         ``packed`` (ragged prompts): x holds only the real tokens, [N, h], and ``packed`` [N]
         their places in the [b*s] grid; the linears run on the N rows, the attention on the
-        grid (padding zero, never attended to by a real token: prompts are right-padded)."""
+        grid (padding zero, never attended to by a real token: prompts are right-padded).
+
+        ``slots`` [b*s] (passes through our kernels): each token's cache slot; the attention
+        is then ``cpu_kernels.attend`` (``attend`` unused), same semantics: a token sees its
+        row's slots up to its own."""
         a = F.layer_norm(x, lw.ln1.normalized_shape, lw.ln1.weight, lw.ln1.bias, lw.ln1.eps)
         qkv = self._linear(a, lw.qkv_w, lw.qkv_b, lw.qkv_p)  # [b*s, 3h/tp], q|k|v per head
         if packed is not None:  # [N, 3h/tp] -> the [b*s, 3h/tp] grid
             grid = qkv.new_zeros(b * s, qkv.shape[1])
             grid[packed] = qkv
             qkv = grid
-        # [b*s, 3h/tp] -> [b, s, nh, 3hd] -> [b, nh, s, 3hd]
-        qkv = qkv.view(b, s, self.heads, 3 * self.head_dim).transpose(1, 2)
-        q, k, v = qkv.split(self.head_dim, dim=-1)  # 3 x [b, nh, s, hd]
-        ctx = attend(q, k, v, cache.keys[i], cache.values[i])  # [b, nh, s, hd]
-        ctx = ctx.transpose(1, 2).reshape(b * s, self.heads * self.head_dim)  # -> [b*s, h/tp]
+        if slots is not None:  # [b*s, 3h/tp] -> [b*s, h/tp]
+            ctx = cpu_kernels.attend(qkv, slots, cache.keys[i], cache.values[i], b)
+        else:
+            # [b*s, 3h/tp] -> [b, s, nh, 3hd] -> [b, nh, s, 3hd]
+            qkv = qkv.view(b, s, self.heads, 3 * self.head_dim).transpose(1, 2)
+            q, k, v = qkv.split(self.head_dim, dim=-1)  # 3 x [b, nh, s, hd]
+            ctx = attend(q, k, v, cache.keys[i], cache.values[i])  # [b, nh, s, hd]
+            ctx = ctx.transpose(1, 2).reshape(b * s, self.heads * self.head_dim)  # [b*s, h/tp]
         if packed is not None:
             ctx = ctx[packed]  # the real tokens' rows, [N, h/tp]
         x = self._residual_linear(x, ctx, lw.dense_w, lw.dense_b, lw.dense_p)
@@ -368,6 +375,20 @@ class FastDecoder:
         norm = self.model.final_norm.final_layernorm
         x = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
         return self._linear(x, self.model.word.word_embeddings.weight, None, head)
+
+    def _kernel_slots(self, rows: int, slots: torch.Tensor, cache: DecodeCache):
+        """``slots`` (int64 [tokens]) when a pass of ``rows`` linear rows attends through
+        ``cpu_kernels.attend`` (it multiplies through our kernels and the head size is a
+        multiple of 16, at most 256), else None (torch's attention)."""
+        if (
+            self.weights.prepack
+            and row_class(rows) == KERNEL
+            and self.head_dim % 16 == 0
+            and self.head_dim <= 256
+            and cache.keys[0].is_contiguous()
+        ):
+            return slots.to(torch.int64).contiguous()
+        return None
 
     def _params(self, rows: int) -> tuple[list[_Layer], Pack | None]:
         """(layers, packed output layer) for a pass of ``rows`` rows, fixed per call."""
@@ -475,8 +496,13 @@ class FastDecoder:
                 )
 
         layers, head = self._params(b)
+        slots = self._kernel_slots(
+            b,
+            torch.full((b,), position) if isinstance(position, int) else position,
+            cache,
+        )
         for i, lw in enumerate(layers):
-            x = self._layer(lw, x, b, 1, cache, i, attend)
+            x = self._layer(lw, x, b, 1, cache, i, attend, slots=slots)
         return self._logits(x, head)
 
     @torch.no_grad()
@@ -534,9 +560,11 @@ class FastDecoder:
                 q, keys[:, :, :span], values[:, :, :span], attn_mask=mask
             )
 
-        layers, head = self._params(b * s if packed is None else int(packed.numel()))
+        fed = b * s if packed is None else int(packed.numel())
+        layers, head = self._params(fed)
+        slots = self._kernel_slots(fed, pos.view(-1), cache)
         for i, lw in enumerate(layers):
-            x = self._layer(lw, x, b, s, cache, i, attend, packed)
+            x = self._layer(lw, x, b, s, cache, i, attend, packed, slots)
         return self._logits(x, head)
 
     def greedy(self, local: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -170,9 +170,9 @@ def test_packs_are_reused_while_the_weights_do_not_change(gen, ids, monkeypatch)
     if not prepack_available(gen.model.word.word_embeddings.weight):
         pytest.skip("oneDNN prepacked linear not available")
     calls = []
-    real, real_kernel = decode._pack, decode.rowgemm.pack
+    real, real_kernel = decode._pack, decode.cpu_kernels.pack
     monkeypatch.setattr(decode, "_pack", lambda w, rows: calls.append(rows) or real(w, rows))
-    monkeypatch.setattr(decode.rowgemm, "pack", lambda w: calls.append(0) or real_kernel(w))
+    monkeypatch.setattr(decode.cpu_kernels, "pack", lambda w: calls.append(0) or real_kernel(w))
     fast = twin(gen, prepack=True)
     fast.generate([ids[0]], GREEDY, max_new_tokens=4)
     built = len(calls)
@@ -185,12 +185,12 @@ def test_one_row_steps_read_the_layout_measured_fastest_for_the_cpu(gen, ids, mo
     """One-row passes (where our kernel is not built): [in, out] copies for QKV, attention
     output and fc1 and oneDNN packs for fc2 and the output layer on an AMD CPU, copies for
     every linear on an Intel one; both give the reference loop's tokens."""
-    from megagpt.inference import decode, rowgemm
+    from megagpt.inference import cpu_kernels, decode
 
     if not prepack_available(gen.model.word.word_embeddings.weight):
         pytest.skip("oneDNN prepacked linear not available")
     monkeypatch.setattr(decode, "cpu_vendor", lambda: vendor)
-    monkeypatch.setattr(rowgemm, "available", lambda: False)
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
     fast = twin(gen, prepack=True)
     weights = fast.decoder().weights
     weights.refresh()
@@ -214,12 +214,12 @@ def test_passes_of_few_rows_take_the_weights_measured_fastest_for_the_cpu(
     packs (3) on an AMD CPU; the model's own weights through F.linear on an Intel one. Every
     class gives the reference loop's tokens, with the passes of each size (2 and 3 prompts,
     then one row checking 3 guesses) run."""
-    from megagpt.inference import decode, rowgemm
+    from megagpt.inference import cpu_kernels, decode
 
     if not prepack_available(gen.model.word.word_embeddings.weight):
         pytest.skip("oneDNN prepacked linear not available")
     monkeypatch.setattr(decode, "cpu_vendor", lambda: vendor)
-    monkeypatch.setattr(rowgemm, "available", lambda: False)
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
     intel = vendor == "GenuineIntel"
     assert [decode.row_class(r) for r in (1, 2, 3, 4, 8, 64)] == (
         [1, 0, 0, 8, 8, 8] if intel else [1, 1, 8, 8, 8, 8]
@@ -247,10 +247,10 @@ def test_passes_up_to_64_rows_take_our_kernel_on_intel(gen, ids, monkeypatch, ve
     (one copy of the weights for all of them), larger ones through the 8-row oneDNN packs; an
     AMD CPU keeps its measured choice. The kernel's passes (one prompt, a ragged batch,
     speculation's checks) give the reference loop's tokens."""
-    from megagpt.inference import decode, rowgemm
+    from megagpt.inference import cpu_kernels, decode
 
-    if not prepack_available(gen.model.word.word_embeddings.weight) or not rowgemm.available():
-        pytest.skip("oneDNN or rowgemm not available")
+    if not prepack_available(gen.model.word.word_embeddings.weight) or not cpu_kernels.available():
+        pytest.skip("oneDNN or our CPU kernels not available")
     monkeypatch.setattr(decode, "cpu_vendor", lambda: vendor)
     intel = vendor == "GenuineIntel"
     k = decode.KERNEL
@@ -264,20 +264,27 @@ def test_passes_up_to_64_rows_take_our_kernel_on_intel(gen, ids, monkeypatch, ve
     weights.refresh()
     layers, head = weights.layers(5)
     assert all(
-        isinstance(p, rowgemm.RowPack)
+        isinstance(p, cpu_kernels.RowPack)
         for lw in layers
         for p in (lw.qkv_p, lw.dense_p, lw.fc1_p, lw.fc2_p, head)
     )
     calls = []
-    real = rowgemm.linear
+    real = cpu_kernels.linear
     monkeypatch.setattr(
-        rowgemm, "linear", lambda x, *a, **kw: calls.append(len(x)) or real(x, *a, **kw)
+        cpu_kernels, "linear", lambda x, *a, **kw: calls.append(len(x)) or real(x, *a, **kw)
+    )
+    attended = []
+    real_attend = cpu_kernels.attend
+    monkeypatch.setattr(
+        cpu_kernels, "attend", lambda qkv, *a: attended.append(len(qkv)) or real_attend(qkv, *a)
     )
     ref = twin(gen, fast=False)
     for batch in ([ids[1]], ids, [ids[0] * 3]):  # the last one speculates
         want = ref.generate(batch, GREEDY, max_new_tokens=12)
         assert fast.generate(batch, GREEDY, max_new_tokens=12) == want
     assert calls and max(calls) > 1
+    # the passes' attention (head size 16), checks of several guesses per row among them
+    assert attended and max(attended) > len(ids)
 
 
 def test_prepack_refused_where_unavailable(gen):

@@ -1,17 +1,20 @@
-"""Our few-row fp32 linear for CPU decoding (``kernels/rowgemm.c``), built on first use.
+"""The decoder's own CPU kernels (``kernels/cpu_decode.c``, fp32), built on first use.
 
-Decode steps and speculative checks multiply 4-64 rows by every weight of the model; the
+Decode steps and speculative checks multiply 1-64 rows by every weight of the model; the
 kernels torch offers for such shapes stream the weights well below the memory's speed (module
-doc of ``kernels/rowgemm.c``; figures in BENCHMARKS-generate.md). ``pack`` copies an ``[out,
-in]`` weight once into the kernel's column blocks; ``linear`` multiplies by it, the bias and an
-optional residual add fused.
+doc of ``kernels/cpu_decode.c``; figures in BENCHMARKS-generate.md). ``pack`` copies an ``[out,
+in]`` weight once into the kernel's column blocks; ``linear`` multiplies by it, the bias and a
+GELU or a residual add fused. ``attend`` is a pass's attention over the preallocated cache:
+the fed tokens' keys and values written to their slots, each token's attention over its row's
+slots up to its position, the output in the layout the next linear reads.
 
 The C file is compiled with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) and
 ``-O3 -march=native -fopenmp`` into ``$MEGAGPT_KERNEL_CACHE`` (default
 ``~/.cache/megagpt/kernels``), once per source, compiler and CPU; a build takes about a second.
 Where there is no compiler, the build fails, or the CPU has no AVX-512 (the kernel keeps 8 rows
 x 48 columns in 24 of AVX-512's 32 vector registers), ``available()`` is False and the decoder
-keeps oneDNN's packs; ``unavailable_reason()`` says why. ``MEGAGPT_ROWGEMM=0`` turns it off.
+keeps oneDNN's packs and torch's attention; ``unavailable_reason()`` says why.
+``MEGAGPT_CPU_KERNELS=0`` turns them off.
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-SOURCE = Path(__file__).with_name("kernels") / "rowgemm.c"
+SOURCE = Path(__file__).with_name("kernels") / "cpu_decode.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-BLOCK = 48  # the kernel's column block (NB in rowgemm.c)
+BLOCK = 48  # the linear's column block (NB in cpu_decode.c)
+ACTIVATIONS = {None: 0, "none": 1, "tanh": 2}  # F.gelu's approximate -> cpu_decode.c's act
 
 _state: dict[str, object] = {}  # "lib": the loaded library or None, "why": the reason if None
 
@@ -58,7 +62,7 @@ def library_path(cc: str) -> Path:
         SOURCE.read_bytes() + " ".join((cc, *FLAGS)).encode() + _cpu_signature().encode()
     ).hexdigest()[:16]
     cache = os.environ.get("MEGAGPT_KERNEL_CACHE") or Path.home() / ".cache" / "megagpt" / "kernels"
-    return Path(cache) / f"rowgemm-{key}.so"
+    return Path(cache) / f"cpu_decode-{key}.so"
 
 
 def _compile(cc: str, target: Path) -> str:
@@ -82,8 +86,8 @@ def _compile(cc: str, target: Path) -> str:
 
 
 def _build() -> tuple[ctypes.CDLL | None, str]:
-    if os.environ.get("MEGAGPT_ROWGEMM", "1") == "0":
-        return None, "turned off by MEGAGPT_ROWGEMM=0"
+    if os.environ.get("MEGAGPT_CPU_KERNELS", "1") == "0":
+        return None, "turned off by MEGAGPT_CPU_KERNELS=0"
     cc = _compiler()
     if cc is None:
         return None, "no C compiler found ($CC, cc, gcc, clang)"
@@ -105,8 +109,11 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     if lib.rowgemm_vector_floats() != 16:
         return None, "this CPU has no AVX-512 (the kernel's 8 x 48 tile needs 32 registers)"
     p, i, long_ = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
-    lib.rowgemm.argtypes = [p, long_, p, p, p, long_, i, i, i, i, i]
-    lib.rowgemm.restype = None
+    lib.rowgemm.argtypes = [p, long_, p, p, p, long_, i, i, i, i, i, i]
+    lib.attend.argtypes = [p, long_, p, p, p, p, i, i, i, i, i, i]
+    lib.activation.argtypes = [p, p, long_, i]
+    for fn in (lib.rowgemm, lib.attend, lib.activation):
+        fn.restype = None
     assert lib.rowgemm_block() == BLOCK
     return lib, ""
 
@@ -151,16 +158,17 @@ def linear(
     packed: RowPack,
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    gelu: str | None = None,
 ) -> torch.Tensor:
-    """x [M, in] -> x @ W.T + bias [M, out]; with ``out`` [M, out] (contiguous rows), ``out +=
-    x @ W.T + bias`` in place and returns ``out`` (a residual add)."""
+    """x [M, in] -> x @ W.T + bias [M, out], then ``F.gelu(approximate=gelu)`` ("none": the erf
+    GELU, "tanh"; None: no activation); with ``out`` [M, out] (contiguous rows), ``out += x @
+    W.T + bias`` in place and returns ``out`` (a residual add)."""
     lib = _library()
     if lib is None:
-        raise RuntimeError(f"rowgemm is not available: {unavailable_reason()}")
+        raise RuntimeError(f"megagpt's CPU kernels are not available: {unavailable_reason()}")
     if x.dim() != 2 or x.shape[1] != packed.in_features:
         raise ValueError(
-            f"rowgemm: x {tuple(x.shape)} for a [{packed.out_features}, "
-            f"{packed.in_features}] weight"
+            f"linear: x {tuple(x.shape)} for a [{packed.out_features}, {packed.in_features}] weight"
         )
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -169,7 +177,9 @@ def linear(
     if out is None:
         out = torch.empty(m, packed.out_features, dtype=x.dtype)
     elif out.shape != (m, packed.out_features) or out.stride(1) != 1:
-        raise ValueError(f"rowgemm: out {tuple(out.shape)} for x {tuple(x.shape)}")
+        raise ValueError(f"linear: out {tuple(out.shape)} for x {tuple(x.shape)}")
+    if accumulate and gelu is not None:
+        raise ValueError("linear: a residual add (out=) takes no activation")
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
     lib.rowgemm(
@@ -183,6 +193,75 @@ def linear(
         packed.out_features,
         packed.in_features,
         int(accumulate),
+        ACTIVATIONS[gelu],
         torch.get_num_threads(),
     )
     return out
+
+
+def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """The GELU the linear fuses, alone (for tests against ``F.gelu``): x any float32 CPU
+    tensor."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"megagpt's CPU kernels are not available: {unavailable_reason()}")
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    lib.activation(x.data_ptr(), y.data_ptr(), x.numel(), ACTIVATIONS[approximate])
+    return y
+
+
+def attend(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    rows: int,
+) -> torch.Tensor:
+    """A pass's attention over the cache: ``qkv`` [rows * s, heads * 3 * head_dim] (row r's s
+    tokens at r * s .., each head's q | k | v), ``positions`` [rows * s] int64 cache slots.
+    Writes every token's keys and values into slot ``positions[t]`` of its row of ``keys`` /
+    ``values`` [rows, heads, L, head_dim], then returns each token's attention over its row's
+    slots 0 .. positions[t] (SDPA's, scale 1/sqrt(head_dim)), [rows * s, heads * head_dim]."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"megagpt's CPU kernels are not available: {unavailable_reason()}")
+    b, nh, length, hd = keys.shape
+    t = qkv.shape[0]
+    if (
+        t % rows
+        or b != rows
+        or qkv.shape[1] != nh * 3 * hd
+        or qkv.stride(1) != 1
+        or positions.shape != (t,)
+        or positions.dtype != torch.int64
+        or values.shape != keys.shape
+        or not (keys.is_contiguous() and values.is_contiguous() and positions.is_contiguous())
+        or hd % 16
+        or hd > 256
+    ):
+        raise ValueError(
+            f"attend: qkv {tuple(qkv.shape)}, positions {tuple(positions.shape)} "
+            f"{positions.dtype}, cache {tuple(keys.shape)} for {rows} rows"
+        )
+    if t and (int(positions.min()) < 0 or int(positions.max()) >= length):
+        raise ValueError(
+            f"attend: cache slots {positions.min().item()}..{positions.max().item()} outside "
+            f"the cache's 0..{length - 1}"
+        )
+    ctx = torch.empty(t, nh * hd, dtype=qkv.dtype)
+    lib.attend(
+        qkv.data_ptr(),
+        qkv.stride(0),
+        positions.data_ptr(),
+        keys.data_ptr(),
+        values.data_ptr(),
+        ctx.data_ptr(),
+        rows,
+        t // rows,
+        nh,
+        hd,
+        length,
+        torch.get_num_threads(),
+    )
+    return ctx
