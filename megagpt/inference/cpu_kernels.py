@@ -112,8 +112,9 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     lib.rowgemm.argtypes = [p, long_, p, p, p, long_, i, i, i, i, i, i]
     lib.attend.argtypes = [p, long_, p, p, p, p, i, i, i, i, i, i]
     lib.activation.argtypes = [p, p, long_, i]
-    for fn in (lib.rowgemm, lib.attend, lib.activation):
+    for fn in (lib.rowgemm, lib.activation):
         fn.restype = None
+    lib.attend.restype = ctypes.c_int
     assert lib.rowgemm_block() == BLOCK
     return lib, ""
 
@@ -244,13 +245,8 @@ def attend(
             f"attend: qkv {tuple(qkv.shape)}, positions {tuple(positions.shape)} "
             f"{positions.dtype}, cache {tuple(keys.shape)} for {rows} rows"
         )
-    if t and (int(positions.min()) < 0 or int(positions.max()) >= length):
-        raise ValueError(
-            f"attend: cache slots {positions.min().item()}..{positions.max().item()} outside "
-            f"the cache's 0..{length - 1}"
-        )
     ctx = torch.empty(t, nh * hd, dtype=qkv.dtype)
-    lib.attend(
+    bad = lib.attend(
         qkv.data_ptr(),
         qkv.stride(0),
         positions.data_ptr(),
@@ -264,4 +260,9 @@ def attend(
         length,
         torch.get_num_threads(),
     )
+    if bad >= 0:  # checked in C before anything is written: no reduction per layer here
+        raise ValueError(
+            f"attend: token {bad} (row {bad // (t // rows)}) has cache slot "
+            f"{int(positions[bad])}, outside the cache's 0..{length - 1}"
+        )
     return ctx

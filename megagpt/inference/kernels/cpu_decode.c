@@ -30,6 +30,7 @@
  * count). Built by cpu_kernels.py with the system C compiler, once per machine and source.
  */
 #include <stddef.h>
+#include <stdint.h>
 #include <string.h>
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
@@ -205,10 +206,14 @@ static inline float hsum(v16 v) {
 
 /* qkv [T, nh * 3 * hd], rows ldq apart, T = b * s tokens (row r's at r * s .. r * s + s - 1),
  * each head's q | k | v of hd floats; pos [T]: each token's cache slot (< L); keys, values
- * [b, nh, L, hd]; ctx [T, nh * hd] (out). hd a multiple of 16, at most 256. */
-void attend(const float *qkv, long ldq, const long *pos, float *keys, float *values, float *ctx,
-            int b, int s, int nh, int hd, int L, int threads) {
+ * [b, nh, L, hd]; ctx [T, nh * hd] (out). hd a multiple of 16, at most 256.
+ * Returns -1, or the first token whose slot lies outside 0 .. L-1 (then nothing is written). */
+int attend(const float *qkv, long ldq, const int64_t *pos, float *keys, float *values,
+           float *ctx, int b, int s, int nh, int hd, int L, int threads) {
   const int T = b * s, nv = hd / 16;
+  for (int t = 0; t < T; t++)
+    if (pos[t] < 0 || pos[t] >= L)
+      return t;
   const float scale = 1.0f / __builtin_sqrtf((float)hd);
 #pragma omp parallel num_threads(threads)
   {
@@ -277,4 +282,5 @@ void attend(const float *qkv, long ldq, const long *pos, float *keys, float *val
         }
       }
   }
+  return -1;
 }

@@ -145,8 +145,14 @@ def test_attend_equals_sdpa_over_the_cache(rows, s, hd, starts):
 def test_attend_refuses_slots_outside_the_cache():
     keys = torch.zeros(2, 1, 8, 16)
     qkv = torch.zeros(2, 48)
-    with pytest.raises(ValueError, match=r"cache slots 3..8 outside the cache's 0..7"):
-        cpu_kernels.attend(qkv, torch.tensor([3, 8]), keys, keys.clone(), 2)
+    before = keys.clone()
+    with pytest.raises(
+        ValueError, match=r"token 1 \(row 1\) has cache slot 8, outside the cache's 0..7"
+    ):
+        cpu_kernels.attend(qkv + 1, torch.tensor([3, 8]), keys, keys.clone(), 2)
+    assert torch.equal(keys, before)  # nothing written
+    with pytest.raises(ValueError, match=r"token 0 \(row 0\) has cache slot -1"):
+        cpu_kernels.attend(qkv, torch.tensor([-1, 2]), keys, keys.clone(), 2)
     with pytest.raises(ValueError, match=r"attend: qkv \(2, 48\), positions \(2,\) torch.int32"):
         cpu_kernels.attend(qkv, torch.tensor([3, 4], dtype=torch.int32), keys, keys.clone(), 2)
 
