@@ -148,6 +148,11 @@ class RowPack:
 
 def pack(weight: torch.Tensor) -> RowPack:
     """[out, in] fp32 CPU weight -> its ``RowPack`` (a copy; the weight is not kept)."""
+    if weight.dim() != 2 or weight.dtype != torch.float32 or weight.device.type != "cpu":
+        raise ValueError(
+            f"pack: the kernels take a 2-D float32 CPU weight; got {tuple(weight.shape)} "
+            f"{weight.dtype} on {weight.device}"
+        )
     n, k = weight.shape
     padded = F.pad(weight.detach(), (0, 0, 0, -n % BLOCK))  # [ceil(n/48)*48, k]
     blocks = padded.view(-1, BLOCK, k).transpose(1, 2).contiguous()  # [nb, k, 48]
@@ -167,9 +172,10 @@ def linear(
     lib = _library()
     if lib is None:
         raise RuntimeError(f"megagpt's CPU kernels are not available: {unavailable_reason()}")
-    if x.dim() != 2 or x.shape[1] != packed.in_features:
+    if x.dim() != 2 or x.shape[1] != packed.in_features or x.dtype != torch.float32:
         raise ValueError(
-            f"linear: x {tuple(x.shape)} for a [{packed.out_features}, {packed.in_features}] weight"
+            f"linear: x {tuple(x.shape)} {x.dtype} for a [{packed.out_features}, "
+            f"{packed.in_features}] float32 weight"
         )
     if x.stride(1) != 1:
         x = x.contiguous()

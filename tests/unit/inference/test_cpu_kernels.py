@@ -68,8 +68,12 @@ def test_strided_rows_and_thread_counts(threads):
 @needs_kernel
 def test_shapes_that_do_not_fit_are_refused():
     packed = cpu_kernels.pack(torch.randn(10, 8))
-    with pytest.raises(ValueError, match=r"x \(3, 9\) for a \[10, 8\] weight"):
+    with pytest.raises(ValueError, match=r"x \(3, 9\) torch.float32 for a \[10, 8\] float32"):
         cpu_kernels.linear(torch.randn(3, 9), packed)
+    with pytest.raises(ValueError, match=r"x \(3, 8\) torch.bfloat16"):
+        cpu_kernels.linear(torch.randn(3, 8, dtype=torch.bfloat16), packed)
+    with pytest.raises(ValueError, match=r"pack: .* got \(10, 8\) torch.float64 on cpu"):
+        cpu_kernels.pack(torch.randn(10, 8, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"out \(3, 11\)"):
         cpu_kernels.linear(torch.randn(3, 8), packed, out=torch.empty(3, 11))
 
