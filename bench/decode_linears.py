@@ -5,7 +5,7 @@ per layer, then the output layer), as ``FastDecoder`` runs them, for each way of
 
 - ``linear``: ``F.linear`` on the model's own ``[out, in]`` weights (MKL);
 - ``onednn``: oneDNN's packs made for 8 rows (``_linear_pointwise``);
-- ``ours``: our kernel (``megagpt/inference/kernels/cpu_decode.c``), where it builds.
+- ``ours``: our kernel (``megagpt/model/kernels/cpu_decode.c``), where it builds.
 
 The layouts alternate within each round (the machine's phases hit all alike); medians over the
 rounds, and the implied weight streaming rate. Example:
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megagpt.config import from_name  # noqa: E402
-from megagpt.inference import cpu_kernels  # noqa: E402
+from megagpt.model import cpu_kernels  # noqa: E402
 
 
 def main() -> None:

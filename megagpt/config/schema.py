@@ -169,6 +169,14 @@ class TrainConfig:
         "the BLAS (MKL) elsewhere (megagpt/model/matmul.py).",
         choices=("auto", "onednn", "blas"),
     )
+    cpu_kernels: str = doc(
+        "auto",
+        "CPU device, fp32: the decoder's causal self-attention (up to 512 tokens, no attention "
+        "dropout) and the MLP's bias + GELU (TP = 1) on megagpt's own C kernels (megagpt), or "
+        "torch's (torch); auto = ours on an Intel CPU where they build (a C compiler, AVX-512) "
+        "(megagpt/model/cpu_training.py).",
+        choices=("auto", "megagpt", "torch"),
+    )
     keep_freed_memory: bool = doc(
         True,
         "CPU device, glibc: keep memory freed during a step in the process "

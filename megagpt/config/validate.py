@@ -332,6 +332,14 @@ def problems(
         why = onednn_unavailable()
         if why is not None:
             out.append(f"train.cpu_matmul=onednn: {why}; set train.cpu_matmul=auto or blas")
+    if t.cpu_kernels == "megagpt" and on_cpu:
+        from megagpt.model import cpu_kernels
+
+        if not cpu_kernels.available():
+            out.append(
+                f"train.cpu_kernels=megagpt: {cpu_kernels.unavailable_reason()}; set "
+                "train.cpu_kernels=auto or torch"
+            )
     out += _eval_task_problems(t, p)
     return out
 

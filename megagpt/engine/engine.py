@@ -22,6 +22,8 @@ from megagpt.engine.accelerator import import_deepspeed, quiet_memory_reports
 from megagpt.engine.ds_config import deepspeed_config, deepspeed_zero_stage
 from megagpt.engine.optim_state import adapter_for
 from megagpt.model.compile import compile_decoder_layers, compile_enabled, compile_seconds
+from megagpt.model.cpu_training import cpu_kernels_enabled
+from megagpt.model.layers import use_cpu_kernels
 from megagpt.model.matmul import cpu_matmul_enabled, use_onednn
 from megagpt.model.gpt import GPTModel, gpt_blocks
 from megagpt.model.layers import lm_loss
@@ -88,7 +90,8 @@ def build_model(cfg: Config, dims: ParallelDims, device: torch.device) -> torch.
     ``dims`` and ``device`` are the run's (``ParallelContext.dims``, ``.device``); the device
     chooses DeepSpeed's accelerator (the model itself is built on the CPU and moved by the
     engine), whether ``train.compile`` = auto compiles the decoder layers and whether
-    ``train.cpu_matmul`` = auto puts the fp32 GEMMs on oneDNN. Call it after
+    ``train.cpu_matmul`` = auto puts the fp32 GEMMs on oneDNN and ``train.cpu_kernels`` = auto
+    the attention and the MLP's bias + GELU on our CPU kernels. Call it after
     ``megagpt.parallel.initialize``: DeepSpeed's communication layer wraps that process group."""
     mp = megatron_config(cfg.model, cfg.parallel, torch.float32)
     deepspeed = import_deepspeed(device)
@@ -100,6 +103,8 @@ def build_model(cfg: Config, dims: ParallelDims, device: torch.device) -> torch.
         module = GPTModel(cfg.model, mp, cfg.parallel.recompute)
     if cpu_matmul_enabled(cfg.train.cpu_matmul, device):
         use_onednn(module)  # fp32 CPU GEMMs on oneDNN (megagpt/model/matmul.py)
+    if cpu_kernels_enabled(cfg.train.cpu_kernels, device):
+        use_cpu_kernels(module)  # attention and bias + GELU (megagpt/model/cpu_training.py)
     if compile_enabled(cfg.train.compile, device):
         compile_decoder_layers(module)  # lazily: the graphs are built in the first step
     return module

@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from megagpt.inference import cpu_kernels
+from megagpt.model import cpu_kernels
 from megagpt.model.matmul import cpu_vendor
 
 KERNEL = -1  # row_class of passes through our kernels (cpu_kernels)

@@ -25,6 +25,7 @@ from megagpt.model.fused import (
     tied_lookup,
     vocab_cross_entropy,
 )
+from megagpt.model import cpu_training
 from megagpt.model.matmul import onednn_linear
 from megagpt.model.rng import TensorParallelRNG, forked_rng
 from megagpt.parallel.regions import (
@@ -330,6 +331,9 @@ class SelfAttention(nn.Module):
         self.attention_dropout = cfg.attention_dropout
         self.recompute_core = recompute_core
         self.onednn = False  # fp32 CPU GEMMs on oneDNN (matmul.use_onednn, train.cpu_matmul)
+        # the causal attention on our CPU kernel where cpu_training.attention_applies
+        # (use_cpu_kernels, train.cpu_kernels)
+        self.cpu_kernels = False
         self.query_key_value = tensor_parallel.ColumnParallelLinear(
             cfg.hidden_size,
             3 * cfg.hidden_size,
@@ -395,6 +399,13 @@ class SelfAttention(nn.Module):
         )  # [s, b, h] -> [s, b, 3h/tp] (SP: s gathered)
         s, b, _ = qkv.shape
         qkv = qkv.view(s, b, self.heads_local, 3 * self.head_dim)  # -> [s, b, nh, 3hd]
+        if self.cpu_kernels and kv_cache is None and cpu_training.attention_applies(qkv):
+            # Our kernel keeps no s x s tensor: selective recompute has nothing to save here.
+            p = self.attention_dropout if self.training and dropout_seed is not None else 0.0
+            group = self.query_key_value.tp_group
+            head0 = (group.rank() if group is not None else 0) * self.heads_local
+            ctx = cpu_training.causal_attention(qkv, p, dropout_seed or 0, head0)
+            return row_linear(self.dense, ctx.view(s, b, -1), self.onednn)  # -> [s, b, h]
         q, k, v = qkv.split(self.head_dim, dim=-1)  # 3 x [s, b, nh, hd]
         # [s, b, nh, hd] -> [b, nh, s, hd], the layout of scaled_dot_product_attention
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
@@ -429,11 +440,26 @@ class SelfAttention(nn.Module):
         return row_linear(self.dense, ctx, self.onednn)  # -> ([s, b, h], bias [h])
 
 
+def use_cpu_kernels(module: nn.Module) -> int:
+    """Mark ``module``'s attention and MLP blocks (a whole GPT or a pipeline stage) to run their
+    causal self-attention and their bias + GELU on our CPU kernels where they apply
+    (``megagpt.model.cpu_training``, ``train.cpu_kernels``; a KV cache, a longer sequence or
+    tensor parallelism for the MLP keep torch's). Returns how many."""
+    n = 0
+    for m in module.modules():
+        if isinstance(m, (SelfAttention, MLP)):
+            m.cpu_kernels = True
+            n += 1
+    return n
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
         super().__init__()
         self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
         self.onednn = False  # fp32 CPU GEMMs on oneDNN (matmul.use_onednn, train.cpu_matmul)
+        # bias + GELU on our CPU kernel where cpu_training.linear_gelu_applies (use_cpu_kernels)
+        self.cpu_kernels = False
         # skip_bias_add: where the bias cannot join the GEMM it joins the GELU (bias_gelu).
         self.dense_h_to_4h = tensor_parallel.ColumnParallelLinear(
             cfg.hidden_size,
@@ -457,10 +483,17 @@ class MLP(nn.Module):
         _mark_partitioned(self.dense_4h_to_h.weight, 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h, bias = column_linear_apart(
-            self.dense_h_to_4h, x, self.onednn
-        )  # [s, b, h] -> [s, b, 4h/tp]
-        h = bias_gelu(h, bias, self.approximate)
+        fc1 = self.dense_h_to_4h
+        if (
+            self.cpu_kernels
+            and not fc1.sequence_parallel
+            and _single_rank(fc1)
+            and cpu_training.linear_gelu_applies(x, fc1.weight)
+        ):  # [s, b, h] -> [s, b, 4h]
+            h = cpu_training.linear_gelu(x, fc1.weight, fc1.bias, self.approximate, self.onednn)
+        else:
+            h, bias = column_linear_apart(fc1, x, self.onednn)  # [s, b, h] -> [s, b, 4h/tp]
+            h = bias_gelu(h, bias, self.approximate)
         return row_linear(self.dense_4h_to_h, h, self.onednn)  # -> ([s, b, h], bias)
 
 

@@ -38,6 +38,7 @@ from megagpt.checkpoint.manager import first_resume_tag, is_training_path
 from megagpt.checkpoint.training import TrainingCheckpoints, saved_model
 from megagpt.config import Config, ConfigError, dump_yaml, validate
 from megagpt.config.schema import ModelConfig, to_dict
+from megagpt.model.cpu_training import cpu_kernels_note
 from megagpt.model.matmul import cpu_matmul_note
 from megagpt.training import watchdog
 from megagpt.training.host_memory import keep_freed_memory
@@ -574,6 +575,7 @@ def build_run(
     ctx = start_process_groups(cfg)
     log0(keep_freed_memory(ctx.device, cfg.train.keep_freed_memory))
     log0(cpu_matmul_note(cfg.train.cpu_matmul, ctx.device))
+    log0(cpu_kernels_note(cfg.train.cpu_kernels, ctx.device))
     write_run_files(cfg, ctx)
     seed_host_rngs(stage_seed(cfg.train.seed, ctx.pp_rank))
     engine = build_engine(cfg, ctx)

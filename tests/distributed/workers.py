@@ -157,17 +157,28 @@ def module_parameter_count(size: str, tp: int = 1) -> dict:
 
 def dropout_draws(config: str, overrides: list[str]) -> dict:
     """``megagpt train`` that records, at every dropout call, a draw from the generator that
-    dropout is about to use: attention dropout (inside scaled_dot_product_attention) and the
-    others (embedding and residual dropouts, through F.dropout). Returns this rank's draws."""
+    dropout is about to use: attention dropout (inside scaled_dot_product_attention; on our CPU
+    kernel, ``train.cpu_kernels``, the seed its mask is drawn from) and the others (embedding
+    and residual dropouts, through F.dropout). Returns this rank's draws."""
     import torch.nn.functional as F
+
+    from megagpt.model import cpu_training
 
     record: dict[str, list] = {"attention": [], "residual": []}
     sdpa, dropout = F.scaled_dot_product_attention, F.dropout
+    kernel = cpu_training.causal_attention
 
     def sdpa_recorded(*args, **kwargs):
         if kwargs.get("dropout_p", 0.0) > 0:
             record["attention"].append(torch.rand(2).tolist())
         return sdpa(*args, **kwargs)
+
+    def kernel_recorded(qkv, dropout=0.0, seed=0, head0=0):
+        if dropout > 0:
+            record["attention"].append(seed)
+        return kernel(qkv, dropout, seed, head0)
+
+    cpu_training.causal_attention = kernel_recorded
 
     def dropout_recorded(x, p=0.5, training=True, inplace=False):
         if training and p > 0:

@@ -185,7 +185,8 @@ def test_one_row_steps_read_the_layout_measured_fastest_for_the_cpu(gen, ids, mo
     """One-row passes (where our kernel is not built): [in, out] copies for QKV, attention
     output and fc1 and oneDNN packs for fc2 and the output layer on an AMD CPU, copies for
     every linear on an Intel one; both give the reference loop's tokens."""
-    from megagpt.inference import cpu_kernels, decode
+    from megagpt.inference import decode
+    from megagpt.model import cpu_kernels
 
     if not prepack_available(gen.model.word.word_embeddings.weight):
         pytest.skip("oneDNN prepacked linear not available")
@@ -214,7 +215,8 @@ def test_passes_of_few_rows_take_the_weights_measured_fastest_for_the_cpu(
     packs (3) on an AMD CPU; the model's own weights through F.linear on an Intel one. Every
     class gives the reference loop's tokens, with the passes of each size (2 and 3 prompts,
     then one row checking 3 guesses) run."""
-    from megagpt.inference import cpu_kernels, decode
+    from megagpt.inference import decode
+    from megagpt.model import cpu_kernels
 
     if not prepack_available(gen.model.word.word_embeddings.weight):
         pytest.skip("oneDNN prepacked linear not available")
@@ -247,7 +249,8 @@ def test_passes_up_to_64_rows_take_our_kernel_on_intel(gen, ids, monkeypatch, ve
     (one copy of the weights for all of them), larger ones through the 8-row oneDNN packs; an
     AMD CPU keeps its measured choice. The kernel's passes (one prompt, a ragged batch,
     speculation's checks) give the reference loop's tokens."""
-    from megagpt.inference import cpu_kernels, decode
+    from megagpt.inference import decode
+    from megagpt.model import cpu_kernels
 
     if not prepack_available(gen.model.word.word_embeddings.weight) or not cpu_kernels.available():
         pytest.skip("oneDNN or our CPU kernels not available")

@@ -1,4 +1,4 @@
-"""Our CPU decode kernels (megagpt/inference/cpu_kernels.py, kernels/cpu_decode.c): F.linear's
+"""Our CPU decode kernels (megagpt/model/cpu_kernels.py, kernels/cpu_decode.c): F.linear's
 results for any row count, shape, bias and input stride; the residual form and the fused GELU;
 the attention over the cache; the build, reported when it cannot happen and redone when the
 cached library is damaged."""
@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megagpt.inference import cpu_kernels
+from megagpt.model import cpu_kernels
 
 needs_kernel = pytest.mark.skipif(
     not cpu_kernels.available(),
@@ -166,7 +166,7 @@ def _probe(env: dict[str, str]) -> str:
     process) with ``env`` added."""
     code = textwrap.dedent(
         """
-        from megagpt.inference import cpu_kernels
+        from megagpt.model import cpu_kernels
         print(cpu_kernels.available(), "|", cpu_kernels.unavailable_reason())
         """
     )

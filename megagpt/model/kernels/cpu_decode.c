@@ -8,7 +8,7 @@
  * rows (MKL through F.linear, oneDNN's packs, MKL's packed GEMM) streamed gpt3-base's 340 MB
  * at 12-19 GB/s on a 2-core Xeon whose memory reads 22-25 GB/s (BENCHMARKS-generate.md).
  *
- * Layout: the weight is packed once (python side, rowgemm.py) into column blocks of NB = 48,
+ * Layout: the weight is packed once (python side, cpu_kernels.py) into column blocks of NB = 48,
  * [ceil(N/48)][K][48], zero-padded past N, so a block is one contiguous stream. Each thread
  * takes whole blocks; for a block it keeps the 48 columns of up to 8 rows in 24 vector
  * registers, reads each weight line once from memory and multiplies it by every row (rows
@@ -22,7 +22,7 @@
  * Fusing these saves what torch's path costs around them at a few rows: the K/V scatter, the
  * per-row mask, SDPA's setup per call, and the transposed copy of its output.
  *
- * The GELU and the softmax need exp: ours below (a degree-7 polynomial after reduction by
+ * The GELU and the softmax need exp: ours in vector.h (a degree-7 polynomial after reduction by
  * ln 2, ~1 ulp), vectorised like the rest; erf from the erfc approximation of Numerical
  * Recipes (fractional error < 1.2e-7).
  *
@@ -33,38 +33,9 @@
 #include <stdint.h>
 #include <string.h>
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
-typedef int v16i __attribute__((vector_size(64), aligned(4)));
+#include "vector.h"
 
 enum { ACT_NONE = 0, ACT_GELU_ERF = 1, ACT_GELU_TANH = 2 };
-
-static inline v16 splat(float f) { return (v16){0} + f; }
-
-/* lanes of a where mask (a comparison's all-ones lanes), else of b (C has no vector ?:) */
-static inline v16 select(v16i mask, v16 a, v16 b) {
-  return (v16)(((v16i)a & mask) | ((v16i)b & ~mask));
-}
-
-/* exp(x), x clamped to [-87.3, 88.7] (exp(-87.3) ~ 1e-38 stands in for smaller results) */
-static inline v16 vexp(v16 x) {
-  x = select(x < splat(-87.3f), splat(-87.3f), x);
-  x = select(x > splat(88.7f), splat(88.7f), x);
-  const v16 shifter = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
-  v16 t = x * 1.44269504f + shifter;
-  v16 n = t - shifter;
-  v16i ni = (v16i)t - (v16i)shifter;
-  v16 r = x - n * 0.693145752f - n * 1.42860677e-06f; /* ln 2 in two parts */
-  v16 p = splat(1.0f / 5040);
-  p = p * r + 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  v16i scale = (ni + 127) << 23;
-  return p * (v16)scale;
-}
 
 static inline v16 vabs(v16 x) { return (v16)((v16i)x & 0x7fffffff); }
 
@@ -83,7 +54,7 @@ static inline v16 vgelu_erf(v16 x) {
   poly = poly * t + 1.00002368f;
   poly = poly * t - 1.26551223f;
   v16 erfc = t * vexp(poly - z * z);
-  v16 one_plus_erf = select(x >= splat(0.0f), 2.0f - erfc, erfc);
+  v16 one_plus_erf = vselect(x >= splat(0.0f), 2.0f - erfc, erfc);
   return 0.5f * x * one_plus_erf;
 }
 
@@ -195,13 +166,6 @@ void activation(const float *x, float *y, long n, int act) {
     *(v16 *)out = activate(*(const v16 *)in, act);
     memcpy(y + i, out, (size_t)(n - i) * sizeof(float));
   }
-}
-
-static inline float hsum(v16 v) {
-  float s = 0;
-  for (int l = 0; l < 16; l++)
-    s += v[l];
-  return s;
 }
 
 /* qkv [T, nh * 3 * hd], rows ldq apart, T = b * s tokens (row r's at r * s .. r * s + s - 1),

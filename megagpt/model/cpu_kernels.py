@@ -1,19 +1,24 @@
-"""The decoder's own CPU kernels (``kernels/cpu_decode.c``, fp32), built on first use.
+"""megagpt's own CPU kernels (``kernels/*.c``, fp32), built on first use.
 
-Decode steps and speculative checks multiply 1-64 rows by every weight of the model; the
-kernels torch offers for such shapes stream the weights well below the memory's speed (module
-doc of ``kernels/cpu_decode.c``; figures in BENCHMARKS-generate.md). ``pack`` copies an ``[out,
-in]`` weight once into the kernel's column blocks; ``linear`` multiplies by it, the bias and a
-GELU or a residual add fused. ``attend`` is a pass's attention over the preallocated cache:
-the fed tokens' keys and values written to their slots, each token's attention over its row's
-slots up to its position, the output in the layout the next linear reads.
+Decoding (``megagpt.inference.decode``): steps and speculative checks multiply 1-64 rows by
+every weight of the model; the kernels torch offers for such shapes stream the weights well
+below the memory's speed (module doc of ``kernels/cpu_decode.c``; figures in
+BENCHMARKS-generate.md). ``pack`` copies an ``[out, in]`` weight once into the kernel's column
+blocks; ``linear`` multiplies by it, the bias and a GELU or a residual add fused. ``attend`` is
+a pass's attention over the preallocated cache: the fed tokens' keys and values written to
+their slots, each token's attention over its row's slots up to its position, the output in the
+layout the next linear reads.
 
-The C file is compiled with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) and
-``-O3 -march=native -fopenmp`` into ``$MEGAGPT_KERNEL_CACHE`` (default
-``~/.cache/megagpt/kernels``), once per source, compiler and CPU; a build takes about a second.
-Where there is no compiler, the build fails, or the CPU has no AVX-512 (the kernel keeps 8 rows
-x 48 columns in 24 of AVX-512's 32 vector registers), ``available()`` is False and the decoder
-keeps oneDNN's packs and torch's attention; ``unavailable_reason()`` says why.
+Training: ``megagpt.model.cpu_training`` wraps ``kernels/cpu_attention.c`` (the decoder's
+causal self-attention) and ``kernels/cpu_gelu.c`` (the MLP's bias + GELU) as autograd
+functions (``train.cpu_kernels``).
+
+The C files are compiled together with the system C compiler (``$CC``, else
+``cc``/``gcc``/``clang``) and ``-O3 -march=native -fopenmp`` into ``$MEGAGPT_KERNEL_CACHE``
+(default ``~/.cache/megagpt/kernels``), once per source, compiler and CPU; a build takes about
+two seconds. Where there is no compiler, the build fails, or the CPU has no AVX-512 (the linear
+keeps 8 rows x 48 columns in 24 of AVX-512's 32 vector registers), ``available()`` is False and
+the callers keep torch's kernels (oneDNN's packs, SDPA); ``unavailable_reason()`` says why.
 ``MEGAGPT_CPU_KERNELS=0`` turns them off.
 """
 
@@ -31,8 +36,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-SOURCE = Path(__file__).with_name("kernels") / "cpu_decode.c"
+
+KERNELS = Path(__file__).with_name("kernels")
+SOURCES = tuple(sorted(KERNELS.glob("*.c")))  # compiled together into one library
+HEADERS = tuple(sorted(KERNELS.glob("*.h")))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+LIBS = ("-lm",)
 BLOCK = 48  # the linear's column block (NB in cpu_decode.c)
 ACTIVATIONS = {None: 0, "none": 1, "tanh": 2}  # F.gelu's approximate -> cpu_decode.c's act
 
@@ -57,12 +66,14 @@ def _compiler() -> str | None:
 
 
 def library_path(cc: str) -> Path:
-    """Where the library built by compiler ``cc`` for this source and CPU lives."""
-    key = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join((cc, *FLAGS)).encode() + _cpu_signature().encode()
-    ).hexdigest()[:16]
+    """Where the library built by compiler ``cc`` for these sources and this CPU lives."""
+    digest = hashlib.sha256()
+    for path in (*SOURCES, *HEADERS):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    digest.update(" ".join((cc, *FLAGS, *LIBS)).encode() + _cpu_signature().encode())
+    key = digest.hexdigest()[:16]
     cache = os.environ.get("MEGAGPT_KERNEL_CACHE") or Path.home() / ".cache" / "megagpt" / "kernels"
-    return Path(cache) / f"cpu_decode-{key}.so"
+    return Path(cache) / f"cpu_kernels-{key}.so"
 
 
 def _compile(cc: str, target: Path) -> str:
@@ -74,11 +85,15 @@ def _compile(cc: str, target: Path) -> str:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         run = subprocess.run(
-            [cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120
+            [cc, *FLAGS, *map(str, SOURCES), "-o", tmp, *LIBS],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         if run.returncode != 0:
             os.unlink(tmp)
-            return f"{cc} failed on {SOURCE}: {run.stderr.strip()[-500:]}"
+            names = ", ".join(p.name for p in SOURCES)
+            return f"{cc} failed on {KERNELS}/({names}): {run.stderr.strip()[-500:]}"
         os.replace(tmp, target)
         return ""
     except (OSError, subprocess.SubprocessError) as e:
@@ -112,9 +127,16 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     lib.rowgemm.argtypes = [p, long_, p, p, p, long_, i, i, i, i, i, i]
     lib.attend.argtypes = [p, long_, p, p, p, p, i, i, i, i, i, i]
     lib.activation.argtypes = [p, p, long_, i]
-    for fn in (lib.rowgemm, lib.activation):
+    f, u64 = ctypes.c_float, ctypes.c_uint64
+    lib.attn_train_fwd.argtypes = [p, long_, long_, p, long_, long_, p, i, i, i, i, f, u64, i, i]
+    lib.attn_train_bwd.argtypes = [p, long_, long_, p, p, long_, long_, p, p, i, i, i, i]
+    lib.attn_train_bwd.argtypes += [f, u64, i, i]
+    lib.bias_gelu_fwd.argtypes = [p, p, p, long_, i, i, i]
+    lib.bias_gelu_bwd.argtypes = [p, p, p, p, long_, i, i]
+    for fn in (lib.rowgemm, lib.activation, lib.bias_gelu_fwd):
         fn.restype = None
-    lib.attend.restype = ctypes.c_int
+    for fn in (lib.attend, lib.attn_train_fwd, lib.attn_train_bwd, lib.bias_gelu_bwd):
+        fn.restype = ctypes.c_int
     assert lib.rowgemm_block() == BLOCK
     return lib, ""
 
@@ -123,6 +145,14 @@ def _library() -> ctypes.CDLL | None:
     if "lib" not in _state:
         _state["lib"], _state["why"] = _build()
     return _state["lib"]  # type: ignore[return-value]
+
+
+def library() -> ctypes.CDLL:
+    """The loaded library (built on first call); a RuntimeError saying why where it cannot be."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"megagpt's CPU kernels are not available: {unavailable_reason()}")
+    return lib
 
 
 def available() -> bool:
