@@ -5,8 +5,9 @@ from __future__ import annotations
 
 
 def gpt2_config(cfg, vocab_size: int | None = None):
-    """A transformers ``GPT2Config`` of ``cfg``'s shape (a megagpt model config): dropout off,
-    tied embeddings, SDPA attention (the kernel megagpt uses), and no GPT-2 special tokens:
+    """A transformers ``GPT2Config`` of ``cfg``'s shape (a megagpt model config): ``cfg``'s dropout
+    (the benchmarks set it to 0 unless asked, e.g. ``--set model.attention_dropout=0.1``), tied
+    embeddings, SDPA attention (the kernel megagpt uses), and no GPT-2 special tokens:
     its 50256 lies outside megagpt's vocabularies, and no benchmark stops early."""
     from transformers import GPT2Config
 
@@ -19,9 +20,9 @@ def gpt2_config(cfg, vocab_size: int | None = None):
         n_inner=cfg.ffn,
         activation_function="gelu_new" if cfg.activation == "gelu_tanh" else "gelu",
         layer_norm_epsilon=cfg.layernorm_eps,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.attention_dropout,
         tie_word_embeddings=True,
         bos_token_id=None,
         eos_token_id=None,

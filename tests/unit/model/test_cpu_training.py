@@ -397,3 +397,41 @@ def test_asking_for_the_kernels_where_they_cannot_build_fails_validation(monkeyp
         cuda=False,
         need_data=False,
     )  # auto: falls back, no error
+
+
+@needs_kernel
+@pytest.mark.slow  # one inductor compile of the layer (~30-90 s on a loaded 2-core CPU)
+def test_a_compiled_layer_calls_the_same_attention_kernel_and_masks():
+    """train.compile with our kernels: the compiled layer reaches the attention kernel through a
+    graph break, with the layer's dropout seed, so loss and gradients equal the eager model's."""
+    from megagpt.config import ParallelConfig, from_name
+    from megagpt.model import GPTModel, initialize_weights, megatron_config
+    from megagpt.model.compile import compile_decoder_layers
+    from megagpt.model.layers import use_cpu_kernels
+
+    cfg = from_name("gpt3-tiny")
+    cfg.num_layers, cfg.dropout, cfg.attention_dropout = 2, 0.1, 0.1
+    tokens = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
+    results = []
+    for compiled in (False, True):
+        model = GPTModel(cfg, megatron_config(cfg, ParallelConfig()))
+        initialize_weights(model, cfg, 5, 0, 1)
+        use_cpu_kernels(model)
+        if compiled:
+            compile_decoder_layers(model)
+        torch.manual_seed(3)
+        model.dropout_rng.seed(3, 0)
+        seen = []
+        real = cpu_training._CausalAttention.apply
+        cpu_training._CausalAttention.apply = lambda *a, s=seen, r=real: (s.append(a[2]), r(*a))[1]
+        try:
+            loss = model.train()(tokens[:, :-1], tokens[:, 1:])
+            loss.backward()
+        finally:
+            cpu_training._CausalAttention.apply = real
+        results.append((loss.detach(), seen, {n: p.grad for n, p in model.named_parameters()}))
+    (eager, eager_seeds, eager_g), (comp, comp_seeds, comp_g) = results
+    assert len(eager_seeds) == 2 and comp_seeds == eager_seeds  # the same seeds, so masks
+    torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
+    for name, grad in eager_g.items():
+        torch.testing.assert_close(comp_g[name], grad, rtol=1e-4, atol=1e-6, msg=name)
