@@ -256,6 +256,17 @@ static void probabilities(float *S, int sp, int s, const float *lse) {
   }
 }
 
+/* A task's start in both passes: its q, k, v into the scratch, k transposed, and the scores
+ * S = Q K^T / sqrt(hd) of the causal triangle in w->P. */
+static void task_scores(const float *q, long ldt, int s, int hd, float scale, scratch *w) {
+  const int sp = round_up(s, 32);
+  copy_rows(q, ldt, s, hd, w->Q);
+  copy_rows(q + hd, ldt, s, hd, w->K);
+  copy_rows(q + 2 * hd, ldt, s, hd, w->V);
+  transpose(w->K, round_up(s, 16), hd, sp, w->KT);
+  scores(w->Q, w->KT, sp, round_up(s, 8), hd, scale, w->P);
+}
+
 /* The forward. qkv: token t of batch row r, head h at qkv + t*ldt + r*ldr + h*3*hd (its q, k
  * and v, hd floats each); ctx (out) at t*ldot + r*ldor + h*hd; lse (out) [b][nh][s], each
  * query's log-sum-exp, which the backward recomputes the probabilities from. Returns 0, or -1
@@ -263,7 +274,7 @@ static void probabilities(float *S, int sp, int s, const float *lse) {
 int attn_train_fwd(const float *qkv, long ldt, long ldr, float *ctx, long ldot, long ldor,
                    float *lse, int b, int s, int nh, int hd, float p, uint64_t seed, int head0,
                    int threads) {
-  const int sp = round_up(s, 32), s16 = round_up(s, 16);
+  const int sp = round_up(s, 32);
   const float scale = 1.0f / sqrtf((float)hd);
   int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
@@ -276,12 +287,7 @@ int attn_train_fwd(const float *qkv, long ldt, long ldr, float *ctx, long ldot, 
       if (!w.Q)
         continue;
       const int r = task / nh, h = task % nh;
-      const float *q = qkv + (size_t)r * ldr + (size_t)h * 3 * hd;
-      copy_rows(q, ldt, s, hd, w.Q);
-      copy_rows(q + hd, ldt, s, hd, w.K);
-      copy_rows(q + 2 * hd, ldt, s, hd, w.V);
-      transpose(w.K, s16, hd, sp, w.KT);
-      scores(w.Q, w.KT, sp, round_up(s, 8), hd, scale, w.P);
+      task_scores(qkv + (size_t)r * ldr + (size_t)h * 3 * hd, ldt, s, hd, scale, &w);
       softmax_rows(w.P, sp, s, w.row, lse + (size_t)task * s);
       if (p > 0) { /* the dropped probabilities (the sums above are over all of them) */
         const dropout dr = dropout_for(p, seed, r, head0 + h);
@@ -316,13 +322,9 @@ int attn_train_bwd(const float *qkv, long ldt, long ldr, const float *ctx, const
       const int r = task / nh, h = task % nh;
       const size_t off = (size_t)r * ldr + (size_t)h * 3 * hd;
       const size_t ooff = (size_t)r * ldor + (size_t)h * hd;
-      copy_rows(qkv + off, ldt, s, hd, w.Q);
-      copy_rows(qkv + off + hd, ldt, s, hd, w.K);
-      copy_rows(qkv + off + 2 * hd, ldt, s, hd, w.V);
+      task_scores(qkv + off, ldt, s, hd, scale, &w);
       copy_rows(dctx + ooff, ldot, s, hd, w.G);
-      transpose(w.K, s16, hd, sp, w.KT);
       transpose(w.V, s16, hd, sp, w.VT);
-      scores(w.Q, w.KT, sp, s8, hd, scale, w.P);
       probabilities(w.P, sp, s, lse + (size_t)task * s);
       scores(w.G, w.VT, sp, s8, hd, 1.0f, w.D); /* dP = dO V^T (of the dropped P) */
       const dropout dr = dropout_for(p, seed, r, head0 + h);
